@@ -1,0 +1,3 @@
+"""lbproxy: an OpenAI-compatible, cache-aware load balancer for vLLM fleets."""
+
+__version__ = "0.1.0"

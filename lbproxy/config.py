@@ -1,0 +1,201 @@
+"""lbproxy's YAML configuration: loading, `${ENV}` expansion, validation, defaults.
+
+Loading runs in stages (read, parse YAML, expand environment variables, validate the
+schema, build the routing profiles) and every error is a ConfigError whose message names
+the file, the key path and what is wrong, e.g.
+`lbproxy.yaml: pools[0].backends[1].url: must start with http:// or https://`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.profiles import ProfileSpec, build_router
+from lbproxy.routing.registry import PluginError
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names file, key path and problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Backend(_Strict):
+    url: str
+    name: str | None = None
+    vendor: str = "unknown"
+    labels: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must start with http:// or https:// and name a host")
+        return v.rstrip("/")
+
+
+class Pool(_Strict):
+    name: str = Field(min_length=1)
+    models: list[str] | None = None
+    routing: str | ProfileSpec = "round-robin"
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    backends: list[Backend] = Field(min_length=1)
+
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _routing(cls, v: Any) -> Any:
+        if not isinstance(v, str | dict | ProfileSpec):
+            raise ValueError(
+                "must be a built-in profile name or a mapping of filters, scorers and picker"
+            )
+        return v
+
+
+class Timeouts(_Strict):
+    connect: float = Field(5.0, gt=0, description="TCP connect to a backend")
+    first_byte: float = Field(600.0, gt=0, description="request sent -> response headers")
+    idle: float = Field(300.0, gt=0, description="longest gap between body chunks")
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_attempts: int = Field(3, ge=1, le=10, description="backends tried per request")
+
+
+class Health(_Strict):
+    interval: float = Field(5.0, gt=0)
+    timeout: float = Field(2.0, gt=0)
+    unhealthy_after: int = Field(2, ge=1, description="consecutive failures to eject")
+    healthy_after: int = Field(1, ge=1, description="consecutive successes to re-admit")
+
+
+class Discovery(_Strict):
+    interval: float = Field(30.0, gt=0, description="re-read /v1/models of pools without models")
+    timeout: float = Field(3.0, gt=0)
+
+
+class Config(_Strict):
+    listen: Listen = Field(default_factory=Listen)
+    pools: list[Pool] = Field(min_length=1)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    limits: Limits = Field(default_factory=Limits)
+    health: Health = Field(default_factory=Health)
+    discovery: Discovery = Field(default_factory=Discovery)
+    request_id_header: str = "x-request-id"
+    session_header: str = "x-session-id"
+    expose_backend_header: bool = False
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _path_str(loc: tuple[Any, ...] | list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, str) and (part in _TYPE_TAGS or part[:1].isupper() or "[" in part):
+            continue  # pydantic's union/validator tags are not config keys
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def expand_env(node: Any, source: str, loc: tuple[Any, ...] = ()) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, source, (*loc, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, source, (*loc, i)) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                if m.group(2) is None:
+                    raise ConfigError(
+                        f"{source}: {_path_str(loc)}: environment variable "
+                        f"{m.group(1)} is not set (use ${{{m.group(1)}:-default}})"
+                    )
+                return m.group(2)
+            return value
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+def _check_semantics(cfg: Config, source: str) -> None:
+    names: set[str] = set()
+    served: dict[str, str] = {}
+    for i, pool in enumerate(cfg.pools):
+        if pool.name in names:
+            raise ConfigError(f"{source}: pools[{i}].name: duplicate pool name '{pool.name}'")
+        names.add(pool.name)
+        for model in pool.models or []:
+            if model in served:
+                raise ConfigError(
+                    f"{source}: pools[{i}].models: model '{model}' is already served by "
+                    f"pool '{served[model]}'"
+                )
+            served[model] = pool.name
+        seen: set[str] = set()
+        for j, b in enumerate(pool.backends):
+            if b.name is None:
+                b.name = b.url.split("://", 1)[1]
+            if b.name in seen:
+                raise ConfigError(
+                    f"{source}: pools[{i}].backends[{j}]: duplicate backend '{b.name}' "
+                    "(give each a distinct name or url)"
+                )
+            seen.add(b.name)
+        try:
+            build_router(pool.routing, BuildContext(pool=pool.name), seed=0)
+        except PluginError as e:
+            raise ConfigError(f"{source}: pools[{i}].routing: {e}") from None
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-parsed YAML tree."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping, got {type(data).__name__}")
+    data = expand_env(data, source)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {_path_str(err['loc'])}: {msg}{more}") from None
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{source}: {where}invalid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_config(data, source)

@@ -1,0 +1,74 @@
+"""OpenAI-shaped errors that lbproxy itself returns.
+
+Upstream trouble is classified once, here, into the status a client should see:
+
+    ProxyError                     (status, type, code)
+    ├── BadRequest                 400  invalid_request_error
+    ├── ModelNotFound              404  model_not_found
+    ├── BodyTooLarge               413  request_too_large
+    ├── NoBackend                  503  no_backend_available
+    ├── UpstreamUnreachable        502  upstream_unreachable   (connect refused / reset)
+    └── UpstreamTimeout            504  upstream_timeout       (connect or first byte)
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "internal_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=self.body(),
+            content_type="application/json",
+            headers=extra_headers,
+        )
+
+
+class BadRequest(ProxyError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class ModelNotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class BodyTooLarge(ProxyError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class NoBackend(ProxyError):
+    status, type, code = 503, "service_unavailable", "no_backend_available"
+
+
+class UpstreamUnreachable(ProxyError):
+    status, type, code = 502, "upstream_error", "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status, type, code = 504, "upstream_error", "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str | int, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def sse_error_event(message: str, code: str) -> bytes:
+    """The event that ends a stream the proxy could not finish, then the terminator."""
+    return b"data: " + error_body(message, "upstream_error", code) + b"\n\ndata: [DONE]\n\n"

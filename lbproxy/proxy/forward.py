@@ -1,0 +1,209 @@
+"""The data path: read the body once, route, forward byte-for-byte, relay as it arrives.
+
+The request body is parsed (orjson) only to learn what routing needs and is forwarded
+as the exact bytes the client sent. Response bytes, SSE included, are relayed as they
+arrive, never re-framed. Before the first byte reaches the client a failed backend is
+retried on the next one in the decision's ranking; after it, a failure ends an SSE
+stream with an error event (any other body is cut by closing the connection, so the
+client sees a truncated body rather than a complete-looking one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from lbproxy.proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ModelNotFound,
+    NoBackend,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    sse_error_event,
+)
+from lbproxy.proxy.headers import downstream_headers, upstream_headers
+from lbproxy.proxy.pools import PoolTable
+from lbproxy.routing.state import Endpoint, RequestContext
+
+log = logging.getLogger("lbproxy.proxy")
+
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class ForwardSettings:
+    max_attempts: int = 3
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    request_id_header: str = "x-request-id"
+    session_header: str = "x-session-id"
+    expose_backend_header: bool = False
+
+
+class Forwarder:
+    """Holds what the data path needs; `handle` is the aiohttp handler for /v1/* POSTs."""
+
+    def __init__(
+        self, pools: PoolTable, session: aiohttp.ClientSession, settings: ForwardSettings
+    ) -> None:
+        self.pools = pools
+        self.session = session
+        self.settings = settings
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.first_byte_timeout,
+        )
+        self.retries = 0  # attempts beyond the first, all requests
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        s = self.settings
+        request_id = request.headers.get(s.request_id_header) or uuid.uuid4().hex
+        id_header = {s.request_id_header: request_id}
+        try:
+            return await self._handle(request, request_id)
+        except ProxyError as e:
+            return e.response(id_header)
+
+    async def _handle(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        s = self.settings
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(
+                f"request body exceeds the limit of {request.client_max_size} bytes"
+            ) from None
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        if not isinstance(parsed, dict):
+            raise BadRequest("request body must be a JSON object")
+        model = parsed.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' is required and must be a non-empty string", param="model")
+        pool = self.pools.for_model(model)
+        if pool is None:
+            served = self.pools.served_models()
+            raise ModelNotFound(
+                f"The model '{model}' does not exist. Served models: {', '.join(served) or 'none'}",
+                param="model",
+            )
+
+        ctx = RequestContext(
+            model=model,
+            body=parsed,
+            route=request.path,
+            session_key=request.headers.get(s.session_header),
+            request_id=request_id,
+        )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        decision = pool.router.route(ctx, pool.endpoints, now)
+        if decision is None:
+            raise NoBackend(f"no healthy backend in pool '{pool.name}' for model '{model}'")
+
+        headers = upstream_headers(request.headers, s.request_id_header, request_id)
+        url_tail = request.rel_url.raw_path_qs
+        failures: list[str] = []
+        timed_out = False
+        candidates = decision.ranked[: s.max_attempts]
+        for attempt, ep in enumerate(candidates):
+            if attempt:
+                self.retries += 1
+                pool.router.routed_elsewhere(ctx, ep, now)
+            last = attempt == len(candidates) - 1
+            ep.in_flight += 1
+            try:
+                try:
+                    upstream = await self.session.post(
+                        ep.url + url_tail, data=body, headers=headers, timeout=self._timeout
+                    )
+                except (TimeoutError, aiohttp.ServerTimeoutError) as e:
+                    timed_out = True
+                    failures.append(f"{ep.name}: timed out ({type(e).__name__})")
+                    continue
+                except aiohttp.ClientError as e:
+                    failures.append(f"{ep.name}: {type(e).__name__}: {e}")
+                    continue
+                if upstream.status in _RETRYABLE_STATUS and not last:
+                    failures.append(f"{ep.name}: HTTP {upstream.status}")
+                    upstream.release()
+                    continue
+                return await self._relay(request, upstream, ep, request_id)
+            finally:
+                ep.in_flight -= 1
+
+        detail = "; ".join(failures)
+        log.warning("request %s failed on every backend tried: %s", request_id, detail)
+        if timed_out:
+            raise UpstreamTimeout(f"no backend answered in time ({detail})")
+        raise UpstreamUnreachable(f"no backend could be reached ({detail})")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        ep: Endpoint,
+        request_id: str,
+    ) -> web.StreamResponse:
+        s = self.settings
+        # Headers are in: from now on the gap between body chunks is what is bounded.
+        conn = upstream.connection
+        if conn is not None and conn.protocol is not None:
+            conn.protocol.read_timeout = s.idle_timeout
+
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        resp.headers.extend(downstream_headers(upstream.headers))
+        resp.headers[s.request_id_header] = request_id
+        if s.expose_backend_header:
+            resp.headers["x-lbproxy-backend"] = ep.name
+        length = upstream.content_length
+        if length is not None and "chunked" not in upstream.headers.get("transfer-encoding", ""):
+            resp.content_length = length
+        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+        clean = False  # the upstream body was read to its end
+        last_chunk = b"\n\n"
+        try:
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+                    last_chunk = chunk
+                clean = True
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
+                if request.transport is None or request.transport.is_closing():
+                    raise  # the client left; nothing to tell it
+                reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+                log.warning(
+                    "request %s: backend %s failed mid-response (%s)", request_id, ep.name, reason
+                )
+                if not is_sse:
+                    request.transport.close()  # a cut body, never a complete-looking one
+                    return resp
+                sep = b"" if last_chunk.endswith(b"\n\n") else b"\n\n"
+                await resp.write(
+                    sep
+                    + sse_error_event(
+                        f"backend '{ep.name}' failed mid-stream: {reason}",
+                        "upstream_timeout" if reason == "timed out" else "upstream_disconnected",
+                    )
+                )
+            await resp.write_eof()
+            return resp
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                # Closing the connection is what makes vLLM abort the request.
+                upstream.close()

@@ -1,0 +1,64 @@
+"""Which headers cross the proxy.
+
+Hop-by-hop headers (RFC 9110 section 7.6.1) and any header the Connection header names
+belong to one connection and are dropped; Host and Content-Length are recomputed by the
+client library for the upstream leg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length"}
+_NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length", "date", "server"}
+
+
+def _connection_named(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("connection")
+    if not value:
+        return set()
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], request_id_header: str, request_id: str
+) -> CIMultiDict[str]:
+    drop = (
+        _NOT_FORWARDED_UP | _connection_named(incoming)
+        if "connection" in incoming
+        else (_NOT_FORWARDED_UP)
+    )
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in incoming.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    out[request_id_header] = request_id
+    return out
+
+
+def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = (
+        _NOT_RELAYED_DOWN | _connection_named(upstream)
+        if "connection" in upstream
+        else (_NOT_RELAYED_DOWN)
+    )
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in upstream.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    return out

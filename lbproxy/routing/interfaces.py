@@ -1,0 +1,71 @@
+"""The three plugin kinds of the routing pipeline, and what a plugin factory receives.
+
+Contracts (the pipeline enforces them, plugins may rely on them):
+- A Filter returns a subset of the endpoints it is given, in the same order. It may
+  return an empty list; the pipeline then keeps the unfiltered set.
+- A Scorer returns one score per endpoint, in order. Scores are clamped to [0, 1] by the
+  pipeline, then multiplied by the scorer's weight and summed.
+- A Picker orders the candidates best first; the first one is chosen and the rest are
+  the retry order. Ties must be broken with the `rng` it is given (seeded in tests).
+- `on_routed` (optional on any plugin) is told which endpoint a request went to, so
+  that stateful plugins (round-robin, prefix indexes) can learn.
+
+No plugin reads a clock or performs I/O: `now` is passed in.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from lbproxy.routing.state import Endpoint, RequestContext
+
+
+@runtime_checkable
+class Filter(Protocol):
+    name: str
+
+    def filter(
+        self, ctx: RequestContext, endpoints: list[Endpoint], now: float
+    ) -> list[Endpoint]: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+
+    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]: ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    name: str
+
+    def pick(
+        self,
+        ctx: RequestContext,
+        endpoints: list[Endpoint],
+        totals: list[float],
+        rng: random.Random,
+    ) -> list[Endpoint]: ...
+
+
+@runtime_checkable
+class RoutedObserver(Protocol):
+    def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None: ...
+
+
+@dataclass(slots=True)
+class BuildContext:
+    """What a plugin factory may use besides its own parameters.
+
+    `shared` holds objects several plugins or the signals layer must see the same
+    instance of (for example the precise prefix index fed by KV events), keyed by name.
+    """
+
+    pool: str
+    model: str = ""
+    metrics_max_age: float = 2.0
+    tokenizer: Any = None
+    shared: dict[str, Any] = field(default_factory=dict)

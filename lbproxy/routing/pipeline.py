@@ -1,0 +1,88 @@
+"""The routing pipeline: filters -> weighted scorers -> picker -> Decision.
+
+The pipeline, not the plugins, enforces the contracts of `interfaces`: an empty filter
+result keeps the previous candidates, scores are clamped to [0, 1] and weighted, and
+ties are left to the picker's seeded random source.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from lbproxy.routing.interfaces import Filter, Picker, RoutedObserver, Scorer
+from lbproxy.routing.state import Decision, Endpoint, RequestContext
+
+
+@dataclass(slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+
+
+class Router:
+    """Routes requests of one pool with one profile. Not thread-safe; no I/O."""
+
+    def __init__(
+        self,
+        filters: list[Filter],
+        scorers: list[WeightedScorer],
+        picker: Picker,
+        *,
+        profile_name: str = "",
+        seed: int | None = None,
+    ) -> None:
+        self.filters = filters
+        self.scorers = scorers
+        self.picker = picker
+        self.profile_name = profile_name
+        self.rng = random.Random(seed)
+        plugins: list[object] = [*filters, *(ws.scorer for ws in scorers), picker]
+        self._observers: list[RoutedObserver] = [
+            p for p in plugins if isinstance(p, RoutedObserver)
+        ]
+
+    def route(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
+        """Choose an endpoint for `ctx`, or None when no endpoint is available."""
+        candidates = [ep for ep in endpoints if ep.healthy and not ep.draining]
+        if not candidates:
+            return None
+        reasons: list[str] = []
+        for f in self.filters:
+            kept = f.filter(ctx, candidates, now)
+            if kept:
+                if len(kept) != len(candidates):
+                    reasons.append(f"{f.name} kept {len(kept)}/{len(candidates)}")
+                candidates = kept
+            else:
+                reasons.append(f"{f.name} would drop all; kept all")
+
+        totals = [0.0] * len(candidates)
+        scores: dict[str, dict[str, float]] = {}
+        for ws in self.scorers:
+            raw = ws.scorer.score(ctx, candidates, now)
+            per_ep: dict[str, float] = {}
+            w = ws.weight
+            for i, ep in enumerate(candidates):
+                s = raw[i]
+                s = 0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s)  # NaN -> 0
+                per_ep[ep.name] = s
+                totals[i] += w * s
+            scores[ws.scorer.name] = per_ep
+
+        ranked = self.picker.pick(ctx, candidates, totals, self.rng)
+        chosen = ranked[0]
+        for obs in self._observers:
+            obs.on_routed(ctx, chosen, now)
+        return Decision(
+            endpoint=chosen,
+            ranked=ranked,
+            scores=scores,
+            totals={ep.name: t for ep, t in zip(candidates, totals, strict=True)},
+            reason="; ".join(reasons),
+        )
+
+    def routed_elsewhere(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
+        """Tell learning plugins that a retry sent the request to `endpoint` after all."""
+        for obs in self._observers:
+            obs.on_routed(ctx, endpoint, now)

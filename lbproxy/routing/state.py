@@ -1,0 +1,110 @@
+"""The plain data routing reads: request context, endpoint state, metrics snapshot, decision.
+
+Everything here is a value or a mutable record owned by someone else (the proxy or the
+offline simulator); routing code only reads endpoint state and never performs I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lbproxy.routing.prompt import prompt_bytes_from_body
+
+
+@dataclass(slots=True)
+class MetricsSnapshot:
+    """One scrape of a backend's /metrics, reduced to what routing uses.
+
+    `time` is when the scrape completed (the caller's clock). Fields a backend did not
+    report are None so that "unknown" is never mistaken for "zero".
+    """
+
+    time: float
+    num_running: float | None = None
+    num_waiting: float | None = None
+    kv_cache_usage: float | None = None  # 0..1
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    prefix_cache_queries: float | None = None  # tokens, cumulative
+    prefix_cache_hits: float | None = None  # tokens, cumulative
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    num_preemptions: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """A backend as routing sees it. Identity is the object itself (eq=False)."""
+
+    name: str
+    url: str
+    vendor: str = "unknown"
+    labels: dict[str, str] = field(default_factory=dict)
+    weight: float = 1.0
+    pool: str = ""
+    # Live state, written by the proxy (in-flight) and by signals (metrics, health).
+    healthy: bool = True
+    draining: bool = False
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    metrics: MetricsSnapshot | None = None
+    # Known KV-cache geometry (from vllm:cache_config_info or configuration).
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+
+    def fresh_metrics(self, now: float, max_age: float) -> MetricsSnapshot | None:
+        """The last snapshot if it is at most `max_age` seconds old, else None."""
+        m = self.metrics
+        if m is None or now - m.time > max_age:
+            return None
+        return m
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What routing knows of one request.
+
+    `prompt_bytes()` is the raw text used by approximate prefix hashing (completions:
+    the prompt; chat: a canonical rendering of the messages), derived from the body on
+    first use unless the caller set `raw_prompt`. Token ids are computed only when a
+    precise scorer asks, through `token_ids()`, and then cached.
+    """
+
+    model: str
+    body: dict[str, Any] = field(default_factory=dict)
+    raw_prompt: bytes | None = None
+    route: str = "/v1/completions"
+    session_key: str | None = None
+    request_id: str = ""
+    max_tokens: int | None = None
+    prompt_token_estimate: int = 0
+    _tokenize: Callable[[RequestContext], list[int]] | None = None
+    _token_ids: list[int] | None = None
+
+    def prompt_bytes(self) -> bytes:
+        if self.raw_prompt is None:
+            self.raw_prompt = prompt_bytes_from_body(self.body)
+        return self.raw_prompt
+
+    def token_ids(self) -> list[int] | None:
+        """Token ids of the prompt, computed once, or None if no tokenizer is set."""
+        if self._token_ids is None and self._tokenize is not None:
+            self._token_ids = self._tokenize(self)
+        return self._token_ids
+
+
+@dataclass(slots=True)
+class Decision:
+    """The outcome of routing one request.
+
+    `ranked` lists the candidates best first (the retry order); `scores` maps each
+    scorer name to its raw score per endpoint name; `totals` is the weighted sum.
+    """
+
+    endpoint: Endpoint
+    ranked: list[Endpoint]
+    scores: dict[str, dict[str, float]]
+    totals: dict[str, float]
+    reason: str = ""

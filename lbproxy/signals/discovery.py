@@ -1,0 +1,78 @@
+"""Model discovery for pools that list no `models`: read each backend's /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
+import orjson
+
+from lbproxy.proxy.pools import PoolTable
+
+log = logging.getLogger("lbproxy.discovery")
+
+
+class ModelDiscovery:
+    def __init__(
+        self,
+        pools: PoolTable,
+        session: aiohttp.ClientSession,
+        *,
+        interval: float = 30.0,
+        timeout: float = 3.0,
+    ) -> None:
+        self.pools = pools
+        self._session = session
+        self.interval = interval
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self.cards: dict[str, dict[str, Any]] = {}  # model id -> a backend's model card
+        self._task: asyncio.Task[None] | None = None
+
+    def needed(self) -> bool:
+        return any(p.configured_models is None for p in self.pools.pools)
+
+    async def _models_of(self, url: str) -> list[dict[str, Any]] | None:
+        try:
+            async with self._session.get(url + "/v1/models", timeout=self._timeout) as r:
+                if r.status != 200:
+                    return None
+                data = orjson.loads(await r.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            return None
+        return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
+
+    async def discover_once(self) -> None:
+        jobs = []
+        for pool in self.pools.pools:
+            if pool.configured_models is None:
+                jobs.extend((pool, ep) for ep in pool.endpoints)
+        results = await asyncio.gather(*(self._models_of(ep.url) for _, ep in jobs))
+        for (pool, ep), cards in zip(jobs, results, strict=True):
+            if cards is None:
+                continue  # keep what we knew: a backend that is briefly down keeps its models
+            pool.discovered_models[ep.name] = {c["id"] for c in cards}
+            for c in cards:
+                self.cards.setdefault(c["id"], c)
+        self.pools.rebuild()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.discover_once()
+
+    def start(self) -> None:
+        if self.needed():
+            self._task = asyncio.create_task(self._run(), name="lbproxy-discovery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

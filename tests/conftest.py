@@ -1,0 +1,91 @@
+"""Shared fixtures: an event loop in a background thread hosting real servers.
+
+Servers (fake backends, simulators, lbproxy) run in that loop so that tests can use the
+official openai client both synchronously and asynchronously against them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from lbproxy.config import parse_config
+from lbproxy.proxy.app import RunningProxy, start_proxy
+from tests.fake_backend import FakeBackend
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def fake_backends(loop_thread: LoopThread) -> Iterator[Callable[..., list[FakeBackend]]]:
+    started: list[FakeBackend] = []
+
+    def make(n: int, **kwargs: Any) -> list[FakeBackend]:
+        out = []
+        for _i in range(n):
+            fb = loop_thread.run(FakeBackend(name=f"b{len(started)}", **kwargs).start())
+            started.append(fb)
+            out.append(fb)
+        return out
+
+    yield make
+    for fb in started:
+        loop_thread.run(fb.close())
+
+
+def proxy_config(backends: list[FakeBackend] | list[str], **overrides: Any) -> dict[str, Any]:
+    """A one-pool config over the given backends (objects or URLs) for model fake-model."""
+    urls = [b if isinstance(b, str) else b.url for b in backends]
+    pool: dict[str, Any] = {
+        "name": "main",
+        "models": ["fake-model"],
+        "routing": overrides.pop("routing", "round-robin"),
+        "backends": [{"url": u, "name": f"be{i}"} for i, u in enumerate(urls)],
+    }
+    for key in ("weights",):
+        if key in overrides:
+            for b, w in zip(pool["backends"], overrides.pop(key), strict=True):
+                b["weight"] = w
+    cfg: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": 0}, "pools": [pool]}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def run_proxy(loop_thread: LoopThread) -> Iterator[Callable[[dict[str, Any]], RunningProxy]]:
+    started: list[RunningProxy] = []
+
+    def make(cfg: dict[str, Any]) -> RunningProxy:
+        proxy = loop_thread.run(start_proxy(parse_config(cfg, "test-config"), seed=0))
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for p in started:
+        loop_thread.run(p.close())

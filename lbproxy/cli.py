@@ -7,17 +7,24 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from lbproxy.config import ConfigError, load_config
 
 
-def _run(coro: object) -> None:
-    try:
-        import uvloop  # optional: a faster event loop where installed
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+def run_loop(coro: Coroutine[Any, Any, None], loop: str = "auto") -> None:
+    """Run `coro` on uvloop when asked for or, with "auto", when it is installed."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError as e:
+            if loop == "uvloop":
+                raise SystemExit("--loop uvloop: uvloop is not installed") from e
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -25,7 +32,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     with contextlib.suppress(KeyboardInterrupt):
-        _run(serve_forever(cfg, host=args.host, port=args.port))
+        run_loop(serve_forever(cfg, host=args.host, port=args.port), args.loop)
     return 0
 
 
@@ -52,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="YAML config file")
     serve.add_argument("--host", default=None, help="override listen.host")
     serve.add_argument("--port", type=int, default=None, help="override listen.port")
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (auto: uvloop when installed)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

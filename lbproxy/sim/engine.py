@@ -1,0 +1,398 @@
+"""A clock-free model of one vLLM v1 engine: continuous batching over a paged, prefix-cached KV
+cache, with step durations from a HardwareProfile.
+
+Time enters only through ``now`` (an earlier ``now`` than already seen counts as the latest one).
+One step is in flight at a time: it is scheduled when the previous one ends (or when a request
+reaches an idle engine), and its outputs are stamped with its end time. Scheduling follows
+vLLM's v1 scheduler:
+
+1. Running requests, in order, get their next tokens (one for decode, a chunk for an unfinished
+   prefill) within the step's token budget. If blocks run out, the newest running request is
+   preempted (blocks freed, progress reset, generated tokens kept for recompute) and put at the
+   front of the waiting queue; a request that has to preempt itself stops the pass.
+2. If nobody was preempted, waiting requests are admitted first come first served while the
+   budget lasts and fewer than ``max_num_seqs`` run, each reusing its longest cached prefix.
+   The first one that cannot get blocks stays waiting and blocks those behind it.
+
+A request samples a token at the end of every step in which its computed tokens catch up with
+its known tokens; it finishes with "length" after ``max_tokens`` tokens or at
+``max_model_len``. EOS is not modelled.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from lbproxy.sim.hardware import HardwareProfile
+from lbproxy.sim.kv_cache import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVCacheManager,
+    KVEvent,
+    RequestBlocks,
+)
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "Engine",
+    "EngineCounters",
+    "EngineRequest",
+    "KVEvent",
+    "TokenOutput",
+]
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    min_tokens: int = 0  # accepted for parity with vLLM; without EOS it changes nothing
+    arrival_time: float = 0.0  # the caller's; the engine never reads it
+    # Filled by the engine.
+    output_token_ids: list[int] = field(default_factory=list, init=False)
+    num_cached_tokens: int = field(default=0, init=False)
+    first_token_time: float | None = field(default=None, init=False)
+    finish_time: float | None = field(default=None, init=False)
+    finish_reason: str | None = field(default=None, init=False)
+    num_preemptions: int = field(default=0, init=False)
+    # Engine internals.
+    _kv: RequestBlocks = field(init=False, repr=False, compare=False)
+    _num_computed: int = field(default=0, init=False, repr=False, compare=False)
+    _scheduled_once: bool = field(default=False, init=False, repr=False, compare=False)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by generated tokens (the engine's own list: do not mutate)."""
+        return self._kv.token_ids
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCounters:
+    """Cumulative counters, as vLLM's ``*_total`` metrics."""
+
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_preemptions: int
+
+
+class Engine:
+    """One simulated vLLM server. See the module docstring for the scheduling rules."""
+
+    __slots__ = (
+        "_batch",
+        "_clock",
+        "_kv",
+        "_outputs",
+        "_rand",
+        "_requests",
+        "_running",
+        "_step_end",
+        "_vocab_size",
+        "_waiting",
+        "generation_tokens",
+        "num_preemptions",
+        "prefix_cache_hits",
+        "prefix_cache_queries",
+        "profile",
+        "prompt_tokens",
+    )
+
+    def __init__(
+        self,
+        profile: HardwareProfile,
+        *,
+        seed: int = 0,
+        vocab_size: int = 32000,
+        hash_seed: int = 0,
+    ) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.profile = profile
+        self._kv = KVCacheManager(profile.num_gpu_blocks, profile.block_size, hash_seed)
+        self._rand = random.Random(seed).random
+        self._vocab_size = vocab_size
+        self._requests: dict[str, EngineRequest] = {}
+        self._running: list[EngineRequest] = []
+        self._waiting: deque[EngineRequest] = deque()
+        self._batch: list[EngineRequest] = []
+        self._step_end: float | None = None
+        self._clock = float("-inf")  # latest `now` seen: time never runs backwards
+        self._outputs: list[TokenOutput] = []
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.num_preemptions = 0
+
+    # ---- live stats -------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self._kv.pool.usage
+
+    @property
+    def counters(self) -> EngineCounters:
+        return EngineCounters(
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.num_preemptions,
+        )
+
+    def running_request_ids(self) -> list[str]:
+        """Running requests, oldest admitted first (the last one is preempted first)."""
+        return [r.request_id for r in self._running]
+
+    def waiting_request_ids(self) -> list[str]:
+        """Waiting requests in admission order (preempted ones at the front)."""
+        return [r.request_id for r in self._waiting]
+
+    @property
+    def kv_cache(self) -> KVCacheManager:
+        """The block pool and manager, for inspection."""
+        return self._kv
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, req: EngineRequest, now: float) -> None:
+        """Queue a request. Steps ending at or before ``now`` complete first (their outputs are
+        kept for the next ``step`` call), so the request never joins a step that began earlier.
+        """
+        self._advance(now)
+        prompt = req.prompt_token_ids
+        if req.request_id in self._requests:
+            raise ValueError(f"request {req.request_id!r} is already in the engine")
+        if not prompt:
+            raise ValueError(f"request {req.request_id!r}: empty prompt")
+        if len(prompt) >= self.profile.max_model_len:
+            raise ValueError(
+                f"request {req.request_id!r}: prompt of {len(prompt)} tokens leaves no room "
+                f"for output within max_model_len {self.profile.max_model_len}"
+            )
+        if req.max_tokens < 1:
+            raise ValueError(f"request {req.request_id!r}: max_tokens must be >= 1")
+        if req.finish_reason is not None or req.output_token_ids:
+            raise ValueError(f"request {req.request_id!r} was already run")
+        req._kv = RequestBlocks(list(prompt))
+        self._requests[req.request_id] = req
+        self._waiting.append(req)
+        if self._step_end is None:
+            self._start_step(self._clock)
+
+    def abort(self, request_id: str, now: float) -> None:
+        """Finish a request with "abort" and free its blocks now (full ones stay cached).
+
+        No TokenOutput is produced for it. No-op for unknown or finished requests.
+        """
+        self._advance(now)
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        if req._kv.blocks:
+            self._kv.free(req._kv)
+            self._running.remove(req)
+        else:
+            # Waiting (never scheduled, or preempted): holds no blocks.
+            self._waiting.remove(req)
+        req.finish_reason = "abort"
+        req.finish_time = now
+
+    # ---- time -------------------------------------------------------------------------------
+
+    def next_event_time(self) -> float | None:
+        """End of the step in flight; None when idle.
+
+        If ``add_request`` or ``abort`` completed steps whose outputs were not yet taken, the
+        first of those outputs' times (already due) so that the caller steps at once.
+        """
+        if self._outputs:
+            return self._outputs[0].time
+        return self._step_end
+
+    def step(self, now: float) -> list[TokenOutput]:
+        """Complete every step ending at or before ``now``; return their outputs in order."""
+        self._advance(now)
+        out, self._outputs = self._outputs, []
+        return out
+
+    def _advance(self, now: float) -> None:
+        if now > self._clock:
+            self._clock = now
+        while self._step_end is not None and self._step_end <= now:
+            end = self._step_end
+            self._complete_step(end)
+            self._start_step(end)
+
+    def _start_step(self, start: float) -> None:
+        batch, duration = self._schedule()
+        if not batch and (self._running or self._waiting):
+            # Everything running was preempted: vLLM schedules again at once, and the waiting
+            # head then fits, since a lone max_model_len request always fits.
+            batch, duration = self._schedule()
+            if not batch:
+                raise RuntimeError("engine stalled with work queued")  # a bug, never expected
+        self._batch = batch
+        self._step_end = start + duration if batch else None
+
+    # ---- scheduling -------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[list[EngineRequest], float]:
+        profile = self.profile
+        kv = self._kv
+        bs = profile.block_size
+        budget = profile.max_num_batched_tokens
+        running = self._running
+        batch: list[EngineRequest] = []
+        prefill_tokens = decode_seqs = context = pairs = 0
+        preempted = False
+
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req._num_computed
+            num_new = len(req._kv.token_ids) - computed
+            if num_new > budget:
+                num_new = budget
+            scheduled = True
+            while not kv.allocate_slots(req._kv, computed, num_new):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            req._num_computed = computed + num_new
+            budget -= num_new
+            batch.append(req)
+            context += computed + num_new
+            if num_new == 1 and req.output_token_ids and computed + 1 == len(req._kv.token_ids):
+                decode_seqs += 1
+            else:
+                prefill_tokens += num_new
+                pairs += num_new * computed + num_new * (num_new + 1) // 2
+            i += 1
+
+        if not preempted:
+            waiting = self._waiting
+            max_seqs = profile.max_num_seqs
+            while waiting and budget > 0 and len(running) < max_seqs:
+                req = waiting[0]
+                hits = kv.get_computed_blocks(req._kv)
+                num_hit = len(hits) * bs
+                num_new = len(req._kv.token_ids) - num_hit
+                if num_new > budget:
+                    num_new = budget
+                if not kv.allocate_slots(req._kv, 0, num_new, hits):
+                    break
+                waiting.popleft()
+                running.append(req)
+                if not req._scheduled_once:
+                    # vLLM counts prefix-cache queries and hits for new requests only.
+                    req._scheduled_once = True
+                    req.num_cached_tokens = num_hit
+                    self.prefix_cache_queries += len(req._kv.token_ids)
+                    self.prefix_cache_hits += num_hit
+                req._num_computed = num_hit + num_new
+                budget -= num_new
+                batch.append(req)
+                context += num_hit + num_new
+                prefill_tokens += num_new
+                pairs += num_new * num_hit + num_new * (num_new + 1) // 2
+
+        if not batch:
+            return batch, 0.0
+        duration = profile.step_time(
+            prefill_tokens, decode_seqs, context, len(batch), prefill_attn_pairs=pairs
+        )
+        return batch, duration
+
+    def _preempt(self, req: EngineRequest) -> None:
+        self._kv.free(req._kv)
+        req._num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.appendleft(req)
+
+    def _complete_step(self, end: float) -> None:
+        rand = self._rand
+        vocab = self._vocab_size
+        max_model_len = self.profile.max_model_len
+        outputs = self._outputs
+        any_finished = False
+        for req in self._batch:
+            if req.finish_reason is not None:
+                continue  # aborted while the step ran
+            tokens = req._kv.token_ids
+            if req._num_computed < len(tokens):
+                continue  # a prefill chunk: nothing sampled yet
+            tok = int(rand() * vocab)
+            tokens.append(tok)
+            out_ids = req.output_token_ids
+            out_ids.append(tok)
+            self.generation_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = end
+                self.prompt_tokens += len(req.prompt_token_ids)
+            finished = len(out_ids) >= req.max_tokens or len(tokens) >= max_model_len
+            if finished:
+                req.finish_reason = "length"
+                req.finish_time = end
+                self._kv.free(req._kv)
+                del self._requests[req.request_id]
+                any_finished = True
+            outputs.append(
+                TokenOutput(
+                    req.request_id,
+                    [tok],
+                    finished,
+                    req.finish_reason,
+                    req.num_cached_tokens,
+                    end,
+                )
+            )
+        self._batch = []
+        if any_finished:
+            self._running = [r for r in self._running if r.finish_reason is None]
+
+    # ---- prefix cache -----------------------------------------------------------------------
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """KV events since the last drain, in order."""
+        return self._kv.pool.take_events()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash (AllBlocksCleared); fails while any request holds blocks."""
+        return self._kv.pool.reset_prefix_cache()
+
+    def cached_block_hashes(self) -> set[int]:
+        """Hashes of all full, hashed blocks, in use or free-but-cached."""
+        return self._kv.pool.cached_hashes()

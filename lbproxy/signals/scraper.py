@@ -1,0 +1,223 @@
+"""Background poller of each backend's `/metrics`, writing `Endpoint.metrics`.
+
+Every `interval` the scraper asks `endpoints_provider()` for the current endpoints (so a
+hot reload changes the set) and starts one request per endpoint that has none in flight.
+Each request is its own task with its own timeout, and a round never waits for anyone: a
+slow, hanging or broken backend only makes its own snapshot stale, never another's. Since
+an endpoint with a request still in flight is skipped, a hanging backend holds at most one
+request (and one connection) at a time.
+
+On success `endpoint.metrics` is replaced by a snapshot stamped with `clock()` and the KV
+geometry from `vllm:cache_config_info` is copied to `endpoint.block_size` /
+`endpoint.num_gpu_blocks`. On failure (connection error, timeout, non-200, body too large,
+malformed metric line, or a page with none of the metrics we read) the previous snapshot is
+left alone, so its age says how stale it is, and `errors[name]` / `last_error[name]` record
+what happened. State for endpoints that leave the set is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from lbproxy.routing.state import Endpoint, MetricsSnapshot
+from lbproxy.signals.metrics_parser import MetricsParseError, parse_metrics
+
+__all__ = ["MetricsScraper", "default_metrics_url"]
+
+log = logging.getLogger(__name__)
+
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(MetricsSnapshot) if f.name != "time")
+
+
+def default_metrics_url(endpoint: Endpoint) -> str:
+    """`<scheme>://<host>/metrics` for an endpoint URL, dropping a trailing `/v1`."""
+    parts = urlsplit(endpoint.url)
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return urlunsplit((parts.scheme, parts.netloc, path + "/metrics", "", ""))
+
+
+class _ScrapeError(Exception):
+    pass
+
+
+class MetricsScraper:
+    """Polls `/metrics` of every endpoint; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        endpoints_provider: Callable[[], Iterable[Endpoint]],
+        *,
+        interval: float = 0.25,
+        timeout: float | None = None,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        url_for: Callable[[Endpoint], str] = default_metrics_url,
+        max_body_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
+        timeout = 0.8 * interval if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self.endpoints_provider = endpoints_provider
+        self.interval = interval
+        self.timeout = timeout
+        self.clock = clock
+        self.url_for = url_for
+        self.max_body_bytes = max_body_bytes
+        self._session = session
+        self._owns_session = session is None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: dict[str, asyncio.Task[bool]] = {}
+        # Exported per endpoint name.
+        self.successes: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.last_error: dict[str, str] = {}
+        self.last_success: dict[str, float] = {}
+        self.rounds = 0
+        self._failing: set[str] = set()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start polling in the background (idempotent)."""
+        if self._task is None:
+            self._ensure_session()
+            self._task = asyncio.create_task(self._run(), name="metrics-scraper")
+
+    async def stop(self) -> None:
+        """Cancel polling and in-flight requests; close the session if we created it."""
+        task, self._task = self._task, None
+        tasks = [t for t in (task, *self._inflight.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._inflight.clear()
+        if self._owns_session and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def scrape_once(self) -> dict[str, bool]:
+        """Run one round and wait for it; returns success per endpoint name."""
+        launched = self._launch_round()
+        results = await asyncio.gather(*launched.values(), return_exceptions=True)
+        return {name: r is True for name, r in zip(launched, results, strict=True)}
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No connection cap: a fleet of 256 backends is scraped at once, and the
+            # default limit of 100 would queue requests behind hanging ones.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._owns_session = True
+        return self._session
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            self._launch_round()
+            next_at += self.interval
+            delay = next_at - loop.time()
+            if delay < 0:  # the loop was stalled: skip missed rounds rather than burst
+                next_at, delay = loop.time(), 0.0
+            await asyncio.sleep(delay)
+
+    def _launch_round(self) -> dict[str, asyncio.Task[bool]]:
+        """Start a scrape for every endpoint without one in flight; returns the tasks
+        (new or already running) for the current endpoints."""
+        self.rounds += 1
+        try:
+            endpoints = list(self.endpoints_provider())
+        except Exception:
+            log.exception("metrics scraper: endpoints provider failed")
+            return {}
+        session = self._ensure_session()
+        current: dict[str, asyncio.Task[bool]] = {}
+        for ep in endpoints:
+            if ep.name in current:
+                continue
+            task = self._inflight.get(ep.name)
+            if task is None:
+                task = asyncio.create_task(self._scrape(session, ep), name=f"scrape:{ep.name}")
+                self._inflight[ep.name] = task
+                task.add_done_callback(self._forget_task(ep.name))
+            current[ep.name] = task
+        for stats in (self.successes, self.errors, self.last_error, self.last_success):
+            for name in [n for n in stats if n not in current]:
+                del stats[name]
+        self._failing.intersection_update(current)
+        return current
+
+    def _forget_task(self, name: str) -> Callable[[asyncio.Task[bool]], None]:
+        def done(task: asyncio.Task[bool]) -> None:
+            if self._inflight.get(name) is task:
+                del self._inflight[name]
+
+        return done
+
+    async def _fetch(self, session: aiohttp.ClientSession, url: str) -> str:
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        async with session.get(url, timeout=timeout, headers={"Accept": "text/plain"}) as resp:
+            if resp.status != 200:
+                raise _ScrapeError(f"HTTP {resp.status}")
+            if (resp.content_length or 0) > self.max_body_bytes:
+                raise _ScrapeError(f"body of {resp.content_length} bytes exceeds the limit")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise _ScrapeError(f"body exceeds {self.max_body_bytes} bytes")
+                chunks.append(chunk)
+        # Metrics are ASCII in practice; never let a stray byte fail the whole scrape.
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    async def _scrape(self, session: aiohttp.ClientSession, ep: Endpoint) -> bool:
+        name = ep.name
+        try:
+            text = await self._fetch(session, self.url_for(ep))
+            snap = parse_metrics(text, self.clock())
+            if all(getattr(snap, f) is None for f in _SNAPSHOT_FIELDS):
+                raise _ScrapeError("no known metrics in response")
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            return self._failed(name, f"timeout after {self.timeout:g}s")
+        except (_ScrapeError, MetricsParseError) as e:
+            return self._failed(name, str(e))
+        except Exception as e:  # aiohttp.ClientError, OSError, anything else: never fatal
+            return self._failed(name, f"{type(e).__name__}: {e}")
+        ep.metrics = snap
+        if snap.block_size is not None:
+            ep.block_size = snap.block_size
+        if snap.num_gpu_blocks is not None:
+            ep.num_gpu_blocks = snap.num_gpu_blocks
+        self.successes[name] = self.successes.get(name, 0) + 1
+        self.last_success[name] = snap.time
+        if name in self._failing:
+            self._failing.discard(name)
+            log.info("metrics scrape of %s recovered", name)
+        return True
+
+    def _failed(self, name: str, message: str) -> bool:
+        changed = name not in self._failing or self.last_error.get(name) != message
+        self._failing.add(name)
+        self.errors[name] = self.errors.get(name, 0) + 1
+        self.last_error[name] = message
+        # Log changes, not every failure: a dead backend would otherwise log 4 times a second.
+        (log.warning if changed else log.debug)("metrics scrape of %s failed: %s", name, message)
+        return False

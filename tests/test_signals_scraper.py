@@ -1,0 +1,277 @@
+"""MetricsScraper against real aiohttp servers on 127.0.0.1: good, slow, hanging, broken."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from lbproxy.routing.state import Endpoint
+from lbproxy.signals.metrics_parser import parse_metrics
+from lbproxy.signals.scraper import MetricsScraper, default_metrics_url
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CAPTURE = (FIXTURES / "vllm-0.32-metrics.txt").read_text()
+SMALL_KV = (FIXTURES / "vllm-0.32-metrics-small-kv.txt").read_text()
+SGLANG = (FIXTURES / "sglang-metrics.txt").read_text()
+HTML = "<html><body>gateway says hello</body></html>"
+BROKEN = 'vllm:num_requests_running{engine="0"} not-a-number\n'
+
+
+@dataclass
+class MetricsServer:
+    """One aiohttp server; each path prefix /<name> behaves as `modes[name]` says."""
+
+    base: str = ""
+    modes: dict[str, str] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)  # requests parked right now
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def endpoint(self, name: str, mode: str) -> Endpoint:
+        self.modes[name] = mode
+        return Endpoint(name=name, url=f"{self.base}/{name}")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        self.requests[name] = self.requests.get(name, 0) + 1
+        mode = self.modes[name]
+        if mode in ("slow", "hang"):
+            self.waiting[name] = self.waiting.get(name, 0) + 1
+            try:
+                if mode == "slow":
+                    await asyncio.wait_for(self.release.wait(), 4.0)
+                else:
+                    await self.release.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self.waiting[name] -= 1
+            return web.Response(text=CAPTURE)
+        if mode == "500":
+            return web.Response(status=500, text="engine dead")
+        body = {"capture": CAPTURE, "small": SMALL_KV, "sglang": SGLANG}.get(mode)
+        if body is None:
+            body = {"html": HTML, "broken": BROKEN}[mode]
+        return web.Response(text=body, content_type="text/plain")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MetricsServer]:
+    srv = MetricsServer()
+    app = web.Application()
+    app.router.add_get("/{name}/metrics", srv.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    srv.base = f"http://{host}:{port}"
+    yield srv
+    srv.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def scrapers() -> AsyncIterator[Callable[..., MetricsScraper]]:
+    made: list[MetricsScraper] = []
+
+    def make(endpoints: list[Endpoint], **kwargs: object) -> MetricsScraper:
+        s = MetricsScraper(lambda: endpoints, **kwargs)  # type: ignore[arg-type]
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.stop()
+
+
+def counting_clock(start: float = 1000.0) -> Callable[[], float]:
+    counter = itertools.count()
+    return lambda: start + next(counter)
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_scrape_once_fills_snapshots_and_geometry(server, scrapers) -> None:
+    eps = [
+        server.endpoint("a", "capture"),
+        server.endpoint("b", "small"),
+        server.endpoint("c", "sglang"),
+    ]
+    scraper = scrapers(eps, clock=lambda: 77.0)
+    assert await scraper.scrape_once() == {"a": True, "b": True, "c": True}
+
+    a, b, c = eps
+    assert a.metrics == parse_metrics(CAPTURE, 77.0)
+    assert b.metrics == parse_metrics(SMALL_KV, 77.0)
+    assert c.metrics == parse_metrics(SGLANG, 77.0)
+    assert (a.block_size, a.num_gpu_blocks) == (128, 8192)
+    assert (b.block_size, b.num_gpu_blocks) == (32, 128)
+    assert (c.block_size, c.num_gpu_blocks) == (None, None)  # SGLang exports no geometry
+    assert c.metrics is not None and c.metrics.num_waiting == 5.0
+    assert scraper.successes == {"a": 1, "b": 1, "c": 1}
+    assert scraper.errors == {}
+    assert scraper.last_success == {"a": 77.0, "b": 77.0, "c": 77.0}
+
+
+async def test_failures_are_counted_and_keep_the_last_snapshot(server, scrapers) -> None:
+    ep = server.endpoint("x", "capture")
+    scraper = scrapers([ep], clock=counting_clock())
+    assert await scraper.scrape_once() == {"x": True}
+    good = ep.metrics
+    assert good is not None
+
+    for mode, expect in [
+        ("500", "HTTP 500"),
+        ("html", "no known metrics"),
+        ("broken", "not-a-number"),
+    ]:
+        server.modes["x"] = mode
+        assert await scraper.scrape_once() == {"x": False}
+        assert expect in scraper.last_error["x"]
+        assert ep.metrics is good  # stale but intact: its age tells how stale
+
+    assert scraper.errors["x"] == 3
+    assert scraper.successes["x"] == 1
+
+    server.modes["x"] = "small"
+    assert await scraper.scrape_once() == {"x": True}
+    assert ep.metrics is not good and ep.metrics.prefix_cache_hits == 8096.0
+    assert ep.metrics.time > good.time
+    assert scraper.last_success["x"] == ep.metrics.time
+
+
+async def test_connection_refused_is_an_error(scrapers) -> None:
+    ep = Endpoint(name="dead", url=dead_url())
+    scraper = scrapers([ep])
+    assert await scraper.scrape_once() == {"dead": False}
+    assert scraper.errors["dead"] == 1
+    assert "ClientConnectorError" in scraper.last_error["dead"]
+    assert ep.metrics is None
+
+
+async def test_slow_and_hanging_endpoints_do_not_delay_others(server, scrapers) -> None:
+    fast = [server.endpoint(f"f{i}", "capture") for i in range(3)]
+    slow = server.endpoint("slow", "slow")
+    hang = server.endpoint("hang", "hang")
+    scraper = scrapers([slow, *fast, hang], timeout=1.5)
+
+    round_task = asyncio.create_task(scraper.scrape_once())
+    await until(lambda: all(ep.metrics is not None for ep in fast))
+    # The fast endpoints are done while the slow and hanging requests are still parked
+    # on the server: nobody waited for them.
+    assert server.waiting.get("slow") == 1 and server.waiting.get("hang") == 1
+    assert not round_task.done()
+
+    result = await round_task
+    assert result == {"slow": False, "f0": True, "f1": True, "f2": True, "hang": False}
+    assert scraper.last_error["slow"] == scraper.last_error["hang"] == "timeout after 1.5s"
+    assert slow.metrics is None and hang.metrics is None
+
+
+async def test_background_loop_keeps_one_request_per_hanging_endpoint(server, scrapers) -> None:
+    ok = server.endpoint("ok", "capture")
+    hang = server.endpoint("hang", "hang")
+    # Timeout longer than the interval: rounds keep coming while the hanging request is
+    # outstanding, and must not pile up more requests on it.
+    scraper = scrapers([ok, hang], interval=0.02, timeout=30.0)
+    await scraper.start()
+    await until(lambda: scraper.successes.get("ok", 0) >= 10)
+    assert server.requests["hang"] == 1
+    assert server.waiting["hang"] == 1
+    assert hang.metrics is None
+    await scraper.stop()
+    assert scraper.rounds >= 10
+
+
+async def test_endpoint_set_follows_the_provider(server, scrapers) -> None:
+    a = server.endpoint("a", "capture")
+    b = server.endpoint("b", "500")
+    current = [a, b]
+    scraper = scrapers([])
+    scraper.endpoints_provider = lambda: current
+    await scraper.scrape_once()
+    assert set(scraper.errors) == {"b"} and set(scraper.successes) == {"a"}
+
+    c = server.endpoint("c", "small")
+    current = [a, c]  # hot reload: b removed, c added
+    assert await scraper.scrape_once() == {"a": True, "c": True}
+    assert "b" not in scraper.errors and "b" not in scraper.last_error
+    assert c.metrics is not None and scraper.successes == {"a": 2, "c": 1}
+
+
+async def test_provider_failure_skips_the_round(scrapers) -> None:
+    def broken() -> list[Endpoint]:
+        raise RuntimeError("config being reloaded")
+
+    scraper = scrapers([])
+    scraper.endpoints_provider = broken
+    assert await scraper.scrape_once() == {}
+
+
+async def test_a_given_session_is_used_and_left_open(server, scrapers) -> None:
+    ep = server.endpoint("a", "capture")
+    async with aiohttp.ClientSession() as session:
+        scraper = scrapers([ep], session=session, interval=0.02)
+        await scraper.start()
+        await until(lambda: ep.metrics is not None)
+        await scraper.stop()
+        assert not session.closed
+        async with session.get(f"{server.base}/a/metrics") as resp:  # still usable
+            assert resp.status == 200
+
+
+async def test_stop_is_clean_and_idempotent(server, scrapers) -> None:
+    ep = server.endpoint("h", "hang")
+    scraper = scrapers([ep], interval=0.05, timeout=5.0)
+    await scraper.start()
+    await until(lambda: server.waiting.get("h") == 1)
+    await scraper.stop()  # cancels the in-flight request; the owned session is closed
+    await scraper.stop()
+    assert scraper._session is None
+    assert scraper._inflight == {}
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        ("http://10.0.0.5:8000", "http://10.0.0.5:8000/metrics"),
+        ("http://10.0.0.5:8000/", "http://10.0.0.5:8000/metrics"),
+        ("http://10.0.0.5:8000/v1", "http://10.0.0.5:8000/metrics"),
+        ("https://host/prefix/v1/", "https://host/prefix/metrics"),
+        ("http://host:1/backend-a", "http://host:1/backend-a/metrics"),
+    ],
+)
+def test_default_metrics_url(url: str, want: str) -> None:
+    assert default_metrics_url(Endpoint(name="e", url=url)) == want
+
+
+@pytest.mark.parametrize("kwargs", [{"interval": 0}, {"interval": -1}, {"timeout": 0}])
+def test_invalid_settings(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        MetricsScraper(list, **kwargs)
+
+
+def test_default_timeout_is_shorter_than_the_interval() -> None:
+    assert MetricsScraper(list, interval=0.5).timeout == pytest.approx(0.4)

@@ -34,12 +34,32 @@ class Listen(_Strict):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class KVEvents(_Strict):
+    """Where a backend publishes KV-cache events: the values given to vLLM's
+    `--kv-events-config` (`endpoint`, `topic`, `replay_endpoint`). vLLM binds a wildcard
+    endpoint (`tcp://*:5557`), which lbproxy reaches at `host` (default: the backend's
+    host); any other endpoint vLLM connects to, so lbproxy binds it."""
+
+    endpoint: str
+    topic: str = ""
+    replay_endpoint: str | None = None
+    host: str | None = None
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _zmq(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|ipc|inproc)://\S+$", v):
+            raise ValueError("must be a ZMQ endpoint such as tcp://*:5557")
+        return v
+
+
 class Backend(_Strict):
     url: str
     name: str | None = None
     vendor: str = "unknown"
     labels: dict[str, str] = Field(default_factory=dict)
     weight: float = Field(1.0, gt=0)
+    kv_events: KVEvents | None = None
 
     @field_validator("url")
     @classmethod
@@ -85,6 +105,14 @@ class Health(_Strict):
     healthy_after: int = Field(1, ge=1, description="consecutive successes to re-admit")
 
 
+class Signals(_Strict):
+    metrics_interval: float = Field(0.25, gt=0, description="seconds between /metrics scrapes")
+    metrics_timeout: float | None = Field(None, gt=0, description="default 0.8 x interval")
+    metrics_max_age: float = Field(
+        2.0, gt=0, description="older snapshots count as unknown load (see each scorer)"
+    )
+
+
 class Discovery(_Strict):
     interval: float = Field(30.0, gt=0, description="re-read /v1/models of pools without models")
     timeout: float = Field(3.0, gt=0)
@@ -97,6 +125,7 @@ class Config(_Strict):
     limits: Limits = Field(default_factory=Limits)
     health: Health = Field(default_factory=Health)
     discovery: Discovery = Field(default_factory=Discovery)
+    signals: Signals = Field(default_factory=Signals)
     request_id_header: str = "x-request-id"
     session_header: str = "x-session-id"
     expose_backend_header: bool = False

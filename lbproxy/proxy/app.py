@@ -17,6 +17,7 @@ from lbproxy.proxy.forward import Forwarder, ForwardSettings
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
+from lbproxy.signals.scraper import MetricsScraper
 
 log = logging.getLogger("lbproxy")
 
@@ -29,6 +30,7 @@ class ProxyState:
     forwarder: Forwarder | None = None
     health: HealthChecker | None = None
     discovery: ModelDiscovery | None = None
+    scraper: MetricsScraper | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -123,6 +125,14 @@ async def _startup(app: web.Application) -> None:
         healthy_after=h.healthy_after,
     )
     st.health.start()
+    sig = cfg.signals
+    st.scraper = MetricsScraper(
+        st.pools.endpoints,
+        interval=sig.metrics_interval,
+        timeout=sig.metrics_timeout,
+        session=st.session,
+    )
+    await st.scraper.start()
     st.discovery = ModelDiscovery(
         st.pools, st.session, interval=cfg.discovery.interval, timeout=cfg.discovery.timeout
     )
@@ -133,7 +143,7 @@ async def _startup(app: web.Application) -> None:
 
 async def _cleanup(app: web.Application) -> None:
     st = app[STATE]
-    for task in (st.health, st.discovery):
+    for task in (st.health, st.discovery, st.scraper):
         if task is not None:
             await task.stop()
     if st.session is not None:

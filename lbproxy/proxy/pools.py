@@ -14,7 +14,9 @@ from lbproxy.routing.state import Endpoint
 class PoolRuntime:
     __slots__ = ("bctx", "configured_models", "discovered_models", "endpoints", "name", "router")
 
-    def __init__(self, spec: Pool, *, seed: int | None = None) -> None:
+    def __init__(
+        self, spec: Pool, *, metrics_max_age: float = 2.0, seed: int | None = None
+    ) -> None:
         self.name = spec.name
         self.configured_models: list[str] | None = spec.models
         self.discovered_models: dict[str, set[str]] = {}  # backend name -> its models
@@ -29,7 +31,9 @@ class PoolRuntime:
             )
             for b in spec.backends
         ]
-        self.bctx = BuildContext(pool=spec.name, model=(spec.models or [""])[0])
+        self.bctx = BuildContext(
+            pool=spec.name, model=(spec.models or [""])[0], metrics_max_age=metrics_max_age
+        )
         self.router: Router = build_router(spec.routing, self.bctx, seed=seed)
 
     def models(self) -> set[str]:
@@ -45,7 +49,8 @@ class PoolTable:
     """Maps a request's `model` to its pool; rebuilt when discovery learns new models."""
 
     def __init__(self, cfg: Config, *, seed: int | None = None) -> None:
-        self.pools = [PoolRuntime(p, seed=seed) for p in cfg.pools]
+        age = cfg.signals.metrics_max_age
+        self.pools = [PoolRuntime(p, metrics_max_age=age, seed=seed) for p in cfg.pools]
         self._by_model: dict[str, PoolRuntime] = {}
         self.rebuild()
 

@@ -39,6 +39,25 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "round-robin": {"picker": "round-robin"},
     "random": {"picker": "random"},
     "least-request": {"scorers": [{"type": "least-request"}], "picker": "max-score"},
+    # The reference router's default weights: prefix 3, queue 2, KV-cache 2.
+    "cache-aware": {
+        "filters": [{"type": "saturation"}],
+        "scorers": [
+            {"type": "prefix-hash", "weight": 3},
+            {"type": "queue", "weight": 2},
+            {"type": "kv-cache-util", "weight": 2},
+        ],
+        "picker": "max-score",
+    },
+    "precise-cache-aware": {
+        "filters": [{"type": "saturation"}],
+        "scorers": [
+            {"type": "precise-prefix", "weight": 3},
+            {"type": "queue", "weight": 2},
+            {"type": "kv-cache-util", "weight": 2},
+        ],
+        "picker": "max-score",
+    },
 }
 
 

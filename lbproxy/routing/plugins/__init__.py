@@ -1,10 +1,16 @@
 """Built-in routing plugins, one module each. Add a new one to BUILTIN_MODULES."""
 
 from lbproxy.routing.plugins import (
+    kv_cache_util,
     least_request,
     max_score,
+    precise_prefix,
+    prefix_hash,
+    queue_length,
     random_pick,
     round_robin,
+    saturation,
+    session_affinity,
     weighted_random,
 )
 
@@ -14,4 +20,10 @@ BUILTIN_MODULES = [
     max_score,
     weighted_random,
     least_request,
+    queue_length,
+    kv_cache_util,
+    saturation,
+    session_affinity,
+    prefix_hash,
+    precise_prefix,
 ]

@@ -1,0 +1,318 @@
+"""In-process cost of one routing decision for a ~7,200-token prompt, by pool size.
+
+The headline workload shape: 4 prefix groups, each a long shared system prompt plus a
+fresh question per request (~7,200 tokens, ~29 KB of text in all). For 4, 20 and 256
+backends it times `Router.route()` (filters, every scorer, the picker and the learning
+in `on_routed`) with:
+
+- `cache-aware` (prefix-hash): steady state, the groups already learnt; and "unique", a
+  never-seen prompt every time (nothing reusable to hash, nothing to match);
+- `precise-cache-aware` (precise-prefix), the index fed with KV events for each group's
+  system prompt on its home backend, tokenising with `lbproxy.tokenization.Tokenizer`
+  (the shipped small BPE) or, if that module is absent, `tokenizers` directly:
+  cold = the whole prompt encoded per request; warm = the system prompt's ids come from
+  a cache and only the question is encoded; cached = the whole prompt's ids cached
+  (routing work alone).
+
+Each decision gets a fresh RequestContext, as in the proxy. Every cell is the median over
+`--repeat` runs of the per-run median of `--decisions` decisions (after a warm-up);
+"prefix part" is the prefix scorer's own score() + on_routed() measured the same way,
+sent to its best-scoring backend, to show what does and does not grow with the pool (the
+pipeline itself, and the queue / KV / saturation plugins, are O(backends)).
+
+    python benchmarks/decision_cost.py [--decisions 300] [--repeat 7] [--backends 4 20 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.pipeline import Router
+from lbproxy.routing.profiles import build_router
+from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext
+
+NOW = 1000.0
+TICKS = itertools.count()
+GROUPS = 4
+TARGET_TOKENS = 7200
+QUESTION_TOKENS = 400
+BLOCK_SIZE = 16
+
+# ---- deterministic English-like text -------------------------------------------------------
+
+_VOCABULARY = (
+    "the of and to in is was for on that with as by at from his her are this an be which or "
+    "have had not but what all were when we there can more if will one about up out them so "
+    "some would other into has time two like then these its than could only new first any may "
+    "over such where most after also made many before must through back years much way well "
+    "down should because each just those people how too little state good very make world "
+    "still own see men work long get here between both life being under never day same another "
+    "know while last might great old year off come since against go came right used take three "
+    "system cache request server model token block memory queue route prefix latency "
+    "throughput backend engine batch scheduler"
+)
+_WORDS = _VOCABULARY.split()
+
+
+def english(rng: random.Random, n_words: int) -> str:
+    weights = [1.0 / (i + 1) for i in range(len(_WORDS))]  # Zipf-like
+    words = rng.choices(_WORDS, weights, k=n_words)
+    out, sentence = [], 0
+    for w in words:
+        if sentence == 0:
+            w = w.capitalize()
+        sentence += 1
+        if sentence > rng.randrange(8, 22):
+            w += rng.choice(".....?!")
+            sentence = 0
+        elif rng.random() < 0.06:
+            w += ","
+        out.append(w)
+    return " ".join(out)
+
+
+def make_text(rng: random.Random, encode: Callable[[str], list[int]], tokens: int) -> str:
+    """English-like text of about `tokens` tokens under `encode`."""
+    text = english(rng, tokens)
+    ratio = tokens / max(1, len(encode(text)))
+    return english(rng, max(1, int(tokens * ratio)))
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+
+def load_encoder() -> tuple[Callable[[str], list[int]], str]:
+    try:
+        from lbproxy.tokenization import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    if Tokenizer is not None:
+        tok = Tokenizer.from_file()
+
+        def encode(text: str) -> list[int]:
+            return tok.encode(text, add_special_tokens=False)
+
+        return encode, f"lbproxy.tokenization.Tokenizer ({tok.name}, vocab {tok.vocab_size})"
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel()
+    corpus = [english(random.Random(i), 2000) for i in range(20)]
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=4096, show_progress=False))
+    return (lambda text: tk.encode(text).ids), "tokenizers BPE trained in-process (vocab 4096)"
+
+
+# ---- fleet -----------------------------------------------------------------------------------
+
+
+def fleet(n: int) -> list[Endpoint]:
+    eps = []
+    for i in range(n):
+        ep = Endpoint(name=f"b{i:03d}", url=f"http://b{i}", block_size=BLOCK_SIZE)
+        ep.num_gpu_blocks = 30_000
+        ep.metrics = MetricsSnapshot(
+            time=NOW, num_running=4.0, num_waiting=float(i % 3), kv_cache_usage=0.2 + i % 5 / 10
+        )
+        ep.in_flight = 4 + i % 3
+        eps.append(ep)
+    return eps
+
+
+class Stored:
+    """A BlockStored event as the KV-event decoder produces it (matched by class name)."""
+
+    def __init__(self, hashes: list[int], tokens: list[int]) -> None:
+        self.block_hashes = hashes
+        self.parent_block_hash = None
+        self.token_ids = tokens
+        self.block_size = BLOCK_SIZE
+
+
+Stored.__name__ = "BlockStored"
+
+
+def timed(
+    make_ctx: Callable[[int], RequestContext], call: Callable[[RequestContext], Any], n: int
+) -> float:
+    """Median µs of `call` over n fresh contexts (built outside the timing)."""
+    ctxs = [make_ctx(i) for i in range(n)]
+    clock = time.perf_counter_ns
+    samples = []
+    for c in ctxs:
+        t0 = clock()
+        call(c)
+        samples.append(clock() - t0)
+    return statistics.median(samples) / 1000.0
+
+
+def median_of_runs(run: Callable[[], float], repeat: int) -> float:
+    run()  # warm-up, discarded
+    return statistics.median(run() for _ in range(repeat))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+
+
+class Workload:
+    def __init__(self, encode: Callable[[str], list[int]], seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.encode = encode
+        self.systems = [
+            make_text(rng, encode, TARGET_TOKENS - QUESTION_TOKENS) for _ in range(GROUPS)
+        ]
+        self.system_ids = [encode(s) for s in self.systems]
+        self.questions = [
+            " " + make_text(rng, encode, QUESTION_TOKENS) for _ in range(64)
+        ]  # a pool to draw from; each request picks group and question
+        self.rng = rng
+
+    def prompt(self, i: int) -> tuple[int, str]:
+        g = i % GROUPS
+        q = self.questions[(i * 7 + i // GROUPS) % len(self.questions)]
+        return g, self.systems[g] + q + f" ({i})"
+
+    def unique(self, i: int) -> str:
+        return f"[{i}:{self.rng.random()}] " + self.prompt(i)[1]
+
+
+def prime_prefix(router: Router, wl: Workload, eps: list[Endpoint]) -> None:
+    for i in range(GROUPS * 4):
+        _, text = wl.prompt(i)
+        router.route(RequestContext(model="m", raw_prompt=text.encode()), eps, NOW)
+
+
+def prime_precise(shared: dict[str, Any], wl: Workload, eps: list[Endpoint]) -> None:
+    index = shared["precise_index"]
+    for g, ids in enumerate(wl.system_ids):
+        full = len(ids) // BLOCK_SIZE * BLOCK_SIZE
+        hashes = [g * 1_000_000 + j for j in range(full // BLOCK_SIZE)]
+        index.apply_events(eps[g % len(eps)].name, [Stored(hashes, ids[:full])])
+
+
+def run(args: argparse.Namespace) -> None:
+    encode, tok_name = load_encoder()
+    wl = Workload(encode)
+    sample_tokens = len(encode(wl.prompt(0)[1]))
+    sample_bytes = len(wl.prompt(0)[1].encode())
+    n, rep = args.decisions, args.repeat
+
+    def text_ctx(text: str) -> RequestContext:
+        return RequestContext(model="m", raw_prompt=text.encode())
+
+    full_cache: dict[str, list[int]] = {}
+
+    def tok_ctx(i: int, mode: str) -> RequestContext:
+        g, text = wl.prompt(i)
+        if mode == "cold":
+            fn: Callable[[RequestContext], list[int]] = lambda c: encode(text)  # noqa: E731
+        elif mode == "warm":
+            question = text[len(wl.systems[g]) :]
+            fn = lambda c: wl.system_ids[g] + encode(question)  # noqa: E731
+        else:
+            ids = full_cache.get(text)
+            if ids is None:
+                ids = full_cache[text] = encode(text)
+            fn = lambda c: ids  # noqa: E731
+        return RequestContext(model="m", raw_prompt=text.encode(), _tokenize=fn)
+
+    rows: list[tuple[str, int, float, float]] = []
+    for nb in args.backends:
+        # prefix-hash, steady state
+        eps = fleet(nb)
+        r = build_router("cache-aware", BuildContext(pool="p", model="m"), seed=1)
+        prime_prefix(r, wl, eps)
+        scorer = r.scorers[0].scorer
+
+        def route(c: RequestContext, r: Router = r, eps: list[Endpoint] = eps) -> Any:
+            return r.route(c, eps, NOW)
+
+        def part(c: RequestContext, s: Any = scorer, eps: list[Endpoint] = eps) -> None:
+            scores = s.score(c, eps, NOW)
+            s.on_routed(c, eps[scores.index(max(scores))], NOW)
+
+        full = median_of_runs(lambda: timed(lambda i: text_ctx(wl.prompt(i)[1]), route, n), rep)
+        own = median_of_runs(lambda: timed(lambda i: text_ctx(wl.prompt(i)[1]), part, n), rep)
+        rows.append(("cache-aware (prefix-hash), shared prefixes", nb, full, own))
+        full = median_of_runs(lambda: timed(lambda i: text_ctx(wl.unique(i)), route, n), rep)
+        own = median_of_runs(lambda: timed(lambda i: text_ctx(wl.unique(i)), part, n), rep)
+        rows.append(("cache-aware (prefix-hash), unique prompts", nb, full, own))
+
+        # precise-prefix
+        for mode, label in (
+            ("cold", "tokeniser cold"),
+            ("warm", "tokeniser warm"),
+            ("cached", "token ids cached"),
+        ):
+            eps = fleet(nb)
+            shared: dict[str, Any] = {}
+            bctx = BuildContext(pool="p", metrics_max_age=1e12, shared=shared)
+            r = build_router("precise-cache-aware", bctx, seed=1)
+            prime_precise(shared, wl, eps)
+            scorer = r.scorers[0].scorer
+
+            # Time moves 10 ms per decision, so speculative entries (2 s) expire as live.
+            def route2(c: RequestContext, r: Router = r, eps: list[Endpoint] = eps) -> Any:
+                return r.route(c, eps, NOW + next(TICKS) * 0.01)
+
+            def part2(c: RequestContext, s: Any = scorer, eps: list[Endpoint] = eps) -> None:
+                now = NOW + next(TICKS) * 0.01
+                scores = s.score(c, eps, now)
+                s.on_routed(c, eps[scores.index(max(scores))], now)
+
+            reps = max(3, rep // 2) if mode == "cold" else rep
+            full = median_of_runs(lambda m=mode: timed(lambda i: tok_ctx(i, m), route2, n), reps)
+            own = median_of_runs(lambda m=mode: timed(lambda i: tok_ctx(i, m), part2, n), reps)
+            rows.append((f"precise-cache-aware (precise-prefix), {label}", nb, full, own))
+
+    tok_alone = median_of_runs(lambda: timed(lambda i: tok_ctx(i, "cold"), _tokens, n), 3)
+    warm_alone = median_of_runs(lambda: timed(lambda i: tok_ctx(i, "warm"), _tokens, n), 3)
+
+    print(f"# Routing decision cost, {sample_tokens} tokens / {sample_bytes} bytes per prompt")
+    print()
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} CPUs")
+    print(f"tokenizer: {tok_name}")
+    print(f"tokenising alone: cold {tok_alone:.0f} µs, warm (question only) {warm_alone:.0f} µs")
+    print()
+    print("| profile / case | backends | decision µs (median) | prefix part µs |")
+    print("|---|---:|---:|---:|")
+    for label, nb, full, own in rows:
+        print(f"| {label} | {nb} | {full:.1f} | {own:.1f} |")
+
+
+def _tokens(c: RequestContext) -> None:
+    c.token_ids()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--decisions", type=int, default=300)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--backends", type=int, nargs="+", default=[4, 20, 256])
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""precise-prefix scorer: cached blocks / full blocks of the request's token ids.
+
+Token ids come from `ctx.token_ids()` (the proxy's tokenizer, chat rendered with the
+model's template), cut into each endpoint's block size (as announced by its KV events,
+else `ep.block_size`, else the `block_size` parameter), keyed by our chained xxh64 over
+token ids (`precise_index`). score(E) = consecutive blocks from the start that E's vLLM
+prefix cache holds, per its KV events / number of full blocks (at most `max_blocks`).
+No tokenizer, a prompt shorter than one block or no match anywhere: the spread of
+unmatched requests below (0 for all when the loads are equal).
+
+The `PreciseIndex` is shared with the KV-event subscriber through
+`bctx.shared["precise_index"]` (created here if the signals layer has not yet).
+
+Speculation: `on_routed` marks the request's blocks as held by the chosen endpoint for
+`speculative_ttl` seconds (0 disables), so requests that follow before the BlockStored
+event arrives already see the hit; an event confirms the entries, else they expire.
+
+Anti-hotspot and the spread of unmatched requests: the same `HotspotRule` as
+prefix-hash, with the same parameters.
+"""
+
+from __future__ import annotations
+
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_
+from typing import cast
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.plugins.prefix_hash import HotspotRule
+from lbproxy.routing.precise_index import PreciseIndex
+from lbproxy.routing.state import Endpoint, RequestContext
+
+TYPE = "precise-prefix"
+KIND = "scorer"
+
+SHARED_KEY = "precise_index"
+_name = attrgetter("name")
+_block_size = attrgetter("block_size")
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(16, ge=1)  # tokens, when neither events nor the endpoint tell
+    max_blocks: int = Field(4096, ge=1)
+    speculative_ttl: float = Field(2.0, ge=0)
+    hotspot_margin: float = Field(32.0, ge=0)
+    hotspot_factor: float = Field(2.0, ge=1)
+    hotspot_discount: float = Field(0.0, ge=0, le=1)
+    spread_unmatched: float = Field(0.1, ge=0, le=1)
+
+
+class PrecisePrefixScorer:
+    name = TYPE
+
+    def __init__(self, params: Params, index: PreciseIndex) -> None:
+        self.index = index
+        self.default_block_size = params.block_size
+        self.max_blocks = params.max_blocks
+        self.speculative_ttl = params.speculative_ttl
+        self.hotspot = HotspotRule(
+            params.hotspot_margin,
+            params.hotspot_factor,
+            params.hotspot_discount,
+            params.spread_unmatched,
+        )
+        # Keys per block size of the request being routed, for the on_routed that follows.
+        self._last_ctx: RequestContext | None = None
+        self._last_keys: dict[int, list[int]] = {}
+
+    def block_size_of(self, ep: Endpoint) -> int:
+        return self.index.block_size_of(ep.name) or self._geometry_block_size(ep)
+
+    def _geometry_block_size(self, ep: Endpoint) -> int:
+        bs = ep.block_size
+        if bs is None and ep.metrics is not None:
+            bs = ep.metrics.block_size
+        return bs or self.default_block_size
+
+    def keys(self, ctx: RequestContext, block_size: int) -> list[int]:
+        if ctx is not self._last_ctx:
+            self._last_ctx, self._last_keys = ctx, {}
+        keys = self._last_keys.get(block_size)
+        if keys is None:
+            tokens = ctx.token_ids()
+            keys = self.index.keys_for(tokens, block_size, self.max_blocks) if tokens else []
+            self._last_keys[block_size] = keys
+        return keys
+
+    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
+        n = len(endpoints)
+        scores = [0.0] * n
+        if not ctx.token_ids():
+            return self.hotspot.adjust(scores, endpoints)
+        names = list(map(_name, endpoints))
+        known = self.index.block_sizes(names)  # from events
+        if None in known:  # then the endpoint's geometry, its metrics, the parameter
+            known = [k or g for k, g in zip(known, map(_block_size, endpoints), strict=True)]
+            for i in compress(range(n), map(is_, known, repeat(None))):
+                known[i] = self._geometry_block_size(endpoints[i])
+        sizes = cast(list[int], known)
+        distinct = set(sizes)
+        for bs in distinct:
+            keys = self.keys(ctx, bs)
+            if not keys:
+                continue
+            group = (
+                names if len(distinct) == 1 else list(compress(names, map(eq, sizes, repeat(bs))))
+            )
+            counts = self.index.match_keys(keys, group, now)
+            if not counts:
+                continue
+            inv = 1.0 / len(keys)
+            if len(counts) <= 8:  # usually a few holders: find them with C-level scans
+                for name, c in counts.items():
+                    scores[names.index(name)] = c * inv
+            else:
+                pos = {name: i for i, name in enumerate(names)}
+                for name, c in counts.items():
+                    scores[pos[name]] = c * inv
+        return self.hotspot.adjust(scores, endpoints)
+
+    def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
+        if self.speculative_ttl <= 0:
+            return
+        keys = self.keys(ctx, self.block_size_of(endpoint))
+        if keys:
+            self.index.speculate(endpoint.name, keys, now, self.speculative_ttl)
+
+
+def shared_index(bctx: BuildContext) -> PreciseIndex:
+    """The pool's PreciseIndex in `bctx.shared`, created on first use."""
+    index = bctx.shared.get(SHARED_KEY)
+    if index is None:
+        index = bctx.shared[SHARED_KEY] = PreciseIndex()
+    elif not isinstance(index, PreciseIndex):
+        raise TypeError(f"bctx.shared[{SHARED_KEY!r}] is a {type(index).__name__}")
+    return index
+
+
+def build(params: Params, bctx: BuildContext) -> PrecisePrefixScorer:
+    return PrecisePrefixScorer(params, shared_index(bctx))

@@ -1,0 +1,177 @@
+"""prefix-hash scorer (approximate): matched blocks / total blocks of the prompt's bytes.
+
+The prompt's canonical bytes (`ctx.prompt_bytes()`) are cut into blocks of
+`block_size` x 4 bytes (~4 bytes per token), at most `max_blocks` from the start; hash
+i = xxh64(block_i, seed=hash_{i-1}), seeded with xxh64 of the pool's model name (see
+`prefix_index`). score(E) = consecutive blocks from the start that E is believed to
+hold / number of blocks of the request. A prompt shorter than one block, or matched
+nowhere, gets the spread of unmatched requests below (0 for all when loads are equal).
+
+Learning: `on_routed` records that the chosen endpoint now holds all the request's blocks.
+Each endpoint's LRU holds `ep.num_gpu_blocks` blocks when known (converted from the
+endpoint's block size to ours), else `lru_capacity`; never more than `max_lru_capacity`.
+At most `max_endpoints` endpoints are tracked. Memory is therefore bounded by
+max_endpoints x max_lru_capacity entries (~200 B each).
+
+Block size: one per index, the `block_size` parameter (default 16, vLLM's GPU default),
+not each endpoint's: endpoints' geometry arrives late (from a scrape) and may differ
+within a pool, and changing the block size would invalidate every hash learnt so far.
+Bytes-per-token is an estimate anyway, so block boundaries cannot line up with vLLM's.
+
+Anti-hotspot (`HotspotRule`, below): an endpoint whose in-flight count exceeds the least
+busy candidate's by more than `hotspot_margin` and is over `hotspot_factor` times it has
+its score multiplied by `hotspot_discount` (default 0), so a burst on one hot prefix
+spills to idle backends before the next metrics scrape shows the queue. When no candidate
+matches, scores are `spread_unmatched` x the normalised least-in-flight score, so that new
+prefix groups do not collide by coin-flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import attrgetter
+
+from pydantic import BaseModel, ConfigDict, Field
+from xxhash import xxh64_intdigest
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.plugins.least_request import normalise_low_is_good
+from lbproxy.routing.prefix_index import ChainHasher, PrefixIndex
+from lbproxy.routing.state import Endpoint, RequestContext
+
+TYPE = "prefix-hash"
+KIND = "scorer"
+
+BYTES_PER_TOKEN = 4
+_name = attrgetter("name")
+_in_flight = attrgetter("in_flight")
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(16, ge=1)  # tokens; a block is block_size * 4 prompt bytes
+    max_blocks: int = Field(256, ge=1)
+    lru_capacity: int = Field(31_250, ge=1)  # blocks per endpoint when num_gpu_blocks unknown
+    max_lru_capacity: int = Field(262_144, ge=1)
+    max_endpoints: int = Field(1024, ge=1)
+    hotspot_margin: float = Field(32.0, ge=0)
+    hotspot_factor: float = Field(2.0, ge=1)
+    hotspot_discount: float = Field(0.0, ge=0, le=1)
+    spread_unmatched: float = Field(0.1, ge=0, le=1)
+
+
+@dataclass(frozen=True, slots=True)
+class HotspotRule:
+    """Keep a hot prefix from piling every request onto the endpoints that hold it.
+
+    Load is the in-flight request count, kept exactly by the proxy, so the rule reacts
+    within a burst, before the next metrics scrape shows a queue. An endpoint is hot when
+
+        load - min_load > margin  and  load > factor * min_load
+
+    (min_load over the candidates; both conditions, as in SGLang's cache-aware router).
+    A hot endpoint's prefix score is multiplied by `discount` (0: its cache no longer
+    attracts requests and the load scorers decide). The spilled request teaches another
+    endpoint the prefix, so a hot prefix spreads only when one holder is clearly busier.
+    The defaults (32, 2.0) leave random imbalance at moderate load alone: a spill makes
+    a prefix group permanently two-homed, so it must not happen by chance.
+
+    When no candidate matches (a new prefix, or every holder is hot), the scores are
+    `spread` x (max_load - load) / (max_load - min_load) instead of all 0: a small
+    tie-breaker so that new prefix groups land on idle endpoints rather than collide by
+    coin-flip while the metrics are still equal. It is small next to the load scorers.
+    """
+
+    margin: float = 32.0
+    factor: float = 2.0
+    discount: float = 0.0
+    spread: float = 0.1
+
+    def adjust(self, scores: list[float], endpoints: Sequence[Endpoint]) -> list[float]:
+        """Apply the rule to a scorer's prefix scores (in place when possible)."""
+        if len(endpoints) < 2:
+            return scores
+        if self.discount < 1.0 and any(scores):
+            lo = min(map(_in_flight, endpoints))
+            limit = max(lo + self.margin, lo * self.factor)
+            for i in compress(range(len(scores)), scores):  # the matched ones only
+                if endpoints[i].in_flight > limit:
+                    scores[i] *= self.discount
+        if self.spread and not any(scores):
+            loads = [float(ep.in_flight) for ep in endpoints]
+            if min(loads) < max(loads):  # equal loads: nothing to break ties with
+                w = self.spread
+                return [w * s for s in normalise_low_is_good(loads)]
+        return scores
+
+
+class PrefixHashScorer:
+    name = TYPE
+
+    def __init__(self, params: Params, model: str = "") -> None:
+        self.block_size = params.block_size
+        self.lru_capacity = params.lru_capacity
+        self.max_lru_capacity = params.max_lru_capacity
+        self.model = model
+        self.index = PrefixIndex(params.max_endpoints)
+        self.hasher = ChainHasher(params.block_size * BYTES_PER_TOKEN, params.max_blocks)
+        self.hotspot = HotspotRule(
+            params.hotspot_margin,
+            params.hotspot_factor,
+            params.hotspot_discount,
+            params.spread_unmatched,
+        )
+        self._seed_of: tuple[str, int] = ("", xxh64_intdigest(b""))
+        # Routing is sequential: the hashes computed in score() serve the on_routed() that
+        # follows. Holding the ctx keeps `is` identity meaningful.
+        self._last_ctx: RequestContext | None = None
+        self._last_hashes: list[int] = []
+
+    def hashes(self, ctx: RequestContext) -> list[int]:
+        if ctx is self._last_ctx:
+            return self._last_hashes
+        model = self.model or ctx.model
+        if model != self._seed_of[0]:
+            self._seed_of = (model, xxh64_intdigest(model.encode()))
+        hashes = self.hasher.hashes(ctx.prompt_bytes(), self._seed_of[1])
+        self._last_ctx, self._last_hashes = ctx, hashes
+        return hashes
+
+    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
+        hashes = self.hashes(ctx)
+        counts = self.index.match(hashes) if hashes else None
+        scores = [0.0] * len(endpoints)
+        if counts:
+            inv = 1.0 / len(hashes)
+            if len(counts) <= 8:  # usually a few holders: find them with C-level scans
+                names = list(map(_name, endpoints))
+                for name, c in counts.items():
+                    if name in names:
+                        scores[names.index(name)] = c * inv
+            else:
+                scores = [c * inv for c in map(counts.get, map(_name, endpoints), repeat(0))]
+        return self.hotspot.adjust(scores, endpoints)
+
+    def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
+        hashes = self.hashes(ctx)
+        if hashes:
+            self.index.insert(endpoint.name, hashes, self.capacity(endpoint))
+
+    def capacity(self, ep: Endpoint) -> int:
+        """The endpoint's KV capacity in our blocks, bounded by max_lru_capacity."""
+        blocks, size = ep.num_gpu_blocks, ep.block_size
+        m = ep.metrics
+        if blocks is None and m is not None:
+            blocks, size = m.num_gpu_blocks, size or m.block_size
+        bs = self.block_size
+        cap = blocks * (size or bs) // bs if blocks else self.lru_capacity
+        return max(1, min(cap, self.max_lru_capacity))
+
+    def forget(self, endpoint_name: str) -> None:
+        self.index.forget(endpoint_name)
+
+
+def build(params: Params, bctx: BuildContext) -> PrefixHashScorer:
+    return PrefixHashScorer(params, bctx.model)

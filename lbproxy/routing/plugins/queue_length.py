@@ -1,0 +1,55 @@
+"""queue scorer: waiting requests from fresh metrics, (max - waiting) / (max - min).
+
+`vllm:num_requests_waiting` from a snapshot at most `metrics_max_age` old, normalised over
+the candidates with known values (fewest waiting scores 1, most 0, all equal all 1).
+Unknown or stale metrics score `stale_as`: "worst" (0, default: a backend whose load we
+cannot see is not preferred; when all are unknown the scorer is neutral anyway) or
+"neutral" (0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.plugins.least_request import normalise_low_is_good
+from lbproxy.routing.state import Endpoint, RequestContext
+
+TYPE = "queue"
+KIND = "scorer"
+
+STALE_SCORES = {"worst": 0.0, "neutral": 0.5}
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stale_as: Literal["worst", "neutral"] = "worst"
+
+
+class QueueScorer:
+    name = TYPE
+
+    def __init__(self, max_age: float, stale_as: str) -> None:
+        self.max_age = max_age
+        self.stale_score = STALE_SCORES[stale_as]
+
+    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
+        max_age = self.max_age
+        values: list[float | None] = []
+        for ep in endpoints:
+            m = ep.fresh_metrics(now, max_age)
+            values.append(None if m is None else m.num_waiting)
+        known: list[float] = [v for v in values if v is not None]
+        if len(known) == len(values):
+            return normalise_low_is_good(known)
+        if not known:
+            return [self.stale_score] * len(values)
+        it = iter(normalise_low_is_good(known))
+        stale = self.stale_score
+        return [stale if v is None else next(it) for v in values]
+
+
+def build(params: Params, bctx: BuildContext) -> QueueScorer:
+    return QueueScorer(bctx.metrics_max_age, params.stale_as)

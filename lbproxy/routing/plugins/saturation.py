@@ -1,0 +1,63 @@
+"""saturation filter: drop endpoints with waiting > queue_depth, KV usage > kv_cache_util,
+or in-flight > max_in_flight.
+
+Waiting and KV usage come from a snapshot at most `metrics_max_age` old. A check whose
+value is unknown (stale or never scraped, or not reported) follows `stale_as`:
+"saturated" (default, as llm-d's saturation detector: unseen load is not trusted) drops
+the endpoint, "available" keeps it. In-flight counts are exact and always checked. When
+every candidate would be dropped the pipeline keeps them all (the admission queue, not
+this filter, decides whether to wait).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.state import Endpoint, RequestContext
+
+TYPE = "saturation"
+KIND = "filter"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    queue_depth: float = Field(5, ge=0)
+    kv_cache_util: float = Field(0.8, ge=0, le=1)
+    max_in_flight: int | None = Field(None, ge=0)
+    stale_as: Literal["saturated", "available"] = "saturated"
+
+
+class SaturationFilter:
+    name = TYPE
+
+    def __init__(self, params: Params, max_age: float) -> None:
+        self.queue_depth = params.queue_depth
+        self.kv_cache_util = params.kv_cache_util
+        self.max_in_flight = params.max_in_flight
+        self.unknown_ok = params.stale_as == "available"
+        self.max_age = max_age
+
+    def saturated(self, ep: Endpoint, now: float) -> bool:
+        if self.max_in_flight is not None and ep.in_flight > self.max_in_flight:
+            return True
+        m = ep.fresh_metrics(now, self.max_age)
+        if m is None:
+            return not self.unknown_ok
+        waiting, usage = m.num_waiting, m.kv_cache_usage
+        if waiting is None or usage is None:
+            if not self.unknown_ok:
+                return True
+            return (waiting is not None and waiting > self.queue_depth) or (
+                usage is not None and usage > self.kv_cache_util
+            )
+        return waiting > self.queue_depth or usage > self.kv_cache_util
+
+    def filter(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[Endpoint]:
+        return [ep for ep in endpoints if not self.saturated(ep, now)]
+
+
+def build(params: Params, bctx: BuildContext) -> SaturationFilter:
+    return SaturationFilter(params, bctx.metrics_max_age)

@@ -1,0 +1,286 @@
+"""Approximate prefix index: which endpoints probably hold the leading blocks of a prompt.
+
+Keys. A prompt's bytes are cut into fixed blocks of `block_bytes` from the start (only
+full blocks, at most `max_blocks`); hash i = xxh64(block_i, seed=hash_{i-1}) and
+hash_{-1} is the seed (for prefix-hash: xxh64 of the model name). A hash therefore names
+the whole prefix up to its block, so "endpoint E holds hash i" means "E has computed this
+prompt up to block i". `ChainHasher` computes these chains and reuses the hashes of the
+longest byte-identical prefix of a recent prompt, so a shared system prompt is hashed once.
+
+State. `table` maps hash -> bitmask of the endpoints holding it; each endpoint has one LRU
+of hashes bounded by its capacity, and evicting a hash clears the endpoint's bit. Memory is
+bounded: at most `max_endpoints` endpoints (the least recently routed is forgotten beyond
+that), each with at most its capacity of hashes.
+
+Invariant: each endpoint's holdings are prefix-closed (if hash i is held, so is hash i-1).
+`insert` refreshes a request's hashes from the last block to the first, so a parent is
+always more recent than its child and the LRU evicts a chain from its tail, as vLLM frees
+a finished request's blocks tail first. Hence "consecutive blocks matched from the start"
+is the number of the request's hashes an endpoint holds, and `match` finds it by binary
+search: O(log n) lookups per endpoint that holds the first block, none for the others.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
+from functools import reduce
+from itertools import compress, islice, repeat
+from operator import and_, not_, or_
+from struct import Struct
+
+from xxhash import xxh64_intdigest
+
+_drain = deque(maxlen=0).extend  # run an iterator for its side effects, in C
+
+# Rough bytes per index entry (LRU node + table slot + the int keys and masks), for stats.
+_ENTRY_BYTES = 200
+
+
+class ChainHasher:
+    """Chained xxh64 over fixed blocks of a byte string, reusing recent work.
+
+    `hashes(data, seed)` returns [h_0, ..., h_{n-1}] with h_i = xxh64(block_i, h_{i-1}) and
+    h_{-1} = seed, n = min(len(data) // block_bytes, max_blocks). The last `recent` prompts
+    are remembered by their first block: a prompt starting like one of them reuses the
+    hashes of the byte-identical prefix (found by binary search on bytes comparisons,
+    which run at memcmp speed) and hashes only the rest. The returned list is shared with
+    the cache: callers must not mutate it.
+    """
+
+    __slots__ = ("_recent", "_split", "block_bytes", "max_blocks", "recent")
+
+    def __init__(self, block_bytes: int, max_blocks: int | None = None, recent: int = 64) -> None:
+        if block_bytes < 1:
+            raise ValueError("block_bytes must be >= 1")
+        self.block_bytes = block_bytes
+        self.max_blocks = max_blocks
+        self.recent = recent
+        self._recent: dict[bytes, tuple[int, bytes, list[int]]] = {}
+        self._split = Struct(f"{block_bytes}s").iter_unpack
+
+    def hashes(self, data: bytes, seed: int) -> list[int]:
+        bb = self.block_bytes
+        n = len(data) // bb
+        if self.max_blocks is not None and n > self.max_blocks:
+            n = self.max_blocks
+        if n == 0:
+            return []
+        head = data[:bb]
+        recent = self._recent
+        prev = recent.pop(head, None)
+        out: list[int]
+        if prev is not None and prev[0] == seed:
+            pdata, phashes = prev[1], prev[2]
+            hi = min(n, len(phashes))
+            if hi == n and len(phashes) == n and data[: n * bb] == pdata[: n * bb]:
+                out = phashes  # the same prompt prefix again: nothing to hash
+                recent[head] = prev
+                return out
+            # Largest c in [1, hi] with equal first c blocks; block 0 is equal (same head).
+            lo = 1
+            if data[: hi * bb] == pdata[: hi * bb]:
+                lo = hi
+            else:
+                top = hi - 1  # block hi-1 differs somewhere in [lo*bb, hi*bb)
+                while lo < top:
+                    mid = (lo + top + 1) >> 1
+                    if data[: mid * bb] == pdata[: mid * bb]:
+                        lo = mid
+                    else:
+                        top = mid - 1
+            out = phashes[:lo]
+        else:
+            out = []
+        if len(out) < n:
+            _extend(out, self._split(memoryview(data)[len(out) * bb : n * bb]), seed)
+        if prev is None and len(recent) >= self.recent:
+            del recent[next(iter(recent))]  # oldest first: dicts keep insertion order
+        recent[head] = (seed, data, out)
+        return out
+
+
+def _extend(out: list[int], blocks: Iterator[tuple[bytes]], seed: int) -> None:
+    """Append the chain over `blocks` to `out`, continuing from its last hash (or `seed`)."""
+    h = out[-1] if out else seed
+    append = out.append
+    # struct.iter_unpack cuts the blocks in C: faster than slicing a memoryview per block.
+    for (block,) in blocks:
+        h = xxh64_intdigest(block, h)
+        append(h)
+
+
+def chain_hashes(data: bytes, block_bytes: int, seed: int) -> list[int]:
+    """The plain chain (no reuse, no limit): h_i = xxh64(block_i, seed=h_{i-1})."""
+    out: list[int] = []
+    end = len(data) // block_bytes * block_bytes
+    if end:
+        _extend(out, Struct(f"{block_bytes}s").iter_unpack(memoryview(data)[:end]), seed)
+    return out
+
+
+class EndpointBits:
+    """Assigns each endpoint name one bit, so a set of endpoints is a Python int.
+
+    Intersections are then single `&` operations, whatever the number of endpoints.
+    """
+
+    __slots__ = ("_bit", "_free", "_name")
+
+    def __init__(self) -> None:
+        self._bit: dict[str, int] = {}
+        self._name: dict[int, str] = {}
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._bit)
+
+    def get(self, name: str) -> int:
+        """The endpoint's bit, or 0 if it has none."""
+        return self._bit.get(name, 0)
+
+    def bit(self, name: str) -> int:
+        b = self._bit.get(name)
+        if b is None:
+            b = 1 << (self._free.pop() if self._free else len(self._bit))
+            self._bit[name] = b
+            self._name[b] = name
+        return b
+
+    def release(self, name: str) -> int:
+        b = self._bit.pop(name, 0)
+        if b:
+            del self._name[b]
+            self._free.append(b.bit_length() - 1)
+        return b
+
+    def mask(self, names: Iterable[str]) -> int:
+        return reduce(or_, map(self._bit.get, names, repeat(0)), 0)
+
+    def names(self, mask: int) -> list[str]:
+        out = []
+        name = self._name
+        while mask:
+            low = mask & -mask
+            out.append(name[low])
+            mask ^= low
+        return out
+
+    def name_of(self, bit: int) -> str:
+        return self._name[bit]
+
+
+class PrefixIndex:
+    """hash -> endpoints holding it, with one bounded LRU of hashes per endpoint."""
+
+    __slots__ = ("_bits", "_lrus", "_table", "max_endpoints")
+
+    def __init__(self, max_endpoints: int = 1024) -> None:
+        self.max_endpoints = max_endpoints
+        self._table: dict[int, int] = {}
+        self._bits = EndpointBits()
+        # Endpoint LRUs, themselves in least-recently-routed order (for max_endpoints).
+        self._lrus: OrderedDict[str, OrderedDict[int, None]] = OrderedDict()
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Consecutive blocks from the start each endpoint holds; endpoints with 0 omitted."""
+        if not hashes:
+            return {}
+        get = self._table.get
+        first = get(hashes[0], 0)
+        if not first:
+            return {}
+        n = len(hashes)
+        last = get(hashes[-1], 0)
+        out: dict[str, int] = {}
+        name_of = self._bits.name_of
+        m = first
+        while m:
+            bit = m & -m
+            m ^= bit
+            if last & bit:
+                out[name_of(bit)] = n
+                continue
+            lo, hi = 1, n - 1  # hashes[lo-1] held, hashes[hi] not (prefix-closed)
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if get(hashes[mid], 0) & bit:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[name_of(bit)] = lo
+        return out
+
+    def matched(self, name: str, hashes: Sequence[int]) -> int:
+        """Consecutive blocks from the start that `name` holds."""
+        lru = self._lrus.get(name)
+        if lru is None or not hashes or hashes[0] not in lru:
+            return 0
+        if hashes[-1] in lru:
+            return len(hashes)
+        lo, hi = 1, len(hashes) - 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if hashes[mid] in lru:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def insert(self, name: str, hashes: Sequence[int], capacity: int) -> None:
+        """Record that `name` now holds `hashes` (a chain from the start), LRU-bounded."""
+        lrus = self._lrus
+        lru = lrus.get(name)
+        if lru is None:
+            if len(lrus) >= self.max_endpoints:
+                self.forget(next(iter(lrus)))
+            lru = lrus[name] = OrderedDict()
+        else:
+            lrus.move_to_end(name)
+        if not hashes:
+            return
+        bit = self._bits.bit(name)
+        table = self._table
+        k = self.matched(name, hashes)
+        if k < len(hashes):
+            # Prefix-closed: blocks k.. are all new here. Insert tail first (C loops).
+            new = hashes[k:]
+            lru.update(zip(reversed(new), repeat(None)))
+            masks = map(or_, map(table.get, new, repeat(0)), repeat(bit))
+            table.update(zip(new, masks, strict=True))
+        if k:
+            _drain(map(lru.move_to_end, reversed(hashes[:k])))
+        excess = len(lru) - max(capacity, 1)
+        if excess > 0:
+            self._evict(lru, bit, excess)
+
+    def _evict(self, lru: OrderedDict[int, None], bit: int, count: int) -> None:
+        """Drop the `count` least recently used hashes of one endpoint (C-level loops)."""
+        table = self._table
+        old = list(islice(lru, count))
+        _drain(map(lru.__delitem__, old))
+        table.update(zip(old, map(and_, map(table.__getitem__, old), repeat(~bit)), strict=True))
+        _drain(map(table.__delitem__, compress(old, map(not_, map(table.__getitem__, old)))))
+
+    def forget(self, name: str) -> None:
+        """Drop everything known about an endpoint (removed, restarted, cache reset)."""
+        lru = self._lrus.pop(name, None)
+        bit = self._bits.release(name)
+        if lru is not None and bit:
+            self._evict(lru, bit, len(lru))
+
+    def holders(self, h: int) -> list[str]:
+        return self._bits.names(self._table.get(h, 0))
+
+    def size(self, name: str) -> int:
+        lru = self._lrus.get(name)
+        return 0 if lru is None else len(lru)
+
+    def stats(self) -> dict[str, int]:
+        entries = sum(len(lru) for lru in self._lrus.values())
+        return {
+            "endpoints": len(self._lrus),
+            "entries": entries,
+            "hashes": len(self._table),
+            "approx_bytes": entries * _ENTRY_BYTES,
+        }

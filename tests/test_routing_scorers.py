@@ -1,0 +1,461 @@
+"""Each scorer and filter on hand-built endpoint states, built through the registry as from YAML."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.pipeline import Router, WeightedScorer
+from lbproxy.routing.plugins.max_score import MaxScorePicker
+from lbproxy.routing.precise_index import PreciseIndex
+from lbproxy.routing.registry import lookup
+from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext
+
+NOW = 100.0
+STALE = "stale"  # metrics older than metrics_max_age
+NONE = "none"  # never scraped
+
+
+def bctx(**kw: Any) -> BuildContext:
+    return BuildContext(pool="p", model=kw.pop("model", "m"), metrics_max_age=2.0, **kw)
+
+
+def ep(
+    name: str,
+    waiting: float | str | None = 0.0,
+    kv: float | None = 0.0,
+    *,
+    in_flight: int = 0,
+    **kw: Any,
+) -> Endpoint:
+    e = Endpoint(name=name, url=f"http://{name}", in_flight=in_flight, **kw)
+    if waiting == NONE:
+        return e
+    age = 10.0 if waiting == STALE else 0.5
+    e.metrics = MetricsSnapshot(
+        time=NOW - age,
+        num_waiting=None if isinstance(waiting, str) else waiting,
+        kv_cache_usage=kv,
+    )
+    return e
+
+
+def build(kind: str, type_: str, **params: Any) -> Any:
+    b = params.pop("_bctx", None) or bctx()
+    return lookup(type_, kind).build(params, b)  # type: ignore[arg-type]
+
+
+def ctx(prompt: bytes | str = b"", **kw: Any) -> RequestContext:
+    raw = prompt.encode() if isinstance(prompt, str) else prompt
+    return RequestContext(model=kw.pop("model", "m"), raw_prompt=raw, **kw)
+
+
+# ---- queue -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("waiting", "stale_as", "expected"),
+    [
+        ([0, 5, 10], "worst", [1.0, 0.5, 0.0]),
+        ([3, 3], "worst", [1.0, 1.0]),
+        ([7], "worst", [1.0]),
+        ([0, STALE, 10], "worst", [1.0, 0.0, 0.0]),
+        ([0, STALE, 10], "neutral", [1.0, 0.5, 0.0]),
+        ([0, NONE, 10], "worst", [1.0, 0.0, 0.0]),
+        ([2, None, 4], "neutral", [1.0, 0.5, 0.0]),  # fresh snapshot without the metric
+        ([STALE, NONE], "worst", [0.0, 0.0]),
+        ([STALE, NONE], "neutral", [0.5, 0.5]),
+        ([4, STALE], "worst", [1.0, 0.0]),
+    ],
+)
+def test_queue_scorer(waiting: list[Any], stale_as: str, expected: list[float]) -> None:
+    scorer = build("scorer", "queue", stale_as=stale_as)
+    eps = [ep(f"e{i}", w) for i, w in enumerate(waiting)]
+    assert scorer.score(ctx(), eps, NOW) == pytest.approx(expected)
+
+
+def test_queue_scorer_defaults_to_worst() -> None:
+    scorer = build("scorer", "queue")
+    assert scorer.score(ctx(), [ep("a", 1), ep("b", STALE)], NOW) == [1.0, 0.0]
+
+
+# ---- kv-cache-util -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("states", "stale_as", "expected"),
+    [
+        ([(0, 0.2), (0, 0.9)], "worst", [0.8, 0.1]),
+        ([(0, 0.0), (0, 1.0)], "worst", [1.0, 0.0]),
+        ([(0, 0.5), (STALE, 0.1)], "worst", [0.5, 0.0]),
+        ([(0, 0.5), (STALE, 0.1)], "neutral", [0.5, 0.5]),
+        ([(0, None), (NONE, None)], "worst", [0.0, 0.0]),
+        ([(0, None)], "neutral", [0.5]),
+    ],
+)
+def test_kv_cache_util_scorer(
+    states: list[tuple[Any, float | None]], stale_as: str, expected: list[float]
+) -> None:
+    scorer = build("scorer", "kv-cache-util", stale_as=stale_as)
+    eps = [ep(f"e{i}", w, kv) for i, (w, kv) in enumerate(states)]
+    assert scorer.score(ctx(), eps, NOW) == pytest.approx(expected)
+
+
+# ---- saturation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "state", "kept"),
+    [
+        ({}, {"waiting": 5, "kv": 0.8}, True),  # thresholds are "greater than"
+        ({}, {"waiting": 6, "kv": 0.1}, False),
+        ({}, {"waiting": 0, "kv": 0.81}, False),
+        ({}, {"waiting": STALE}, False),
+        ({}, {"waiting": NONE}, False),
+        ({"stale_as": "available"}, {"waiting": STALE}, True),
+        ({"stale_as": "available"}, {"waiting": NONE}, True),
+        ({}, {"waiting": None, "kv": 0.1}, False),  # metric not reported: unknown
+        ({"stale_as": "available"}, {"waiting": None, "kv": 0.1}, True),
+        ({"stale_as": "available"}, {"waiting": None, "kv": 0.9}, False),
+        ({"stale_as": "available"}, {"waiting": 9, "kv": None}, False),
+        ({"queue_depth": 0}, {"waiting": 1}, False),
+        ({"kv_cache_util": 0.95}, {"kv": 0.9}, True),
+        ({"max_in_flight": 3}, {"in_flight": 3}, True),
+        ({"max_in_flight": 3}, {"in_flight": 4}, False),
+        ({"max_in_flight": 3, "stale_as": "available"}, {"waiting": NONE, "in_flight": 4}, False),
+    ],
+)
+def test_saturation_filter(params: dict[str, Any], state: dict[str, Any], kept: bool) -> None:
+    f = build("filter", "saturation", **params)
+    e = ep("a", **state)
+    assert f.filter(ctx(), [e], NOW) == ([e] if kept else [])
+
+
+def test_saturation_filter_keeps_order_and_unsaturated_endpoints() -> None:
+    f = build("filter", "saturation")
+    a, b, c = ep("a", 0), ep("b", 9), ep("c", 1)
+    assert f.filter(ctx(), [a, b, c], NOW) == [a, c]
+
+
+def test_pipeline_keeps_all_when_saturation_would_drop_all() -> None:
+    router = Router(
+        [build("filter", "saturation")],
+        [WeightedScorer(build("scorer", "queue"), 1.0)],
+        MaxScorePicker(),
+        seed=1,
+    )
+    eps = [ep("a", 10), ep("b", 8)]
+    decision = router.route(ctx(), eps, NOW)
+    assert decision is not None
+    assert decision.endpoint.name == "b"
+    assert "saturation would drop all" in decision.reason
+
+
+# ---- session-affinity ------------------------------------------------------------------------
+
+
+def test_session_affinity_learns_and_sticks() -> None:
+    scorer = build("scorer", "session-affinity")
+    a, b, c = ep("a"), ep("b"), ep("c")
+    first = ctx(session_key="s1")
+    assert scorer.score(first, [a, b, c], NOW) == [0.0, 0.0, 0.0]
+    scorer.on_routed(first, b, NOW)
+    assert scorer.score(ctx(session_key="s1"), [a, b, c], NOW) == [0.0, 1.0, 0.0]
+    assert scorer.score(ctx(session_key="s2"), [a, b, c], NOW) == [0.0, 0.0, 0.0]
+    assert scorer.score(ctx(), [a, b, c], NOW) == [0.0, 0.0, 0.0]  # no session key
+
+
+def test_session_affinity_follows_a_failover() -> None:
+    scorer = build("scorer", "session-affinity")
+    a, b = ep("a"), ep("b")
+    scorer.on_routed(ctx(session_key="s"), a, NOW)
+    assert scorer.score(ctx(session_key="s"), [b], NOW) == [0.0]  # a is not a candidate
+    scorer.on_routed(ctx(session_key="s"), b, NOW)
+    assert scorer.score(ctx(session_key="s"), [a, b], NOW) == [0.0, 1.0]
+
+
+def test_session_affinity_lru_is_bounded() -> None:
+    scorer = build("scorer", "session-affinity", max_sessions=2)
+    a = ep("a")
+    for key in ("s1", "s2", "s1", "s3"):  # s1 refreshed, so s2 is the oldest
+        scorer.on_routed(ctx(session_key=key), a, NOW)
+    assert len(scorer) == 2
+    assert scorer.endpoint_of("s2") is None
+    assert scorer.endpoint_of("s1") == scorer.endpoint_of("s3") == "a"
+
+
+def test_session_affinity_end_to_end_beats_load() -> None:
+    router = Router(
+        [],
+        [
+            WeightedScorer(build("scorer", "session-affinity"), 10.0),
+            WeightedScorer(build("scorer", "least-request"), 1.0),
+        ],
+        MaxScorePicker(),
+        seed=3,
+    )
+    eps = [ep("a"), ep("b"), ep("c")]
+    chosen = router.route(ctx(session_key="s"), eps, NOW)
+    assert chosen is not None
+    chosen.endpoint.in_flight = 50
+    for _ in range(5):
+        d = router.route(ctx(session_key="s"), eps, NOW)
+        assert d is not None and d.endpoint is chosen.endpoint
+
+
+# ---- prefix-hash -------------------------------------------------------------------------------
+
+BLOCK = 64  # default block_size 16 tokens x 4 bytes
+PROMPT = bytes(range(256)) * 3  # 12 blocks
+
+
+def test_prefix_hash_full_partial_and_no_match() -> None:
+    scorer = build("scorer", "prefix-hash")
+    a, b = ep("a"), ep("b")
+    first = ctx(PROMPT)
+    assert scorer.score(first, [a, b], NOW) == [0.0, 0.0]
+    scorer.on_routed(first, a, NOW)
+    assert scorer.score(ctx(PROMPT), [a, b], NOW) == [1.0, 0.0]
+    half = PROMPT[: 6 * BLOCK] + b"x" * (6 * BLOCK)
+    assert scorer.score(ctx(half), [a, b], NOW) == [0.5, 0.0]
+    longer = PROMPT + b"y" * (4 * BLOCK)  # 16 blocks, 12 known
+    assert scorer.score(ctx(longer), [a, b], NOW) == [0.75, 0.0]
+    assert scorer.score(ctx(b"z" + PROMPT), [a, b], NOW) == [0.0, 0.0]
+
+
+def test_prefix_hash_prompts_shorter_than_a_block_score_zero() -> None:
+    scorer = build("scorer", "prefix-hash")
+    a = ep("a")
+    short = ctx(b"x" * (BLOCK - 1))
+    scorer.on_routed(short, a, NOW)
+    assert scorer.score(ctx(b"x" * (BLOCK - 1)), [a], NOW) == [0.0]
+    assert scorer.index.stats()["entries"] == 0
+
+
+def test_prefix_hash_uses_chat_bodies_through_prompt_bytes() -> None:
+    scorer = build("scorer", "prefix-hash")
+    a, b = ep("a"), ep("b")
+    system = {"role": "system", "content": "You are terse. " * 40}
+
+    def chat(question: str) -> RequestContext:
+        body = {"model": "m", "messages": [system, {"role": "user", "content": question}]}
+        return RequestContext(model="m", body=body)
+
+    scorer.on_routed(chat("first question " * 10), b, NOW)
+    scores = scorer.score(chat("another question " * 10), [a, b], NOW)
+    assert scores[0] == 0.0
+    assert scores[1] == 9 / 12  # 600 bytes of system prompt: 9 of the 12 blocks
+
+
+def test_prefix_hash_is_seeded_with_the_model() -> None:
+    pooled = build("scorer", "prefix-hash")  # pool model "m" wins over the request's
+    unpooled = build("scorer", "prefix-hash", _bctx=bctx(model=""))
+    a = ep("a")
+    for scorer, other_model_score in ((pooled, 1.0), (unpooled, 0.0)):
+        scorer.on_routed(ctx(PROMPT, model="m"), a, NOW)
+        assert scorer.score(ctx(PROMPT, model="m"), [a], NOW) == [1.0]
+        assert scorer.score(ctx(PROMPT, model="other"), [a], NOW) == [other_model_score]
+
+
+@pytest.mark.parametrize(
+    ("params", "endpoint", "expected"),
+    [
+        ({}, {}, 31_250),
+        ({"lru_capacity": 100}, {}, 100),
+        ({}, {"num_gpu_blocks": 5000, "block_size": 16}, 5000),
+        ({}, {"num_gpu_blocks": 5000, "block_size": 128}, 40_000),  # CPU build: 128-token blocks
+        ({"block_size": 32}, {"num_gpu_blocks": 5000, "block_size": 16}, 2500),
+        ({}, {"num_gpu_blocks": 5000}, 5000),  # block size unknown: assume ours
+        ({"max_lru_capacity": 1000}, {"num_gpu_blocks": 5000, "block_size": 16}, 1000),
+    ],
+)
+def test_prefix_hash_capacity(
+    params: dict[str, Any], endpoint: dict[str, Any], expected: int
+) -> None:
+    scorer = build("scorer", "prefix-hash", **params)
+    assert scorer.capacity(ep("a", **endpoint)) == expected
+
+
+def test_prefix_hash_capacity_from_the_metrics_snapshot() -> None:
+    scorer = build("scorer", "prefix-hash")
+    e = ep("a")
+    assert e.metrics is not None
+    e.metrics.num_gpu_blocks, e.metrics.block_size = 640, 32
+    assert scorer.capacity(e) == 1280
+
+
+def test_prefix_hash_memory_follows_lru_capacity() -> None:
+    scorer = build("scorer", "prefix-hash", lru_capacity=50, max_blocks=8)
+    a = ep("a")
+    for i in range(40):
+        scorer.on_routed(ctx(i.to_bytes(2, "big") * 400), a, NOW)
+    assert scorer.index.stats()["entries"] == 50
+
+
+@pytest.mark.parametrize(
+    ("loads", "params", "expected"),
+    [
+        ([0, 0, 0], {}, [1.0, 0.0, 0.0]),
+        ([32, 0, 0], {}, [1.0, 0.0, 0.0]),  # 32 more than the least busy: not over the margin
+        ([33, 0, 0], {}, [0.0, 0.1, 0.1]),  # hot: discounted, then the spread of unmatched
+        ([50, 10, 12], {}, [0.0, 0.1, 0.1 * 38 / 40]),  # 50 > max(10 + 32, 10 * 2)
+        ([40, 10, 12], {}, [1.0, 0.0, 0.0]),
+        ([150, 70, 80], {}, [0.0, 0.1, 0.1 * 70 / 80]),  # 150 > max(70 + 32, 70 * 2)
+        ([130, 70, 80], {}, [1.0, 0.0, 0.0]),  # far apart, but not twice as busy
+        ([33, 0, 0], {"hotspot_discount": 0.5}, [0.5, 0.0, 0.0]),
+        ([33, 0, 0], {"hotspot_margin": 40}, [1.0, 0.0, 0.0]),
+        ([33, 0, 0], {"hotspot_discount": 1.0}, [1.0, 0.0, 0.0]),
+        ([33, 0, 0], {"spread_unmatched": 0}, [0.0, 0.0, 0.0]),
+        ([33], {}, [1.0]),  # a single candidate is never hot
+    ],
+)
+def test_prefix_hash_hotspot_rule(
+    loads: list[int], params: dict[str, Any], expected: list[float]
+) -> None:
+    scorer = build("scorer", "prefix-hash", **params)
+    eps = [ep(f"e{i}", in_flight=n) for i, n in enumerate(loads)]
+    scorer.on_routed(ctx(PROMPT), eps[0], NOW)
+    assert scorer.score(ctx(PROMPT), eps, NOW) == pytest.approx(expected)
+
+
+def test_prefix_hash_hotspot_discounts_every_hot_holder() -> None:
+    scorer = build("scorer", "prefix-hash")
+    a, b, c = ep("a", in_flight=40), ep("b", in_flight=2), ep("c", in_flight=36)
+    for e in (a, b, c):
+        scorer.on_routed(ctx(PROMPT), e, NOW)
+    assert scorer.score(ctx(PROMPT), [a, b, c], NOW) == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("loads", "expected"),
+    [
+        ([0, 0, 0], [0.0, 0.0, 0.0]),
+        ([4, 0, 2], [0.0, 0.1, 0.05]),
+        ([1, 3], [0.1, 0.0]),
+    ],
+)
+def test_prefix_hash_spreads_unmatched_requests_by_load(
+    loads: list[int], expected: list[float]
+) -> None:
+    scorer = build("scorer", "prefix-hash")
+    eps = [ep(f"e{i}", in_flight=n) for i, n in enumerate(loads)]
+    assert scorer.score(ctx(PROMPT), eps, NOW) == pytest.approx(expected)
+    assert scorer.score(ctx(b"short"), eps, NOW) == pytest.approx(expected)
+
+
+# ---- precise-prefix ----------------------------------------------------------------------------
+
+TOKENS = list(range(1000, 1064))  # 4 blocks of 16
+
+
+class Stored:
+    """A BlockStored as the decoder produces it (matched by class name)."""
+
+    def __init__(self, hashes: list[int], parent: int | None, tokens: list[int], bs: int) -> None:
+        self.block_hashes, self.parent_block_hash = hashes, parent
+        self.token_ids, self.block_size = tokens, bs
+
+
+Stored.__name__ = "BlockStored"
+
+
+def tctx(tokens: list[int] | None, **kw: Any) -> RequestContext:
+    tokenize = None if tokens is None else (lambda c: list(tokens))
+    return RequestContext(model="m", _tokenize=tokenize, **kw)
+
+
+def precise(**params: Any) -> tuple[Any, PreciseIndex]:
+    b = params.pop("_bctx", None) or bctx()
+    scorer = build("scorer", "precise-prefix", _bctx=b, **params)
+    return scorer, b.shared["precise_index"]
+
+
+def test_precise_prefix_scores_blocks_announced_by_events() -> None:
+    scorer, index = precise()
+    a, b, c = ep("a"), ep("b"), ep("c")
+    index.apply_events("a", [Stored([1, 2, 3, 4], None, TOKENS, 16)])
+    index.apply_events("b", [Stored([7], None, TOKENS[:16], 16)])
+    assert scorer.score(tctx(TOKENS), [a, b, c], NOW) == [1.0, 0.25, 0.0]
+    longer = TOKENS + list(range(64)) + [5]  # 8 full blocks
+    assert scorer.score(tctx(longer), [a, b, c], NOW) == [0.5, 0.125, 0.0]
+    assert scorer.score(tctx(list(range(64))), [a, b, c], NOW) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("tokens", [None, [], list(range(15))])
+def test_precise_prefix_without_tokens_or_full_blocks_scores_zero(tokens: list[int] | None) -> None:
+    scorer, index = precise()
+    index.apply_events("a", [Stored([1], None, list(range(16)), 16)])
+    assert scorer.score(tctx(tokens), [ep("a"), ep("b")], NOW) == [0.0, 0.0]
+
+
+def test_precise_prefix_shares_one_index_per_build_context() -> None:
+    b = bctx()
+    first, index = precise(_bctx=b)
+    second, again = precise(_bctx=b)
+    assert index is again is first.index is second.index
+    pre = PreciseIndex()
+    third, given = precise(_bctx=bctx(shared={"precise_index": pre}))
+    assert given is pre is third.index
+
+
+def test_precise_prefix_uses_each_endpoints_block_size() -> None:
+    scorer, index = precise(block_size=8)
+    a = ep("a")  # block size from its events: 32
+    b = ep("b", block_size=16)  # from its geometry
+    c = ep("c")  # the parameter: 8
+    index.apply_events("a", [Stored([1, 2], None, TOKENS, 32)])
+    index.apply_events("b", [Stored([1, 2], None, TOKENS[:32], 16)])
+    index.apply_events("c", [Stored([1], None, TOKENS[:8], 8)])
+    assert scorer.block_size_of(a) == 32
+    assert scorer.block_size_of(b) == 16
+    assert scorer.block_size_of(c) == 8
+    assert scorer.score(tctx(TOKENS), [a, b, c], NOW) == [1.0, 0.5, 0.125]
+
+
+def test_precise_prefix_max_blocks_limits_the_request() -> None:
+    scorer, index = precise(max_blocks=2)
+    index.apply_events("a", [Stored([1], None, TOKENS[:16], 16)])
+    assert scorer.score(tctx(TOKENS), [ep("a")], NOW) == [0.5]
+
+
+def test_precise_prefix_speculates_until_the_ttl() -> None:
+    scorer, _ = precise(speculative_ttl=2.0)
+    a, b = ep("a"), ep("b")
+    first = tctx(TOKENS)
+    scorer.score(first, [a, b], NOW)
+    scorer.on_routed(first, b, NOW)
+    assert scorer.score(tctx(TOKENS), [a, b], NOW + 1.0) == [0.0, 1.0]
+    assert scorer.score(tctx(TOKENS), [a, b], NOW + 2.5) == [0.0, 0.0]
+
+
+def test_precise_prefix_speculation_can_be_disabled() -> None:
+    scorer, index = precise(speculative_ttl=0)
+    first = tctx(TOKENS)
+    scorer.on_routed(first, ep("b"), NOW)
+    assert index.stats()["speculative"] == 0
+
+
+def test_precise_prefix_hotspot_rule() -> None:
+    scorer, index = precise()
+    a, b = ep("a", in_flight=40), ep("b", in_flight=1)
+    index.apply_events("a", [Stored([1, 2, 3, 4], None, TOKENS, 16)])
+    assert scorer.score(tctx(TOKENS), [a, b], NOW) == [0.0, 0.1]  # hot, then spread
+    a.in_flight = 10
+    assert scorer.score(tctx(TOKENS), [a, b], NOW) == [1.0, 0.0]
+    assert scorer.score(tctx(list(range(64))), [a, b], NOW) == [0.0, 0.1]  # no match
+
+
+def test_precise_prefix_tokenizes_once_per_request() -> None:
+    scorer, _ = precise()
+    calls = []
+
+    def tokenize(c: RequestContext) -> list[int]:
+        calls.append(1)
+        return TOKENS
+
+    request = RequestContext(model="m", _tokenize=tokenize)
+    scorer.score(request, [ep("a", block_size=16), ep("b", block_size=32)], NOW)
+    scorer.on_routed(request, ep("a"), NOW)
+    assert len(calls) == 1

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.registry import PluginError
+from lbproxy.tokenization import Tokenizer
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,9 @@ class KVEvents(_Strict):
     topic: str = ""
     replay_endpoint: str | None = None
     host: str | None = None
+    # auto: vLLM's rule above; connect: the publisher binds `endpoint`, lbproxy connects to
+    # it as written; bind: the publisher connects, lbproxy binds `endpoint`.
+    mode: Literal["auto", "connect", "bind"] = "auto"
 
     @field_validator("endpoint", "replay_endpoint")
     @classmethod
@@ -73,8 +78,10 @@ class Pool(_Strict):
     name: str = Field(min_length=1)
     models: list[str] | None = None
     routing: str | ProfileSpec = "round-robin"
+    # The model's tokenizer.json (or its directory), for precise-prefix routing; "default"
+    # is the small tokenizer shipped for the simulator.
     tokenizer: str | None = None
-    chat_template: str | None = None
+    chat_template: str | None = None  # a template file; default: next to the tokenizer
     backends: list[Backend] = Field(min_length=1)
 
     @field_validator("routing", mode="before")
@@ -194,9 +201,26 @@ def _check_semantics(cfg: Config, source: str) -> None:
                 )
             seen.add(b.name)
         try:
-            build_router(pool.routing, BuildContext(pool=pool.name), seed=0)
+            tokenizer = load_pool_tokenizer(pool)
+        except Exception as e:  # the tokenizers library raises plain Exception
+            raise ConfigError(f"{source}: pools[{i}].tokenizer: cannot load: {e}") from None
+        bctx = BuildContext(pool=pool.name, tokenizer=tokenizer)
+        try:
+            build_router(pool.routing, bctx, seed=0)
         except PluginError as e:
             raise ConfigError(f"{source}: pools[{i}].routing: {e}") from None
+        if PRECISE_INDEX_KEY in bctx.shared and tokenizer is None:
+            raise ConfigError(
+                f"{source}: pools[{i}].tokenizer: the precise-prefix scorer needs the model's "
+                "tokenizer (a tokenizer.json path, or 'default' for simulated backends)"
+            )
+
+
+def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:
+    if pool.tokenizer is None:
+        return None
+    path = None if pool.tokenizer == "default" else pool.tokenizer
+    return Tokenizer.from_file(path, chat_template=pool.chat_template)
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:

@@ -14,9 +14,11 @@ from aiohttp import web
 from lbproxy.config import Config
 from lbproxy.proxy.errors import error_body
 from lbproxy.proxy.forward import Forwarder, ForwardSettings
+from lbproxy.proxy.kv_feed import build_subscriber
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
+from lbproxy.signals.kv_subscriber import KVEventSubscriber
 from lbproxy.signals.scraper import MetricsScraper
 
 log = logging.getLogger("lbproxy")
@@ -31,6 +33,7 @@ class ProxyState:
     health: HealthChecker | None = None
     discovery: ModelDiscovery | None = None
     scraper: MetricsScraper | None = None
+    kv_subscriber: KVEventSubscriber | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -133,6 +136,9 @@ async def _startup(app: web.Application) -> None:
         session=st.session,
     )
     await st.scraper.start()
+    st.kv_subscriber = build_subscriber(cfg, st.pools)
+    if st.kv_subscriber is not None:
+        await st.kv_subscriber.start()
     st.discovery = ModelDiscovery(
         st.pools, st.session, interval=cfg.discovery.interval, timeout=cfg.discovery.timeout
     )
@@ -143,7 +149,7 @@ async def _startup(app: web.Application) -> None:
 
 async def _cleanup(app: web.Application) -> None:
     st = app[STATE]
-    for task in (st.health, st.discovery, st.scraper):
+    for task in (st.health, st.discovery, st.scraper, st.kv_subscriber):
         if task is not None:
             await task.stop()
     if st.session is not None:

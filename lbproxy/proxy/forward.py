@@ -105,12 +105,25 @@ class Forwarder:
             route=request.path,
             session_key=request.headers.get(s.session_header),
             request_id=request_id,
+            _tokenize=pool.tokenize,
         )
         loop = asyncio.get_running_loop()
         now = loop.time()
         decision = pool.router.route(ctx, pool.endpoints, now)
         if decision is None:
             raise NoBackend(f"no healthy backend in pool '{pool.name}' for model '{model}'")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "route %s model=%s pool=%s profile=%s -> %s totals=%s scores=%s %s",
+                request_id,
+                model,
+                pool.name,
+                pool.router.profile_name,
+                decision.endpoint.name,
+                decision.totals,
+                decision.scores,
+                decision.reason,
+            )
 
         headers = upstream_headers(request.headers, s.request_id_header, request_id)
         url_tail = request.rel_url.raw_path_qs

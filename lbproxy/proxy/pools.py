@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from lbproxy.config import Config, Pool
+from lbproxy.config import Config, Pool, load_pool_tokenizer
+from lbproxy.prompt_tokens import PromptTokenizer
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.profiles import build_router
@@ -12,7 +13,15 @@ from lbproxy.routing.state import Endpoint
 
 
 class PoolRuntime:
-    __slots__ = ("bctx", "configured_models", "discovered_models", "endpoints", "name", "router")
+    __slots__ = (
+        "bctx",
+        "configured_models",
+        "discovered_models",
+        "endpoints",
+        "name",
+        "router",
+        "tokenize",
+    )
 
     def __init__(
         self, spec: Pool, *, metrics_max_age: float = 2.0, seed: int | None = None
@@ -34,6 +43,10 @@ class PoolRuntime:
         self.bctx = BuildContext(
             pool=spec.name, model=(spec.models or [""])[0], metrics_max_age=metrics_max_age
         )
+        tokenizer = load_pool_tokenizer(spec)
+        self.bctx.tokenizer = tokenizer
+        # Token ids are computed only if a precise scorer asks, and cached across requests.
+        self.tokenize = PromptTokenizer(tokenizer) if tokenizer is not None else None
         self.router: Router = build_router(spec.routing, self.bctx, seed=seed)
 
     def models(self) -> set[str]:

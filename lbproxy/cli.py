@@ -10,7 +10,10 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from lbproxy.bench.cli import add_bench_parsers
 from lbproxy.config import ConfigError, load_config
+from lbproxy.demo import add_demo_parser
+from lbproxy.sim.cli import add_sim_parser
 
 
 def run_loop(coro: Coroutine[Any, Any, None], loop: str = "auto") -> None:
@@ -32,7 +35,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(serve_forever(cfg, host=args.host, port=args.port), args.loop)
+        run_loop(
+            serve_forever(cfg, host=args.host, port=args.port, config_path=args.config),
+            args.loop,
+        )
     return 0
 
 
@@ -71,12 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=_cmd_check_config)
 
-    try:
-        from lbproxy.sim.cli import add_sim_parser
-    except ImportError:  # the simulator is optional at import time only while building
-        pass
-    else:
-        add_sim_parser(sub)
+    add_demo_parser(sub)
+    add_sim_parser(sub)
+    add_bench_parsers(sub)
     return parser
 
 

@@ -1,0 +1,447 @@
+"""`lbproxy bench` (live load generator) and `lbproxy simulate` (offline fleet simulator).
+
+    lbproxy bench --target http://127.0.0.1:8080 --workload shared-prefix \\
+        --rates 5,10,25,50,85 --duration 60 --label cache-aware --out runs/ca
+    lbproxy bench --compare runs/rr runs/ca --out runs/compare
+    lbproxy simulate --fleet configs/fleets/abc-20.yaml --workload shared-prefix \\
+        --profiles round-robin,cache-aware --rates 5,10,25,50,85 --out runs/sim
+
+Both write results.json (schema in `lbproxy.bench.report`), results.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lbproxy.bench import report
+from lbproxy.bench.workloads import APIS, WORKLOAD_PARAMS, WORKLOADS, Workload, make_workload
+from lbproxy.tokenization import Tokenizer, default_tokenizer
+
+_PARAM_HELP = {
+    "num_groups": "shared-prefix: system prompts (default 150)",
+    "num_prompts_per_group": "shared-prefix: questions per system prompt (default 5)",
+    "system_prompt_len": "shared-prefix / multi-turn: system prompt tokens (6000 / 1000)",
+    "question_len": "shared-prefix / multi-turn: question tokens (1200 / 200)",
+    "output_len": "tokens out per request, exact (ignore_eos) (default 1000; multi-turn 200)",
+    "num_prompts": "diverse-prefix: distinct prompts (default 1000)",
+    "prompt_len": "diverse-prefix: prompt tokens (default 7200)",
+    "num_conversations": "multi-turn: conversations (default 64)",
+    "turns": "multi-turn: turns per conversation (default 6)",
+}
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"rates must be numbers, e.g. 5,10,25; got {text!r}"
+        ) from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers, got {text!r}")
+    return rates
+
+
+def _positive(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=list(WORKLOADS), default="shared-prefix")
+    g.add_argument(
+        "--api",
+        choices=APIS,
+        default=None,
+        help="completions or chat (default: completions; multi-turn: chat)",
+    )
+    names = sorted({n for ps in WORKLOAD_PARAMS.values() for n in ps})
+    for name in names:
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=None,
+            dest=name,
+            help=_PARAM_HELP.get(name),
+        )
+    g.add_argument(
+        "--prompt-format",
+        choices=("text", "ids"),
+        default="text",
+        help="completions prompts as text (default) or as token ids",
+    )
+    g.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json (default: the fleet's, else the shipped one)",
+    )
+
+
+def _add_ladder_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("load")
+    g.add_argument(
+        "--rates",
+        type=_rates,
+        required=required,
+        help="comma-separated requests/s, one step each, e.g. 5,10,25,50,85",
+    )
+    g.add_argument(
+        "--duration", type=_positive, default=60.0, help="seconds of arrivals per step (default 60)"
+    )
+    g.add_argument(
+        "--drain",
+        type=float,
+        default=None,
+        help="seconds after the arrivals before open requests are cut (default: --duration)",
+    )
+    g.add_argument("--max-requests", type=int, default=None, help="cap on requests per step")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+
+
+def add_bench_parsers(subparsers: Any) -> None:
+    """Add the `bench` and `simulate` subcommands (each sets `func`)."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="open-loop load generator against a live target",
+        description="Poisson arrivals per rate step, streaming; writes results.json, "
+        "results.md, throughput.png and ttft.png. With --compare, plots earlier runs together.",
+    )
+    bench.add_argument("--target", help="base URL of the proxy or server")
+    bench.add_argument(
+        "--fleet",
+        help="instead of --target: start this fleet of simulated servers and lbproxy "
+        "(routing --profile) in this process, on ephemeral ports, and bench them",
+    )
+    bench.add_argument(
+        "--speed",
+        type=_positive,
+        default=None,
+        help="with --fleet: engine seconds per wall second (default: the fleet's); "
+        "sets --time-scale",
+    )
+    bench.add_argument(
+        "--stream-interval", type=int, default=None, help="with --fleet: tokens per SSE chunk"
+    )
+    bench.add_argument("--model", help="model name (default: the target's first /v1/models)")
+    bench.add_argument("--label", help="run name in results and plots (default: --profile)")
+    bench.add_argument(
+        "--profile",
+        default=None,
+        help="the target's routing profile, recorded as the run's profile; with --fleet, "
+        "the profile lbproxy routes with (default round-robin)",
+    )
+    bench.add_argument(
+        "--time-scale",
+        type=_positive,
+        default=1.0,
+        help="the target runs this many times faster than real time (a "
+        "simulated fleet's speed); results are in target time",
+    )
+    bench.add_argument("--session-header", default="x-session-id")
+    bench.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="DIR",
+        help="draw the runs of these result directories on the same axes",
+    )
+    _add_workload_args(bench)
+    _add_ladder_args(bench, required=False)
+    bench.set_defaults(func=run_bench)
+
+    sim = subparsers.add_parser(
+        "simulate",
+        help="offline fleet simulator in virtual time",
+        description="Runs the engine model of every backend of a fleet in virtual time and "
+        "routes each arrival with lbproxy's routing code; same outputs as bench.",
+    )
+    sim.add_argument("--fleet", required=True, help="fleet YAML (configs/fleets/*.yaml)")
+    sim.add_argument(
+        "--profiles",
+        default="round-robin,cache-aware",
+        help="comma-separated routing profiles: built-in names, or YAML files "
+        "holding a routing profile or an lbproxy config (first pool)",
+    )
+    sim.add_argument(
+        "--scrape-interval",
+        type=_positive,
+        default=None,
+        help="metrics scrape interval, virtual s (default: the proxy's)",
+    )
+    sim.add_argument(
+        "--metrics-max-age",
+        type=_positive,
+        default=None,
+        help="staleness limit of metrics (default: the proxy's)",
+    )
+    sim.add_argument(
+        "--kv-event-delay",
+        type=float,
+        default=None,
+        help="KV event delivery delay, virtual s (default 0.002)",
+    )
+    _add_workload_args(sim)
+    _add_ladder_args(sim, required=True)
+    sim.set_defaults(func=run_simulate)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _tokenizer(path: str | None) -> Tokenizer:
+    return Tokenizer.from_file(path) if path else default_tokenizer()
+
+
+def _workload(args: argparse.Namespace, tok: Tokenizer) -> Workload:
+    params: dict[str, Any] = {"seed": args.seed}
+    if args.api is not None:
+        params["api"] = args.api
+    for ps in WORKLOAD_PARAMS.values():
+        for name in ps:
+            v = getattr(args, name, None)
+            if v is not None:
+                params[name] = v
+    return make_workload(args.workload, tok, params, prompt_format=args.prompt_format)
+
+
+class _Progress:
+    """A rich progress bar (stderr): one line per rate step."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def step(self, label: str, rate: float, total: int) -> Callable[[int], None]:
+        bar = self.bar
+        if bar is None:
+            return lambda n: None
+        task = bar.add_task(f"{label} @ {rate:g} req/s", total=total)
+        return lambda n: bar.advance(task, n)
+
+
+def _finish(args: argparse.Namespace, results: report.Results, started: float) -> int:
+    paths = report.write_results(args.out, results, plots=not args.no_plots)
+    if not args.quiet:
+        print(report.markdown(results))
+        print(f"wrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------ bench
+def run_bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.compare:
+        try:
+            results = report.compare(args.compare, args.out)
+        except ValueError as e:
+            return _fail(str(e))
+        if not args.quiet:
+            print(report.markdown(results))
+        return 0
+    if bool(args.target) == bool(args.fleet) or not args.rates:
+        return _fail("bench needs --rates and one of --target or --fleet (or --compare DIR ...)")
+    try:
+        tok = _tokenizer(args.tokenizer)
+        wl = _workload(args, tok)
+        return asyncio.run(_bench(args, wl, started))
+    except ValueError as e:
+        return _fail(str(e))
+
+
+async def _bench(args: argparse.Namespace, wl: Workload, started: float) -> int:
+    if not args.fleet:
+        run, model = await _bench_target(args, wl, args.target, args.time_scale)
+    else:
+        from lbproxy.bench.loadgen import live_fleet
+        from lbproxy.sim.fleet import load_fleet
+
+        fleet = load_fleet(args.fleet)
+        args.profile = args.profile or "round-robin"
+        args.model = args.model or fleet.model
+        speed = args.speed or fleet.backends[0].speed
+        args.time_scale = speed
+        async with live_fleet(
+            fleet,
+            args.profile,
+            speed=speed,
+            stream_interval=args.stream_interval,
+            kv_events="precise" in args.profile,
+        ) as url:
+            run, model = await _bench_target(args, wl, url, speed)
+            run["target"] = f"{args.fleet} via lbproxy"
+    settings = {
+        "rates": args.rates,
+        "duration_s": args.duration,
+        "drain_s": args.duration if args.drain is None else args.drain,
+        "max_requests": args.max_requests,
+        "seed": args.seed,
+        "time_scale": args.time_scale,
+        "model": model,
+    }
+    results = report.new_results("lbproxy bench", wl.describe(), settings, [run])
+    return _finish(args, results, started)
+
+
+async def _bench_target(
+    args: argparse.Namespace, wl: Workload, target: str, time_scale: float
+) -> tuple[report.RunResult, str]:
+    from lbproxy.bench.loadgen import LoadOptions, bench_run, discover_model, new_session
+
+    session = new_session()
+    try:
+        model = args.model or await discover_model(session, target)
+        opts = LoadOptions(
+            target=target,
+            model=model,
+            duration=args.duration,
+            drain=args.drain,
+            time_scale=time_scale,
+            max_requests=args.max_requests,
+            seed=args.seed,
+            session_header=args.session_header,
+        )
+        with _Progress(not args.quiet) as progress:
+            run = await bench_run(
+                wl,
+                args.rates,
+                opts,
+                profile=args.profile or "target",
+                label=args.label,
+                progress=progress.step,
+                session=session,
+            )
+    finally:
+        await session.close()
+    return run, model
+
+
+# ------------------------------------------------------------------------------ simulate
+def load_profile_arg(item: str) -> tuple[str, Any]:
+    """A `--profiles` item: a built-in name, or a YAML file with a routing profile (a
+    mapping of filters/scorers/picker, or an lbproxy config whose first pool's routing
+    is taken). Returns (label, spec)."""
+    path = Path(item)
+    if not item.endswith((".yaml", ".yml")):
+        return item, item
+    from lbproxy.routing.profiles import ProfileSpec
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "pools" in data:
+        data = data["pools"][0].get("routing", "round-robin")
+    elif isinstance(data, dict) and "routing" in data:
+        data = data["routing"]
+    if isinstance(data, str):
+        return data, data
+    return path.stem, ProfileSpec.model_validate(data)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from lbproxy.bench.simulate import SimOptions, simulate_run
+    from lbproxy.sim.fleet import load_fleet
+
+    started = time.perf_counter()
+    try:
+        fleet = load_fleet(args.fleet)
+        tok = _tokenizer(args.tokenizer or fleet.tokenizer)
+        wl = _workload(args, tok)
+        profiles = [load_profile_arg(p.strip()) for p in args.profiles.split(",") if p.strip()]
+        if not profiles:
+            return _fail("--profiles is empty")
+        opts = SimOptions(seed=args.seed)
+        if args.scrape_interval is not None:
+            opts.scrape_interval = args.scrape_interval
+        if args.metrics_max_age is not None:
+            opts.metrics_max_age = args.metrics_max_age
+        if args.kv_event_delay is not None:
+            opts.kv_event_delay = args.kv_event_delay
+        opts.__post_init__()
+        runs = []
+        with _Progress(not args.quiet) as progress:
+            for label, spec in profiles:
+                runs.append(
+                    simulate_run(
+                        fleet,
+                        wl,
+                        spec,
+                        args.rates,
+                        duration=args.duration,
+                        drain=args.drain,
+                        max_requests=args.max_requests,
+                        tokenizer=tok,
+                        options=opts,
+                        label=label,
+                        target=str(args.fleet),
+                        progress=progress.step,
+                    )
+                )
+    except (ValueError, OSError) as e:
+        return _fail(str(e))
+    settings = {
+        "rates": args.rates,
+        "duration_s": args.duration,
+        "drain_s": args.duration if args.drain is None else args.drain,
+        "max_requests": args.max_requests,
+        "seed": args.seed,
+        "fleet": str(args.fleet),
+        "model": fleet.model,
+        "scrape_interval_s": opts.scrape_interval,
+        "metrics_max_age_s": opts.metrics_max_age,
+        "kv_event_delay_s": opts.kv_event_delay,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    results = report.new_results("lbproxy simulate", wl.describe(), settings, runs)
+    return _finish(args, results, started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m lbproxy.bench.cli bench ...`) until lbproxy's CLI
+    wires these subcommands in."""
+    parser = argparse.ArgumentParser(prog="lbproxy")
+    add_bench_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""results.json (a stable, versioned schema), its markdown table and its PNG plots.
+
+Schema, version 1 (scripts may rely on every key below; new keys may be added, none
+removed or renamed without bumping `schema_version`). Times are seconds, in the target's
+time (engine time for a sped-up simulated fleet); a figure with no data is null.
+
+    {
+      "schema_version": 1,
+      "tool": "lbproxy bench" | "lbproxy simulate" | "lbproxy bench --compare",
+      "created": "2026-11-28T15:21:00Z",
+      "workload": {"name": "shared-prefix", "api": "completions", "params": {...}},
+      "settings": {"rates": [...], "duration_s": 60, "drain_s": 60, "seed": 0, ...},
+      "runs": [
+        {"profile": "cache-aware",     # routing profile, or a run label
+         "label": "cache-aware",       # legend text
+         "target": "http://...",       # bench: URL; simulate: fleet file
+         "steps": [StepResult, ...]}
+      ]
+    }
+
+StepResult (see `stats.summarize_step` for how each is computed): rate, duration_s,
+requests, completed, incomplete, errors, elapsed_s, requests_per_s, output_tokens_per_s,
+output_tokens, completed_output_tokens_per_s, prompt_tokens_per_s, prefix_cache_hit_rate,
+ttft_mean_s, ttft_p50_s, ttft_p90_s, ttft_p99_s, itl_mean_s, itl_p50_s, itl_p90_s,
+itl_p99_s, e2e_p50_s, e2e_p90_s, e2e_p99_s; and optionally `backends` (requests per
+backend name).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
+THROUGHPUT_PNG = "throughput.png"
+TTFT_PNG = "ttft.png"
+
+
+class StepResult(TypedDict):
+    rate: float
+    duration_s: float
+    requests: int
+    completed: int
+    incomplete: int
+    errors: int
+    elapsed_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    output_tokens: int
+    completed_output_tokens_per_s: float
+    prompt_tokens_per_s: float
+    prefix_cache_hit_rate: float | None
+    ttft_mean_s: float | None
+    ttft_p50_s: float | None
+    ttft_p90_s: float | None
+    ttft_p99_s: float | None
+    itl_mean_s: float | None
+    itl_p50_s: float | None
+    itl_p90_s: float | None
+    itl_p99_s: float | None
+    e2e_p50_s: float | None
+    e2e_p90_s: float | None
+    e2e_p99_s: float | None
+    backends: NotRequired[dict[str, int]]
+
+
+class RunResult(TypedDict):
+    profile: str
+    label: str
+    target: str
+    steps: list[StepResult]
+
+
+class Results(TypedDict):
+    schema_version: int
+    tool: str
+    created: str
+    workload: dict[str, Any]
+    settings: dict[str, Any]
+    runs: list[RunResult]
+
+
+_STEP_KEYS = tuple(k for k in StepResult.__annotations__ if k != "backends")
+_NUMBER = (int, float)
+
+
+def new_results(
+    tool: str, workload: dict[str, Any], settings: dict[str, Any], runs: list[RunResult]
+) -> Results:
+    created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Results(
+        schema_version=SCHEMA_VERSION,
+        tool=tool,
+        created=created,
+        workload=workload,
+        settings=settings,
+        runs=runs,
+    )
+
+
+def validate_results(data: Any, source: str = "results") -> Results:
+    """Check the structure (keys and types); ValueError names the offending key."""
+
+    def need(cond: bool, where: str, what: str) -> None:
+        if not cond:
+            raise ValueError(f"{source}: {where}: {what}")
+
+    need(isinstance(data, dict), "(top level)", "expected an object")
+    need(
+        data.get("schema_version") == SCHEMA_VERSION,
+        "schema_version",
+        f"expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}",
+    )
+    for key, typ in (
+        ("tool", str),
+        ("created", str),
+        ("workload", dict),
+        ("settings", dict),
+        ("runs", list),
+    ):
+        need(isinstance(data.get(key), typ), key, f"expected {typ.__name__}")
+    for i, run in enumerate(data["runs"]):
+        at = f"runs[{i}]"
+        need(isinstance(run, dict), at, "expected an object")
+        for key in ("profile", "label", "target"):
+            need(isinstance(run.get(key), str), f"{at}.{key}", "expected a string")
+        need(isinstance(run.get("steps"), list), f"{at}.steps", "expected a list")
+        for j, step in enumerate(run["steps"]):
+            sat = f"{at}.steps[{j}]"
+            need(isinstance(step, dict), sat, "expected an object")
+            for key in _STEP_KEYS:
+                need(key in step, f"{sat}.{key}", "missing")
+                v = step[key]
+                need(
+                    v is None or (isinstance(v, _NUMBER) and not isinstance(v, bool)),
+                    f"{sat}.{key}",
+                    f"expected a number or null, got {v!r}",
+                )
+    return data  # type: ignore[return-value]
+
+
+def write_results(out_dir: str | Path, results: Results, *, plots: bool = True) -> list[Path]:
+    """Write results.json, results.md and (with `plots`) the PNGs; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validate_results(results)
+    paths = [out / RESULTS_FILE, out / MARKDOWN_FILE]
+    paths[0].write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(results), encoding="utf-8")
+    if plots:
+        paths += plot(results, out)
+    return paths
+
+
+def load_results(path: str | Path) -> Results:
+    """Read results.json from a file or from a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not JSON ({e})") from None
+    return validate_results(data, str(p))
+
+
+def compare(paths: list[str | Path], out_dir: str | Path) -> Results:
+    """Put the runs of several result directories on the same axes (and in one table)."""
+    if not paths:
+        raise ValueError("--compare needs at least one results directory")
+    loaded = [(Path(p), load_results(p)) for p in paths]
+    runs: list[RunResult] = []
+    seen: set[str] = set()
+    for p, res in loaded:
+        for run in res["runs"]:
+            label = run["label"]
+            if label in seen:
+                label = f"{p.name}: {label}"
+            seen.add(label)
+            runs.append(
+                RunResult(
+                    profile=run["profile"], label=label, target=run["target"], steps=run["steps"]
+                )
+            )
+    first = loaded[0][1]
+    settings = {
+        "sources": [str(p) for p, _ in loaded],
+        "workloads": [r["workload"] for _, r in loaded],
+    }
+    results = new_results("lbproxy bench --compare", first["workload"], settings, runs)
+    write_results(out_dir, results)
+    return results
+
+
+# ------------------------------------------------------------------------------ markdown
+def _f(v: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v * scale:,.{digits}f}"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:,.0f} ms" if v < 10 else f"{v:,.1f} s"
+
+
+def markdown(results: Results) -> str:
+    wl = results["workload"]
+    params = ", ".join(f"{k}={v}" for k, v in wl.get("params", {}).items())
+    lines = [
+        f"# {results['tool']}",
+        "",
+        f"Workload `{wl.get('name')}` ({wl.get('api')}): {params}.",
+        "",
+    ]
+    for run in results["runs"]:
+        lines += [
+            f"## {run['label']}",
+            "",
+            f"Profile `{run['profile']}`, target `{run['target']}`.",
+            "",
+            "| rate | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 "
+            "| e2e p50 | cache hit | done | cut | errors | done tok/s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in run["steps"]:
+            hit = s.get("prefix_cache_hit_rate")
+            lines.append(
+                f"| {s['rate']:g} | {_f(s['requests_per_s'], digits=2)} "
+                f"| {_f(s['output_tokens_per_s'])} | {_ms(s['ttft_p50_s'])} "
+                f"| {_ms(s['ttft_p90_s'])} | {_ms(s['ttft_p99_s'])} | {_ms(s['itl_p50_s'])} "
+                f"| {_ms(s['itl_p99_s'])} | {_ms(s['e2e_p50_s'])} "
+                f"| {_f(hit, 100)}{'%' if hit is not None else ''} | {s['completed']} "
+                f"| {s['incomplete']} | {s['errors']} | {_f(s['completed_output_tokens_per_s'])} |"
+            )
+        lines.append("")
+    if len(results["runs"]) > 1:
+        lines += _comparison(results["runs"])
+    return "\n".join(lines)
+
+
+def _comparison(runs: list[RunResult]) -> list[str]:
+    """Each run against the first, rate by rate (rates present in both)."""
+    base = runs[0]
+    by_rate = {s["rate"]: s for s in base["steps"]}
+    lines = [f"## Against {base['label']}", ""]
+    for run in runs[1:]:
+        lines += [
+            f"### {run['label']}",
+            "",
+            "| rate | out tok/s | vs base | TTFT p50 | base TTFT p50 | TTFT ratio |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in run["steps"]:
+            b = by_rate.get(s["rate"])
+            if b is None:
+                continue
+            gain = (
+                f"{(s['output_tokens_per_s'] / b['output_tokens_per_s'] - 1) * 100:+.0f}%"
+                if b["output_tokens_per_s"]
+                else "-"
+            )
+            t, bt = s["ttft_p50_s"], b["ttft_p50_s"]
+            ratio = (
+                f"{bt / t:.1f}x lower"
+                if t and bt and bt >= t
+                else (f"{t / bt:.1f}x higher" if t and bt else "-")
+            )
+            lines.append(
+                f"| {s['rate']:g} | {_f(s['output_tokens_per_s'])} | {gain} | {_ms(t)} "
+                f"| {_ms(bt)} | {ratio} |"
+            )
+        lines.append("")
+    return lines
+
+
+# ------------------------------------------------------------------------------ plots
+def plot(results: Results, out_dir: str | Path) -> list[Path]:
+    """throughput.png and ttft.png: one line per run against the offered rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; safe in threads and CI
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    wl = results["workload"]
+    subtitle = f"{wl.get('name')} ({wl.get('api')})"
+    paths = []
+    specs = (
+        (THROUGHPUT_PNG, "output tokens/s", (("output_tokens_per_s", "-", None),), False),
+        (TTFT_PNG, "TTFT (s)", (("ttft_p50_s", "-", "p50"), ("ttft_p90_s", ":", "p90")), True),
+    )
+    for name, ylabel, series, logy in specs:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        positive = False
+        for i, run in enumerate(results["runs"]):
+            color = f"C{i % 10}"
+            for key, style, tag in series:
+                pts = [(s["rate"], s[key]) for s in run["steps"] if s.get(key) is not None]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts, strict=True)
+                positive = positive or any(y > 0 for y in ys)
+                label = run["label"] + (f" {tag}" if tag else "")
+                ax.plot(xs, ys, style, marker="o", color=color, label=label, linewidth=1.6)
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} vs rate: {subtitle}", fontsize=10)
+        if logy and positive:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,375 @@
+"""Offline fleet simulator: every backend's engine model in virtual time, routed by the
+very same `lbproxy.routing` code the proxy runs, fed as the proxy would be.
+
+One discrete-event loop over all engines (a heap of step ends, metrics scrapes and KV-event
+deliveries, merged with the sorted Poisson arrivals):
+
+- Arrival: build a `RequestContext` like the proxy does (body, session key, prompt bytes
+  on demand, token ids known up front), call `Router.route(ctx, endpoints, now)`, count
+  the request in `Endpoint.in_flight` (exact, like the proxy, until its last token) and
+  hand it to the chosen engine.
+- Engine step end: `engine.step(t)`; each token output is recorded (first token, gaps,
+  finish), and the engine's next step end is scheduled.
+- Scrape: every `scrape_interval` virtual seconds per endpoint (each with its own phase,
+  as independent pollers are), `Endpoint.metrics` is replaced by a snapshot of the engine,
+  so routing sees load that ages exactly like real scrapes.
+- KV events: drained after every engine call and applied to the precise prefix index
+  (when the profile has one) `kv_event_delay` seconds later.
+
+A rate step ends when every request finished, or at its deadline (`duration + drain`),
+where the rest are aborted in their engines and recorded as incomplete; the next step
+starts there, on the same warm fleet, as a live `lbproxy bench` ladder does. Each routing
+profile runs on a fresh fleet. Results go through the same `stats.summarize_step` as live.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lbproxy.bench.report import RunResult, StepResult
+from lbproxy.bench.stats import RequestRecord, poisson_arrivals, summarize_step
+from lbproxy.bench.workloads import Workload
+from lbproxy.config import Signals
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.pipeline import Router
+from lbproxy.routing.profiles import ProfileSpec, build_router
+from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext
+from lbproxy.sim.engine import Engine, EngineRequest
+from lbproxy.sim.fleet import FleetSpec
+from lbproxy.tokenization import Tokenizer
+
+_DEFAULT_SIGNALS = Signals()
+
+# Heap entry kinds; at equal times engines finish their steps first, then scrapes see the
+# result, then KV events land.
+_STEP, _SCRAPE, _KV = 0, 1, 2
+
+
+@dataclass(slots=True)
+class SimOptions:
+    scrape_interval: float = _DEFAULT_SIGNALS.metrics_interval
+    metrics_max_age: float = _DEFAULT_SIGNALS.metrics_max_age
+    kv_event_delay: float = 0.002  # publish -> ZMQ -> subscriber -> index
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.scrape_interval > 0:
+            raise ValueError(f"scrape_interval must be > 0, got {self.scrape_interval}")
+        if not self.metrics_max_age > 0:
+            raise ValueError(f"metrics_max_age must be > 0, got {self.metrics_max_age}")
+        if self.kv_event_delay < 0:
+            raise ValueError(f"kv_event_delay must be >= 0, got {self.kv_event_delay}")
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request in an engine, and what has been seen of it so far."""
+
+    rec: RequestRecord
+    ep: int
+    t0: float  # step start (records are relative to it)
+    interval: int  # the backend's stream_interval: tokens per SSE chunk
+    last: float = -1.0  # time of the last chunk
+    pending: int = 0  # tokens not yet sent in a chunk
+    itl: list[float] = field(default_factory=list)
+
+
+class FleetSimulator:
+    """A fleet of engines behind one router; `run_step` plays one rate step.
+
+    Virtual time starts at 0 and only moves forward; state (caches, router, in-flight
+    counts) carries over from one step to the next.
+    """
+
+    def __init__(
+        self,
+        fleet: FleetSpec,
+        profile: str | ProfileSpec,
+        *,
+        tokenizer: Tokenizer | None = None,
+        options: SimOptions | None = None,
+        pool: str = "sim",
+    ) -> None:
+        self.options = opts = options or SimOptions()
+        self.fleet = fleet
+        vocab = tokenizer.vocab_size if tokenizer is not None else 32000
+        self.engines = [Engine(b.profile, seed=b.seed, vocab_size=vocab) for b in fleet.backends]
+        self.endpoints = [
+            Endpoint(
+                name=b.name,
+                url=f"http://127.0.0.1:{b.port}",
+                vendor=b.profile.name,
+                pool=pool,
+            )
+            for b in fleet.backends
+        ]
+        self.bctx = BuildContext(
+            pool=pool,
+            model=fleet.model,
+            metrics_max_age=opts.metrics_max_age,
+            tokenizer=tokenizer,
+            shared={},
+        )
+        self.router: Router = build_router(profile, self.bctx, seed=opts.seed)
+        self.profile_name = self.router.profile_name
+        self.precise = self.bctx.shared.get("precise_index")
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._sched: list[float | None] = [None] * len(self.engines)
+        self._live: dict[str, _Live] = {}
+        self._next_id = 0
+        self._index = {id(ep): i for i, ep in enumerate(self.endpoints)}
+        self.routed = [0] * len(self.engines)  # requests per endpoint, all steps
+        self.finished = 0  # requests that completed, all steps
+        # Like the proxy's first scrape at start-up, then each poller on its own phase.
+        phase = random.Random(opts.seed).random
+        for i in range(len(self.engines)):
+            self._scrape(i, 0.0)
+            self._push(opts.scrape_interval * phase(), _SCRAPE, i)
+
+    # ---------------------------------------------------------------- plumbing
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, kind, self._seq, payload))
+
+    def _reschedule(self, i: int) -> None:
+        t = self.engines[i].next_event_time()
+        if t is not None and t != self._sched[i]:
+            self._sched[i] = t
+            self._push(t, _STEP, i)
+
+    def _drain_kv(self, i: int, t: float) -> None:
+        events = self.engines[i].drain_kv_events()
+        if events and self.precise is not None:
+            self._push(t + self.options.kv_event_delay, _KV, (self.endpoints[i].name, events))
+
+    def _scrape(self, i: int, t: float) -> None:
+        e = self.engines[i]
+        p = e.profile
+        ep = self.endpoints[i]
+        ep.metrics = MetricsSnapshot(
+            time=t,
+            num_running=float(e.num_running),
+            num_waiting=float(e.num_waiting),
+            kv_cache_usage=e.kv_cache_usage,
+            block_size=p.block_size,
+            num_gpu_blocks=p.num_gpu_blocks,
+            prefix_cache_queries=float(e.prefix_cache_queries),
+            prefix_cache_hits=float(e.prefix_cache_hits),
+            prompt_tokens=float(e.prompt_tokens),
+            generation_tokens=float(e.generation_tokens),
+            num_preemptions=float(e.num_preemptions),
+        )
+        # The scraper copies the geometry of vllm:cache_config_info to the endpoint.
+        ep.block_size = p.block_size
+        ep.num_gpu_blocks = p.num_gpu_blocks
+
+    # ---------------------------------------------------------------- events
+    def _on_step(self, i: int, t: float) -> None:
+        self._sched[i] = None
+        outputs = self.engines[i].step(t)
+        live = self._live
+        for out in outputs:
+            st = live.get(out.request_id)
+            if st is None:
+                continue
+            rec = st.rec
+            rel = t - st.t0
+            n = len(out.new_token_ids)
+            rec.output_tokens += n
+            # Chunks as the server streams them: the first token at once, then every
+            # `interval` tokens and at the end; ITL is the gap between chunks.
+            if st.last < 0:
+                rec.first_token = st.last = rel
+                rec.cached_tokens = out.num_cached_tokens
+            else:
+                st.pending += n
+                if st.pending >= st.interval or out.finished:
+                    st.itl.append(rel - st.last)
+                    st.last = rel
+                    st.pending = 0
+            if out.finished:
+                rec.end = rel
+                rec.itl = st.itl
+                self.endpoints[st.ep].in_flight -= 1
+                self.finished += 1
+                del live[out.request_id]
+        self._drain_kv(i, t)
+        self._reschedule(i)
+
+    def _arrive(
+        self,
+        req_ctx: RequestContext,
+        ids: list[int],
+        max_tokens: int,
+        rec: RequestRecord,
+        t: float,
+        t0: float,
+    ) -> None:
+        decision = self.router.route(req_ctx, self.endpoints, t)
+        if decision is None:
+            rec.status, rec.error, rec.end = "error", "no backend", t - t0
+            return
+        ep = decision.endpoint
+        i = self._index[id(ep)]
+        ep.in_flight += 1
+        self.routed[i] += 1
+        rec.backend = ep.name
+        self._next_id += 1
+        rid = str(self._next_id)
+        self.engines[i].add_request(EngineRequest(rid, ids, max_tokens, arrival_time=t), t)
+        self._live[rid] = _Live(rec, i, t0, self.fleet.backends[i].stream_interval)
+        self._drain_kv(i, t)
+        self._reschedule(i)
+
+    # ---------------------------------------------------------------- a rate step
+    def run_step(
+        self,
+        workload: Workload,
+        arrivals: Sequence[float],
+        *,
+        first_index: int,
+        deadline: float,
+        model: str | None = None,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[RequestRecord]:
+        """Offer `arrivals` (seconds from now) of workload requests first_index, ...;
+        return one record per request, times relative to the step's start."""
+        # The loop allocates millions of short-lived objects and no cycles: the cyclic GC's
+        # full passes over the growing heap would cost ~30% of the run for nothing.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run_step(workload, arrivals, first_index, deadline, model, on_done)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run_step(
+        self,
+        workload: Workload,
+        arrivals: Sequence[float],
+        first_index: int,
+        deadline: float,
+        model: str | None,
+        on_done: Callable[[int], None] | None,
+    ) -> list[RequestRecord]:
+        t0 = self.now
+        model = model or self.fleet.model
+        records: list[RequestRecord] = []
+        heap = self._heap
+        pop = heapq.heappop
+        n_arr = len(arrivals)
+        a = 0
+        end = t0 + deadline
+        interval = self.options.scrape_interval
+        live = self._live
+        reported = self.finished
+        while True:
+            next_arrival = t0 + arrivals[a] if a < n_arr else float("inf")
+            if a >= n_arr and not live:
+                break
+            t_heap = heap[0][0] if heap else float("inf")
+            if min(next_arrival, t_heap) >= end:
+                break
+            if next_arrival < t_heap:
+                t = next_arrival
+                self.now = t
+                req = workload.request(first_index + a)
+                ids = workload.token_ids(first_index + a)
+                rec = RequestRecord(start=t - t0, prompt_tokens=len(ids))
+                records.append(rec)
+                ctx = RequestContext(
+                    model=model,
+                    body=req.body(model),
+                    route=req.route,
+                    session_key=req.session,
+                    request_id=str(first_index + a),
+                    max_tokens=req.max_tokens,
+                    prompt_token_estimate=len(ids),
+                    _token_ids=ids,
+                )
+                self._arrive(ctx, ids, req.max_tokens, rec, t, t0)
+                a += 1
+                continue
+            t, kind, _, payload = pop(heap)
+            self.now = t
+            if kind == _STEP:
+                if self._sched[payload] == t:
+                    self._on_step(payload, t)
+                    if on_done is not None and self.finished != reported:
+                        on_done(self.finished - reported)
+                        reported = self.finished
+            elif kind == _SCRAPE:
+                self._scrape(payload, t)
+                self._push(t + interval, _SCRAPE, payload)
+            else:
+                name, events = payload
+                self.precise.apply_events(name, events)  # type: ignore[union-attr]
+
+        if live:  # the deadline: abort what is left, as the client's disconnect would
+            self.now = max(self.now, end)
+            for rid, st in list(live.items()):
+                i = st.ep
+                self.engines[i].abort(rid, end)
+                st.rec.status = "incomplete"
+                st.rec.end = end - t0
+                st.rec.itl = st.itl
+                self.endpoints[i].in_flight -= 1
+            if on_done is not None:
+                on_done(len(live))
+            live.clear()
+            for i in range(len(self.engines)):
+                self.engines[i].step(end)  # steps that ended meanwhile: outputs discarded
+                self._drain_kv(i, end)
+                self._reschedule(i)
+        return records
+
+
+# A callback per rate step: (run label, rate, requests offered) -> advance(n finished).
+StepProgress = Callable[[str, float, int], Callable[[int], None]]
+
+
+def simulate_run(
+    fleet: FleetSpec,
+    workload: Workload,
+    profile: str | ProfileSpec,
+    rates: Sequence[float],
+    *,
+    duration: float,
+    drain: float | None = None,
+    max_requests: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    options: SimOptions | None = None,
+    label: str | None = None,
+    target: str = "",
+    progress: StepProgress | None = None,
+) -> RunResult:
+    """One routing profile over the rate ladder, on a fresh fleet: a results.json run."""
+    opts = options or SimOptions()
+    sim = FleetSimulator(fleet, profile, tokenizer=tokenizer, options=opts)
+    name = sim.profile_name
+    label = label or name
+    drain = duration if drain is None else drain
+    steps: list[StepResult] = []
+    index = 0
+    for k, rate in enumerate(rates):
+        arrivals = poisson_arrivals(rate, duration, opts.seed + k, max_requests=max_requests)
+        advance = progress(label, rate, len(arrivals)) if progress else None
+        before = list(sim.routed)
+        records = sim.run_step(
+            workload, arrivals, first_index=index, deadline=duration + drain, on_done=advance
+        )
+        index += len(arrivals)
+        step = summarize_step(records, rate=rate, duration=duration)
+        step["backends"] = {
+            ep.name: sim.routed[i] - before[i] for i, ep in enumerate(sim.endpoints)
+        }
+        steps.append(step)  # type: ignore[arg-type]
+    return RunResult(profile=name, label=label, target=target, steps=steps)

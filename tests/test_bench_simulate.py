@@ -1,0 +1,220 @@
+"""The offline fleet simulator: routing fed as in the proxy, deadlines, results, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbproxy.bench import report
+from lbproxy.bench.cli import main as bench_main
+from lbproxy.bench.simulate import FleetSimulator, SimOptions, simulate_run
+from lbproxy.bench.stats import poisson_arrivals
+from lbproxy.bench.workloads import Workload, make_workload
+from lbproxy.routing.state import Decision, Endpoint, RequestContext
+from lbproxy.sim.fleet import FleetSpec, load_fleet, parse_fleet
+from lbproxy.tokenization import Tokenizer, default_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return default_tokenizer()
+
+
+def fleet(n: int = 2, profile: str = "vendor-a", **extra: Any) -> FleetSpec:
+    entry = {"name": "a", "profile": profile, "port": 0, "count": n, **extra}
+    return parse_fleet({"model": "m", "backends": [entry]}, "test-fleet")
+
+
+def thrashing_workload(tok: Tokenizer) -> Workload:
+    # 32 system prompts of 6,000 tokens: 192K tokens, more than one vendor-a card's KV cache
+    # (160K) but half of it per card fits: round-robin thrashes, cache-aware does not.
+    params = {
+        "num_groups": 32,
+        "num_prompts_per_group": 4,
+        "system_prompt_len": 6000,
+        "question_len": 100,
+        "output_len": 20,
+    }
+    return make_workload("shared-prefix", tok, params)
+
+
+def test_cache_aware_beats_round_robin(tok: Tokenizer) -> None:
+    wl = thrashing_workload(tok)
+    rr = simulate_run(fleet(), wl, "round-robin", [4, 10], duration=30, tokenizer=tok)
+    ca = simulate_run(fleet(), wl, "cache-aware", [4, 10], duration=30, tokenizer=tok)
+    busy_rr, busy_ca = rr["steps"][-1], ca["steps"][-1]
+    assert busy_ca["output_tokens_per_s"] > 1.3 * busy_rr["output_tokens_per_s"]
+    assert busy_ca["ttft_p50_s"] * 10 < busy_rr["ttft_p50_s"]
+    assert busy_ca["prefix_cache_hit_rate"] > busy_rr["prefix_cache_hit_rate"] + 0.2
+    # Round-robin spreads requests evenly; cache-aware follows the prefixes.
+    counts = busy_rr["backends"]
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert sum(busy_ca["backends"].values()) == busy_ca["requests"]
+
+
+def test_routing_sees_exact_in_flight_and_scrape_aged_metrics(tok: Tokenizer) -> None:
+    opts = SimOptions(scrape_interval=0.5, seed=1)
+    sim = FleetSimulator(fleet(3), "cache-aware", tokenizer=tok, options=opts)
+    route = sim.router.route
+    ages: list[float] = []
+
+    def checked(ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
+        for ep, engine in zip(endpoints, sim.engines, strict=True):
+            # The proxy counts a request from routing to its last byte; engines hold exactly
+            # the requests routed to them and not yet finished.
+            assert ep.in_flight == engine.num_running + engine.num_waiting
+            assert ep.metrics is not None and ep.block_size == 16
+            ages.append(now - ep.metrics.time)
+        assert ctx.token_ids() is not None and ctx.prompt_bytes()
+        return route(ctx, endpoints, now)
+
+    sim.router.route = checked  # type: ignore[method-assign]
+    wl = thrashing_workload(tok)
+    records = sim.run_step(wl, poisson_arrivals(6, 20, 0), first_index=0, deadline=60)
+    assert len(records) > 50 and all(r.status == "ok" for r in records)
+    assert min(ages) >= 0 and max(ages) <= 0.5 + 1e-9  # never older than one interval
+    assert max(ages) > 0.3  # and they do age between scrapes
+    assert all(ep.in_flight == 0 for ep in sim.endpoints)
+
+
+def test_deadline_cuts_requests_and_the_fleet_carries_on(tok: Tokenizer) -> None:
+    sim = FleetSimulator(fleet(1), "round-robin", tokenizer=tok)
+    wl = thrashing_workload(tok)
+    arrivals = poisson_arrivals(8, 10, 0)
+    cut = sim.run_step(wl, arrivals, first_index=0, deadline=10)  # no drain: overloaded
+    assert {r.status for r in cut} == {"ok", "incomplete"}
+    assert all(r.end is not None and r.end <= 10 + 1e-9 for r in cut)
+    assert sim.engines[0].num_running + sim.engines[0].num_waiting == 0
+    assert sim.endpoints[0].in_flight == 0
+    start = sim.now
+    calm = sim.run_step(wl, [0.5, 5.0], first_index=len(arrivals), deadline=60)
+    assert [r.status for r in calm] == ["ok", "ok"] and sim.now > start
+    assert calm[0].start == pytest.approx(0.5)  # times are relative to the step's start
+
+
+def test_precise_index_is_fed_by_kv_events(tok: Tokenizer) -> None:
+    wl = thrashing_workload(tok)
+    hits = {}
+    for profile in ("round-robin", "precise-cache-aware"):
+        sim = FleetSimulator(fleet(), profile, tokenizer=tok)
+        records = sim.run_step(wl, poisson_arrivals(6, 20, 0), first_index=0, deadline=60)
+        hits[profile] = sum(r.cached_tokens for r in records) / sum(
+            r.prompt_tokens for r in records
+        )
+    assert sim.precise is not None
+    stats = sim.precise.stats()
+    assert stats["stored_blocks"] > 1000 and stats["orphan_blocks"] == 0
+    assert hits["precise-cache-aware"] > hits["round-robin"] + 0.15, hits
+
+
+def test_chunks_follow_the_backends_stream_interval(tok: Tokenizer) -> None:
+    params = {
+        "num_groups": 1,
+        "num_prompts_per_group": 1,
+        "system_prompt_len": 64,
+        "question_len": 8,
+        "output_len": 32,
+    }
+    wl = make_workload("shared-prefix", tok, params)
+    sim = FleetSimulator(fleet(1, stream_interval=4), "round-robin", tokenizer=tok)
+    (rec,) = sim.run_step(wl, [0.0], first_index=0, deadline=30)
+    assert rec.output_tokens == 32
+    # First token alone, then 7 chunks of 4 and a last one of 3 tokens: 8 gaps.
+    assert len(rec.itl) == 8
+    assert sum(rec.itl) == pytest.approx(rec.end - rec.first_token)
+
+
+def test_simulate_is_deterministic(tok: Tokenizer) -> None:
+    wl = thrashing_workload(tok)
+    a = simulate_run(fleet(), wl, "cache-aware", [5], duration=10, tokenizer=tok)
+    b = simulate_run(fleet(), wl, "cache-aware", [5], duration=10, tokenizer=tok)
+    assert a == b
+
+
+def test_simulate_cli_writes_results(tmp_path: Path) -> None:
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(
+        "model: m\nbackends:\n  - {name: a, profile: vendor-a, port: 0}\n"
+        "  - {name: b, profile: vendor-b, port: 0}\n"
+    )
+    out = tmp_path / "out"
+    code = bench_main(
+        [
+            "simulate",
+            "--fleet",
+            str(fleet_file),
+            "--profiles",
+            "round-robin,least-request",
+            "--num-groups",
+            "4",
+            "--system-prompt-len",
+            "500",
+            "--question-len",
+            "50",
+            "--output-len",
+            "10",
+            "--rates",
+            "2,4",
+            "--duration",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    res = report.load_results(out)
+    assert res["tool"] == "lbproxy simulate"
+    assert res["workload"]["params"]["num_groups"] == 4
+    assert [r["profile"] for r in res["runs"]] == ["round-robin", "least-request"]
+    for run in res["runs"]:
+        assert [s["rate"] for s in run["steps"]] == [2.0, 4.0]
+        assert all(s["completed"] > 0 and s["errors"] == 0 for s in run["steps"])
+    assert json.loads((out / "results.json").read_text())["settings"]["scrape_interval_s"] > 0
+    for png in ("throughput.png", "ttft.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "least-request" in (out / "results.md").read_text()
+    assert (
+        bench_main(
+            [
+                "simulate",
+                "--fleet",
+                str(fleet_file),
+                "--profiles",
+                "nope",
+                "--rates",
+                "1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "mix"),
+    [
+        ("a-4", {"vendor-a": 4}),
+        ("b-8", {"vendor-b": 8}),
+        ("c-8", {"vendor-c": 8}),
+        ("ab-12", {"vendor-a": 4, "vendor-b": 8}),
+        ("abc-20", {"vendor-a": 4, "vendor-b": 8, "vendor-c": 8}),
+    ],
+)
+def test_shipped_fleets(name: str, mix: dict[str, int]) -> None:
+    spec = load_fleet(ROOT / "configs" / "fleets" / f"{name}.yaml")
+    assert spec.model == "granite-4.1-8b"
+    got: dict[str, int] = {}
+    for b in spec.backends:
+        got[b.profile.name] = got.get(b.profile.name, 0) + 1
+    assert got == mix
+    n = len(spec.backends)
+    assert [b.port for b in spec.backends] == list(range(8001, 8001 + n))
+    assert len({b.name for b in spec.backends}) == n

@@ -8,11 +8,17 @@ in `on_routed`) with:
 - `cache-aware` (prefix-hash): steady state, the groups already learnt; and "unique", a
   never-seen prompt every time (nothing reusable to hash, nothing to match);
 - `precise-cache-aware` (precise-prefix), the index fed with KV events for each group's
-  system prompt on its home backend, tokenising with `lbproxy.tokenization.Tokenizer`
-  (the shipped small BPE) or, if that module is absent, `tokenizers` directly:
-  cold = the whole prompt encoded per request; warm = the system prompt's ids come from
-  a cache and only the question is encoded; cached = the whole prompt's ids cached
-  (routing work alone).
+  system prompt on its home backend, tokenising with `lbproxy.prompt_tokens.
+  PromptTokenizer` over `lbproxy.tokenization.Tokenizer` (the shipped small BPE):
+  cold = the first request of a group (an empty cache: the whole prompt encoded, plus
+  the cost of caching it); warm = a later request of the group (the system prompt's ids
+  spliced from the cache, the rest encoded); "warm, ids as array" = the same returning
+  `array('I')`, which the precise index converts to bytes without a per-token loop;
+  cached = the whole prompt's ids cached (routing work alone). The precise rows mark each
+  request's question with a number of its own (first, so it differs from every earlier
+  prompt right after the system prompt, and never repeats across runs). If the lbproxy
+  modules are absent, `tokenizers` directly: cold = a full encode, warm = the system
+  prompt's ids reused by hand plus the question encoded.
 
 Each decision gets a fresh RequestContext, as in the proxy. Every cell is the median over
 `--repeat` runs of the per-run median of `--decisions` decisions (after a warm-up);
@@ -21,6 +27,7 @@ sent to its best-scoring backend, to show what does and does not grow with the p
 pipeline itself, and the queue / KV / saturation plugins, are O(backends)).
 
     python benchmarks/decision_cost.py [--decisions 300] [--repeat 7] [--backends 4 20 256]
+        [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ from lbproxy.routing.profiles import build_router
 from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext
 
 NOW = 1000.0
+# The clock `timed` reads: wall time, or this thread's CPU time (--clock cpu), which
+# other processes competing for the cores do not inflate.
+CLOCK = [time.perf_counter_ns]
 TICKS = itertools.count()
 GROUPS = 4
 TARGET_TOKENS = 7200
@@ -91,7 +101,8 @@ def make_text(rng: random.Random, encode: Callable[[str], list[int]], tokens: in
 # ---- tokenizer -------------------------------------------------------------------------------
 
 
-def load_encoder() -> tuple[Callable[[str], list[int]], str]:
+def load_encoder() -> tuple[Callable[[str], list[int]], str, Any]:
+    """(encode without special tokens, description, lbproxy Tokenizer or None)."""
     try:
         from lbproxy.tokenization import Tokenizer
     except ImportError:
@@ -102,7 +113,8 @@ def load_encoder() -> tuple[Callable[[str], list[int]], str]:
         def encode(text: str) -> list[int]:
             return tok.encode(text, add_special_tokens=False)
 
-        return encode, f"lbproxy.tokenization.Tokenizer ({tok.name}, vocab {tok.vocab_size})"
+        name = f"lbproxy.tokenization.Tokenizer ({tok.name}, vocab {tok.vocab_size})"
+        return encode, name, tok
     import tokenizers
     from tokenizers import models, pre_tokenizers, trainers
 
@@ -110,7 +122,17 @@ def load_encoder() -> tuple[Callable[[str], list[int]], str]:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel()
     corpus = [english(random.Random(i), 2000) for i in range(20)]
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=4096, show_progress=False))
-    return (lambda text: tk.encode(text).ids), "tokenizers BPE trained in-process (vocab 4096)"
+    name = "tokenizers BPE trained in-process (vocab 4096)"
+    return (lambda text: tk.encode(text).ids), name, None
+
+
+def prompt_tokenizer(tok: Any) -> Any:
+    """A PromptTokenizer over `tok`, or None without lbproxy.prompt_tokens."""
+    try:
+        from lbproxy.prompt_tokens import PromptTokenizer
+    except ImportError:
+        return None
+    return PromptTokenizer(tok) if tok is not None else None
 
 
 # ---- fleet -----------------------------------------------------------------------------------
@@ -147,7 +169,7 @@ def timed(
 ) -> float:
     """Median µs of `call` over n fresh contexts (built outside the timing)."""
     ctxs = [make_ctx(i) for i in range(n)]
-    clock = time.perf_counter_ns
+    clock = CLOCK[0]
     samples = []
     for c in ctxs:
         t0 = clock()
@@ -193,6 +215,13 @@ class Workload:
         q = self.questions[(i * 7 + i // GROUPS) % len(self.questions)]
         return g, self.systems[g] + q + f" ({i})"
 
+    def fresh(self, i: int) -> tuple[int, str]:
+        """Like prompt(i), with its number before the question: nothing after the system
+        prompt matches an earlier prompt (as for a fresh question from a new user)."""
+        g = i % GROUPS
+        q = self.questions[(i * 7 + i // GROUPS) % len(self.questions)]
+        return g, self.systems[g] + f" ({i})" + q
+
     def unique(self, i: int) -> str:
         return f"[{i}:{self.rng.random()}] " + self.prompt(i)[1]
 
@@ -212,30 +241,52 @@ def prime_precise(shared: dict[str, Any], wl: Workload, eps: list[Endpoint]) -> 
 
 
 def run(args: argparse.Namespace) -> None:
-    encode, tok_name = load_encoder()
+    encode, tok_name, tok = load_encoder()
     wl = Workload(encode)
     sample_tokens = len(encode(wl.prompt(0)[1]))
     sample_bytes = len(wl.prompt(0)[1].encode())
     n, rep = args.decisions, args.repeat
+    seq = itertools.count(1_000_000)  # request numbers for the precise rows, never reused
 
     def text_ctx(text: str) -> RequestContext:
         return RequestContext(model="m", raw_prompt=text.encode())
 
     full_cache: dict[str, list[int]] = {}
+    # One warm PromptTokenizer for the whole run, primed with the first requests of each
+    # group (cold), then past its first self-checked splices (a full encode each).
+    warm_pt = prompt_tokenizer(tok)
+    if warm_pt is not None:
+        for i in range(GROUPS + warm_pt.verify_first):
+            warm_pt.ids_for_body(body_of(wl.fresh(next(seq) // GROUPS * GROUPS + i % GROUPS)[1]))
 
     def tok_ctx(i: int, mode: str) -> RequestContext:
-        g, text = wl.prompt(i)
-        if mode == "cold":
-            fn: Callable[[RequestContext], list[int]] = lambda c: encode(text)  # noqa: E731
-        elif mode == "warm":
-            question = text[len(wl.systems[g]) :]
-            fn = lambda c: wl.system_ids[g] + encode(question)  # noqa: E731
-        else:
+        if mode == "cached":
+            g, text = wl.prompt(i)
             ids = full_cache.get(text)
             if ids is None:
                 ids = full_cache[text] = encode(text)
-            fn = lambda c: ids  # noqa: E731
-        return RequestContext(model="m", raw_prompt=text.encode(), _tokenize=fn)
+            fn: Callable[[RequestContext], Any] = lambda c: ids  # noqa: E731
+            return RequestContext(model="m", raw_prompt=text.encode(), _tokenize=fn)
+        g, text = wl.fresh(next(seq) // GROUPS * GROUPS + i % GROUPS)
+        body = body_of(text)
+        if warm_pt is None:  # no lbproxy.prompt_tokens: the old by-hand versions
+            if mode == "cold":
+                fn = lambda c: encode(text)  # noqa: E731
+            else:
+                question = text[len(wl.systems[g]) :]
+                fn = lambda c: wl.system_ids[g] + encode(question)  # noqa: E731
+        elif mode == "cold":  # the first request of its group: an empty cache
+            fn = prompt_tokenizer(tok)
+        elif mode == "warm":
+            fn = warm_pt
+        else:  # "warm-array"
+            fn = lambda c: warm_pt.array_for_body(c.body)  # noqa: E731
+        return RequestContext(model="m", body=body, raw_prompt=text.encode(), _tokenize=fn)
+
+    def question_ctx(i: int) -> RequestContext:
+        g, text = wl.fresh(next(seq) // GROUPS * GROUPS + i % GROUPS)
+        question = text[len(wl.systems[g]) :]
+        return RequestContext(model="m", _tokenize=lambda c: encode(question))
 
     rows: list[tuple[str, int, float, float]] = []
     for nb in args.backends:
@@ -263,8 +314,11 @@ def run(args: argparse.Namespace) -> None:
         for mode, label in (
             ("cold", "tokeniser cold"),
             ("warm", "tokeniser warm"),
+            ("warm-array", "tokeniser warm, ids as array"),
             ("cached", "token ids cached"),
         ):
+            if mode == "warm-array" and warm_pt is None:
+                continue
             eps = fleet(nb)
             shared: dict[str, Any] = {}
             bctx = BuildContext(pool="p", metrics_max_age=1e12, shared=shared)
@@ -288,18 +342,36 @@ def run(args: argparse.Namespace) -> None:
 
     tok_alone = median_of_runs(lambda: timed(lambda i: tok_ctx(i, "cold"), _tokens, n), 3)
     warm_alone = median_of_runs(lambda: timed(lambda i: tok_ctx(i, "warm"), _tokens, n), 3)
+    array_alone = median_of_runs(lambda: timed(lambda i: tok_ctx(i, "warm-array"), _tokens, n), 3)
+    question_alone = median_of_runs(lambda: timed(question_ctx, _tokens, n), 3)
 
     print(f"# Routing decision cost, {sample_tokens} tokens / {sample_bytes} bytes per prompt")
     print()
     print(f"command: python {' '.join(sys.argv)}")
+    print(f"clock: {'thread CPU time' if CLOCK[0] is time.thread_time_ns else 'wall time'}")
     print(f"python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} CPUs")
     print(f"tokenizer: {tok_name}")
-    print(f"tokenising alone: cold {tok_alone:.0f} µs, warm (question only) {warm_alone:.0f} µs")
+    print(
+        f"tokenising alone: cold {tok_alone:.0f} µs, warm {warm_alone:.0f} µs, "
+        f"warm as array {array_alone:.0f} µs (the question alone: {question_alone:.0f} µs)"
+    )
+    if warm_pt is not None:
+        stats = warm_pt.stats()
+        print(
+            f"warm PromptTokenizer: {stats['hits']} hits, {stats['misses']} misses, "
+            f"{stats['verifications']} self-checks, {stats['cached_tokens']} tokens cached "
+            f"in {stats['entries']} prompts"
+        )
     print()
     print("| profile / case | backends | decision µs (median) | prefix part µs |")
     print("|---|---:|---:|---:|")
     for label, nb, full, own in rows:
         print(f"| {label} | {nb} | {full:.1f} | {own:.1f} |")
+
+
+def body_of(text: str) -> dict[str, Any]:
+    # No BOS: the ids must match the system prompts' ids the index was primed with.
+    return {"model": "m", "prompt": text, "add_special_tokens": False}
 
 
 def _tokens(c: RequestContext) -> None:
@@ -311,7 +383,11 @@ def main() -> None:
     p.add_argument("--decisions", type=int, default=300)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--backends", type=int, nargs="+", default=[4, 20, 256])
-    run(p.parse_args())
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    args = p.parse_args()
+    if args.clock == "cpu":
+        CLOCK[0] = time.thread_time_ns
+    run(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
@@ -65,6 +73,7 @@ class Backend(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     weight: float = Field(1.0, gt=0)
     kv_events: KVEvents | None = None
+    api_key: SecretStr | None = None  # sent upstream as `Authorization: Bearer <key>`
 
     @field_validator("url")
     @classmethod
@@ -103,13 +112,51 @@ class Timeouts(_Strict):
 class Limits(_Strict):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_attempts: int = Field(3, ge=1, le=10, description="backends tried per request")
+    # aiohttp's max_line_size and max_field_size: longest request line / header field.
+    max_header_bytes: int = Field(8190, ge=256, le=1024 * 1024)
 
 
 class Health(_Strict):
+    # Off for backends without /health: the circuit breaker alone then ejects.
+    active: bool = Field(True, description="GET /health on every backend each interval")
     interval: float = Field(5.0, gt=0)
     timeout: float = Field(2.0, gt=0)
-    unhealthy_after: int = Field(2, ge=1, description="consecutive failures to eject")
+    unhealthy_after: int = Field(
+        2, ge=1, description="consecutive timed-out checks to eject (refused or non-2xx: at once)"
+    )
     healthy_after: int = Field(1, ge=1, description="consecutive successes to re-admit")
+    # Passive circuit breaker, fed by the outcome of real requests.
+    failure_threshold: int = Field(3, ge=1, description="consecutive failed requests to open")
+    open_seconds: float = Field(10.0, gt=0, description="open -> half-open after this long")
+
+
+class Auth(_Strict):
+    """Client API keys. With none configured, /v1/* is open and nothing is checked."""
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys_file: str | None = None  # one key per line; blank lines and # comments skipped
+    forward_client_key: bool = False  # pass the client's Authorization header upstream
+    max_concurrent_per_key: int | None = Field(None, ge=1)
+    _file_keys: list[SecretStr] = PrivateAttr(default_factory=list)
+
+    def all_keys(self) -> list[str]:
+        """Every accepted key: the listed ones, then the file's (read at load time)."""
+        return [k.get_secret_value() for k in (*self.api_keys, *self._file_keys)]
+
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self._file_keys)
+
+
+class Admin(_Strict):
+    """The admin API (/admin/*): off without a token. With `host` or `port` set it is
+    served on its own listener (missing half: listen's) and not on the main one."""
+
+    token: SecretStr | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=0, le=65535)
+
+    def separate(self) -> bool:
+        return self.host is not None or self.port is not None
 
 
 class Signals(_Strict):
@@ -125,6 +172,13 @@ class Discovery(_Strict):
     timeout: float = Field(3.0, gt=0)
 
 
+class AccessLogConfig(_Strict):
+    """JSON lines, one per request (see lbproxy/proxy/access_log.py); path None: stderr."""
+
+    enabled: bool = False
+    path: str | None = None
+
+
 class Config(_Strict):
     listen: Listen = Field(default_factory=Listen)
     pools: list[Pool] = Field(min_length=1)
@@ -133,6 +187,12 @@ class Config(_Strict):
     health: Health = Field(default_factory=Health)
     discovery: Discovery = Field(default_factory=Discovery)
     signals: Signals = Field(default_factory=Signals)
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    auth: Auth = Field(default_factory=Auth)
+    admin: Admin = Field(default_factory=Admin)
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"
+    )
     request_id_header: str = "x-request-id"
     session_header: str = "x-session-id"
     expose_backend_header: bool = False
@@ -192,8 +252,8 @@ def _check_semantics(cfg: Config, source: str) -> None:
             served[model] = pool.name
         seen: set[str] = set()
         for j, b in enumerate(pool.backends):
-            if b.name is None:
-                b.name = b.url.split("://", 1)[1]
+            if b.name is None:  # host[:port]/path; user:password@ never becomes a name
+                b.name = b.url.split("://", 1)[1].rpartition("@")[2]
             if b.name in seen:
                 raise ConfigError(
                     f"{source}: pools[{i}].backends[{j}]: duplicate backend '{b.name}' "
@@ -214,6 +274,56 @@ def _check_semantics(cfg: Config, source: str) -> None:
                 f"{source}: pools[{i}].tokenizer: the precise-prefix scorer needs the model's "
                 "tokenizer (a tokenizer.json path, or 'default' for simulated backends)"
             )
+    _check_secrets(cfg, source)
+
+
+def _bad_secret(value: str) -> str | None:
+    if not value:
+        return "is empty"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "contains whitespace or control characters"
+    return None
+
+
+def _check_secrets(cfg: Config, source: str) -> None:
+    """Keys and tokens: read the key file; reject empty ones (an unset `${VAR:-}` must
+    not turn into a key that an empty Bearer header would match). Values are never
+    quoted in messages."""
+    auth = cfg.auth
+    for i, key in enumerate(auth.api_keys):
+        if problem := _bad_secret(key.get_secret_value()):
+            raise ConfigError(f"{source}: auth.api_keys[{i}]: {problem}")
+    if auth.api_keys_file is not None:
+        try:
+            lines = Path(auth.api_keys_file).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"{source}: auth.api_keys_file: cannot read: {e.strerror}") from None
+        file_keys = []
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if problem := _bad_secret(line):
+                raise ConfigError(f"{source}: auth.api_keys_file: line {n}: key {problem}")
+            file_keys.append(SecretStr(line))
+        if not file_keys:
+            raise ConfigError(f"{source}: auth.api_keys_file: no keys in the file")
+        auth._file_keys = file_keys
+    token = cfg.admin.token
+    if token is not None and (problem := _bad_secret(token.get_secret_value())):
+        raise ConfigError(f"{source}: admin.token: {problem}")
+    admin = cfg.admin
+    if (
+        admin.separate()
+        and (admin.host or cfg.listen.host) == cfg.listen.host
+        and (cfg.listen.port if admin.port is None else admin.port) == cfg.listen.port
+        and cfg.listen.port != 0
+    ):
+        raise ConfigError(f"{source}: admin: host/port must differ from listen's")
+    for i, pool in enumerate(cfg.pools):
+        for j, b in enumerate(pool.backends):
+            if b.api_key is not None and (problem := _bad_secret(b.api_key.get_secret_value())):
+                raise ConfigError(f"{source}: pools[{i}].backends[{j}].api_key: {problem}")
 
 
 def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:

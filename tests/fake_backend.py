@@ -32,6 +32,7 @@ class FakeBackend:
     chunk_delay: float = 0.0
     stall_before_headers: float = 0.0
     die_after_chunks: int | None = None  # drop the connection mid-stream
+    health_status: int | None = None  # /health answers this (default: fail_status, else 200)
     received: list[Received] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)  # monotonic times
     in_progress: int = 0
@@ -161,9 +162,8 @@ class FakeBackend:
         )
 
     async def _health(self, request: web.Request) -> web.Response:
-        if self.fail_status is not None:
-            return web.Response(status=self.fail_status)
-        return web.Response()
+        status = self.health_status or self.fail_status
+        return web.Response(status=status or 200)
 
     async def start(self) -> FakeBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)

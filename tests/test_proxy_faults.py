@@ -46,7 +46,8 @@ def test_dead_and_failing_backends_are_skipped(fake_backends, run_proxy) -> None
     good = fake_backends(2)
     failing = fake_backends(1, fail_status=503)[0]
     dead = _closed_port_url()
-    proxy = run_proxy(proxy_config([good[0], dead, failing, good[1]]))
+    # Passive failover only: active checks would eject both before the first request.
+    proxy = run_proxy(proxy_config([good[0], dead, failing, good[1]], health={"active": False}))
     with httpx.Client(base_url=proxy.url) as c:
         statuses = [c.post("/v1/completions", json=BODY).status_code for _ in range(40)]
     assert statuses == [200] * 40
@@ -59,7 +60,7 @@ def test_dead_and_failing_backends_are_skipped(fake_backends, run_proxy) -> None
 
 def test_retries_are_bounded_and_all_down_is_502(fake_backends, run_proxy) -> None:
     failing = fake_backends(4, fail_status=503)
-    cfg = proxy_config(failing)
+    cfg = proxy_config(failing, health={"active": False})  # the forwarder's own retries
     cfg["limits"] = {"max_attempts": 2}
     proxy = run_proxy(cfg)
     r = httpx.post(proxy.url + "/v1/completions", json=BODY)
@@ -68,7 +69,7 @@ def test_retries_are_bounded_and_all_down_is_502(fake_backends, run_proxy) -> No
     assert sum(len(b.received) for b in failing) == 2
 
     dead = [_closed_port_url() for _ in range(3)]
-    proxy2 = run_proxy(proxy_config(dead))
+    proxy2 = run_proxy(proxy_config(dead, health={"active": False}))
     r2 = httpx.post(proxy2.url + "/v1/completions", json=BODY)
     assert r2.status_code == 502
     err = r2.json()["error"]

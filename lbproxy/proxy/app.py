@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,9 +11,14 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
-from lbproxy.proxy.errors import error_body
+from lbproxy.proxy.admin import AdminAPI, add_admin_routes
+from lbproxy.proxy.auth import build_authenticator
+from lbproxy.proxy.errors import ProxyError, error_body
 from lbproxy.proxy.forward import Forwarder, ForwardSettings
 from lbproxy.proxy.kv_feed import build_subscriber
+from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
+from lbproxy.proxy.observability import OBS
+from lbproxy.proxy.observability import install as install_observability
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
@@ -35,6 +39,9 @@ class ProxyState:
     scraper: MetricsScraper | None = None
     kv_subscriber: KVEventSubscriber | None = None
     started: float = field(default_factory=time.time)
+    config_path: str | None = None  # what a reload re-reads
+    seed: int | None = None
+    admin: AdminAPI | None = None  # admin operations and hot reload (one lock for both)
 
 
 STATE = web.AppKey("lbproxy_state", ProxyState)
@@ -46,6 +53,12 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 async def _models(request: web.Request) -> web.Response:
     st = request.app[STATE]
+    auth = st.forwarder.auth if st.forwarder is not None else None
+    if auth is not None:
+        try:
+            auth.check(request)
+        except ProxyError as e:
+            return e.response()
     cards = st.discovery.cards if st.discovery else {}
     data = []
     for model in st.pools.served_models():
@@ -108,35 +121,34 @@ async def _startup(app: web.Application) -> None:
     st.forwarder = Forwarder(
         st.pools,
         st.session,
-        ForwardSettings(
-            max_attempts=cfg.limits.max_attempts,
-            connect_timeout=cfg.timeouts.connect,
-            first_byte_timeout=cfg.timeouts.first_byte,
-            idle_timeout=cfg.timeouts.idle,
-            request_id_header=cfg.request_id_header,
-            session_header=cfg.session_header,
-            expose_backend_header=cfg.expose_backend_header,
-        ),
+        ForwardSettings.from_config(cfg),
+        metrics=app[OBS].metrics,
     )
+    st.forwarder.auth = build_authenticator(cfg.auth)
     h = cfg.health
+    # Providers read st.pools on every round, so they follow a hot reload's swap.
     st.health = HealthChecker(
-        st.pools.endpoints,
+        lambda: st.pools.endpoints(),
         st.session,
         interval=h.interval,
         timeout=h.timeout,
         unhealthy_after=h.unhealthy_after,
         healthy_after=h.healthy_after,
+        failure_threshold=h.failure_threshold,
+        open_seconds=h.open_seconds,
+        active=h.active,
     )
+    st.forwarder.record_outcome = st.health.record
     st.health.start()
     sig = cfg.signals
     st.scraper = MetricsScraper(
-        st.pools.endpoints,
+        lambda: st.pools.endpoints(),
         interval=sig.metrics_interval,
         timeout=sig.metrics_timeout,
         session=st.session,
     )
     await st.scraper.start()
-    st.kv_subscriber = build_subscriber(cfg, st.pools)
+    st.kv_subscriber = build_subscriber(cfg, st.pools, lambda: st.pools)
     if st.kv_subscriber is not None:
         await st.kv_subscriber.start()
     st.discovery = ModelDiscovery(
@@ -156,14 +168,23 @@ async def _cleanup(app: web.Application) -> None:
         await st.session.close()
 
 
-def build_app(cfg: Config, *, seed: int | None = None) -> web.Application:
+def build_app(
+    cfg: Config, *, seed: int | None = None, config_path: str | None = None
+) -> web.Application:
     # The body limit is enforced by request.read(); +1 so that exactly the limit passes.
     app = web.Application(client_max_size=cfg.limits.max_body_bytes)
-    app[STATE] = ProxyState(config=cfg, pools=PoolTable(cfg, seed=seed))
+    app[STATE] = ProxyState(
+        config=cfg, pools=PoolTable(cfg, seed=seed), config_path=config_path, seed=seed
+    )
+    st = app[STATE]
+    st.admin = AdminAPI(st)
+    if not cfg.admin.separate():
+        add_admin_routes(app, st.admin)
     app.router.add_post("/v1/{tail:.*}", _forward)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
+    install_observability(app, cfg, app[STATE])  # /metrics, /dashboard, access log
     app.router.add_route("*", "/{tail:.*}", _not_found)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
@@ -175,40 +196,112 @@ class RunningProxy:
     runner: web.AppRunner
     host: str
     port: int
+    admin_runner: web.AppRunner | None = None  # when the admin API has its own listener
+    admin_host: str | None = None
+    admin_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def admin_url(self) -> str:
+        """Where /admin/* is served (the main URL unless it has its own listener)."""
+        if self.admin_runner is None:
+            return self.url
+        return f"http://{self.admin_host}:{self.admin_port}"
+
+    @property
     def state(self) -> ProxyState:
         return self.runner.app[STATE]
 
     async def close(self) -> None:
+        """Graceful: stop listening, let requests in flight finish (up to shutdown_grace)."""
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
         await self.runner.cleanup()
 
 
-async def start_proxy(
-    cfg: Config, *, host: str | None = None, port: int | None = None, seed: int | None = None
-) -> RunningProxy:
-    """Start lbproxy inside the running event loop (port 0 picks a free port)."""
-    app = build_app(cfg, seed=seed)
-    # handler_cancellation: a client that disconnects cancels its handler at once, which
-    # closes the upstream connection so that vLLM aborts the request and frees its KV.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    bind_host = host or cfg.listen.host
-    site = web.TCPSite(runner, bind_host, cfg.listen.port if port is None else port)
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    site = web.TCPSite(runner, host, port)
     await site.start()
     sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-    bound = sockets[0].getsockname()[1] if sockets else cfg.listen.port
-    return RunningProxy(runner, bind_host, bound)
+    return int(sockets[0].getsockname()[1]) if sockets else port
 
 
-async def serve_forever(cfg: Config, *, host: str | None = None, port: int | None = None) -> None:
-    proxy = await start_proxy(cfg, host=host, port=port)
+async def start_proxy(
+    cfg: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    seed: int | None = None,
+    config_path: str | None = None,
+) -> RunningProxy:
+    """Start lbproxy inside the running event loop (port 0 picks a free port).
+
+    `config_path` is the file a reload (SIGHUP, POST /admin/reload) re-reads."""
+    app = build_app(cfg, seed=seed, config_path=config_path)
+    max_header = cfg.limits.max_header_bytes
+    # handler_cancellation: a client that disconnects cancels its handler at once, which
+    # closes the upstream connection so that vLLM aborts the request and frees its KV.
+    runner = ProxyRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        max_line_size=max_header,
+        max_field_size=max_header,
+        shutdown_timeout=cfg.shutdown_grace,
+    )
+    await runner.setup()
+    bind_host = host or cfg.listen.host
+    bound = await _listen(runner, bind_host, cfg.listen.port if port is None else port)
+    proxy = RunningProxy(runner, bind_host, bound)
+    admin = cfg.admin
+    if admin.separate():
+        # Its own application on its own listener: /admin/* is then absent from the main one.
+        admin_app = web.Application()
+        assert app[STATE].admin is not None
+        add_admin_routes(admin_app, app[STATE].admin)
+        admin_app.router.add_route("*", "/{tail:.*}", _not_found)
+        admin_runner = ProxyRunner(
+            admin_app,
+            access_log=None,
+            max_line_size=max_header,
+            max_field_size=max_header,
+            shutdown_timeout=min(cfg.shutdown_grace, 5.0),
+        )
+        await admin_runner.setup()
+        proxy.admin_runner = admin_runner
+        proxy.admin_host = admin.host or cfg.listen.host
+        try:
+            proxy.admin_port = await _listen(
+                admin_runner,
+                proxy.admin_host,
+                cfg.listen.port if admin.port is None else admin.port,
+            )
+        except BaseException:
+            await proxy.close()
+            raise
+    return proxy
+
+
+async def serve_forever(
+    cfg: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (graceful shutdown); SIGHUP reloads `config_path`."""
+    proxy = await start_proxy(cfg, host=host, port=port, config_path=config_path)
     log.info("lbproxy listening on %s", proxy.url)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await proxy.close()
+    if proxy.admin_runner is not None:
+        log.info("admin API on %s", proxy.admin_url)
+    st = proxy.state
+    assert st.admin is not None
+    await run_until_signalled(
+        proxy.close,
+        st.admin.reload if config_path is not None else None,
+        grace=cfg.shutdown_grace,
+        in_flight=lambda: sum(ep.in_flight for ep in st.pools.endpoints()),
+    )

@@ -4,8 +4,10 @@ Upstream trouble is classified once, here, into the status a client should see:
 
     ProxyError                     (status, type, code)
     ├── BadRequest                 400  invalid_request_error
+    ├── Unauthorized               401  invalid_api_key        (client key or admin token)
     ├── ModelNotFound              404  model_not_found
     ├── BodyTooLarge               413  request_too_large
+    ├── TooManyConcurrent          429  concurrency_limit_exceeded  (per client key)
     ├── NoBackend                  503  no_backend_available
     ├── UpstreamUnreachable        502  upstream_unreachable   (connect refused / reset)
     └── UpstreamTimeout            504  upstream_timeout       (connect or first byte)
@@ -49,6 +51,20 @@ class ModelNotFound(ProxyError):
 
 class BodyTooLarge(ProxyError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class Unauthorized(ProxyError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        return super().response({**(extra_headers or {}), "WWW-Authenticate": "Bearer"})
+
+
+class TooManyConcurrent(ProxyError):
+    status, type, code = 429, "rate_limit_error", "concurrency_limit_exceeded"
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        return super().response({**(extra_headers or {}), "Retry-After": "1"})
 
 
 class NoBackend(ProxyError):

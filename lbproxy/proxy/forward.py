@@ -6,6 +6,10 @@ arrive, never re-framed. Before the first byte reaches the client a failed backe
 retried on the next one in the decision's ranking; after it, a failure ends an SSE
 stream with an error event (any other body is cut by closing the connection, so the
 client sees a truncated body rather than a complete-looking one).
+
+With client keys configured (`auth`), a request is admitted before its body is read (one
+constant-time check, and a per-key in-flight count when limited). Every attempt's outcome
+goes to the circuit breaker (`record_outcome`, see `signals.health`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from lbproxy.config import Config
+from lbproxy.proxy.auth import Authenticator
 from lbproxy.proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -30,6 +37,7 @@ from lbproxy.proxy.errors import (
     sse_error_event,
 )
 from lbproxy.proxy.headers import downstream_headers, upstream_headers
+from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -48,34 +56,82 @@ class ForwardSettings:
     session_header: str = "x-session-id"
     expose_backend_header: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> ForwardSettings:
+        return cls(
+            max_attempts=cfg.limits.max_attempts,
+            connect_timeout=cfg.timeouts.connect,
+            first_byte_timeout=cfg.timeouts.first_byte,
+            idle_timeout=cfg.timeouts.idle,
+            request_id_header=cfg.request_id_header,
+            session_header=cfg.session_header,
+            expose_backend_header=cfg.expose_backend_header,
+        )
+
+
+def _no_breaker(ep: Endpoint, ok: bool) -> None:
+    pass
+
+
+def _dot_segment(path: str) -> bool:
+    # `/v1/../x` (or %2e%2e) would reach a backend's non-OpenAI routes once the client
+    # library normalises the URL: never forward one.
+    return any(seg in (".", "..") for seg in path.split("/"))
+
 
 class Forwarder:
     """Holds what the data path needs; `handle` is the aiohttp handler for /v1/* POSTs."""
 
     def __init__(
-        self, pools: PoolTable, session: aiohttp.ClientSession, settings: ForwardSettings
+        self,
+        pools: PoolTable,
+        session: aiohttp.ClientSession,
+        settings: ForwardSettings,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         self.pools = pools
+        self.obs = metrics if metrics is not None else ProxyMetrics()
         self.session = session
+        self.configure(settings)
+        self.retries = 0  # attempts beyond the first, all requests
+        self.auth: Authenticator | None = None  # client keys; None: /v1/* is open
+        # The circuit breaker's `record(ep, ok)`, told the outcome of every attempt.
+        self.record_outcome: Callable[[Endpoint, bool], None] = _no_breaker
+
+    def configure(self, settings: ForwardSettings) -> None:
+        """Apply settings (at start and on a hot reload)."""
         self.settings = settings
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout,
             sock_read=settings.first_byte_timeout,
         )
-        self.retries = 0  # attempts beyond the first, all requests
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         s = self.settings
         request_id = request.headers.get(s.request_id_header) or uuid.uuid4().hex
+        # The request's one clock read before its response: latency origin and routing's now.
+        ex = Exchange(asyncio.get_running_loop().time(), request_id, request.path)
         id_header = {s.request_id_header: request_id}
+        auth = self.auth
+        slot = None
         try:
-            return await self._handle(request, request_id)
+            if auth is not None:
+                slot = auth.admit(request)
+            return await self._handle(request, request_id, ex)
         except ProxyError as e:
+            self.obs.rejected(ex, e.status, e.code, request)
             return e.response(id_header)
+        finally:
+            if slot is not None and auth is not None:
+                auth.release(slot)
 
-    async def _handle(self, request: web.Request, request_id: str) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.Request, request_id: str, ex: Exchange
+    ) -> web.StreamResponse:
         s = self.settings
+        if "/." in request.path and _dot_segment(request.path):
+            raise BadRequest("the request path must not contain '.' or '..' segments")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -91,6 +147,7 @@ class Forwarder:
         model = parsed.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required and must be a non-empty string", param="model")
+        ex.model = model
         pool = self.pools.for_model(model)
         if pool is None:
             served = self.pools.served_models()
@@ -98,6 +155,7 @@ class Forwarder:
                 f"The model '{model}' does not exist. Served models: {', '.join(served) or 'none'}",
                 param="model",
             )
+        ex.pool = pool.name
 
         ctx = RequestContext(
             model=model,
@@ -107,11 +165,11 @@ class Forwarder:
             request_id=request_id,
             _tokenize=pool.tokenize,
         )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = ex.t0
         decision = pool.router.route(ctx, pool.endpoints, now)
         if decision is None:
             raise NoBackend(f"no healthy backend in pool '{pool.name}' for model '{model}'")
+        self.obs.routed(ex, decision)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "route %s model=%s pool=%s profile=%s -> %s totals=%s scores=%s %s",
@@ -126,6 +184,9 @@ class Forwarder:
             )
 
         headers = upstream_headers(request.headers, s.request_id_header, request_id)
+        if self.auth is not None and not self.auth.forward_client_key:
+            headers.popall("Authorization", None)  # the client's key is lbproxy's business
+        upstream_auth = pool.upstream_auth  # per-backend keys, usually none
         url_tail = request.rel_url.raw_path_qs
         failures: list[str] = []
         timed_out = False
@@ -136,23 +197,35 @@ class Forwarder:
                 pool.router.routed_elsewhere(ctx, ep, now)
             last = attempt == len(candidates) - 1
             ep.in_flight += 1
+            h = headers
+            if upstream_auth and ep in upstream_auth:
+                h = headers.copy()
+                h["Authorization"] = upstream_auth[ep]
             try:
                 try:
                     upstream = await self.session.post(
-                        ep.url + url_tail, data=body, headers=headers, timeout=self._timeout
+                        ep.url + url_tail, data=body, headers=h, timeout=self._timeout
                     )
                 except (TimeoutError, aiohttp.ServerTimeoutError) as e:
                     timed_out = True
                     failures.append(f"{ep.name}: timed out ({type(e).__name__})")
+                    self.obs.attempt_failed(ex, ep, "timeout", not last)
+                    self.record_outcome(ep, False)
                     continue
                 except aiohttp.ClientError as e:
                     failures.append(f"{ep.name}: {type(e).__name__}: {e}")
+                    self.obs.attempt_failed(ex, ep, "connect_error", not last)
+                    self.record_outcome(ep, False)
                     continue
+                # 429 is a busy backend, not a broken one: retried but not held against it.
+                self.record_outcome(ep, upstream.status < 500)
                 if upstream.status in _RETRYABLE_STATUS and not last:
                     failures.append(f"{ep.name}: HTTP {upstream.status}")
+                    cause = "status_429" if upstream.status == 429 else "status_5xx"
+                    self.obs.attempt_failed(ex, ep, cause, True)
                     upstream.release()
                     continue
-                return await self._relay(request, upstream, ep, request_id)
+                return await self._relay(request, upstream, ep, request_id, ex)
             finally:
                 ep.in_flight -= 1
 
@@ -168,6 +241,7 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         ep: Endpoint,
         request_id: str,
+        ex: Exchange,
     ) -> web.StreamResponse:
         s = self.settings
         # Headers are in: from now on the gap between body chunks is what is bounded.
@@ -184,20 +258,32 @@ class Forwarder:
         if length is not None and "chunked" not in upstream.headers.get("transfer-encoding", ""):
             resp.content_length = length
         is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        ex.stream = is_sse
 
+        loop = asyncio.get_running_loop()
         clean = False  # the upstream body was read to its end
         last_chunk = b"\n\n"
+        prev_chunk = b""  # with last_chunk: where a response's usage is, read at the end
+        t_first = 0.0
+        chunks = 0  # body reads, for the inter-token estimate (counting events cost 1 ns/byte)
+        ex.ended = "client_disconnect"  # unless the body ends or the backend fails first
         try:
             await resp.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
+                    if not t_first:
+                        t_first = loop.time()
                     await resp.write(chunk)
-                    last_chunk = chunk
+                    chunks += 1
+                    prev_chunk, last_chunk = last_chunk, chunk
                 clean = True
+                ex.ended = "ok"
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
                 if request.transport is None or request.transport.is_closing():
                     raise  # the client left; nothing to tell it
                 reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+                self.record_outcome(ep, False)
+                ex.ended = "stream_timeout" if reason == "timed out" else "stream_disconnect"
                 log.warning(
                     "request %s: backend %s failed mid-response (%s)", request_id, ep.name, reason
                 )
@@ -215,8 +301,13 @@ class Forwarder:
             await resp.write_eof()
             return resp
         finally:
+            ex.t_end = loop.time()
+            ex.t_first = t_first
+            ex.chunks = chunks
+            ex.status = resp.status
             if clean:
                 upstream.release()
             else:
                 # Closing the connection is what makes vLLM abort the request.
                 upstream.close()
+            self.obs.relayed(ex, ep, last_chunk, prev_chunk, request)

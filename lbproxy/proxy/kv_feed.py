@@ -3,11 +3,16 @@
 Only pools whose routing profile uses `precise-prefix` have an index; backends of other
 pools are not subscribed to even when they publish. A source is named `pool/backend`
 so that equal backend names in two pools stay apart.
+
+The callbacks look the pool up in `current()` (the running PoolTable) on every batch, so
+after a hot reload events land in the new table's indexes; the subscriber itself is
+restarted only when its sources change.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +33,8 @@ def _index(pools: PoolTable, source_name: str) -> tuple[PreciseIndex | None, str
     return None, backend
 
 
-def build_subscriber(cfg: Config, pools: PoolTable) -> KVEventSubscriber | None:
+def kv_sources(cfg: Config, pools: PoolTable) -> list[KVEventSource]:
+    """The event sources of the backends of pools that have a precise index."""
     sources: list[KVEventSource] = []
     for spec, pool in zip(cfg.pools, pools.pools, strict=True):
         if SHARED_KEY not in pool.bctx.shared:
@@ -51,16 +57,24 @@ def build_subscriber(cfg: Config, pools: PoolTable) -> KVEventSubscriber | None:
                     kv.endpoint, kv.topic, name, kv.mode == "bind", kv.replay_endpoint
                 )
             sources.append(source)
+    return sources
+
+
+def build_subscriber(
+    cfg: Config, pools: PoolTable, current: Callable[[], PoolTable] | None = None
+) -> KVEventSubscriber | None:
+    sources = kv_sources(cfg, pools)
     if not sources:
         return None
+    table = current if current is not None else (lambda: pools)
 
     def on_events(source_name: str, events: list[Any], seq: int) -> None:
-        index, backend = _index(pools, source_name)
+        index, backend = _index(table(), source_name)
         if index is not None:
             index.apply_events(backend, events)
 
     def on_gap(source_name: str) -> None:
-        index, backend = _index(pools, source_name)
+        index, backend = _index(table(), source_name)
         if index is not None:
             log.warning("KV events of %s: gap not repaired; forgetting its blocks", source_name)
             index.forget(backend)

@@ -1,45 +1,92 @@
-"""Runtime pools: the endpoints and router of each configured pool, and model lookup."""
+"""Runtime pools: the endpoints and router of each configured pool, and model lookup.
+
+A hot reload builds a new PoolTable from the new config with `previous=` the running one.
+A backend that stays (same pool, name and url) keeps its Endpoint object, so its in-flight
+count, metrics, health and drain state carry over; a pool whose routing (profile,
+tokenizer, model) is unchanged keeps its Router and BuildContext, so its prefix indexes
+carry over. Building has no effect on the running table: the changes to kept endpoints
+(weight, labels) and the forgetting of removed backends in the kept indexes happen in
+`commit()`, which the caller runs just before it swaps the table in, with no await
+between the two.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from lbproxy.config import Config, Pool, load_pool_tokenizer
+from lbproxy.config import Backend, Config, Pool, load_pool_tokenizer
 from lbproxy.prompt_tokens import PromptTokenizer
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
+from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import build_router
 from lbproxy.routing.state import Endpoint
 
 
 class PoolRuntime:
     __slots__ = (
+        "_pending",
+        "_previous",
         "bctx",
         "configured_models",
         "discovered_models",
         "endpoints",
         "name",
         "router",
+        "router_kept",
+        "spec",
         "tokenize",
+        "upstream_auth",
     )
 
     def __init__(
-        self, spec: Pool, *, metrics_max_age: float = 2.0, seed: int | None = None
+        self,
+        spec: Pool,
+        *,
+        metrics_max_age: float = 2.0,
+        seed: int | None = None,
+        previous: PoolRuntime | None = None,
     ) -> None:
         self.name = spec.name
+        self.spec = spec
         self.configured_models: list[str] | None = spec.models
         self.discovered_models: dict[str, set[str]] = {}  # backend name -> its models
-        self.endpoints = [
-            Endpoint(
-                name=b.name or b.url,
-                url=b.url,
-                vendor=b.vendor,
-                labels=dict(b.labels),
-                weight=b.weight,
-                pool=spec.name,
-            )
-            for b in spec.backends
-        ]
+        self._previous = previous
+        old = {(ep.name, ep.url): ep for ep in previous.endpoints} if previous else {}
+        self._pending: list[tuple[Endpoint, Backend]] = []  # kept endpoints, new settings
+        self.endpoints = []
+        for b in spec.backends:
+            name = b.name or b.url
+            ep = old.get((name, b.url))
+            if ep is None:
+                ep = Endpoint(
+                    name=name,
+                    url=b.url,
+                    vendor=b.vendor,
+                    labels=dict(b.labels),
+                    weight=b.weight,
+                    pool=spec.name,
+                )
+            else:
+                self._pending.append((ep, b))
+                if previous is not None and name in previous.discovered_models:
+                    self.discovered_models[name] = previous.discovered_models[name]
+            self.endpoints.append(ep)
+        # `Authorization` values sent to the backends that have their own upstream key.
+        self.upstream_auth: dict[Endpoint, str] = {
+            ep: f"Bearer {b.api_key.get_secret_value()}"
+            for ep, b in zip(self.endpoints, spec.backends, strict=True)
+            if b.api_key is not None
+        }
+        self.router_kept = previous is not None and _same_routing(
+            previous.spec, spec, previous.bctx.metrics_max_age, metrics_max_age
+        )
+        if previous is not None and self.router_kept:
+            self.bctx = previous.bctx
+            self.tokenize = previous.tokenize
+            self.router: Router = previous.router
+            return
         self.bctx = BuildContext(
             pool=spec.name, model=(spec.models or [""])[0], metrics_max_age=metrics_max_age
         )
@@ -47,7 +94,40 @@ class PoolRuntime:
         self.bctx.tokenizer = tokenizer
         # Token ids are computed only if a precise scorer asks, and cached across requests.
         self.tokenize = PromptTokenizer(tokenizer) if tokenizer is not None else None
-        self.router: Router = build_router(spec.routing, self.bctx, seed=seed)
+        self.router = build_router(spec.routing, self.bctx, seed=seed)
+
+    def commit(self) -> dict[str, Any]:
+        """Apply the new settings to kept endpoints and forget the backends that left;
+        returns what changed."""
+        changed = []
+        for ep, b in self._pending:
+            before = (ep.weight, ep.vendor, ep.labels)
+            ep.weight, ep.vendor, ep.labels = b.weight, b.vendor, dict(b.labels)
+            if (ep.weight, ep.vendor, ep.labels) != before:
+                changed.append(ep.name)
+        prev, self._previous, self._pending = self._previous, None, []
+        kept = {id(ep) for ep in self.endpoints}
+        gone = [] if prev is None else [ep for ep in prev.endpoints if id(ep) not in kept]
+        if self.router_kept:
+            for ep in gone:  # what the indexes learnt about them no longer holds
+                self.forget(ep.name)
+        new = [ep for ep in self.endpoints if prev is None or ep not in prev.endpoints]
+        return {
+            "added": [ep.name for ep in new],
+            "removed": [ep.name for ep in gone],
+            "changed": changed,
+            "router": "kept" if self.router_kept else "rebuilt",
+        }
+
+    def forget(self, backend_name: str) -> None:
+        """Drop what this pool's prefix indexes hold for a backend."""
+        for ws in self.router.scorers:
+            forget = getattr(ws.scorer, "forget", None)
+            if forget is not None:
+                forget(backend_name)
+        index = self.bctx.shared.get(PRECISE_INDEX_KEY)
+        if index is not None:
+            index.forget(backend_name)
 
     def models(self) -> set[str]:
         if self.configured_models is not None:
@@ -58,14 +138,40 @@ class PoolRuntime:
         return out
 
 
+def _same_routing(a: Pool, b: Pool, age_a: float, age_b: float) -> bool:
+    return (
+        a.routing == b.routing
+        and a.tokenizer == b.tokenizer
+        and a.chat_template == b.chat_template
+        and (a.models or [""])[0] == (b.models or [""])[0]
+        and age_a == age_b
+    )
+
+
 class PoolTable:
     """Maps a request's `model` to its pool; rebuilt when discovery learns new models."""
 
-    def __init__(self, cfg: Config, *, seed: int | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, seed: int | None = None, previous: PoolTable | None = None
+    ) -> None:
         age = cfg.signals.metrics_max_age
-        self.pools = [PoolRuntime(p, metrics_max_age=age, seed=seed) for p in cfg.pools]
+        old = {p.name: p for p in previous.pools} if previous is not None else {}
+        self.pools = [
+            PoolRuntime(p, metrics_max_age=age, seed=seed, previous=old.get(p.name))
+            for p in cfg.pools
+        ]
+        names = {p.name for p in self.pools}
+        self.removed_pools = [p for name, p in old.items() if name not in names]
         self._by_model: dict[str, PoolRuntime] = {}
         self.rebuild()
+
+    def commit(self) -> dict[str, Any]:
+        """See the module docstring; returns what changed, per pool."""
+        out: dict[str, Any] = {p.name: p.commit() for p in self.pools}
+        for p in self.removed_pools:
+            out[p.name] = {"removed_pool": True, "removed": [ep.name for ep in p.endpoints]}
+        self.removed_pools = []
+        return out
 
     def rebuild(self) -> None:
         by_model: dict[str, PoolRuntime] = {}

@@ -359,6 +359,10 @@ class PreciseIndex:
         """Our keys the backend holds (confirmed by events; speculation excluded)."""
         return set(self._held.get(backend_name, ()))
 
+    def engine_hashes_of(self, backend_name: str) -> set[int]:
+        """The backend's own block hashes the index holds (what its KV events say it caches)."""
+        return set(self._engine.get(backend_name, ()))
+
     def stats(self) -> dict[str, int]:
         entries = sum(len(h) for h in self._held.values())
         engine = sum(len(m) for m in self._engine.values())

@@ -67,7 +67,7 @@ class ModelDiscovery:
             await self.discover_once()
 
     def start(self) -> None:
-        if self.needed():
+        if self._task is None and self.needed():
             self._task = asyncio.create_task(self._run(), name="lbproxy-discovery")
 
     async def stop(self) -> None:

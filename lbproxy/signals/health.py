@@ -1,8 +1,31 @@
-"""Active health checks: GET /health on every endpoint, with hysteresis.
+"""Endpoint health: active checks of `/health` and a passive circuit breaker.
 
-An endpoint is ejected after `unhealthy_after` consecutive failures (connect error,
-timeout, non-2xx) and re-admitted after `healthy_after` consecutive successes. Each
-endpoint is checked independently, so a hanging one delays nobody else.
+Routing reads one flag, `Endpoint.healthy`, which is set here to
+
+    healthy = (the active checks say up) and (the circuit is not open)
+
+Active checks (unless `active` is off): every `interval` each endpoint gets GET /health
+(timeout `timeout`), each on its own, so a hanging one delays nobody else. An answer that
+is definite (connection refused or reset, or a status other than 2xx) ejects the endpoint
+at once, so a backend that is down gets no new request within one interval; a timeout is
+ambiguous (a busy server answers late) and ejects only after `unhealthy_after`
+consecutive failed checks. `healthy_after` consecutive successes re-admit it.
+
+Circuit breaker, per endpoint, fed by the forwarder with the outcome of every attempt
+(`record(ep, ok)`; connect errors, timeouts before the response head, 5xx and failures
+mid-body are failures; any other response is a success):
+
+    closed --(failure_threshold consecutive failures)--> open
+    open --(open_seconds elapse)--> half-open
+    half-open --(a success)--> closed
+    half-open --(a failure)--> open again
+
+While open the endpoint gets no requests. Half-open makes it routable again and the real
+requests are the probe: the first outcome decides. Requests that race into a half-open
+endpoint that is still broken fail before their first byte and are retried elsewhere, so
+clients do not see them. Outcomes that arrive while the circuit is open (requests sent
+before it opened) are ignored. State is keyed by the Endpoint object, so it follows an
+endpoint across a hot reload and is dropped when the endpoint leaves the configuration.
 """
 
 from __future__ import annotations
@@ -10,13 +33,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import aiohttp
 
 from lbproxy.routing.state import Endpoint
 
 log = logging.getLogger("lbproxy.health")
+
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+_STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+
+
+class _Probe:
+    """Active-check state of one endpoint."""
+
+    __slots__ = ("failures", "last_check", "last_error", "successes", "up")
+
+    def __init__(self, up: bool) -> None:
+        self.up = up
+        self.failures = 0
+        self.successes = 0
+        self.last_error = ""
+        self.last_check: float | None = None
+
+
+class _Circuit:
+    """Circuit-breaker state of one endpoint."""
+
+    __slots__ = ("failures", "opened_at", "opens", "state", "timer")
+
+    def __init__(self) -> None:
+        self.state = CLOSED
+        self.failures = 0  # consecutive failed attempts
+        self.opened_at: float | None = None
+        self.opens = 0  # times opened, ever
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class HealthChecker:
@@ -29,51 +83,194 @@ class HealthChecker:
         timeout: float = 2.0,
         unhealthy_after: int = 2,
         healthy_after: int = 1,
+        failure_threshold: int = 3,
+        open_seconds: float = 10.0,
+        active: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._endpoints = endpoints
         self._session = session
+        self._clock = clock
+        self._probes: dict[Endpoint, _Probe] = {}
+        self._circuits: dict[Endpoint, _Circuit] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.configure(
+            interval=interval,
+            timeout=timeout,
+            unhealthy_after=unhealthy_after,
+            healthy_after=healthy_after,
+            failure_threshold=failure_threshold,
+            open_seconds=open_seconds,
+            active=active,
+        )
+
+    def configure(
+        self,
+        *,
+        interval: float,
+        timeout: float,
+        unhealthy_after: int,
+        healthy_after: int,
+        failure_threshold: int,
+        open_seconds: float,
+        active: bool = True,
+    ) -> None:
+        """Set the thresholds (at start and on a hot reload); state is kept."""
+        self.active = active
+        if not active:  # what past checks said no longer counts
+            probes, self._probes = self._probes, {}
+            for ep in probes:
+                self._apply(ep)
         self.interval = interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.unhealthy_after = unhealthy_after
         self.healthy_after = healthy_after
-        self.failures: dict[str, int] = {}
-        self.successes: dict[str, int] = {}
-        self.last_error: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.failure_threshold = failure_threshold
+        self.open_seconds = open_seconds
+
+    # ---- passive: the circuit breaker (hot path) ------------------------------------------
+
+    def record(self, ep: Endpoint, ok: bool) -> None:
+        """The outcome of one attempt on `ep`. Cheap unless the circuit changes state."""
+        c = self._circuits.get(ep)
+        if c is None:
+            c = self._circuits[ep] = _Circuit()
+        if ok:
+            if c.failures or c.state != CLOSED:
+                self._succeeded(ep, c)
+        elif c.state != OPEN:
+            c.failures += 1
+            if c.failures >= self.failure_threshold or c.state == HALF_OPEN:
+                self._open(ep, c)
+
+    def _succeeded(self, ep: Endpoint, c: _Circuit) -> None:
+        if c.state == OPEN:
+            return  # a request sent before the circuit opened; the timer decides
+        c.failures = 0
+        if c.state == HALF_OPEN:
+            c.state = CLOSED
+            log.info("backend %s: circuit closed (a request succeeded)", ep.name)
+
+    def _open(self, ep: Endpoint, c: _Circuit) -> None:
+        log.warning(
+            "backend %s: circuit open for %gs after %d consecutive failed requests",
+            ep.name,
+            self.open_seconds,
+            c.failures,
+        )
+        c.state = OPEN
+        c.opened_at = self._clock()
+        c.opens += 1
+        if c.timer is not None:
+            c.timer.cancel()
+        c.timer = asyncio.get_running_loop().call_later(self.open_seconds, self._half_open, ep, c)
+        self._apply(ep)
+
+    def _half_open(self, ep: Endpoint, c: _Circuit) -> None:
+        c.timer = None
+        if self._circuits.get(ep) is not c:
+            return  # the endpoint left the configuration
+        c.state = HALF_OPEN
+        c.failures = 0
+        log.info("backend %s: circuit half-open (the next request is the probe)", ep.name)
+        self._apply(ep)
+
+    def _apply(self, ep: Endpoint) -> None:
+        probe = self._probes.get(ep)
+        c = self._circuits.get(ep)
+        ep.healthy = (probe is None or probe.up) and (c is None or c.state != OPEN)
+
+    # ---- active: GET /health ---------------------------------------------------------------
 
     async def check(self, ep: Endpoint) -> bool:
+        definite = True
         try:
             async with self._session.get(ep.url + "/health", timeout=self._timeout) as r:
                 await r.read()
                 ok = 200 <= r.status < 300
                 error = "" if ok else f"HTTP {r.status}"
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except TimeoutError:
+            ok, error, definite = False, f"no answer within {self._timeout.total:g}s", False
+        except aiohttp.ClientError as e:
             ok, error = False, f"{type(e).__name__}: {e}".rstrip(": ")
-        self._record(ep, ok, error)
+        self._checked(ep, ok, error, definite)
         return ok
 
-    def _record(self, ep: Endpoint, ok: bool, error: str) -> None:
-        name = ep.name
+    def _checked(self, ep: Endpoint, ok: bool, error: str, definite: bool = True) -> None:
+        p = self._probes.get(ep)
+        if p is None:
+            p = self._probes[ep] = _Probe(True)
+        p.last_check = self._clock()
         if ok:
-            self.failures[name] = 0
-            self.successes[name] = self.successes.get(name, 0) + 1
-            if not ep.healthy and self.successes[name] >= self.healthy_after:
-                ep.healthy = True
-                log.info("backend %s is healthy again", name)
-        else:
-            self.successes[name] = 0
-            self.failures[name] = self.failures.get(name, 0) + 1
-            self.last_error[name] = error
-            if ep.healthy and self.failures[name] >= self.unhealthy_after:
-                ep.healthy = False
-                log.warning("backend %s ejected: %s", name, error)
+            p.failures = 0
+            p.successes += 1
+            if not p.up and p.successes >= self.healthy_after:
+                p.up = True
+                log.info("backend %s: health check passes again", ep.name)
+                self._apply(ep)
+            return
+        p.successes = 0
+        p.failures += 1
+        p.last_error = error
+        if p.up and (definite or p.failures >= self.unhealthy_after):
+            p.up = False
+            log.warning("backend %s ejected: health check failed (%s)", ep.name, error)
+            self._apply(ep)
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(ep) for ep in list(self._endpoints())))
+        endpoints = list(self._endpoints())
+        self._prune(endpoints)
+        if self.active:
+            await asyncio.gather(*(self.check(ep) for ep in endpoints))
+
+    def _prune(self, endpoints: list[Endpoint]) -> None:
+        """Forget endpoints that a reload removed."""
+        current = set(endpoints)
+        for ep in [ep for ep in self._probes if ep not in current]:
+            del self._probes[ep]
+        for ep in [ep for ep in self._circuits if ep not in current]:
+            c = self._circuits.pop(ep)
+            if c.timer is not None:
+                c.timer.cancel()
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def status(self, ep: Endpoint) -> dict[str, Any]:
+        """The endpoint's health as the admin API shows it."""
+        now = self._clock()
+        p = self._probes.get(ep)
+        c = self._circuits.get(ep)
+        return {
+            "active": {
+                "up": True if p is None else p.up,
+                "consecutive_failures": 0 if p is None else p.failures,
+                "last_error": None if p is None or not p.last_error else p.last_error,
+                "last_check_age_s": None
+                if p is None or p.last_check is None
+                else round(now - p.last_check, 3),
+            },
+            "circuit": {
+                "state": _STATE_NAMES[CLOSED if c is None else c.state],
+                "consecutive_failures": 0 if c is None else c.failures,
+                "opened_age_s": None
+                if c is None or c.opened_at is None or c.state == CLOSED
+                else round(now - c.opened_at, 3),
+                "times_opened": 0 if c is None else c.opens,
+            },
+        }
+
+    def circuit_state(self, ep: Endpoint) -> str:
+        c = self._circuits.get(ep)
+        return _STATE_NAMES[CLOSED if c is None else c.state]
+
+    # ---- lifecycle --------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # never let one bad round stop health checking
+                log.exception("health check round failed")
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
@@ -85,3 +282,7 @@ class HealthChecker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for c in self._circuits.values():
+            if c.timer is not None:
+                c.timer.cancel()
+                c.timer = None

@@ -68,6 +68,11 @@ class PrecisePrefixScorer:
         # Keys per block size of the request being routed, for the on_routed that follows.
         self._last_ctx: RequestContext | None = None
         self._last_keys: dict[int, list[int]] = {}
+        # Observability, as in prefix-hash: blocks routed to each endpoint and the matched ones.
+        self._counts_ctx: RequestContext | None = None
+        self._counts: dict[str, int] = {}
+        self.hit_blocks: dict[str, int] = {}
+        self.query_blocks: dict[str, int] = {}
 
     def block_size_of(self, ep: Endpoint) -> int:
         return self.index.block_size_of(ep.name) or self._geometry_block_size(ep)
@@ -111,6 +116,9 @@ class PrecisePrefixScorer:
             counts = self.index.match_keys(keys, group, now)
             if not counts:
                 continue
+            if self._counts_ctx is not ctx:
+                self._counts_ctx, self._counts = ctx, {}
+            self._counts.update(counts)
             inv = 1.0 / len(keys)
             if len(counts) <= 8:  # usually a few holders: find them with C-level scans
                 for name, c in counts.items():
@@ -122,11 +130,17 @@ class PrecisePrefixScorer:
         return self.hotspot.adjust(scores, endpoints)
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
-        if self.speculative_ttl <= 0:
+        if not ctx.token_ids():
             return
         keys = self.keys(ctx, self.block_size_of(endpoint))
-        if keys:
-            self.index.speculate(endpoint.name, keys, now, self.speculative_ttl)
+        if not keys:
+            return
+        name = endpoint.name
+        self.query_blocks[name] = self.query_blocks.get(name, 0) + len(keys)
+        if ctx is self._counts_ctx:
+            self.hit_blocks[name] = self.hit_blocks.get(name, 0) + self._counts.get(name, 0)
+        if self.speculative_ttl > 0:
+            self.index.speculate(name, keys, now, self.speculative_ttl)
 
 
 def shared_index(bctx: BuildContext) -> PreciseIndex:

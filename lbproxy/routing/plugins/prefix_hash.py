@@ -128,6 +128,12 @@ class PrefixHashScorer:
         # follows. Holding the ctx keeps `is` identity meaningful.
         self._last_ctx: RequestContext | None = None
         self._last_hashes: list[int] = []
+        # Observability: per endpoint name, blocks of the requests routed to it and how many
+        # of them the index believed it held (read by lbproxy's /metrics, never by routing).
+        self._counts_ctx: RequestContext | None = None
+        self._counts: dict[str, int] | None = None
+        self.hit_blocks: dict[str, int] = {}
+        self.query_blocks: dict[str, int] = {}
 
     def hashes(self, ctx: RequestContext) -> list[int]:
         if ctx is self._last_ctx:
@@ -142,6 +148,7 @@ class PrefixHashScorer:
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
         hashes = self.hashes(ctx)
         counts = self.index.match(hashes) if hashes else None
+        self._counts_ctx, self._counts = ctx, counts
         scores = [0.0] * len(endpoints)
         if counts:
             inv = 1.0 / len(hashes)
@@ -157,7 +164,11 @@ class PrefixHashScorer:
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         hashes = self.hashes(ctx)
         if hashes:
-            self.index.insert(endpoint.name, hashes, self.capacity(endpoint))
+            name = endpoint.name
+            self.query_blocks[name] = self.query_blocks.get(name, 0) + len(hashes)
+            if self._counts and ctx is self._counts_ctx:
+                self.hit_blocks[name] = self.hit_blocks.get(name, 0) + self._counts.get(name, 0)
+            self.index.insert(name, hashes, self.capacity(endpoint))
 
     def capacity(self, ep: Endpoint) -> int:
         """The endpoint's KV capacity in our blocks, bounded by max_lru_capacity."""

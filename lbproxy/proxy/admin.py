@@ -1,0 +1,311 @@
+"""The admin API and hot reload.
+
+Routes (every one needs `Authorization: Bearer <admin.token>`; without a configured token
+the admin API answers 403; errors are OpenAI-shaped):
+
+    GET  /admin/backends                        every backend's state
+    POST /admin/backends/{name}/drain[?pool=P]  no new requests; in-flight ones finish
+    POST /admin/backends/{name}/undrain[?pool=P]
+    POST /admin/reload                          re-read the config file and apply it
+
+Reload (also on SIGHUP): the file is loaded and validated in full first; an invalid one
+is refused (400, the ConfigError text naming file and key) and the running config stays.
+A valid one builds a new PoolTable that keeps the Endpoint objects of backends that stay
+(same pool, name and url: in-flight counts, metrics, health, drain state) and the routers
+of pools whose routing is unchanged (prefix indexes), see `pools`. Then, with no await
+in between, the kept endpoints take their new weights, removed backends are forgotten by
+the kept indexes, and the table, the client keys and the settings are swapped in: the
+next request sees the new config, requests in flight finish on the endpoints they hold.
+Afterwards the KV-event subscriber is restarted if its sources changed, and models are
+discovered for pools that list none. Settings that need a new listener or process
+(`restart_required` in the answer) are left as they are until a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from aiohttp import web
+
+from lbproxy.config import Config, ConfigError, load_config
+from lbproxy.proxy.auth import build_authenticator, token_ok
+from lbproxy.proxy.errors import BadRequest, ProxyError, Unauthorized
+from lbproxy.proxy.forward import ForwardSettings
+from lbproxy.proxy.kv_feed import build_subscriber, kv_sources
+from lbproxy.proxy.pools import PoolTable
+from lbproxy.routing.state import Endpoint
+
+if TYPE_CHECKING:
+    from lbproxy.proxy.app import ProxyState
+
+log = logging.getLogger("lbproxy.admin")
+
+# Settings a reload cannot change in a running process (listeners, server limits).
+_RESTART_ONLY = (
+    ("listen",),
+    ("admin", "host"),
+    ("admin", "port"),
+    ("limits", "max_body_bytes"),
+    ("limits", "max_header_bytes"),
+    ("shutdown_grace",),
+    ("discovery",),
+)
+
+
+class AdminDisabled(ProxyError):
+    status, type, code = 403, "permission_error", "admin_disabled"
+
+
+class BackendNotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "backend_not_found"
+
+
+class AmbiguousBackend(ProxyError):
+    status, type, code = 409, "invalid_request_error", "ambiguous_backend"
+
+
+class NoConfigFile(ProxyError):
+    status, type, code = 409, "invalid_request_error", "no_config_file"
+
+
+def _public_url(url: str) -> str:
+    """The URL without user:password@ (a backend URL may carry credentials)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _get(cfg: Config, path: tuple[str, ...]) -> Any:
+    node: Any = cfg
+    for key in path:
+        node = getattr(node, key)
+    return node.model_dump() if hasattr(node, "model_dump") else node
+
+
+class AdminAPI:
+    """Admin operations on the running proxy; the HTTP routes below call these."""
+
+    def __init__(self, state: ProxyState) -> None:
+        self.st = state
+        self._lock = asyncio.Lock()
+
+    # ---- backends ---------------------------------------------------------------------------
+
+    def backend_state(self, ep: Endpoint) -> dict[str, Any]:
+        health = self.st.health
+        status = health.status(ep) if health is not None else None
+        circuit = status["circuit"]["state"] if status is not None else "closed"
+        if ep.draining:
+            state = "draining"
+        elif ep.healthy:
+            state = "serving"
+        else:
+            state = "circuit_open" if circuit == "open" else "unhealthy"
+        m = ep.metrics
+        metrics = None
+        if m is not None:
+            loop = asyncio.get_running_loop()
+            metrics = {
+                "age_s": round(loop.time() - m.time, 3),
+                "num_running": m.num_running,
+                "num_waiting": m.num_waiting,
+                "kv_cache_usage": m.kv_cache_usage,
+            }
+        return {
+            "name": ep.name,
+            "pool": ep.pool,
+            "url": _public_url(ep.url),
+            "vendor": ep.vendor,
+            "weight": ep.weight,
+            "state": state,
+            "healthy": ep.healthy,
+            "draining": ep.draining,
+            "in_flight": ep.in_flight,
+            "health": status,
+            "metrics": metrics,
+        }
+
+    def backends(self) -> list[dict[str, Any]]:
+        return [self.backend_state(ep) for ep in self.st.pools.endpoints()]
+
+    def find(self, name: str, pool: str | None) -> Endpoint:
+        found = [
+            ep
+            for ep in self.st.pools.endpoints()
+            if ep.name == name and (pool is None or ep.pool == pool)
+        ]
+        if not found:
+            where = f" in pool '{pool}'" if pool is not None else ""
+            raise BackendNotFound(f"no backend named '{name}'{where}")
+        if len(found) > 1:
+            pools = ", ".join(ep.pool for ep in found)
+            raise AmbiguousBackend(
+                f"backend '{name}' is in several pools ({pools}): add ?pool=<name>"
+            )
+        return found[0]
+
+    def set_draining(self, name: str, pool: str | None, draining: bool) -> dict[str, Any]:
+        ep = self.find(name, pool)
+        if ep.draining != draining:
+            ep.draining = draining
+            log.info(
+                "backend %s (pool %s) %s; %d requests in flight",
+                ep.name,
+                ep.pool,
+                "draining" if draining else "back in service",
+                ep.in_flight,
+            )
+        return self.backend_state(ep)
+
+    # ---- reload -----------------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply it; raises ConfigError if it is invalid."""
+        path = self.st.config_path
+        if path is None:
+            raise NoConfigFile("lbproxy was started without a config file: nothing to reload")
+        async with self._lock:
+            # Loading builds tokenizers and routers to validate them: keep it off the loop.
+            cfg = await asyncio.to_thread(load_config, path)
+            return await self._apply(cfg, path)
+
+    async def apply(self, cfg: Config) -> dict[str, Any]:
+        """Apply an already-validated config (tests, and `reload`)."""
+        async with self._lock:
+            return await self._apply(cfg, self.st.config_path or "<config>")
+
+    async def _apply(self, cfg: Config, source: str) -> dict[str, Any]:
+        st = self.st
+        old_cfg, old_table = st.config, st.pools
+        try:
+            table = PoolTable(cfg, seed=st.seed, previous=old_table)
+        except Exception as e:  # a tokenizer or profile that validated but fails to build
+            raise ConfigError(f"{source}: cannot apply: {type(e).__name__}: {e}") from None
+        restart = [".".join(p) for p in _RESTART_ONLY if _get(old_cfg, p) != _get(cfg, p)]
+        sources_changed = set(kv_sources(old_cfg, old_table)) != set(kv_sources(cfg, table))
+
+        # ---- the swap: no await from here to its end --------------------------------------
+        changes = table.commit()
+        st.pools = table
+        st.config = cfg
+        fw = st.forwarder
+        if fw is not None:
+            fw.pools = table
+            fw.configure(ForwardSettings.from_config(cfg))
+            fw.auth = build_authenticator(cfg.auth, fw.auth)
+        if st.health is not None:
+            h = cfg.health
+            st.health.configure(
+                interval=h.interval,
+                timeout=h.timeout,
+                unhealthy_after=h.unhealthy_after,
+                healthy_after=h.healthy_after,
+                failure_threshold=h.failure_threshold,
+                open_seconds=h.open_seconds,
+                active=h.active,
+            )
+        if st.scraper is not None:
+            sig = cfg.signals
+            st.scraper.interval = sig.metrics_interval
+            st.scraper.timeout = sig.metrics_timeout or 0.8 * sig.metrics_interval
+        if st.discovery is not None:
+            st.discovery.pools = table
+        # ---- end of the swap --------------------------------------------------------------
+
+        if sources_changed:
+            if st.kv_subscriber is not None:
+                await st.kv_subscriber.stop()
+            st.kv_subscriber = build_subscriber(cfg, table, lambda: st.pools)
+            if st.kv_subscriber is not None:
+                await st.kv_subscriber.start()
+        disc = st.discovery
+        if disc is not None and disc.needed():
+            await disc.discover_once()
+            disc.start()  # no-op when already running
+        if restart:
+            log.warning("config reload: %s change only after a restart", ", ".join(restart))
+        log.info("config reloaded from %s: %s", source, orjson.dumps(changes).decode())
+        return {
+            "status": "reloaded",
+            "source": source,
+            "pools": changes,
+            "kv_subscriber_restarted": sources_changed,
+            "restart_required": restart,
+        }
+
+
+ADMIN = web.AppKey("lbproxy_admin", AdminAPI)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Admin token check and OpenAI-shaped errors around an admin handler."""
+
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        api = request.app[ADMIN]
+        try:
+            token = api.st.config.admin.token  # read per request: a reload may change it
+            if token is None:
+                raise AdminDisabled("the admin API is disabled: set admin.token to enable it")
+            if not token_ok(request, token.get_secret_value()):
+                raise Unauthorized(
+                    "Missing or incorrect admin token: send 'Authorization: Bearer <admin token>'."
+                )
+            return await handler(request)
+        except ProxyError as e:
+            return e.response()
+
+    return wrapper
+
+
+@_guarded
+async def _backends(request: web.Request) -> web.StreamResponse:
+    return _json({"object": "list", "data": request.app[ADMIN].backends()})
+
+
+async def _set_draining(request: web.Request, draining: bool) -> web.StreamResponse:
+    api = request.app[ADMIN]
+    state = api.set_draining(
+        request.match_info["name"], request.query.get("pool"), draining=draining
+    )
+    return _json(state)
+
+
+@_guarded
+async def _drain(request: web.Request) -> web.StreamResponse:
+    return await _set_draining(request, True)
+
+
+@_guarded
+async def _undrain(request: web.Request) -> web.StreamResponse:
+    return await _set_draining(request, False)
+
+
+@_guarded
+async def _reload(request: web.Request) -> web.StreamResponse:
+    try:
+        result = await request.app[ADMIN].reload()
+    except ConfigError as e:
+        log.error("POST /admin/reload: config not reloaded, the running one stays: %s", e)
+        raise BadRequest(str(e)) from None
+    return _json(result)
+
+
+def add_admin_routes(app: web.Application, api: AdminAPI) -> None:
+    app[ADMIN] = api
+    app.router.add_get("/admin/backends", _backends)
+    # {name:.+}: a default backend name is host:port/path and may contain '/'.
+    app.router.add_post("/admin/backends/{name:.+}/drain", _drain)
+    app.router.add_post("/admin/backends/{name:.+}/undrain", _undrain)
+    app.router.add_post("/admin/reload", _reload)

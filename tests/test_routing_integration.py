@@ -204,7 +204,7 @@ async def _precise_case(
     gap: str,
 ) -> tuple[dict[str, set[int]], dict[str, set[int]], Any, dict[str, int]]:
     # Few blocks per backend so that evictions happen during the run.
-    handles = await _fleet(3, kv_events=True, num_gpu_blocks=160, max_model_len=2048, replay=True)
+    handles = await _fleet(3, kv_events=True, num_gpu_blocks=140, max_model_len=2048, replay=True)
     proxy: RunningProxy | None = None
     try:
         cfg = _config(handles, "precise-cache-aware")
@@ -222,8 +222,8 @@ async def _precise_case(
             pub._pub = _LossyPub(pub._pub, lose=5)  # type: ignore[assignment]
         wl = shared_prefix(
             default_tokenizer(),
-            num_groups=6,
-            num_prompts_per_group=6,
+            num_groups=12,
+            num_prompts_per_group=4,
             system_prompt_len=700,
             question_len=64,
             output_len=16,
@@ -253,8 +253,9 @@ def test_precise_index_matches_simulators(loop_thread, gap: str) -> None:
     if gap == "no-replay":
         assert sub.gaps[name1] >= 1 and sub.forgets[name1] >= 1
         # sim1's history had a hole: the index forgot it, and holds nothing that is not real
+        # (blocks stored after the forget are known again; evictions may even have
+        # replaced every block that was forgotten)
         assert got["sim1"] <= want["sim1"]
-        assert len(got["sim1"]) < len(want["sim1"])
         names = ("sim0", "sim2")
     else:
         if gap == "replay":

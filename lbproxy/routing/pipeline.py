@@ -58,17 +58,16 @@ class Router:
                 reasons.append(f"{f.name} would drop all; kept all")
 
         totals = [0.0] * len(candidates)
-        scores: dict[str, dict[str, float]] = {}
+        score_lists: list[tuple[str, list[float]]] = []
         for ws in self.scorers:
-            raw = ws.scorer.score(ctx, candidates, now)
-            per_ep: dict[str, float] = {}
+            # Clamp to [0, 1]; NaN (s != s) counts as 0.
+            clamped = [
+                0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s)
+                for s in ws.scorer.score(ctx, candidates, now)
+            ]
             w = ws.weight
-            for i, ep in enumerate(candidates):
-                s = raw[i]
-                s = 0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s)  # NaN -> 0
-                per_ep[ep.name] = s
-                totals[i] += w * s
-            scores[ws.scorer.name] = per_ep
+            totals = [t + w * s for t, s in zip(totals, clamped, strict=True)]
+            score_lists.append((ws.scorer.name, clamped))
 
         ranked = self.picker.pick(ctx, candidates, totals, self.rng)
         chosen = ranked[0]
@@ -77,8 +76,9 @@ class Router:
         return Decision(
             endpoint=chosen,
             ranked=ranked,
-            scores=scores,
-            totals={ep.name: t for ep, t in zip(candidates, totals, strict=True)},
+            candidates=candidates,
+            score_lists=score_lists,
+            total_list=totals,
             reason="; ".join(reasons),
         )
 

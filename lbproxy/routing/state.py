@@ -99,12 +99,26 @@ class RequestContext:
 class Decision:
     """The outcome of routing one request.
 
-    `ranked` lists the candidates best first (the retry order); `scores` maps each
-    scorer name to its raw score per endpoint name; `totals` is the weighted sum.
+    `ranked` lists the candidates best first (the retry order). Each scorer's clamped
+    scores and the weighted totals are kept as lists aligned with `candidates`; the
+    `scores` and `totals` views by endpoint name are built only when someone asks (logs,
+    explanations), so a decision costs no dictionaries on the hot path.
     """
 
     endpoint: Endpoint
     ranked: list[Endpoint]
-    scores: dict[str, dict[str, float]]
-    totals: dict[str, float]
+    candidates: list[Endpoint]
+    score_lists: list[tuple[str, list[float]]]
+    total_list: list[float]
     reason: str = ""
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Scorer name -> endpoint name -> clamped score."""
+        names = [ep.name for ep in self.candidates]
+        return {scorer: dict(zip(names, vals, strict=True)) for scorer, vals in self.score_lists}
+
+    @property
+    def totals(self) -> dict[str, float]:
+        """Endpoint name -> weighted total."""
+        return {ep.name: t for ep, t in zip(self.candidates, self.total_list, strict=True)}

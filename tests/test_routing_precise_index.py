@@ -118,19 +118,29 @@ def test_keys_chain_over_uint32_token_bytes() -> None:
             id="orphan-descendants-dropped",
         ),
         pytest.param(
-            [stored(0, 2), stored(0, 2)], range(2), {"duplicate_blocks": 2}, id="duplicate-stored"
+            [stored(0, 2), stored(1, 2, parent=1000)],
+            range(2),
+            {"duplicate_blocks": 1},
+            id="duplicate-stored",
         ),
         pytest.param(
-            [stored(0, 2), stored(0, 2), BlockRemoved([1001])],
+            [stored(0, 2), stored(1, 2, parent=1000), BlockRemoved([1001])],
             range(2),
-            {"duplicate_blocks": 2, "removed_blocks": 1},
+            {"duplicate_blocks": 1, "removed_blocks": 1},
             id="duplicate-needs-two-removals",
         ),
         pytest.param(
-            [stored(0, 2), stored(0, 2), BlockRemoved([1001]), BlockRemoved([1001])],
+            [stored(0, 2), stored(1, 2, parent=1000), BlockRemoved([1001]), BlockRemoved([1001])],
             range(1),
             {"removed_blocks": 2},
             id="duplicate-removed-twice",
+        ),
+        pytest.param(
+            # kv_cache_report_mode=full: reused blocks re-announced from the prompt start
+            [stored(0, 3), stored(0, 3), BlockRemoved([1002])],
+            range(2),
+            {"resent_blocks": 3, "duplicate_blocks": 0, "removed_blocks": 1},
+            id="report-mode-resend-is-not-a-copy",
         ),
         pytest.param([stored(0, 2, medium="CPU")], range(0), {"skipped_blocks": 2}, id="cpu-tier"),
         pytest.param([stored(0, 2, medium=None)], range(2), {}, id="medium-absent"),

@@ -29,14 +29,14 @@ key), no prompt, no completion. Fields (null when not known):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
+
+from lbproxy.aio import PeriodicTask
 
 if TYPE_CHECKING:
     from lbproxy.proxy.metrics import Exchange
@@ -66,7 +66,7 @@ class AccessLog:
         self.max_buffer = max_buffer
         self._buf: list[bytes] = []
         self._out: IO[bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._flusher = PeriodicTask("access-log-flush", self.flush, lambda: self.flush_interval)
         self.written = 0  # lines written, for tests and the curious
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -77,24 +77,14 @@ class AccessLog:
 
     async def start(self) -> None:
         self.open()
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="access-log-flush")
+        self._flusher.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._flusher.stop()
         self.flush()
         out, self._out = self._out, None
         if out is not None and self.path is not None:
             out.close()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            self.flush()
 
     def flush(self) -> None:
         if not self._buf:

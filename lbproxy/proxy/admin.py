@@ -34,9 +34,17 @@ from aiohttp import web
 
 from lbproxy.config import Config, ConfigError, load_config
 from lbproxy.proxy.auth import build_authenticator, token_ok
-from lbproxy.proxy.errors import BadRequest, ProxyError, Unauthorized
+from lbproxy.proxy.errors import (
+    AdminDisabled,
+    AmbiguousBackend,
+    BackendNotFound,
+    BadRequest,
+    NoConfigFile,
+    ProxyError,
+    Unauthorized,
+)
 from lbproxy.proxy.forward import ForwardSettings
-from lbproxy.proxy.kv_feed import build_subscriber, kv_sources
+from lbproxy.proxy.kv_feed import kv_sources, start_subscriber
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.routing.state import Endpoint
 
@@ -55,22 +63,6 @@ _RESTART_ONLY = (
     ("shutdown_grace",),
     ("discovery",),
 )
-
-
-class AdminDisabled(ProxyError):
-    status, type, code = 403, "permission_error", "admin_disabled"
-
-
-class BackendNotFound(ProxyError):
-    status, type, code = 404, "invalid_request_error", "backend_not_found"
-
-
-class AmbiguousBackend(ProxyError):
-    status, type, code = 409, "invalid_request_error", "ambiguous_backend"
-
-
-class NoConfigFile(ProxyError):
-    status, type, code = 409, "invalid_request_error", "no_config_file"
 
 
 def _public_url(url: str) -> str:
@@ -200,20 +192,9 @@ class AdminAPI:
             fw.configure(ForwardSettings.from_config(cfg))
             fw.auth = build_authenticator(cfg.auth, fw.auth)
         if st.health is not None:
-            h = cfg.health
-            st.health.configure(
-                interval=h.interval,
-                timeout=h.timeout,
-                unhealthy_after=h.unhealthy_after,
-                healthy_after=h.healthy_after,
-                failure_threshold=h.failure_threshold,
-                open_seconds=h.open_seconds,
-                active=h.active,
-            )
+            st.health.configure_from(cfg.health)
         if st.scraper is not None:
-            sig = cfg.signals
-            st.scraper.interval = sig.metrics_interval
-            st.scraper.timeout = sig.metrics_timeout or 0.8 * sig.metrics_interval
+            st.scraper.configure_from(cfg.signals)
         if st.discovery is not None:
             st.discovery.pools = table
         # ---- end of the swap --------------------------------------------------------------
@@ -221,13 +202,9 @@ class AdminAPI:
         if sources_changed:
             if st.kv_subscriber is not None:
                 await st.kv_subscriber.stop()
-            st.kv_subscriber = build_subscriber(cfg, table, lambda: st.pools)
-            if st.kv_subscriber is not None:
-                await st.kv_subscriber.start()
-        disc = st.discovery
-        if disc is not None and disc.needed():
-            await disc.discover_once()
-            disc.start()  # no-op when already running
+            st.kv_subscriber = await start_subscriber(cfg, table, lambda: st.pools)
+        if st.discovery is not None:
+            await st.discovery.refresh()
         if restart:
             log.warning("config reload: %s change only after a restart", ", ".join(restart))
         log.info("config reloaded from %s: %s", source, orjson.dumps(changes).decode())

@@ -15,7 +15,7 @@ from lbproxy.proxy.admin import AdminAPI, add_admin_routes
 from lbproxy.proxy.auth import build_authenticator
 from lbproxy.proxy.errors import ProxyError, error_body
 from lbproxy.proxy.forward import Forwarder, ForwardSettings
-from lbproxy.proxy.kv_feed import build_subscriber
+from lbproxy.proxy.kv_feed import start_subscriber
 from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
 from lbproxy.proxy.observability import OBS
 from lbproxy.proxy.observability import install as install_observability
@@ -125,38 +125,19 @@ async def _startup(app: web.Application) -> None:
         metrics=app[OBS].metrics,
     )
     st.forwarder.auth = build_authenticator(cfg.auth)
-    h = cfg.health
     # Providers read st.pools on every round, so they follow a hot reload's swap.
-    st.health = HealthChecker(
-        lambda: st.pools.endpoints(),
-        st.session,
-        interval=h.interval,
-        timeout=h.timeout,
-        unhealthy_after=h.unhealthy_after,
-        healthy_after=h.healthy_after,
-        failure_threshold=h.failure_threshold,
-        open_seconds=h.open_seconds,
-        active=h.active,
-    )
+    st.health = HealthChecker(lambda: st.pools.endpoints(), st.session)
+    st.health.configure_from(cfg.health)
     st.forwarder.record_outcome = st.health.record
     st.health.start()
-    sig = cfg.signals
-    st.scraper = MetricsScraper(
-        lambda: st.pools.endpoints(),
-        interval=sig.metrics_interval,
-        timeout=sig.metrics_timeout,
-        session=st.session,
-    )
+    st.scraper = MetricsScraper(lambda: st.pools.endpoints(), session=st.session)
+    st.scraper.configure_from(cfg.signals)
     await st.scraper.start()
-    st.kv_subscriber = build_subscriber(cfg, st.pools, lambda: st.pools)
-    if st.kv_subscriber is not None:
-        await st.kv_subscriber.start()
+    st.kv_subscriber = await start_subscriber(cfg, st.pools, lambda: st.pools)
     st.discovery = ModelDiscovery(
         st.pools, st.session, interval=cfg.discovery.interval, timeout=cfg.discovery.timeout
     )
-    if st.discovery.needed():
-        await st.discovery.discover_once()
-        st.discovery.start()
+    await st.discovery.refresh()
 
 
 async def _cleanup(app: web.Application) -> None:

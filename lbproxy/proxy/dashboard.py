@@ -25,8 +25,6 @@ external resource: its charts are inline SVG drawn by its own script.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from importlib.resources import files
 from typing import Any
 
 from lbproxy import __version__
+from lbproxy.aio import PeriodicTask
 from lbproxy.proxy.metrics import ProxyMetrics, safe_name
 from lbproxy.routing.state import Endpoint
 
@@ -81,24 +80,15 @@ class DashboardSampler:
         self.clock = clock
         self.series: deque[dict[str, Any]] = deque(maxlen=keep)
         self._hist: dict[str, deque[tuple[float, ...]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._sampler = PeriodicTask("dashboard-sampler", self.sample, lambda: self.interval)
 
     async def start(self) -> None:
-        if self._task is None:
+        if not self._sampler.running:
             self.sample()
-            self._task = asyncio.create_task(self._run(), name="dashboard-sampler")
+            self._sampler.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.sample()
+        await self._sampler.stop()
 
     # ---- sampling ------------------------------------------------------------------------
 

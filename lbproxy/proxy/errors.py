@@ -2,10 +2,14 @@
 
 Upstream trouble is classified once, here, into the status a client should see:
 
-    ProxyError                     (status, type, code)
-    ├── BadRequest                 400  invalid_request_error
+    ProxyError                     (status, code)
+    ├── BadRequest                 400  invalid_request
     ├── Unauthorized               401  invalid_api_key        (client key or admin token)
+    ├── AdminDisabled              403  admin_disabled         (no admin.token configured)
     ├── ModelNotFound              404  model_not_found
+    ├── BackendNotFound            404  backend_not_found      (admin: drain/undrain)
+    ├── AmbiguousBackend           409  ambiguous_backend      (admin: name in several pools)
+    ├── NoConfigFile               409  no_config_file         (admin: reload without a file)
     ├── BodyTooLarge               413  request_too_large
     ├── TooManyConcurrent          429  concurrency_limit_exceeded  (per client key)
     ├── NoBackend                  503  no_backend_available
@@ -47,6 +51,22 @@ class BadRequest(ProxyError):
 
 class ModelNotFound(ProxyError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class AdminDisabled(ProxyError):
+    status, type, code = 403, "permission_error", "admin_disabled"
+
+
+class BackendNotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "backend_not_found"
+
+
+class AmbiguousBackend(ProxyError):
+    status, type, code = 409, "invalid_request_error", "ambiguous_backend"
+
+
+class NoConfigFile(ProxyError):
+    status, type, code = 409, "invalid_request_error", "no_config_file"
 
 
 class BodyTooLarge(ProxyError):

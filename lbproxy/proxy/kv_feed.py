@@ -80,3 +80,13 @@ def build_subscriber(
             index.forget(backend)
 
     return KVEventSubscriber(sources, on_events, on_gap)
+
+
+async def start_subscriber(
+    cfg: Config, pools: PoolTable, current: Callable[[], PoolTable] | None = None
+) -> KVEventSubscriber | None:
+    """`build_subscriber`, started (at start-up, and on a reload that changes the sources)."""
+    subscriber = build_subscriber(cfg, pools, current)
+    if subscriber is not None:
+        await subscriber.start()
+    return subscriber

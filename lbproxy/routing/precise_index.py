@@ -13,6 +13,9 @@ simulator's dataclasses both work):
   that map. Engine hashes are a multiset, as in vLLM: identical blocks are not
   de-duplicated, so a second BlockStored of a known hash is another physical block, and
   each is removed by its own BlockRemoved; the hash stays cached until the last one goes.
+  Exception: an event from the prompt start (no parent) whose first block is already held
+  is vLLM re-announcing reused blocks (`kv_cache_report_mode: full`); known hashes in it
+  are ignored (counted as `resent_blocks`), since no BlockRemoved will match them.
 - BlockRemoved(block_hashes): resolved through the map; unknown hashes are counted.
 - AllBlocksCleared: the backend's entries are dropped.
 Skipped and counted: events for another medium than GPU (CPU offload tiers), for a
@@ -46,7 +49,7 @@ from itertools import accumulate, filterfalse, islice, repeat, takewhile
 from operator import and_, or_
 from typing import Any
 
-from lbproxy.routing.prefix_index import ChainHasher, EndpointBits, chain_hashes
+from lbproxy.routing.prefix_index import ChainHasher, EndpointBits, chain_hashes, prefix_lengths
 
 ROOT_SEED = 0x6C627072_6F787931  # our key chain starts here (any constant works)
 _TOKEN_BYTES = 4
@@ -85,6 +88,7 @@ class PreciseIndex:
             (
                 "stored_blocks",
                 "duplicate_blocks",
+                "resent_blocks",
                 "orphan_blocks",
                 "skipped_blocks",
                 "malformed_events",
@@ -155,7 +159,15 @@ class PreciseIndex:
         bit = self._bits.bit(name)
         table = self._table
         spec_by = self._spec_by.get(name)
+        # vLLM re-announces reused prefix blocks, from the prompt start (no parent), when a
+        # request asks for `kv_cache_report_mode: full`; they are not new copies and no
+        # BlockRemoved will match them. A real second copy of block 0 looks the same and is
+        # then under-reported once evicted: the safe direction.
+        resend = parent is None and hashes[0] in engine
         for eh, key in zip(hashes, keys, strict=True):
+            if eh in engine and resend:
+                c["resent_blocks"] += 1
+                continue
             if eh in engine:  # another physical block with the same content
                 dups = self._dups.setdefault(name, {})
                 dups[eh] = dups.get(eh, 1) + 1
@@ -327,26 +339,8 @@ class PreciseIndex:
             return {}
         # Running intersection, stopping at the first block no wanted backend holds.
         cum = list(takewhile(bool, accumulate(masks, and_, initial=first)))
-        n = len(cum)
-        last = cum[-1]
-        out: dict[str, int] = {}
-        name_of = self._bits.name_of
-        m = first
-        while m:
-            bit = m & -m
-            m ^= bit
-            if last & bit:
-                out[name_of(bit)] = n
-                continue
-            lo, hi = 1, n - 1  # cum is monotone: the bit is set in cum[:count] only
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if cum[mid] & bit:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            out[name_of(bit)] = lo
-        return out
+        # cum holds masks, not keys: or_(mask, 0) is the mask itself.
+        return prefix_lengths(self._bits, first, cum[-1], cum, or_)
 
     def block_size_of(self, backend_name: str) -> int | None:
         """The block size the backend's events announced, if any arrived."""

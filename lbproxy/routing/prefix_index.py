@@ -23,7 +23,7 @@ search: O(log n) lookups per endpoint that holds the first block, none for the o
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import reduce
 from itertools import compress, islice, repeat
 from operator import and_, not_, or_
@@ -170,6 +170,42 @@ class EndpointBits:
         return self._name[bit]
 
 
+def prefix_lengths(
+    bits: EndpointBits,
+    first: int,
+    last: int,
+    keys: Sequence[int],
+    mask_of: Callable[[int, int], int],
+) -> dict[str, int]:
+    """How many consecutive blocks from the start each endpoint in `first` holds.
+
+    `first` and `last` are the masks of the endpoints holding the first and the last of
+    `keys`; `mask_of(keys[i], 0)` is the mask of those holding block i. What an endpoint
+    holds must be prefix-closed (block i held implies every block before it is), so each
+    length is a binary search: O(log n) `mask_of` calls per endpoint, none for those
+    holding every block.
+    """
+    n = len(keys)
+    out: dict[str, int] = {}
+    name_of = bits.name_of
+    m = first
+    while m:
+        bit = m & -m
+        m ^= bit
+        if last & bit:
+            out[name_of(bit)] = n
+            continue
+        lo, hi = 1, n - 1  # block lo-1 held, block hi not
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if mask_of(keys[mid], 0) & bit:
+                lo = mid + 1
+            else:
+                hi = mid
+        out[name_of(bit)] = lo
+    return out
+
+
 class PrefixIndex:
     """hash -> endpoints holding it, with one bounded LRU of hashes per endpoint."""
 
@@ -190,26 +226,7 @@ class PrefixIndex:
         first = get(hashes[0], 0)
         if not first:
             return {}
-        n = len(hashes)
-        last = get(hashes[-1], 0)
-        out: dict[str, int] = {}
-        name_of = self._bits.name_of
-        m = first
-        while m:
-            bit = m & -m
-            m ^= bit
-            if last & bit:
-                out[name_of(bit)] = n
-                continue
-            lo, hi = 1, n - 1  # hashes[lo-1] held, hashes[hi] not (prefix-closed)
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if get(hashes[mid], 0) & bit:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            out[name_of(bit)] = lo
-        return out
+        return prefix_lengths(self._bits, first, get(hashes[-1], 0), hashes, get)
 
     def matched(self, name: str, hashes: Sequence[int]) -> int:
         """Consecutive blocks from the start that `name` holds."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 import aiohttp
 import orjson
 
+from lbproxy.aio import PeriodicTask
 from lbproxy.proxy.pools import PoolTable
 
 log = logging.getLogger("lbproxy.discovery")
@@ -29,7 +29,7 @@ class ModelDiscovery:
         self.interval = interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.cards: dict[str, dict[str, Any]] = {}  # model id -> a backend's model card
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = PeriodicTask("lbproxy-discovery", self.discover_once, lambda: self.interval)
 
     def needed(self) -> bool:
         return any(p.configured_models is None for p in self.pools.pools)
@@ -61,18 +61,15 @@ class ModelDiscovery:
                 self.cards.setdefault(c["id"], c)
         self.pools.rebuild()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+    async def refresh(self) -> None:
+        """When some pool lists no models: discover them now, then every `interval`."""
+        if self.needed():
             await self.discover_once()
+            self.start()
 
     def start(self) -> None:
-        if self._task is None and self.needed():
-            self._task = asyncio.create_task(self._run(), name="lbproxy-discovery")
+        if self.needed():
+            self._rounds.start()  # no-op when already running
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._rounds.stop()

@@ -31,15 +31,18 @@ endpoint across a hot reload and is dropped when the endpoint leaves the configu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from lbproxy.aio import PeriodicTask
 from lbproxy.routing.state import Endpoint
+
+if TYPE_CHECKING:
+    from lbproxy.config import Health
 
 log = logging.getLogger("lbproxy.health")
 
@@ -93,7 +96,9 @@ class HealthChecker:
         self._clock = clock
         self._probes: dict[Endpoint, _Probe] = {}
         self._circuits: dict[Endpoint, _Circuit] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = PeriodicTask(
+            "lbproxy-health", self._check_round, lambda: self.interval, first_now=True
+        )
         self.configure(
             interval=interval,
             timeout=timeout,
@@ -127,6 +132,18 @@ class HealthChecker:
         self.healthy_after = healthy_after
         self.failure_threshold = failure_threshold
         self.open_seconds = open_seconds
+
+    def configure_from(self, cfg: Health) -> None:
+        """`configure` from the config's `health:` section (at start and on a hot reload)."""
+        self.configure(
+            interval=cfg.interval,
+            timeout=cfg.timeout,
+            unhealthy_after=cfg.unhealthy_after,
+            healthy_after=cfg.healthy_after,
+            failure_threshold=cfg.failure_threshold,
+            open_seconds=cfg.open_seconds,
+            active=cfg.active,
+        )
 
     # ---- passive: the circuit breaker (hot path) ------------------------------------------
 
@@ -265,23 +282,17 @@ class HealthChecker:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:  # never let one bad round stop health checking
-                log.exception("health check round failed")
-            await asyncio.sleep(self.interval)
+    async def _check_round(self) -> None:
+        try:
+            await self.check_all()
+        except Exception:  # never let one bad round stop health checking
+            log.exception("health check round failed")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lbproxy-health")
+        self._rounds.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._rounds.stop()
         for c in self._circuits.values():
             if c.timer is not None:
                 c.timer.cancel()

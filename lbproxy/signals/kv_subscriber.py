@@ -35,7 +35,6 @@ payload. Both framings are accepted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from lbproxy.aio import cancel_and_wait
 from lbproxy.signals.kv_events import (
     Gap,
     KVEvent,
@@ -205,15 +205,7 @@ class KVEventSubscriber:
 
     async def stop(self) -> None:
         """Cancel receiving and replays, close every socket (and the context if ours)."""
-        tasks = list(self._tasks)
-        for src in self._all_sources():
-            if src.replay_task is not None:
-                tasks.append(src.replay_task)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*self._tasks, *(src.replay_task for src in self._all_sources()))
         self._tasks.clear()
         for src in self._all_sources():
             src.replay_task = None

@@ -18,17 +18,21 @@ what happened. State for endpoints that leave the set is dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from lbproxy.aio import cancel_and_wait
 from lbproxy.routing.state import Endpoint, MetricsSnapshot
 from lbproxy.signals.metrics_parser import MetricsParseError, parse_metrics
+
+if TYPE_CHECKING:
+    from lbproxy.config import Signals
 
 __all__ = ["MetricsScraper", "default_metrics_url"]
 
@@ -64,14 +68,8 @@ class MetricsScraper:
         url_for: Callable[[Endpoint], str] = default_metrics_url,
         max_body_bytes: int = 8 * 1024 * 1024,
     ) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be > 0, got {interval}")
-        timeout = 0.8 * interval if timeout is None else timeout
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self.configure(interval=interval, timeout=timeout)
         self.endpoints_provider = endpoints_provider
-        self.interval = interval
-        self.timeout = timeout
         self.clock = clock
         self.url_for = url_for
         self.max_body_bytes = max_body_bytes
@@ -87,6 +85,20 @@ class MetricsScraper:
         self.rounds = 0
         self._failing: set[str] = set()
 
+    def configure(self, *, interval: float, timeout: float | None = None) -> None:
+        """Set the polling interval and the per-request timeout (default 0.8 x interval)."""
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
+        timeout = 0.8 * interval if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self.interval = interval
+        self.timeout = timeout
+
+    def configure_from(self, cfg: Signals) -> None:
+        """`configure` from the config's `signals:` section (at start and on a hot reload)."""
+        self.configure(interval=cfg.metrics_interval, timeout=cfg.metrics_timeout)
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -98,12 +110,7 @@ class MetricsScraper:
     async def stop(self) -> None:
         """Cancel polling and in-flight requests; close the session if we created it."""
         task, self._task = self._task, None
-        tasks = [t for t in (task, *self._inflight.values()) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(task, *self._inflight.values())
         self._inflight.clear()
         if self._owns_session and self._session is not None:
             session, self._session = self._session, None

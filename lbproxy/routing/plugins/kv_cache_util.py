@@ -7,29 +7,18 @@ Unknown or stale metrics score `stale_as`: "worst" (0, default) or "neutral" (0.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
-
 from lbproxy.routing.interfaces import BuildContext
-from lbproxy.routing.plugins.queue_length import STALE_SCORES
+from lbproxy.routing.plugins._metrics import FreshMetricsScorer, StaleAsParams
 from lbproxy.routing.state import Endpoint, RequestContext
 
 TYPE = "kv-cache-util"
 KIND = "scorer"
 
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    stale_as: Literal["worst", "neutral"] = "worst"
+Params = StaleAsParams  # stale_as: "worst" (default) | "neutral"
 
 
-class KVCacheUtilScorer:
+class KVCacheUtilScorer(FreshMetricsScorer):
     name = TYPE
-
-    def __init__(self, max_age: float, stale_as: str) -> None:
-        self.max_age = max_age
-        self.stale_score = STALE_SCORES[stale_as]
 
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
         max_age = self.max_age

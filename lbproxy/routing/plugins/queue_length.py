@@ -9,31 +9,20 @@ cannot see is not preferred; when all are unknown the scorer is neutral anyway) 
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
-
 from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.plugins._metrics import STALE_SCORES as STALE_SCORES  # re-exported
+from lbproxy.routing.plugins._metrics import FreshMetricsScorer, StaleAsParams
 from lbproxy.routing.plugins.least_request import normalise_low_is_good
 from lbproxy.routing.state import Endpoint, RequestContext
 
 TYPE = "queue"
 KIND = "scorer"
 
-STALE_SCORES = {"worst": 0.0, "neutral": 0.5}
+Params = StaleAsParams  # stale_as: "worst" (default) | "neutral"
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    stale_as: Literal["worst", "neutral"] = "worst"
-
-
-class QueueScorer:
+class QueueScorer(FreshMetricsScorer):
     name = TYPE
-
-    def __init__(self, max_age: float, stale_as: str) -> None:
-        self.max_age = max_age
-        self.stale_score = STALE_SCORES[stale_as]
 
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
         max_age = self.max_age

@@ -488,8 +488,12 @@ def _history(server: Server) -> History:
         for e in decode_batch(payload).events:
             if isinstance(e, BlockStored):
                 assert (e.medium or "GPU").upper() == "GPU" and not e.group_idx and not e.lora_id
-                held.update(e.block_hashes)
-                stored += len(e.block_hashes)
+                hashes = list(e.block_hashes)
+                if e.parent_block_hash is None and held[hashes[0]] > 0:
+                    # kv_cache_report_mode=full re-announces reused blocks: not new copies
+                    hashes = [h for h in hashes if held[h] == 0]
+                held.update(hashes)
+                stored += len(hashes)
             elif isinstance(e, BlockRemoved):
                 for h in e.block_hashes:
                     assert held[h] > 0, f"{server.name}: BlockRemoved of {h}, never stored"

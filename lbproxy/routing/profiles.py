@@ -49,6 +49,20 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         ],
         "picker": "max-score",
     },
+    # cache-aware plus two load terms it lacks (BENCHMARKS.md, "Beyond the reference"):
+    # decode-latency (each backend's measured ITL, so speed and long-context decode count)
+    # and least-request (exact in-flight counts, so bursts between scrapes do not herd).
+    "cache-aware-plus": {
+        "filters": [{"type": "saturation"}],
+        "scorers": [
+            {"type": "prefix-hash", "weight": 3},
+            {"type": "queue", "weight": 2},
+            {"type": "kv-cache-util", "weight": 2},
+            {"type": "decode-latency", "weight": 1},
+            {"type": "least-request", "weight": 1},
+        ],
+        "picker": "max-score",
+    },
     "precise-cache-aware": {
         "filters": [{"type": "saturation"}],
         "scorers": [

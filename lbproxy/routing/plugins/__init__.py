@@ -1,6 +1,7 @@
 """Built-in routing plugins, one module each. Add a new one to BUILTIN_MODULES."""
 
 from lbproxy.routing.plugins import (
+    decode_latency,
     kv_cache_util,
     least_request,
     max_score,
@@ -26,4 +27,5 @@ BUILTIN_MODULES = [
     session_affinity,
     prefix_hash,
     precise_prefix,
+    decode_latency,
 ]

@@ -65,3 +65,11 @@ def test_no_healthy_backend_is_503(fake_backends, run_proxy) -> None:
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_backend_available"
     assert httpx.get(proxy.url + "/health").status_code == 200
+
+
+def test_wrong_method_on_an_openai_route_is_405(proxy_url: str) -> None:
+    r = httpx.get(proxy_url + "/v1/chat/completions")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert httpx.delete(proxy_url + "/v1/models").status_code == 404

@@ -87,6 +87,23 @@ async def _ready(request: web.Request) -> web.Response:
     return _json({"ready": ready, "pools": pools}, status=200 if ready else 503)
 
 
+async def _no_route(request: web.Request) -> web.Response:
+    """The main listener's fallback: 405 for OpenAI routes asked wrongly, else 404."""
+    if request.path.startswith("/v1/") and request.path != "/v1/models":
+        # An OpenAI route asked with the wrong method: say so rather than "no such route".
+        return web.Response(
+            status=405,
+            headers={"Allow": "POST"},
+            body=error_body(
+                f"{request.path} takes POST, not {request.method}",
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            content_type="application/json",
+        )
+    return await _not_found(request)
+
+
 async def _not_found(request: web.Request) -> web.Response:
     return web.Response(
         status=404,
@@ -166,7 +183,7 @@ def build_app(
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     install_observability(app, cfg, app[STATE])  # /metrics, /dashboard, access log
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    app.router.add_route("*", "/{tail:.*}", _no_route)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app

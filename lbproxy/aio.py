@@ -3,7 +3,7 @@
 `cancel_and_wait(*tasks)` is the one way a component stops its tasks: cancel them all
 first, then wait for each to end. `PeriodicTask` is a loop that calls a function every
 `interval()` seconds until it is stopped (health checks, model discovery, the access-log
-flusher, the dashboard sampler).
+flusher, the dashboard sampler). `loop_time()` reads the clock routing's `now` comes from.
 """
 
 from __future__ import annotations
@@ -11,10 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PeriodicTask", "cancel_and_wait"]
+__all__ = ["PeriodicTask", "cancel_and_wait", "loop_time"]
+
+
+def loop_time() -> float:
+    """The running event loop's `time()`, else `time.monotonic()`.
+
+    The proxy routes with `loop.time()` and uvloop's clock is not `time.monotonic()`, so
+    every stamp compared with routing's `now` (metrics snapshots, health) must come from
+    the loop; the fallback only serves code running outside any loop."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:

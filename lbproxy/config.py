@@ -92,6 +92,13 @@ class Pool(_Strict):
     tokenizer: str | None = None
     chat_template: str | None = None  # a template file; default: next to the tokenizer
     backends: list[Backend] = Field(min_length=1)
+    flow_control: dict[str, Any] | None = None  # overrides of the top-level flow_control keys
+    _flow: FlowControl | None = PrivateAttr(None)  # the merged settings, set by validation
+
+    def flow(self) -> FlowControl:
+        """This pool's flow-control settings (top level merged with the pool's overrides)."""
+        assert self._flow is not None, "flow settings are set when the config is validated"
+        return self._flow
 
     @field_validator("routing", mode="before")
     @classmethod
@@ -101,6 +108,60 @@ class Pool(_Strict):
                 "must be a built-in profile name or a mapping of filters, scorers and picker"
             )
         return v
+
+
+class ConcurrencyLimit(_Strict):
+    """Per-backend limit on requests in flight, used by flow control (see lbproxy/flow/).
+
+    `gradient` (default) adapts the limit to what the backend sustains: after each fresh
+    scrape, limit -> running x target_itl / itl (the batch at which the measured decode
+    latency would meet `target_itl`), smoothed, growing at most x`max_growth` per scrape;
+    a backend without metrics grows by one per completed request. `fixed` keeps `initial`.
+    """
+
+    type: Literal["gradient", "fixed"] = "gradient"
+    initial: int = Field(16, ge=1, description="a new backend's limit, before any evidence")
+    min: int = Field(2, ge=1)
+    max: int = Field(1024, ge=1)
+    target_itl: float = Field(
+        0.08, gt=0, description="seconds per output token the gradient holds a backend to"
+    )
+    smoothing: float = Field(0.5, gt=0, le=1, description="share of a new estimate taken")
+    max_growth: float = Field(1.5, gt=1, description="largest factor of increase per scrape")
+
+
+class KeyPriority(_Strict):
+    key: SecretStr
+    priority: int
+
+
+class FlowControl(_Strict):
+    """Flow control: hold requests in lbproxy while no backend of the pool can take more
+    work, dispatch them by priority, fairness between flows, then arrival; shed with 429."""
+
+    enabled: bool = True
+    max_queue: int = Field(1000, ge=0, description="requests waiting per pool; beyond: 429")
+    max_wait: float = Field(30.0, gt=0, description="seconds a request may wait; then 429")
+    shed_early: bool = Field(
+        True, description="refuse at arrival a request whose expected wait exceeds max_wait"
+    )
+    priority_header: str = "x-lbproxy-priority"
+    default_priority: int = 0
+    # Per client key (a value of auth.api_keys) default priority, when the header is absent.
+    key_priorities: list[KeyPriority] = Field(default_factory=list)
+    flow_header: str | None = Field(
+        None, description="fairness flow = this header's value; default: the client's API key"
+    )
+    # "Can take more work" thresholds; default: the pool's saturation filter's (5, 0.8).
+    queue_depth: float | None = Field(None, ge=0)
+    kv_cache_util: float | None = Field(None, ge=0, le=1)
+    max_in_flight: int | None = Field(None, ge=1, description="hard cap per backend")
+    # A request whose best backend (its prefix cached there) is full waits for it this
+    # long before taking the best one that has room, unless that one's routing total is
+    # within affinity_margin of the best's (a cold prefix costs a full prefill).
+    affinity_wait: float = Field(2.0, ge=0)
+    affinity_margin: float = Field(1.0, ge=0)
+    limit: ConcurrencyLimit = Field(default_factory=ConcurrencyLimit)
 
 
 class Timeouts(_Strict):
@@ -188,6 +249,7 @@ class Config(_Strict):
     discovery: Discovery = Field(default_factory=Discovery)
     signals: Signals = Field(default_factory=Signals)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    flow_control: FlowControl = Field(default_factory=FlowControl)
     auth: Auth = Field(default_factory=Auth)
     admin: Admin = Field(default_factory=Admin)
     shutdown_grace: float = Field(
@@ -250,6 +312,7 @@ def _check_semantics(cfg: Config, source: str) -> None:
                     f"pool '{served[model]}'"
                 )
             served[model] = pool.name
+        pool._flow = _pool_flow(cfg.flow_control, pool.flow_control, f"{source}: pools[{i}]")
         seen: set[str] = set()
         for j, b in enumerate(pool.backends):
             if b.name is None:  # host[:port]/path; user:password@ never becomes a name
@@ -275,6 +338,24 @@ def _check_semantics(cfg: Config, source: str) -> None:
                 "tokenizer (a tokenizer.json path, or 'default' for simulated backends)"
             )
     _check_secrets(cfg, source)
+
+
+def _pool_flow(top: FlowControl, override: dict[str, Any] | None, where: str) -> FlowControl:
+    """The top-level flow_control with a pool's overrides (`limit` merged key by key)."""
+    if not override:
+        return top
+    merged: dict[str, Any] = top.model_dump()
+    for key, value in override.items():
+        if key == "limit" and isinstance(value, dict):
+            merged["limit"] = {**merged["limit"], **value}
+        else:
+            merged[key] = value
+    try:
+        return FlowControl.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}.flow_control.{_path_str(err['loc'])}: {msg}") from None
 
 
 def _bad_secret(value: str) -> str | None:

@@ -2,7 +2,7 @@
 
 It records what it received (body digest, headers) and when a client went away, answers
 chat / completions / embeddings (streaming or not) in OpenAI's shapes, and can be told
-to fail with a status or to stall.
+to fail with a status or to stall. Given `metrics_text`, it serves it as `/metrics`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,14 @@ class FakeBackend:
     stall_before_headers: float = 0.0
     die_after_chunks: int | None = None  # drop the connection mid-stream
     health_status: int | None = None  # /health answers this (default: fail_status, else 200)
+    metrics_text: str | None = None  # GET /metrics serves this (None: 404, as before)
+    metrics_status: int = 200
+    metrics_served: dict[int, int] = field(default_factory=dict)  # status -> /metrics answers
     received: list[Received] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)  # monotonic times
     in_progress: int = 0
+    active: int = 0  # POSTs being answered now (stream or not)
+    max_active: int = 0
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -44,6 +49,14 @@ class FakeBackend:
         return f"http://127.0.0.1:{self.port}"
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._answer(request)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(
             Received(request.path, hashlib.sha256(body).hexdigest(), dict(request.headers), body)
@@ -165,11 +178,19 @@ class FakeBackend:
         status = self.health_status or self.fail_status
         return web.Response(status=status or 200)
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is None:
+            raise web.HTTPNotFound()
+        status = self.metrics_status
+        self.metrics_served[status] = self.metrics_served.get(status, 0) + 1
+        return web.Response(status=status, text=self.metrics_text, content_type="text/plain")
+
     async def start(self) -> FakeBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/{tail:.*}", self._post)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)

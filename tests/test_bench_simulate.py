@@ -48,7 +48,7 @@ def test_cache_aware_beats_round_robin(tok: Tokenizer) -> None:
     rr = simulate_run(fleet(), wl, "round-robin", [4, 10], duration=30, tokenizer=tok)
     ca = simulate_run(fleet(), wl, "cache-aware", [4, 10], duration=30, tokenizer=tok)
     busy_rr, busy_ca = rr["steps"][-1], ca["steps"][-1]
-    assert busy_ca["output_tokens_per_s"] > 1.3 * busy_rr["output_tokens_per_s"]
+    assert busy_ca["delivered_output_tokens_per_s"] > 1.3 * busy_rr["delivered_output_tokens_per_s"]
     assert busy_ca["ttft_p50_s"] * 10 < busy_rr["ttft_p50_s"]
     assert busy_ca["prefix_cache_hit_rate"] > busy_rr["prefix_cache_hit_rate"] + 0.2
     # Round-robin spreads requests evenly; cache-aware follows the prefixes.
@@ -218,3 +218,72 @@ def test_shipped_fleets(name: str, mix: dict[str, int]) -> None:
     n = len(spec.backends)
     assert [b.port for b in spec.backends] == list(range(8001, 8001 + n))
     assert len({b.name for b in spec.backends}) == n
+
+
+def test_simulate_cli_flow_control_slo_and_mix(tmp_path: Path) -> None:
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(
+        "model: m\nbackends:\n  - {name: a, profile: vendor-a, port: 0, count: 2}\n"
+    )
+    common = [
+        "simulate",
+        "--fleet",
+        str(fleet_file),
+        "--profiles",
+        "round-robin",
+        "--num-groups",
+        "4",
+        "--system-prompt-len",
+        "500",
+        "--question-len",
+        "50",
+        "--output-len",
+        "20",
+        "--rates",
+        "2,6",
+        "--duration",
+        "10",
+        "--slo-ttft",
+        "1.5",
+        "--slo-itl",
+        "0.05",
+        "--mix",
+        "gold:1:3,bronze:2",
+        "--quiet",
+        "--no-plots",
+    ]
+    runs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        extra = ["--max-wait", "20", "--max-queue", "50"] if mode == "on" else []
+        assert bench_main([*common, "--flow-control", mode, *extra, "--out", str(out)]) == 0
+        res = report.load_results(out)
+        runs[mode] = res
+        flow = res["settings"]["flow_control"]
+        assert flow["enabled"] is (mode == "on")
+        assert (res["settings"]["slo_ttft_s"], res["settings"]["slo_itl_s"]) == (1.5, 0.05)
+        assert [c["name"] for c in res["settings"]["mix"]] == ["gold", "bronze"]
+        for step in res["runs"][0]["steps"]:
+            assert step["slo_ttft_s"] == 1.5 and step["slo_itl_s"] == 0.05
+            assert set(step["classes"]) == {"gold", "bronze"}
+            assert sum(c["requests"] for c in step["classes"].values()) == step["requests"]
+            assert 0 <= step["goodput_output_tokens_per_s"] <= step["completed_output_tokens_per_s"]
+    assert runs["on"]["settings"]["flow_control"] == {
+        "enabled": True,
+        "max_wait": 20.0,
+        "max_queue": 50,
+    }
+    assert runs["on"]["runs"][0]["label"] == "round-robin"
+    assert runs["off"]["runs"][0]["label"] == "round-robin (flow off)"
+    # Below capacity flow control holds nothing: the same requests complete either way.
+    low_on, low_off = runs["on"]["runs"][0]["steps"][0], runs["off"]["runs"][0]["steps"][0]
+    assert low_on["completed"] == low_off["completed"] == low_on["requests"]
+    assert low_off["rejected"] == 0 and low_off["queue_wait_p50_s"] is None
+    # A compare of the two reads as two labelled lines.
+    cmp_dir = tmp_path / "cmp"
+    assert bench_main(["bench", "--compare", str(tmp_path / "on"), str(tmp_path / "off"),
+                       "--out", str(cmp_dir), "--quiet"]) == 0  # fmt: skip
+    md = (cmp_dir / "results.md").read_text()
+    assert "## round-robin (flow off)" in md and "goodput tok/s" in md
+    for png in ("goodput.png", "slo.png"):
+        assert (cmp_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,8 @@ from tests.obs_support import failing_backend_factory
 
 FIELDS = {
     "ts", "request_id", "route", "model", "pool", "backend", "vendor", "status", "outcome",
-    "stream", "ttft_s", "duration_s", "prompt_tokens", "completion_tokens", "attempts",
+    "stream", "ttft_s", "duration_s", "queue_wait_s", "prompt_tokens", "completion_tokens",
+    "attempts",
     "retries", "failures", "client", "scores", "totals", "reason",
 }  # fmt: skip
 SECRETS = ("sk-client-secret-0123456789", "upstream-key-abcdef", "x-api-secret-xyz")

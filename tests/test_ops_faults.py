@@ -150,7 +150,7 @@ def test_metrics_hanging_or_garbage_leaves_routing_alone(loop_thread, fault, rou
                 "forwarded": len(front.forwarded),
                 "healthy": [e.healthy for e in ep],
                 "fresh": [e.metrics is not None for e in ep],
-                "last_error": scraper.last_error.get("s2", ""),
+                "last_error": scraper.last_error.get(ep[2], ""),
                 "open_max": front.metrics_open_max,
             }
         finally:

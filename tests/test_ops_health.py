@@ -154,3 +154,91 @@ def test_circuit_opens_on_failed_requests_and_recovers(
     assert _send(proxy.url, 6) == [200] * 6
     assert health.circuit_state(ep1) == "closed"
     assert len(b1.received) == n + 3  # back in the rotation
+
+
+# ---- the on_change hook ----------------------------------------------------------------------
+
+
+async def test_on_change_follows_active_checks() -> None:
+    status = {"code": 200}
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=status["code"])
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    ep = Endpoint("gpu-0", f"http://127.0.0.1:{runner.addresses[0][1]}", pool="p")
+    seen: list[tuple[Endpoint, bool]] = []
+    async with aiohttp.ClientSession() as session:
+        hc = HealthChecker(
+            lambda: [ep], session, healthy_after=2, on_change=lambda e: seen.append((e, e.healthy))
+        )
+        assert await hc.check(ep)
+        assert seen == []  # still up: nothing changed
+        status["code"] = 503
+        assert not await hc.check(ep) and not await hc.check(ep)
+        assert seen == [(ep, False)]  # one call, when it went down
+        status["code"] = 200
+        assert await hc.check(ep)
+        assert seen == [(ep, False)]  # healthy_after=2: not yet
+        assert await hc.check(ep)
+        assert seen == [(ep, False), (ep, True)]
+        await hc.stop()
+    await runner.cleanup()
+
+
+def test_on_change_follows_the_circuit(fake_backends, run_proxy, loop_thread) -> None:
+    b0, b1 = fake_backends(2)
+    b1.fail_status = 503
+    cfg = proxy_config(
+        [b0, b1], health={"active": False, "failure_threshold": 2, "open_seconds": 0.5}
+    )
+    proxy = run_proxy(cfg)
+    health = proxy.state.health
+    assert health is not None
+    ep1 = proxy.state.pools.pools[0].endpoints[1]
+    seen: list[tuple[str, bool, str]] = []
+    # Called on the proxy's loop thread (the forwarder, the circuit timer); list.append is safe.
+    health.on_change = lambda ep: seen.append((ep.name, ep.healthy, health.circuit_state(ep)))
+
+    assert _send(proxy.url, 4) == [200] * 4  # be1 fails twice: the circuit opens
+    assert seen == [("be1", False, "open")]
+    assert _wait_for(lambda: len(seen) == 2, 3.0)
+    assert seen[1] == ("be1", True, "half_open")  # routable again, on the timer
+    b1.fail_status = None
+    n = len(b1.received)
+    assert _send(proxy.url, 2) == [200] * 2  # the probe succeeds: closed
+    assert len(b1.received) == n + 1
+    assert seen[2:] == [("be1", True, "closed")]
+    assert ep1.healthy and health.circuit_state(ep1) == "closed"
+    assert _send(proxy.url, 4) == [200] * 4
+    assert len(seen) == 3  # steady state: no calls
+
+
+async def test_a_failing_on_change_hook_never_breaks_the_breaker(caplog) -> None:
+    ep = Endpoint("gpu-0", "http://127.0.0.1:9", pool="p")
+    calls: list[bool] = []
+
+    def broken(e: Endpoint) -> None:
+        calls.append(e.healthy)
+        raise RuntimeError("hook bug")
+
+    async with aiohttp.ClientSession() as session:
+        hc = HealthChecker(
+            lambda: [ep], session, failure_threshold=1, open_seconds=0.1, on_change=broken
+        )
+        with caplog.at_level("ERROR", logger="lbproxy.health"):
+            hc.record(ep, False)  # the forwarder's call: must not raise
+            assert not ep.healthy and hc.circuit_state(ep) == "open"
+            await asyncio.sleep(0.2)
+            assert ep.healthy and hc.circuit_state(ep) == "half_open"
+            hc.record(ep, True)
+            assert hc.circuit_state(ep) == "closed"
+        await hc.stop()
+    assert calls == [False, True, True]
+    failures = [r for r in caplog.records if "on_change hook failed for p/gpu-0" in r.getMessage()]
+    assert len(failures) == 3

@@ -120,9 +120,9 @@ async def test_scrape_once_fills_snapshots_and_geometry(server, scrapers) -> Non
         server.endpoint("c", "sglang"),
     ]
     scraper = scrapers(eps, clock=lambda: 77.0)
-    assert await scraper.scrape_once() == {"a": True, "b": True, "c": True}
-
     a, b, c = eps
+    assert await scraper.scrape_once() == {a: True, b: True, c: True}
+
     assert a.metrics == parse_metrics(CAPTURE, 77.0)
     assert b.metrics == parse_metrics(SMALL_KV, 77.0)
     assert c.metrics == parse_metrics(SGLANG, 77.0)
@@ -130,15 +130,15 @@ async def test_scrape_once_fills_snapshots_and_geometry(server, scrapers) -> Non
     assert (b.block_size, b.num_gpu_blocks) == (32, 128)
     assert (c.block_size, c.num_gpu_blocks) == (None, None)  # SGLang exports no geometry
     assert c.metrics is not None and c.metrics.num_waiting == 5.0
-    assert scraper.successes == {"a": 1, "b": 1, "c": 1}
+    assert scraper.successes == {a: 1, b: 1, c: 1}
     assert scraper.errors == {}
-    assert scraper.last_success == {"a": 77.0, "b": 77.0, "c": 77.0}
+    assert scraper.last_success == {a: 77.0, b: 77.0, c: 77.0}
 
 
 async def test_failures_are_counted_and_keep_the_last_snapshot(server, scrapers) -> None:
     ep = server.endpoint("x", "capture")
     scraper = scrapers([ep], clock=counting_clock())
-    assert await scraper.scrape_once() == {"x": True}
+    assert await scraper.scrape_once() == {ep: True}
     good = ep.metrics
     assert good is not None
 
@@ -148,26 +148,26 @@ async def test_failures_are_counted_and_keep_the_last_snapshot(server, scrapers)
         ("broken", "not-a-number"),
     ]:
         server.modes["x"] = mode
-        assert await scraper.scrape_once() == {"x": False}
-        assert expect in scraper.last_error["x"]
+        assert await scraper.scrape_once() == {ep: False}
+        assert expect in scraper.last_error[ep]
         assert ep.metrics is good  # stale but intact: its age tells how stale
 
-    assert scraper.errors["x"] == 3
-    assert scraper.successes["x"] == 1
+    assert scraper.errors[ep] == 3
+    assert scraper.successes[ep] == 1
 
     server.modes["x"] = "small"
-    assert await scraper.scrape_once() == {"x": True}
+    assert await scraper.scrape_once() == {ep: True}
     assert ep.metrics is not good and ep.metrics.prefix_cache_hits == 8096.0
     assert ep.metrics.time > good.time
-    assert scraper.last_success["x"] == ep.metrics.time
+    assert scraper.last_success[ep] == ep.metrics.time
 
 
 async def test_connection_refused_is_an_error(scrapers) -> None:
     ep = Endpoint(name="dead", url=dead_url())
     scraper = scrapers([ep])
-    assert await scraper.scrape_once() == {"dead": False}
-    assert scraper.errors["dead"] == 1
-    assert "ClientConnectorError" in scraper.last_error["dead"]
+    assert await scraper.scrape_once() == {ep: False}
+    assert scraper.errors[ep] == 1
+    assert "ClientConnectorError" in scraper.last_error[ep]
     assert ep.metrics is None
 
 
@@ -185,8 +185,8 @@ async def test_slow_and_hanging_endpoints_do_not_delay_others(server, scrapers) 
     assert not round_task.done()
 
     result = await round_task
-    assert result == {"slow": False, "f0": True, "f1": True, "f2": True, "hang": False}
-    assert scraper.last_error["slow"] == scraper.last_error["hang"] == "timeout after 1.5s"
+    assert result == {slow: False, fast[0]: True, fast[1]: True, fast[2]: True, hang: False}
+    assert scraper.last_error[slow] == scraper.last_error[hang] == "timeout after 1.5s"
     assert slow.metrics is None and hang.metrics is None
 
 
@@ -197,7 +197,7 @@ async def test_background_loop_keeps_one_request_per_hanging_endpoint(server, sc
     # outstanding, and must not pile up more requests on it.
     scraper = scrapers([ok, hang], interval=0.02, timeout=30.0)
     await scraper.start()
-    await until(lambda: scraper.successes.get("ok", 0) >= 10)
+    await until(lambda: scraper.successes.get(ok, 0) >= 10)
     assert server.requests["hang"] == 1
     assert server.waiting["hang"] == 1
     assert hang.metrics is None
@@ -212,13 +212,13 @@ async def test_endpoint_set_follows_the_provider(server, scrapers) -> None:
     scraper = scrapers([])
     scraper.endpoints_provider = lambda: current
     await scraper.scrape_once()
-    assert set(scraper.errors) == {"b"} and set(scraper.successes) == {"a"}
+    assert set(scraper.errors) == {b} and set(scraper.successes) == {a}
 
     c = server.endpoint("c", "small")
     current = [a, c]  # hot reload: b removed, c added
-    assert await scraper.scrape_once() == {"a": True, "c": True}
-    assert "b" not in scraper.errors and "b" not in scraper.last_error
-    assert c.metrics is not None and scraper.successes == {"a": 2, "c": 1}
+    assert await scraper.scrape_once() == {a: True, c: True}
+    assert b not in scraper.errors and b not in scraper.last_error
+    assert c.metrics is not None and scraper.successes == {a: 2, c: 1}
 
 
 async def test_provider_failure_skips_the_round(scrapers) -> None:
@@ -275,3 +275,112 @@ def test_invalid_settings(kwargs: dict[str, float]) -> None:
 
 def test_default_timeout_is_shorter_than_the_interval() -> None:
     assert MetricsScraper(list, interval=0.5).timeout == pytest.approx(0.4)
+
+
+# ---- identity, clock and the on_scrape hook ------------------------------------------------
+
+
+async def test_same_name_in_two_pools_is_two_endpoints(server, scrapers) -> None:
+    # Names are unique only within a pool: both gpu-0 must be scraped and counted apart.
+    server.modes.update({"pa": "capture", "pb": "500"})
+    a = Endpoint(name="gpu-0", url=f"{server.base}/pa", pool="a")
+    b = Endpoint(name="gpu-0", url=f"{server.base}/pb", pool="b")
+    scraper = scrapers([a, b], clock=lambda: 5.0)
+    assert await scraper.scrape_once() == {a: True, b: False}
+    assert server.requests == {"pa": 1, "pb": 1}
+    assert a.metrics == parse_metrics(CAPTURE, 5.0) and b.metrics is None
+    assert scraper.successes == {a: 1} and scraper.errors == {b: 1}
+    assert scraper.last_error == {b: "HTTP 500"}
+
+    server.modes["pb"] = "small"
+    assert await scraper.scrape_once() == {a: True, b: True}
+    assert b.metrics == parse_metrics(SMALL_KV, 5.0)
+    assert scraper.successes == {a: 2, b: 1} and scraper.errors == {b: 1}
+
+
+class OffsetLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock is not time.monotonic(), as uvloop's need not be."""
+
+    def time(self) -> float:
+        return super().time() + 1e6
+
+
+def test_snapshots_are_stamped_with_the_loop_clock() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        srv = MetricsServer()
+        app = web.Application()
+        app.router.add_get("/{name}/metrics", srv.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        srv.base = f"http://{host}:{port}"
+        injected, default = srv.endpoint("i", "capture"), srv.endpoint("d", "capture")
+        with_clock = MetricsScraper(lambda: [injected], clock=loop.time)
+        no_clock = MetricsScraper(lambda: [default])  # default: the running loop's clock
+        try:
+            before = loop.time()
+            await with_clock.scrape_once()
+            await no_clock.scrape_once()
+            after = loop.time()
+        finally:
+            await with_clock.stop()
+            await no_clock.stop()
+            await runner.cleanup()
+        for ep, scraper in ((injected, with_clock), (default, no_clock)):
+            assert ep.metrics is not None
+            assert before <= ep.metrics.time <= after
+            assert scraper.last_success[ep] == ep.metrics.time
+            # what routing does with its `now`: the snapshot counts as fresh
+            assert ep.fresh_metrics(loop.time(), 2.0) is ep.metrics
+
+    with asyncio.Runner(loop_factory=OffsetLoop) as runner:
+        runner.run(scenario())
+
+
+async def test_on_scrape_follows_each_good_scrape(server, scrapers) -> None:
+    good = server.endpoint("good", "capture")
+    bad = server.endpoint("bad", "500")
+    seen: list[tuple[Endpoint, object, int]] = []
+    scraper = scrapers([good, bad], clock=counting_clock())
+    # What the hook sees: the new snapshot already in place, the success already counted.
+    scraper.on_scrape = lambda ep: seen.append((ep, ep.metrics, scraper.successes.get(ep, 0)))
+
+    await scraper.scrape_once()
+    assert seen == [(good, good.metrics, 1)]
+    assert good.metrics is not None and good.metrics.time == scraper.last_success[good]
+    first = good.metrics
+
+    server.modes["good"] = "small"
+    await scraper.scrape_once()
+    assert len(seen) == 2 and seen[1][0] is good and seen[1][2] == 2
+    assert seen[1][1] is good.metrics and good.metrics is not first
+    assert good.metrics.block_size == 32 and good.block_size == 32  # geometry set before it
+
+    server.modes["good"] = "500"  # a failed scrape: no call
+    await scraper.scrape_once()
+    assert len(seen) == 2 and bad not in [ep for ep, _, _ in seen]
+
+
+async def test_a_failing_on_scrape_hook_is_logged_and_scraping_goes_on(
+    server, scrapers, caplog
+) -> None:
+    ep = server.endpoint("a", "capture")
+    calls: list[Endpoint] = []
+
+    def broken(e: Endpoint) -> None:
+        calls.append(e)
+        raise RuntimeError("hook bug")
+
+    scraper = scrapers([ep], interval=0.02, on_scrape=broken)
+    with caplog.at_level("ERROR", logger="lbproxy.signals.scraper"):
+        await scraper.start()
+        await until(lambda: len(calls) >= 3)
+    assert scraper.successes[ep] >= 3 and ep in scraper.successes
+    assert scraper._task is not None and not scraper._task.done()
+    assert ep not in scraper.errors  # a hook failure is not a scrape failure
+    failures = [r for r in caplog.records if "on_scrape hook failed" in r.getMessage()]
+    assert len(failures) >= 3 and failures[0].exc_info is not None
+    assert "hook bug" in str(failures[0].exc_info[1])

@@ -5,6 +5,7 @@ aborts on client disconnect."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -240,6 +241,58 @@ async def test_stream_interval_groups_tokens(http: aiohttp.ClientSession) -> Non
     # First token alone, then >= 4 tokens per chunk: at most 1 + ceil(15 / 4) chunks. (At
     # speed 5 a step lasts ~2 ms of wall time, so the tokens never all land in one chunk.)
     assert 2 <= len(events) <= 5
+
+
+CONTINUOUS = {"include_usage": True, "continuous_usage_stats": True}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "details"),
+    [
+        ("/v1/completions", {"prompt": token_prompt(30)}, False),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x y z"}]}, True),
+    ],
+)
+async def test_continuous_usage_stats_in_every_chunk(
+    http: aiohttp.ClientSession, route: str, body: dict[str, Any], details: bool
+) -> None:
+    """vLLM's `continuous_usage_stats`: every chunk carries the usage so far, right after
+    `choices` (chat adds a null completion_tokens_details; its role chunk counts 0), then
+    the usual final usage chunk. Also with several tokens per chunk."""
+    h = await start_sim_server(port=0, profile="vendor-b", model=MODEL, speed=5.0,
+                               stream_interval=3)  # fmt: skip
+    try:
+        req = {"model": MODEL, "max_tokens": 14, "stream": True, "stream_options": CONTINUOUS}
+        async with http.post(h.url + route, json={**req, **body}) as r:
+            raw = await r.read()
+        _, plain = await post(http, h.url + route, {**req, **body, "stream_options": {
+            "continuous_usage_stats": True}})  # fmt: skip
+    finally:
+        await h.close()
+    events = sse_events(raw)
+    chunks, final = events[:-1], events[-1]
+    assert final["choices"] == [] and set(final) == USAGE_CHUNK_KEYS
+    prompt = final["usage"]["prompt_tokens"]
+    assert final["usage"]["completion_tokens"] == 14
+    counts = []
+    for e in chunks:
+        assert list(e)[list(e).index("choices") + 1] == "usage"  # vLLM's field order
+        u = e["usage"]
+        want = ["prompt_tokens", "total_tokens", "completion_tokens"]
+        assert list(u) == want + (["completion_tokens_details"] if details else [])
+        assert u["prompt_tokens"] == prompt
+        assert u["total_tokens"] == prompt + u["completion_tokens"]
+        counts.append(u["completion_tokens"])
+    if details:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert counts[0] == 0 and chunks[1]["usage"]["completion_tokens_details"] is None
+        counts = counts[1:]
+    # Cumulative, first token alone, >= 3 new tokens per later chunk, the last one all 14.
+    assert counts[0] == 1 and counts[-1] == 14
+    assert all(b - a >= 3 for a, b in itertools.pairwise(counts[:-1]))
+    assert len(counts) <= 1 + math.ceil(13 / 3)
+    # Without include_usage, continuous_usage_stats alone adds nothing (vLLM's rule).
+    assert all("usage" not in e for e in sse_events(plain))
 
 
 async def test_request_id_header_is_used(sim: SimServerHandle, http: aiohttp.ClientSession) -> None:

@@ -5,8 +5,11 @@
     lbproxy bench --compare runs/rr runs/ca --out runs/compare
     lbproxy simulate --fleet configs/fleets/abc-20.yaml --workload shared-prefix \\
         --profiles round-robin,cache-aware --rates 5,10,25,50,85 --out runs/sim
+    lbproxy simulate --capacity --fleet configs/fleets/abc-20.yaml --workload shared-prefix \\
+        --out runs/capacity
 
-Both write results.json (schema in `lbproxy.bench.report`), results.md and PNG plots.
+Both write results.json (schema in `lbproxy.bench.report`), results.md and PNG plots;
+`--capacity` writes capacity.json and capacity.md (`lbproxy.bench.capacity`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from typing import Any
 import yaml
 
 from lbproxy.bench import report
+from lbproxy.bench.mix import TrafficClass, parse_mix
 from lbproxy.bench.workloads import APIS, WORKLOAD_PARAMS, WORKLOADS, Workload, make_workload
 from lbproxy.tokenization import Tokenizer, default_tokenizer
+
+DEFAULT_DURATION = 60.0  # seconds of arrivals per rate step
 
 _PARAM_HELP = {
     "num_groups": "shared-prefix: system prompts (default 150)",
@@ -55,6 +61,102 @@ def _positive(text: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _mix(text: str) -> list[TrafficClass]:
+    try:
+        return parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def _add_goodput_args(p: argparse.ArgumentParser, live: bool) -> None:
+    from lbproxy.config import FlowControl
+
+    defaults = FlowControl()
+    where = (
+        "with --fleet: lbproxy's setting; with --target: recorded only (set it in the "
+        "target's config)"
+        if live
+        else "the simulated proxy's setting"
+    )
+    g = p.add_argument_group("SLO, flow control and traffic classes")
+    g.add_argument(
+        "--slo-ttft",
+        type=_positive,
+        default=5.0,
+        help="SLO: time to first token, s, queue wait included (default 5)",
+    )
+    g.add_argument(
+        "--slo-itl",
+        type=_positive,
+        default=0.1,
+        help="SLO: mean inter-token latency of a request, s (default 0.1)",
+    )
+    g.add_argument(
+        "--flow-control",
+        type=_on_off,
+        default=True,
+        metavar="on|off",
+        help=f"flow control (default on); {where}",
+    )
+    g.add_argument(
+        "--max-wait",
+        type=_positive,
+        default=defaults.max_wait,
+        help=f"flow control: seconds a request may wait (default {defaults.max_wait:g})",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=defaults.max_queue,
+        help=f"flow control: requests waiting per pool (default {defaults.max_queue})",
+    )
+    g.add_argument(
+        "--mix",
+        type=_mix,
+        default=None,
+        metavar="NAME:SHARE[:PRIORITY],...",
+        help="traffic classes sharing each step, e.g. light:1,heavy:5 or high:1:10,low:4; "
+        "sent as the x-tenant and x-lbproxy-priority headers",
+    )
+
+
+def _goodput_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What results.json's settings record of the SLO, flow control and traffic classes."""
+    mix = args.mix
+    return {
+        "slo_ttft_s": args.slo_ttft,
+        "slo_itl_s": args.slo_itl,
+        "flow_control": {
+            "enabled": args.flow_control,
+            "max_wait": args.max_wait,
+            "max_queue": args.max_queue,
+        },
+        "mix": (
+            [{"name": c.name, "share": c.share, "priority": c.priority} for c in mix]
+            if mix
+            else None
+        ),
+    }
+
+
+def _flow_label(label: str, args: argparse.Namespace) -> str:
+    """A run's default label says when flow control was off, so on/off compare clearly."""
+    return label if args.flow_control else f"{label} (flow off)"
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +200,10 @@ def _add_ladder_args(p: argparse.ArgumentParser, required: bool) -> None:
         help="comma-separated requests/s, one step each, e.g. 5,10,25,50,85",
     )
     g.add_argument(
-        "--duration", type=_positive, default=60.0, help="seconds of arrivals per step (default 60)"
+        "--duration",
+        type=_positive,
+        default=None,
+        help="seconds of arrivals per step (default 60; simulate --capacity: 1800)",
     )
     g.add_argument(
         "--drain",
@@ -160,6 +265,7 @@ def add_bench_parsers(subparsers: Any) -> None:
     )
     _add_workload_args(bench)
     _add_ladder_args(bench, required=False)
+    _add_goodput_args(bench, live=True)
     bench.set_defaults(func=run_bench)
 
     sim = subparsers.add_parser(
@@ -193,8 +299,21 @@ def add_bench_parsers(subparsers: Any) -> None:
         default=None,
         help="KV event delivery delay, virtual s (default 0.002)",
     )
+    sim.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead of a ladder: each card type of the fleet alone, saturated, on the "
+        "workload; writes capacity.json (the fleet's capacity bound) and capacity.md",
+    )
+    sim.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="with --capacity: virtual seconds before the measurement (default 600)",
+    )
     _add_workload_args(sim)
-    _add_ladder_args(sim, required=True)
+    _add_ladder_args(sim, required=False)
+    _add_goodput_args(sim, live=False)
     sim.set_defaults(func=run_simulate)
 
 
@@ -281,6 +400,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     if bool(args.target) == bool(args.fleet) or not args.rates:
         return _fail("bench needs --rates and one of --target or --fleet (or --compare DIR ...)")
+    args.duration = args.duration or DEFAULT_DURATION
     try:
         tok = _tokenizer(args.tokenizer)
         wl = _workload(args, tok)
@@ -307,6 +427,7 @@ async def _bench(args: argparse.Namespace, wl: Workload, started: float) -> int:
             speed=speed,
             stream_interval=args.stream_interval,
             kv_events="precise" in args.profile,
+            flow_control=_flow_config(args),
         ) as url:
             run, model = await _bench_target(args, wl, url, speed)
             run["target"] = f"{args.fleet} via lbproxy"
@@ -318,9 +439,24 @@ async def _bench(args: argparse.Namespace, wl: Workload, started: float) -> int:
         "seed": args.seed,
         "time_scale": args.time_scale,
         "model": model,
+        **_goodput_settings(args),
     }
     results = report.new_results("lbproxy bench", wl.describe(), settings, [run])
     return _finish(args, results, started)
+
+
+def _flow_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The `flow_control` section of the lbproxy config `bench --fleet` builds."""
+    flow: dict[str, Any] = {
+        "enabled": args.flow_control,
+        "max_wait": args.max_wait,
+        "max_queue": args.max_queue,
+    }
+    if args.mix:
+        from lbproxy.bench.mix import FLOW_HEADER
+
+        flow["flow_header"] = FLOW_HEADER
+    return flow
 
 
 async def _bench_target(
@@ -340,14 +476,19 @@ async def _bench_target(
             max_requests=args.max_requests,
             seed=args.seed,
             session_header=args.session_header,
+            slo_ttft=args.slo_ttft,
+            slo_itl=args.slo_itl,
+            mix=args.mix,
         )
+        profile = args.profile or "target"
+        label = args.label or _flow_label(profile, args)
         with _Progress(not args.quiet) as progress:
             run = await bench_run(
                 wl,
                 args.rates,
                 opts,
-                profile=args.profile or "target",
-                label=args.label,
+                profile=profile,
+                label=label,
                 progress=progress.step,
                 session=session,
             )
@@ -378,9 +519,15 @@ def load_profile_arg(item: str) -> tuple[str, Any]:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from lbproxy.bench.simulate import SimOptions, simulate_run
+    from lbproxy.config import FlowControl
     from lbproxy.sim.fleet import load_fleet
 
     started = time.perf_counter()
+    if args.capacity:
+        return _run_capacity(args, started)
+    if not args.rates:
+        return _fail("simulate needs --rates (or --capacity)")
+    args.duration = args.duration or DEFAULT_DURATION
     try:
         fleet = load_fleet(args.fleet)
         tok = _tokenizer(args.tokenizer or fleet.tokenizer)
@@ -396,6 +543,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         if args.kv_event_delay is not None:
             opts.kv_event_delay = args.kv_event_delay
         opts.__post_init__()
+        flow = (
+            FlowControl(enabled=True, max_wait=args.max_wait, max_queue=args.max_queue)
+            if args.flow_control
+            else None
+        )
         runs = []
         with _Progress(not args.quiet) as progress:
             for label, spec in profiles:
@@ -410,9 +562,13 @@ def run_simulate(args: argparse.Namespace) -> int:
                         max_requests=args.max_requests,
                         tokenizer=tok,
                         options=opts,
-                        label=label,
+                        label=_flow_label(label, args),
                         target=str(args.fleet),
                         progress=progress.step,
+                        flow=flow,
+                        mix=args.mix,
+                        slo_ttft=args.slo_ttft,
+                        slo_itl=args.slo_itl,
                     )
                 )
     except (ValueError, OSError) as e:
@@ -428,10 +584,46 @@ def run_simulate(args: argparse.Namespace) -> int:
         "scrape_interval_s": opts.scrape_interval,
         "metrics_max_age_s": opts.metrics_max_age,
         "kv_event_delay_s": opts.kv_event_delay,
+        **_goodput_settings(args),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     results = report.new_results("lbproxy simulate", wl.describe(), settings, runs)
     return _finish(args, results, started)
+
+
+def _run_capacity(args: argparse.Namespace, started: float) -> int:
+    from lbproxy.bench.capacity import CapacityOptions, capacity, markdown, write_capacity
+    from lbproxy.sim.fleet import load_fleet
+
+    try:
+        fleet = load_fleet(args.fleet)
+        tok = _tokenizer(args.tokenizer or fleet.tokenizer)
+        wl = _workload(args, tok)
+        opts = CapacityOptions(seed=args.seed)
+        if args.duration is not None:
+            opts.duration = args.duration
+        if args.warmup is not None:
+            opts.warmup = args.warmup
+        opts.__post_init__()
+        with _Progress(not args.quiet) as progress:
+            result = capacity(
+                fleet,
+                wl,
+                tok,
+                opts,
+                progress=lambda card, mode, rate, total: progress.step(
+                    f"{card} {mode}", rate, total
+                ),
+            )
+    except (ValueError, OSError) as e:
+        return _fail(str(e))
+    result["settings"]["fleet"] = str(args.fleet)
+    result["settings"]["wall_time_s"] = round(time.perf_counter() - started, 2)
+    paths = write_capacity(args.out, result)
+    if not args.quiet:
+        print(markdown(result))
+        print(f"wrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - started:.1f}s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

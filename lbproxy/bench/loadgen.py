@@ -2,12 +2,21 @@
 
 Each rate step sends the workload's requests at `stats.poisson_arrivals` times (the same
 schedule `lbproxy simulate` offers), streaming, each with `ignore_eos` and
-`stream_options.include_usage`. A request's chunks are timed as they arrive: the first
-token chunk gives TTFT, the gaps between chunks the ITL; output tokens come from the final
-usage chunk (falling back to the number of token chunks). At the step's deadline
-(`duration + drain`) requests still open are cancelled, which closes their connections
-(the server aborts them), and recorded as incomplete. Bounded in count (`max_requests`)
-and in time (the deadline).
+`stream_options: {"include_usage": true, "continuous_usage_stats": true}`. A request's
+chunks are timed as they arrive: the first token chunk gives TTFT, the gaps between chunks
+the ITL. Output tokens come from the latest `usage` the request received (vLLM, and
+`lbproxy sim`, put one in every chunk with `continuous_usage_stats`), so a request cut at
+the deadline counts exactly the tokens it got; only a server that sends no usage at all
+makes it fall back to counting token chunks. At the step's deadline (`duration + drain`)
+requests still open are cancelled, which closes their connections (the server aborts
+them), and recorded as incomplete. Bounded in count (`max_requests`) and in time (the
+deadline).
+
+A response 429 or 503 (lbproxy's flow control shedding it) is recorded as "rejected"; the
+`x-lbproxy-queue-wait` response header (seconds, decimal) becomes the record's
+`queue_wait`. With traffic classes (`mix`, see `bench/mix.py`) each request carries its
+class (`klass`) and is sent with the headers `x-tenant: <class>` and
+`x-lbproxy-priority: <priority>`.
 
 `time_scale` is for targets that run faster than real time (a simulated fleet with
 `speed: X`): arrivals are sent `time_scale` times faster and every measured time is
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +36,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from lbproxy.bench.mix import FLOW_HEADER, PRIORITY_HEADER, TrafficClass, class_sequence
 from lbproxy.bench.report import RunResult, StepResult
 from lbproxy.bench.stats import RequestRecord, poisson_arrivals, summarize_step
 from lbproxy.bench.workloads import Request, Workload
@@ -33,6 +44,9 @@ from lbproxy.config import Signals
 from lbproxy.sim.fleet import FleetSpec
 
 StepProgress = Callable[[str, float, int], Callable[[int], None]]
+
+QUEUE_WAIT_HEADER = "x-lbproxy-queue-wait"
+REJECTED_STATUSES = (429, 503)  # lbproxy's answers when flow control sheds a request
 
 
 @dataclass(slots=True)
@@ -46,6 +60,11 @@ class LoadOptions:
     seed: int = 0
     session_header: str = "x-session-id"
     headers: dict[str, str] = field(default_factory=dict)
+    # Ask for usage in every chunk (vLLM's stream_options.continuous_usage_stats).
+    continuous_usage: bool = True
+    slo_ttft: float = 5.0
+    slo_itl: float = 0.1
+    mix: list[TrafficClass] | None = None
 
     def __post_init__(self) -> None:
         if not self.duration > 0:
@@ -63,11 +82,23 @@ class StreamParser:
     """Sans-IO: feed the body's bytes as they arrive with the time they arrived.
 
     Token chunks are those with a completion `text` or a chat `delta.content` (the chat
-    role announcement is not a token); `usage` comes from the final chunk with empty
-    choices; an `{"error": ...}` event sets `error`.
+    role announcement is not a token). `usage` is the latest usage object seen (every
+    chunk's with continuous usage stats, else the final chunk's) and `completion_tokens`
+    its count; an `{"error": ...}` event sets `error`. Only chunks that may carry usage,
+    an error or the chat role are parsed as JSON; plain token chunks are just counted.
     """
 
-    __slots__ = ("_buf", "chunks", "done", "error", "first", "gaps", "last", "usage")
+    __slots__ = (
+        "_buf",
+        "chunks",
+        "completion_tokens",
+        "done",
+        "error",
+        "first",
+        "gaps",
+        "last",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self._buf = b""
@@ -76,6 +107,7 @@ class StreamParser:
         self.last = 0.0
         self.gaps: list[float] = []
         self.usage: dict | None = None
+        self.completion_tokens: int | None = None
         self.error: str | None = None
         self.done = False
 
@@ -118,9 +150,12 @@ class StreamParser:
             err = obj["error"]
             self.error = str(err.get("message", err) if isinstance(err, dict) else err)
             return False
-        if isinstance(obj.get("usage"), dict) and not obj.get("choices"):
-            self.usage = obj["usage"]
-            return False
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            n = usage.get("completion_tokens")
+            if isinstance(n, int) and not isinstance(n, bool):
+                self.completion_tokens = n
         choices = obj.get("choices") or []
         if not choices:
             return False
@@ -146,19 +181,32 @@ async def _send(
     req: Request,
     rec: RequestRecord,
     clock: Callable[[], float],
+    klass: TrafficClass | None = None,
 ) -> None:
     url = opts.target + req.route
     headers = {"Content-Type": "application/json", **opts.headers}
     if req.session is not None:
         headers[opts.session_header] = req.session
-    body = orjson.dumps(req.body(opts.model))
+    if klass is not None:
+        headers[FLOW_HEADER] = klass.name
+        headers[PRIORITY_HEADER] = str(klass.priority)
+    payload = req.body(opts.model)
+    stream_options = payload.get("stream_options")
+    if opts.continuous_usage and isinstance(stream_options, dict):
+        payload["stream_options"] = {**stream_options, "continuous_usage_stats": True}
+    body = orjson.dumps(payload)
     parser = StreamParser()
     try:
         async with session.post(url, data=body, headers=headers) as resp:
             rec.backend = resp.headers.get("x-lbproxy-backend")
+            wait = _seconds(resp.headers.get(QUEUE_WAIT_HEADER))
+            if wait is not None:  # wall seconds of the proxy, in target time like the rest
+                rec.queue_wait = wait * opts.time_scale
             if resp.status != 200:
                 text = (await resp.read())[:300].decode(errors="replace")
-                rec.status, rec.error = "error", f"HTTP {resp.status}: {text}"
+                rejected = resp.status in REJECTED_STATUSES
+                rec.status = "rejected" if rejected else "error"
+                rec.error = f"HTTP {resp.status}: {text}"
                 return
             async for data in resp.content.iter_any():
                 parser.feed(data, clock())
@@ -175,13 +223,24 @@ async def _send(
         rec.end = clock()
         rec.first_token = parser.first
         rec.itl = parser.gaps
+        n = parser.completion_tokens
+        rec.output_tokens = n if n is not None else parser.chunks
         usage = parser.usage
-        out = usage.get("completion_tokens") if usage else None
-        rec.output_tokens = out if isinstance(out, int) else parser.chunks
         if usage:
             rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
             details = usage.get("prompt_tokens_details") or {}
             rec.cached_tokens = int(details.get("cached_tokens") or 0)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A header's decimal seconds; None when absent or not a finite number >= 0."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) and v >= 0 else None
 
 
 async def run_step(
@@ -193,7 +252,8 @@ async def run_step(
     first_index: int,
     advance: Callable[[int], None] | None = None,
 ) -> list[RequestRecord]:
-    """Send one rate step; return a record per request (times from the step's start)."""
+    """Send one rate step; return a record per request (times from the step's start).
+    With `opts.mix`, request k gets its class from `mix.class_sequence` (as in simulate)."""
     loop = asyncio.get_running_loop()
     scale = opts.time_scale
     drain = opts.duration if opts.drain is None else opts.drain
@@ -204,6 +264,7 @@ async def run_step(
 
     records: list[RequestRecord] = []
     tasks: list[asyncio.Task[None]] = []
+    classes = class_sequence(opts.mix, first_index, len(arrivals), opts.seed) if opts.mix else None
 
     def done(_: asyncio.Task[None]) -> None:
         if advance is not None:
@@ -214,9 +275,12 @@ async def run_step(
         if delay > 0:
             await asyncio.sleep(delay)
         req = workload.request(first_index + k)
+        klass = classes[k] if classes is not None else None
         rec = RequestRecord(start=clock(), prompt_tokens=req.num_prompt_tokens)
+        if klass is not None:
+            rec.klass = klass.name
         records.append(rec)
-        task = loop.create_task(_send(session, opts, req, rec, clock))
+        task = loop.create_task(_send(session, opts, req, rec, clock, klass))
         task.add_done_callback(done)
         tasks.append(task)
 
@@ -277,7 +341,13 @@ async def bench_run(
                 session, workload, arrivals, opts, first_index=index, advance=advance
             )
             index += len(arrivals)
-            step = summarize_step(records, rate=rate, duration=opts.duration)
+            step = summarize_step(
+                records,
+                rate=rate,
+                duration=opts.duration,
+                slo_ttft=opts.slo_ttft,
+                slo_itl=opts.slo_itl,
+            )
             backends: dict[str, int] = {}
             for r in records:
                 if r.backend:
@@ -301,6 +371,7 @@ async def live_fleet(
     speed: float | None = None,
     stream_interval: int | None = None,
     kv_events: bool = False,
+    flow_control: dict[str, Any] | None = None,
 ) -> AsyncIterator[str]:
     """Start `fleet` as simulated vLLM servers and lbproxy in front of them, in this event
     loop, on ephemeral 127.0.0.1 ports; yield the proxy's URL.
@@ -310,6 +381,9 @@ async def live_fleet(
     the proxy's defaults, as `lbproxy simulate` assumes (the scrape timeout stays at least
     0.25 s of wall time). `kv_events` publishes KV events
     (on ephemeral ports) and subscribes the proxy to them, for precise-prefix routing.
+    `flow_control` is the proxy config's `flow_control` section (default: lbproxy's
+    defaults); its `max_wait` is in engine seconds, divided by the speed like the
+    intervals above.
     """
     from lbproxy.config import parse_config
     from lbproxy.proxy.app import start_proxy
@@ -329,6 +403,9 @@ async def live_fleet(
     try:
         scale = speed if speed is not None else backends[0].speed
         defaults = Signals()
+        flow = dict(flow_control) if flow_control is not None else None
+        if flow is not None and "max_wait" in flow:
+            flow["max_wait"] = flow["max_wait"] / scale
         entries = []
         for b, h in zip(backends, handles, strict=True):
             entry: dict[str, Any] = {"url": h.url, "name": b.name, "vendor": b.profile.name}
@@ -359,6 +436,7 @@ async def live_fleet(
                     "metrics_max_age": defaults.metrics_max_age / scale,
                 },
                 "expose_backend_header": True,
+                **({"flow_control": flow} if flow is not None else {}),
             },
             "live-fleet",
         )

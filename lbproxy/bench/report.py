@@ -24,6 +24,34 @@ output_tokens, completed_output_tokens_per_s, prompt_tokens_per_s, prefix_cache_
 ttft_mean_s, ttft_p50_s, ttft_p90_s, ttft_p99_s, itl_mean_s, itl_p50_s, itl_p90_s,
 itl_p99_s, e2e_p50_s, e2e_p90_s, e2e_p99_s; and optionally `backends` (requests per
 backend name).
+
+Added in the same schema version (absent from older files, so optional to readers):
+rejected, delivered_output_tokens_per_s, goodput_output_tokens_per_s, slo_attainment,
+slo_ttft_s, slo_itl_s, queue_wait_p50_s, queue_wait_p99_s, and `classes` ({class name:
+{requests, completed, incomplete, rejected, errors, ttft_p50_s, ttft_p90_s, ttft_p99_s,
+queue_wait_p50_s, queue_wait_p99_s, output_tokens_per_s, completed_output_tokens_per_s,
+goodput_output_tokens_per_s, slo_attainment}}, when the run had traffic classes, `--mix`).
+
+Definitions (seconds and tokens; "duration" is the step's arrival window):
+
+- output_tokens_per_s: output tokens of completed and cut requests / duration.
+  **Changed meaning**: files written before `delivered_output_tokens_per_s` existed divided
+  by elapsed_s (first send to last token or cut); that figure is now
+  delivered_output_tokens_per_s. Below capacity the two differ only by the tail.
+- requests_per_s: completed requests / duration (**changed**: was / elapsed_s);
+  prompt_tokens_per_s: prompt tokens of completed requests / duration (**changed** too).
+- completed_output_tokens_per_s: output tokens of requests that finished without error /
+  duration (**changed**: was / elapsed_s).
+- goodput_output_tokens_per_s: the same, only requests that met the SLO: TTFT <= slo_ttft_s
+  (from the request's send, so time queued in lbproxy counts) and mean inter-token latency
+  (end - first token) / (output tokens - 1) <= slo_itl_s.
+- slo_attainment: requests that met the SLO / all the step's requests (rejected, failed
+  and cut ones count as missing it); null for an empty step.
+- rejected: requests answered 429 or 503 by lbproxy (shed by flow control); errors: all
+  other failures (rejected requests are no longer counted in errors).
+- queue_wait_p50_s / _p99_s: time held by lbproxy's flow control before dispatch, over
+  the requests where it is known (live: the `x-lbproxy-queue-wait` response header); null
+  if none.
 """
 
 from __future__ import annotations
@@ -38,6 +66,8 @@ RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
 THROUGHPUT_PNG = "throughput.png"
 TTFT_PNG = "ttft.png"
+GOODPUT_PNG = "goodput.png"
+SLO_PNG = "slo.png"
 
 
 class StepResult(TypedDict):
@@ -66,6 +96,15 @@ class StepResult(TypedDict):
     e2e_p90_s: float | None
     e2e_p99_s: float | None
     backends: NotRequired[dict[str, int]]
+    rejected: NotRequired[int]
+    delivered_output_tokens_per_s: NotRequired[float]
+    goodput_output_tokens_per_s: NotRequired[float]
+    slo_attainment: NotRequired[float | None]
+    slo_ttft_s: NotRequired[float]
+    slo_itl_s: NotRequired[float]
+    queue_wait_p50_s: NotRequired[float | None]
+    queue_wait_p99_s: NotRequired[float | None]
+    classes: NotRequired[dict[str, dict[str, float | int | None]]]
 
 
 class RunResult(TypedDict):
@@ -84,8 +123,30 @@ class Results(TypedDict):
     runs: list[RunResult]
 
 
-_STEP_KEYS = tuple(k for k in StepResult.__annotations__ if k != "backends")
+# Keys added after the first files of schema version 1 were written: checked when present.
+_ADDED_STEP_KEYS = (
+    "rejected",
+    "delivered_output_tokens_per_s",
+    "goodput_output_tokens_per_s",
+    "slo_attainment",
+    "slo_ttft_s",
+    "slo_itl_s",
+    "queue_wait_p50_s",
+    "queue_wait_p99_s",
+)
+# Required in every step.
+_STEP_KEYS = tuple(
+    k for k in StepResult.__annotations__ if k not in ("backends", "classes", *_ADDED_STEP_KEYS)
+)
 _NUMBER = (int, float)
+
+
+def _number_or_null(v: Any) -> bool:
+    return v is None or (isinstance(v, _NUMBER) and not isinstance(v, bool))
+
+
+def _expected(v: Any) -> str:
+    return f"expected a number or null, got {v!r}"
 
 
 def new_results(
@@ -134,12 +195,16 @@ def validate_results(data: Any, source: str = "results") -> Results:
             need(isinstance(step, dict), sat, "expected an object")
             for key in _STEP_KEYS:
                 need(key in step, f"{sat}.{key}", "missing")
-                v = step[key]
-                need(
-                    v is None or (isinstance(v, _NUMBER) and not isinstance(v, bool)),
-                    f"{sat}.{key}",
-                    f"expected a number or null, got {v!r}",
-                )
+            for key in (*_STEP_KEYS, *_ADDED_STEP_KEYS):
+                if key in step:
+                    need(_number_or_null(step[key]), f"{sat}.{key}", _expected(step[key]))
+            classes = step.get("classes", {})
+            need(isinstance(classes, dict), f"{sat}.classes", "expected an object")
+            for name, figures in classes.items():
+                cat = f"{sat}.classes.{name}"
+                need(isinstance(figures, dict), cat, "expected an object")
+                for key, v in figures.items():
+                    need(_number_or_null(v), f"{cat}.{key}", _expected(v))
     return data  # type: ignore[return-value]
 
 
@@ -211,6 +276,10 @@ def _ms(v: float | None) -> str:
     return f"{v * 1000:,.0f} ms" if v < 10 else f"{v:,.1f} s"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.0f}%"
+
+
 def markdown(results: Results) -> str:
     wl = results["workload"]
     params = ", ".join(f"{k}={v}" for k, v in wl.get("params", {}).items())
@@ -226,9 +295,11 @@ def markdown(results: Results) -> str:
             "",
             f"Profile `{run['profile']}`, target `{run['target']}`.",
             "",
-            "| rate | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 "
-            "| e2e p50 | cache hit | done | cut | errors | done tok/s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| rate | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 "
+            "| ITL p99 | e2e p50 | cache hit | done | cut | rejected | errors | done tok/s "
+            "| goodput tok/s | SLO met | queue p50 |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+            "|---:|---:|---:|",
         ]
         for s in run["steps"]:
             hit = s.get("prefix_cache_hit_rate")
@@ -236,14 +307,54 @@ def markdown(results: Results) -> str:
                 f"| {s['rate']:g} | {_f(s['requests_per_s'], digits=2)} "
                 f"| {_f(s['output_tokens_per_s'])} | {_ms(s['ttft_p50_s'])} "
                 f"| {_ms(s['ttft_p90_s'])} | {_ms(s['ttft_p99_s'])} | {_ms(s['itl_p50_s'])} "
-                f"| {_ms(s['itl_p99_s'])} | {_ms(s['e2e_p50_s'])} "
-                f"| {_f(hit, 100)}{'%' if hit is not None else ''} | {s['completed']} "
-                f"| {s['incomplete']} | {s['errors']} | {_f(s['completed_output_tokens_per_s'])} |"
+                f"| {_ms(s['itl_p90_s'])} | {_ms(s['itl_p99_s'])} | {_ms(s['e2e_p50_s'])} "
+                f"| {_pct(hit)} | {s['completed']} | {s['incomplete']} "
+                f"| {s.get('rejected', '-')} | {s['errors']} "
+                f"| {_f(s['completed_output_tokens_per_s'])} "
+                f"| {_f(s.get('goodput_output_tokens_per_s'))} | {_pct(s.get('slo_attainment'))} "
+                f"| {_ms(s.get('queue_wait_p50_s'))} |"
             )
         lines.append("")
+        slo = next((s for s in run["steps"] if "slo_ttft_s" in s), None)
+        if slo is not None:
+            lines += [
+                f"Rates per second of the arrival window. SLO: TTFT <= {slo['slo_ttft_s']:g} s, "
+                f"mean ITL <= {slo['slo_itl_s'] * 1000:g} ms.",
+                "",
+            ]
+        lines += _class_table(run)
     if len(results["runs"]) > 1:
         lines += _comparison(results["runs"])
     return "\n".join(lines)
+
+
+def _class_table(run: RunResult) -> list[str]:
+    """Per traffic class and rate, when the run had classes."""
+    rows = []
+    for s in run["steps"]:
+        for name, c in s.get("classes", {}).items():
+            rows.append(
+                f"| {s['rate']:g} | {name} | {c.get('requests')} | {c.get('completed')} "
+                f"| {c.get('rejected')} | {c.get('errors')} | {_ms(c.get('ttft_p50_s'))} "
+                f"| {_ms(c.get('ttft_p90_s'))} | {_ms(c.get('queue_wait_p50_s'))} "
+                f"| {_f(c.get('completed_output_tokens_per_s'))} "
+                f"| {_f(c.get('goodput_output_tokens_per_s'))} | {_pct(c.get('slo_attainment'))} |"
+            )
+    if not rows:
+        return []
+    return [
+        f"### {run['label']}: by traffic class",
+        "",
+        "| rate | class | requests | done | rejected | errors | TTFT p50 | TTFT p90 | queue p50 "
+        "| done tok/s | goodput tok/s | SLO met |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+def _gain(v: float | None, base: float | None) -> str:
+    return f"{(v / base - 1) * 100:+.0f}%" if v is not None and base else "-"
 
 
 def _comparison(runs: list[RunResult]) -> list[str]:
@@ -255,18 +366,15 @@ def _comparison(runs: list[RunResult]) -> list[str]:
         lines += [
             f"### {run['label']}",
             "",
-            "| rate | out tok/s | vs base | TTFT p50 | base TTFT p50 | TTFT ratio |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| rate | out tok/s | vs base | goodput tok/s | vs base | TTFT p50 | base TTFT p50 "
+            "| TTFT ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in run["steps"]:
             b = by_rate.get(s["rate"])
             if b is None:
                 continue
-            gain = (
-                f"{(s['output_tokens_per_s'] / b['output_tokens_per_s'] - 1) * 100:+.0f}%"
-                if b["output_tokens_per_s"]
-                else "-"
-            )
+            good, bgood = s.get("goodput_output_tokens_per_s"), b.get("goodput_output_tokens_per_s")
             t, bt = s["ttft_p50_s"], b["ttft_p50_s"]
             ratio = (
                 f"{bt / t:.1f}x lower"
@@ -274,30 +382,53 @@ def _comparison(runs: list[RunResult]) -> list[str]:
                 else (f"{t / bt:.1f}x higher" if t and bt else "-")
             )
             lines.append(
-                f"| {s['rate']:g} | {_f(s['output_tokens_per_s'])} | {gain} | {_ms(t)} "
-                f"| {_ms(bt)} | {ratio} |"
+                f"| {s['rate']:g} | {_f(s['output_tokens_per_s'])} "
+                f"| {_gain(s['output_tokens_per_s'], b['output_tokens_per_s'])} "
+                f"| {_f(good)} | {_gain(good, bgood)} | {_ms(t)} | {_ms(bt)} | {ratio} |"
             )
         lines.append("")
     return lines
 
 
 # ------------------------------------------------------------------------------ plots
+_Series = tuple[tuple[str, str, str | None], ...]  # (step key, line style, legend suffix)
+_PLOTS: tuple[tuple[str, str, _Series, bool, tuple[float, float] | None], ...] = (
+    (THROUGHPUT_PNG, "output tokens/s", (("output_tokens_per_s", "-", None),), False, None),
+    (TTFT_PNG, "TTFT (s)", (("ttft_p50_s", "-", "p50"), ("ttft_p90_s", ":", "p90")), True, None),
+    (
+        GOODPUT_PNG,
+        "goodput (output tokens/s within the SLO)",
+        (("goodput_output_tokens_per_s", "-", None),),
+        False,
+        None,
+    ),
+    (SLO_PNG, "SLO attainment", (("slo_attainment", "-", None),), False, (0.0, 1.02)),
+)
+
+
+def _slo_text(results: Results) -> str:
+    for run in results["runs"]:
+        for s in run["steps"]:
+            if "slo_ttft_s" in s:
+                return f"; SLO TTFT <= {s['slo_ttft_s']:g} s, ITL <= {s['slo_itl_s'] * 1000:g} ms"
+    return ""
+
+
 def plot(results: Results, out_dir: str | Path) -> list[Path]:
-    """throughput.png and ttft.png: one line per run against the offered rate."""
+    """throughput.png, ttft.png, goodput.png and slo.png: one line per run against the
+    offered rate (a run without a figure, from an older file, is left out of its plot)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; safe in threads and CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     out = Path(out_dir)
     wl = results["workload"]
     subtitle = f"{wl.get('name')} ({wl.get('api')})"
+    slo = _slo_text(results)
     paths = []
-    specs = (
-        (THROUGHPUT_PNG, "output tokens/s", (("output_tokens_per_s", "-", None),), False),
-        (TTFT_PNG, "TTFT (s)", (("ttft_p50_s", "-", "p50"), ("ttft_p90_s", ":", "p90")), True),
-    )
-    for name, ylabel, series, logy in specs:
+    for name, ylabel, series, logy, ylim in _PLOTS:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         positive = False
         for i, run in enumerate(results["runs"]):
@@ -312,9 +443,17 @@ def plot(results: Results, out_dir: str | Path) -> list[Path]:
                 ax.plot(xs, ys, style, marker="o", color=color, label=label, linewidth=1.6)
         ax.set_xlabel("offered rate (requests/s)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} vs rate: {subtitle}", fontsize=10)
+        title = f"{ylabel} vs rate: {subtitle}"
+        if name in (GOODPUT_PNG, SLO_PNG):
+            title += slo
+        ax.set_title(title, fontsize=9)
         if logy and positive:
             ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        elif not logy:
+            ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -16,10 +16,17 @@ deliveries, merged with the sorted Poisson arrivals):
 - KV events: drained after every engine call and applied to the precise prefix index
   (when the profile has one) `kv_event_delay` seconds later.
 
+- Flow control (when given, as the proxy runs it by default): arrivals go through the same
+  `lbproxy.flow.FlowController` the proxy drives, in virtual time: held while no backend
+  can take more work, dispatched (routed among the backends that can) when a request
+  ends or a scrape lands, shed with "429" (`rejected`) when the queue is full or a
+  request waited `max_wait`; each record keeps its queue wait.
+
 A rate step ends when every request finished, or at its deadline (`duration + drain`),
-where the rest are aborted in their engines and recorded as incomplete; the next step
-starts there, on the same warm fleet, as a live `lbproxy bench` ladder does. Each routing
-profile runs on a fresh fleet. Results go through the same `stats.summarize_step` as live.
+where the rest (waiting in the flow queue or running) are aborted and recorded as
+incomplete; the next step starts there, on the same warm fleet, as a live `lbproxy bench`
+ladder does. Each routing profile runs on a fresh fleet. Results go through the same
+`stats.summarize_step` as live.
 """
 
 from __future__ import annotations
@@ -31,14 +38,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lbproxy.bench.mix import TrafficClass, class_sequence
 from lbproxy.bench.report import RunResult, StepResult
 from lbproxy.bench.stats import RequestRecord, poisson_arrivals, summarize_step
 from lbproxy.bench.workloads import Workload
-from lbproxy.config import Signals
+from lbproxy.config import FlowControl, Signals
+from lbproxy.flow.controller import FlowController, NoServer, Shed, thresholds_for
+from lbproxy.flow.queue import QUEUED, Waiter
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.profiles import ProfileSpec, build_router
-from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext
+from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot, RequestContext
 from lbproxy.sim.engine import Engine, EngineRequest
 from lbproxy.sim.fleet import FleetSpec
 from lbproxy.tokenization import Tokenizer
@@ -46,8 +56,8 @@ from lbproxy.tokenization import Tokenizer
 _DEFAULT_SIGNALS = Signals()
 
 # Heap entry kinds; at equal times engines finish their steps first, then scrapes see the
-# result, then KV events land.
-_STEP, _SCRAPE, _KV = 0, 1, 2
+# result, then KV events land, then flow-control deadlines pass.
+_STEP, _SCRAPE, _KV, _DEADLINE = 0, 1, 2, 3
 
 
 @dataclass(slots=True)
@@ -94,6 +104,7 @@ class FleetSimulator:
         tokenizer: Tokenizer | None = None,
         options: SimOptions | None = None,
         pool: str = "sim",
+        flow: FlowControl | None = None,
     ) -> None:
         self.options = opts = options or SimOptions()
         self.fleet = fleet
@@ -114,15 +125,22 @@ class FleetSimulator:
             metrics_max_age=opts.metrics_max_age,
             tokenizer=tokenizer,
             shared={},
+            flow_control=flow is not None and flow.enabled,
         )
         self.router: Router = build_router(profile, self.bctx, seed=opts.seed)
         self.profile_name = self.router.profile_name
         self.precise = self.bctx.shared.get("precise_index")
+        self.flow: FlowController | None = None
+        if flow is not None and flow.enabled:
+            self.flow = FlowController(flow, thresholds_for(self.router, opts.metrics_max_age))
+        self._armed: float | None = None  # the flow deadline an event is queued for
         self.now = 0.0
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self._sched: list[float | None] = [None] * len(self.engines)
         self._live: dict[str, _Live] = {}
+        self._waiting: dict[int, Waiter] = {}  # held by flow control, by id()
+        self.rejected = 0  # requests shed by flow control, all steps
         self._next_id = 0
         self._index = {id(ep): i for i, ep in enumerate(self.endpoints)}
         self.routed = [0] * len(self.engines)  # requests per endpoint, all steps
@@ -165,6 +183,8 @@ class FleetSimulator:
             prompt_tokens=float(e.prompt_tokens),
             generation_tokens=float(e.generation_tokens),
             num_preemptions=float(e.num_preemptions),
+            itl_sum=e.itl_sum,
+            itl_count=float(e.itl_count),
         )
         # The scraper copies the geometry of vllm:cache_config_info to the endpoint.
         ep.block_size = p.block_size
@@ -197,26 +217,62 @@ class FleetSimulator:
             if out.finished:
                 rec.end = rel
                 rec.itl = st.itl
-                self.endpoints[st.ep].in_flight -= 1
+                ep = self.endpoints[st.ep]
+                ep.in_flight -= 1
+                if self.flow is not None:
+                    self.flow.on_done(ep, True)
                 self.finished += 1
                 del live[out.request_id]
         self._drain_kv(i, t)
         self._reschedule(i)
+        if outputs and self.flow is not None:
+            self._flow_drain(t)
 
     def _arrive(
         self,
-        req_ctx: RequestContext,
+        ctx: RequestContext,
         ids: list[int],
         max_tokens: int,
         rec: RequestRecord,
         t: float,
         t0: float,
+        klass: TrafficClass | None = None,
     ) -> None:
-        decision = self.router.route(req_ctx, self.endpoints, t)
-        if decision is None:
-            rec.status, rec.error, rec.end = "error", "no backend", t - t0
+        if self.flow is None:
+            decision = self.router.route(ctx, self.endpoints, t)
+            if decision is None:
+                rec.status, rec.error, rec.end = "error", "no backend", t - t0
+                return
+            self._start(ctx, ids, max_tokens, rec, t, t0, decision.endpoint)
             return
-        ep = decision.endpoint
+        w = Waiter(
+            priority=klass.priority if klass else 0,
+            flow=klass.name if klass else "",
+            arrival=t,
+            deadline=t,
+            payload=(ctx, ids, max_tokens, rec, t0),
+        )
+        try:
+            if not self.flow.admit(w, self.endpoints, t, self, self._shed) and w.state == QUEUED:
+                self._waiting[id(w)] = w  # (it may have gone or been shed inside admit)
+                self._arm()
+        except Shed:
+            rec.status, rec.error, rec.end = "rejected", "429", t - t0
+            self.rejected += 1
+        except NoServer:
+            rec.status, rec.error, rec.end = "error", "no backend", t - t0
+
+    def _start(
+        self,
+        ctx: RequestContext,
+        ids: list[int],
+        max_tokens: int,
+        rec: RequestRecord,
+        t: float,
+        t0: float,
+        ep: Endpoint,
+    ) -> None:
+        """Hand the request to `ep`'s engine (counted in its in_flight until it ends)."""
         i = self._index[id(ep)]
         ep.in_flight += 1
         self.routed[i] += 1
@@ -228,6 +284,39 @@ class FleetSimulator:
         self._drain_kv(i, t)
         self._reschedule(i)
 
+    # ---------------------------------------------------------------- flow control
+    def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
+        return self.router.rank(w.payload[0], candidates, now)
+
+    def bind(self, w: Waiter, decision: Decision, now: float) -> None:
+        self._waiting.pop(id(w), None)
+        ctx, ids, max_tokens, rec, t0 = w.payload
+        rec.queue_wait = now - w.arrival
+        self.router.commit(ctx, decision.endpoint, now)
+        self._start(ctx, ids, max_tokens, rec, now, t0, decision.endpoint)
+
+    def _shed(self, w: Waiter) -> None:
+        self._waiting.pop(id(w), None)
+        rec, t0 = w.payload[3], w.payload[4]
+        rec.status, rec.error = "rejected", "429"
+        rec.end = self.now - t0
+        self.rejected += 1
+        rec.queue_wait = self.now - w.arrival
+
+    def _flow_drain(self, t: float) -> None:
+        flow = self.flow
+        assert flow is not None
+        if flow.queue.size:
+            flow.drain(self.endpoints, t, self)
+            self._arm()
+
+    def _arm(self) -> None:
+        """Queue an event for the next flow-control deadline, unless one is queued."""
+        t = self.flow.next_deadline()  # type: ignore[union-attr]
+        if t is not None and (self._armed is None or t < self._armed):
+            self._armed = t
+            self._push(t, _DEADLINE, t)
+
     # ---------------------------------------------------------------- a rate step
     def run_step(
         self,
@@ -238,6 +327,7 @@ class FleetSimulator:
         deadline: float,
         model: str | None = None,
         on_done: Callable[[int], None] | None = None,
+        mix: list[TrafficClass] | None = None,
     ) -> list[RequestRecord]:
         """Offer `arrivals` (seconds from now) of workload requests first_index, ...;
         return one record per request, times relative to the step's start."""
@@ -246,7 +336,7 @@ class FleetSimulator:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._run_step(workload, arrivals, first_index, deadline, model, on_done)
+            return self._run_step(workload, arrivals, first_index, deadline, model, on_done, mix)
         finally:
             if enabled:
                 gc.enable()
@@ -259,8 +349,12 @@ class FleetSimulator:
         deadline: float,
         model: str | None,
         on_done: Callable[[int], None] | None,
+        mix: list[TrafficClass] | None,
     ) -> list[RequestRecord]:
         t0 = self.now
+        classes = (
+            class_sequence(mix, first_index, len(arrivals), self.options.seed) if mix else None
+        )
         model = model or self.fleet.model
         records: list[RequestRecord] = []
         heap = self._heap
@@ -270,10 +364,11 @@ class FleetSimulator:
         end = t0 + deadline
         interval = self.options.scrape_interval
         live = self._live
-        reported = self.finished
+        waiting = self._waiting
+        reported = self.finished + self.rejected
         while True:
             next_arrival = t0 + arrivals[a] if a < n_arr else float("inf")
-            if a >= n_arr and not live:
+            if a >= n_arr and not live and not waiting:
                 break
             t_heap = heap[0][0] if heap else float("inf")
             if min(next_arrival, t_heap) >= end:
@@ -284,6 +379,9 @@ class FleetSimulator:
                 req = workload.request(first_index + a)
                 ids = workload.token_ids(first_index + a)
                 rec = RequestRecord(start=t - t0, prompt_tokens=len(ids))
+                klass = classes[a] if classes is not None else None
+                if klass is not None:
+                    rec.klass = klass.name
                 records.append(rec)
                 ctx = RequestContext(
                     model=model,
@@ -295,7 +393,7 @@ class FleetSimulator:
                     prompt_token_estimate=len(ids),
                     _token_ids=ids,
                 )
-                self._arrive(ctx, ids, req.max_tokens, rec, t, t0)
+                self._arrive(ctx, ids, req.max_tokens, rec, t, t0, klass)
                 a += 1
                 continue
             t, kind, _, payload = pop(heap)
@@ -303,16 +401,33 @@ class FleetSimulator:
             if kind == _STEP:
                 if self._sched[payload] == t:
                     self._on_step(payload, t)
-                    if on_done is not None and self.finished != reported:
-                        on_done(self.finished - reported)
-                        reported = self.finished
+                    if on_done is not None and self.finished + self.rejected != reported:
+                        on_done(self.finished + self.rejected - reported)
+                        reported = self.finished + self.rejected
             elif kind == _SCRAPE:
                 self._scrape(payload, t)
                 self._push(t + interval, _SCRAPE, payload)
+                if self.flow is not None:
+                    self.flow.on_metrics(self.endpoints[payload])
+                    self._flow_drain(t)
+            elif kind == _DEADLINE:
+                if payload == self._armed:
+                    self._armed = None
+                    self.flow.expire(t, self._shed)  # type: ignore[union-attr]
+                    self._arm()
             else:
                 name, events = payload
                 self.precise.apply_events(name, events)  # type: ignore[union-attr]
 
+        if waiting:  # still held by flow control at the deadline: the client gives up
+            self.now = max(self.now, end)
+            for w in list(waiting.values()):
+                self.flow.cancel(w, end)  # type: ignore[union-attr]
+                rec = w.payload[3]
+                rec.status, rec.end, rec.queue_wait = "incomplete", end - t0, end - w.arrival
+            if on_done is not None:
+                on_done(len(waiting))
+            waiting.clear()
         if live:  # the deadline: abort what is left, as the client's disconnect would
             self.now = max(self.now, end)
             for rid, st in list(live.items()):
@@ -350,10 +465,17 @@ def simulate_run(
     label: str | None = None,
     target: str = "",
     progress: StepProgress | None = None,
+    flow: FlowControl | None = None,
+    mix: list[TrafficClass] | None = None,
+    slo_ttft: float = 5.0,
+    slo_itl: float = 0.1,
 ) -> RunResult:
-    """One routing profile over the rate ladder, on a fresh fleet: a results.json run."""
+    """One routing profile over the rate ladder, on a fresh fleet: a results.json run.
+
+    `flow`: flow-control settings (None or `enabled: false`: requests go straight to the
+    router, as lbproxy without flow control); `mix`: traffic classes (tenants, priorities)."""
     opts = options or SimOptions()
-    sim = FleetSimulator(fleet, profile, tokenizer=tokenizer, options=opts)
+    sim = FleetSimulator(fleet, profile, tokenizer=tokenizer, options=opts, flow=flow)
     name = sim.profile_name
     label = label or name
     drain = duration if drain is None else drain
@@ -364,10 +486,17 @@ def simulate_run(
         advance = progress(label, rate, len(arrivals)) if progress else None
         before = list(sim.routed)
         records = sim.run_step(
-            workload, arrivals, first_index=index, deadline=duration + drain, on_done=advance
+            workload,
+            arrivals,
+            first_index=index,
+            deadline=duration + drain,
+            on_done=advance,
+            mix=mix,
         )
         index += len(arrivals)
-        step = summarize_step(records, rate=rate, duration=duration)
+        step = summarize_step(
+            records, rate=rate, duration=duration, slo_ttft=slo_ttft, slo_itl=slo_itl
+        )
         step["backends"] = {
             ep.name: sim.routed[i] - before[i] for i, ep in enumerate(sim.endpoints)
         }

@@ -118,6 +118,7 @@ class AccessLog:
             "stream": ex.stream,
             "ttft_s": round(ex.t_first - ex.t0, 6) if ex.stream and ex.t_first else None,
             "duration_s": round(ex.t_end - ex.t0, 6) if ex.t_end else None,
+            "queue_wait_s": round(ex.queue_wait, 6) if ex.queue_wait is not None else None,
             "prompt_tokens": ex.prompt_tokens,
             "completion_tokens": ex.completion_tokens,
             "attempts": attempts,

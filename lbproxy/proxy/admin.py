@@ -121,6 +121,7 @@ class AdminAPI:
             "in_flight": ep.in_flight,
             "health": status,
             "metrics": metrics,
+            "flow": gate.backend_json(ep) if (gate := self.st.pools.gate_of(ep)) else None,
         }
 
     def backends(self) -> list[dict[str, Any]]:
@@ -197,6 +198,9 @@ class AdminAPI:
             st.scraper.configure_from(cfg.signals)
         if st.discovery is not None:
             st.discovery.pools = table
+        for pool in table.pools:  # new backends or limits can let waiting requests go
+            if pool.gate is not None:
+                pool.gate.wake()
         # ---- end of the swap --------------------------------------------------------------
 
         if sources_changed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
 from lbproxy.proxy.observability import OBS
 from lbproxy.proxy.observability import install as install_observability
 from lbproxy.proxy.pools import PoolTable
+from lbproxy.routing.state import Endpoint
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
 from lbproxy.signals.kv_subscriber import KVEventSubscriber
@@ -143,18 +145,37 @@ async def _startup(app: web.Application) -> None:
     )
     st.forwarder.auth = build_authenticator(cfg.auth)
     # Providers read st.pools on every round, so they follow a hot reload's swap.
-    st.health = HealthChecker(lambda: st.pools.endpoints(), st.session)
+    # One clock: routing's `now` is loop.time() (not time.monotonic() under uvloop), and
+    # metrics snapshots and health stamps are compared with it.
+    clock = asyncio.get_running_loop().time
+    st.health = HealthChecker(lambda: st.pools.endpoints(), st.session, clock=clock)
+    # Flow control waits for these: a fresh scrape (its limit, its queue) or a backend
+    # coming back can let waiting requests go.
+    st.health.on_change = lambda ep: _wake(st, ep)
     st.health.configure_from(cfg.health)
     st.forwarder.record_outcome = st.health.record
     st.health.start()
-    st.scraper = MetricsScraper(lambda: st.pools.endpoints(), session=st.session)
+    st.scraper = MetricsScraper(lambda: st.pools.endpoints(), session=st.session, clock=clock)
     st.scraper.configure_from(cfg.signals)
+    st.scraper.on_scrape = lambda ep: _on_scrape(st, ep)
     await st.scraper.start()
     st.kv_subscriber = await start_subscriber(cfg, st.pools, lambda: st.pools)
     st.discovery = ModelDiscovery(
         st.pools, st.session, interval=cfg.discovery.interval, timeout=cfg.discovery.timeout
     )
     await st.discovery.refresh()
+
+
+def _on_scrape(st: ProxyState, ep: Endpoint) -> None:
+    gate = st.pools.gate_of(ep)
+    if gate is not None:
+        gate.on_metrics(ep)
+
+
+def _wake(st: ProxyState, ep: Endpoint) -> None:
+    gate = st.pools.gate_of(ep)
+    if gate is not None:
+        gate.wake()
 
 
 async def _cleanup(app: web.Application) -> None:

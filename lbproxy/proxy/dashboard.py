@@ -32,7 +32,7 @@ from importlib.resources import files
 from typing import Any
 
 from lbproxy import __version__
-from lbproxy.aio import PeriodicTask
+from lbproxy.aio import PeriodicTask, loop_time
 from lbproxy.proxy.metrics import ProxyMetrics, safe_name
 from lbproxy.routing.state import Endpoint
 
@@ -159,7 +159,7 @@ class DashboardSampler:
     def state_json(self) -> dict[str, Any]:
         st = self.state
         scraper = st.scraper
-        scrape_clock = scraper.clock if scraper is not None else time.monotonic
+        scrape_clock = scraper.clock if scraper is not None else loop_time
         scrape_now = scrape_clock()
         backends = []
         totals = {"requests": 0, "in_flight": 0, "retries": 0, "errors_5xx": 0,
@@ -208,7 +208,10 @@ class DashboardSampler:
                     "requests": int(cur[_REQ]),
                     "errors_5xx": int(cur[_ERR]),
                     "scrape_age_s": scrape_now - snap.time if snap else None,
-                    "scrape_error": scraper.last_error.get(ep.name) if scraper else None,
+                    "scrape_error": scraper.last_error.get(ep) if scraper else None,
+                    "concurrency_limit": (
+                        gate.controller.limit_of(ep) if (gate := st.pools.gate_of(ep)) else None
+                    ),
                 }
             )
             totals["requests"] += int(cur[_REQ])
@@ -291,4 +294,5 @@ class DashboardSampler:
             "backends": len(pool.endpoints),
             "healthy": sum(1 for ep in pool.endpoints if ep.healthy and not ep.draining),
             "prefix_index": index,
+            "flow": pool.gate.pool_json() if pool.gate is not None else None,
         }

@@ -36,6 +36,7 @@ from lbproxy.proxy.errors import (
     UpstreamUnreachable,
     sse_error_event,
 )
+from lbproxy.proxy.flow_gate import Overloaded
 from lbproxy.proxy.headers import downstream_headers, upstream_headers
 from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.pools import PoolTable
@@ -120,6 +121,8 @@ class Forwarder:
                 slot = auth.admit(request)
             return await self._handle(request, request_id, ex)
         except ProxyError as e:
+            if isinstance(e, Overloaded):
+                ex.queue_wait = e.waited
             self.obs.rejected(ex, e.status, e.code, request)
             return e.response(id_header)
         finally:
@@ -165,10 +168,19 @@ class Forwarder:
             request_id=request_id,
             _tokenize=pool.tokenize,
         )
+        headers = upstream_headers(request.headers, s.request_id_header, request_id)
+        if self.auth is not None and not self.auth.forward_client_key:
+            headers.popall("Authorization", None)  # the client's key is lbproxy's business
         now = ex.t0
-        decision = pool.router.route(ctx, pool.endpoints, now)
-        if decision is None:
-            raise NoBackend(f"no healthy backend in pool '{pool.name}' for model '{model}'")
+        gate = pool.gate
+        if gate is None:
+            decision = pool.router.route(ctx, pool.endpoints, now)
+            if decision is None:
+                raise NoBackend(f"no healthy backend in pool '{pool.name}' for model '{model}'")
+            decision.endpoint.in_flight += 1
+        else:  # flow control: may wait; the chosen backend comes counted in in_flight
+            priority, flow = gate.classify(request.headers)
+            decision, ex.queue_wait = await gate.acquire(ctx, priority, flow, now)
         self.obs.routed(ex, decision)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -183,9 +195,6 @@ class Forwarder:
                 decision.reason,
             )
 
-        headers = upstream_headers(request.headers, s.request_id_header, request_id)
-        if self.auth is not None and not self.auth.forward_client_key:
-            headers.popall("Authorization", None)  # the client's key is lbproxy's business
         upstream_auth = pool.upstream_auth  # per-backend keys, usually none
         url_tail = request.rel_url.raw_path_qs
         failures: list[str] = []
@@ -195,12 +204,13 @@ class Forwarder:
             if attempt:
                 self.retries += 1
                 pool.router.routed_elsewhere(ctx, ep, now)
+                ep.in_flight += 1  # the first one was counted when it was chosen
             last = attempt == len(candidates) - 1
-            ep.in_flight += 1
             h = headers
             if upstream_auth and ep in upstream_auth:
                 h = headers.copy()
                 h["Authorization"] = upstream_auth[ep]
+            ok = overloaded = False  # this attempt's outcome, for flow control's limit
             try:
                 try:
                     upstream = await self.session.post(
@@ -219,15 +229,20 @@ class Forwarder:
                     continue
                 # 429 is a busy backend, not a broken one: retried but not held against it.
                 self.record_outcome(ep, upstream.status < 500)
+                overloaded = upstream.status in (429, 503)
                 if upstream.status in _RETRYABLE_STATUS and not last:
                     failures.append(f"{ep.name}: HTTP {upstream.status}")
                     cause = "status_429" if upstream.status == 429 else "status_5xx"
                     self.obs.attempt_failed(ex, ep, cause, True)
                     upstream.release()
                     continue
-                return await self._relay(request, upstream, ep, request_id, ex)
+                resp = await self._relay(request, upstream, ep, request_id, ex)
+                ok = ex.ended == "ok" and upstream.status < 400
+                return resp
             finally:
                 ep.in_flight -= 1
+                if gate is not None:
+                    gate.release(ep, ok, overloaded)
 
         detail = "; ".join(failures)
         log.warning("request %s failed on every backend tried: %s", request_id, detail)
@@ -254,6 +269,8 @@ class Forwarder:
         resp.headers[s.request_id_header] = request_id
         if s.expose_backend_header:
             resp.headers["x-lbproxy-backend"] = ep.name
+        if ex.queue_wait is not None:
+            resp.headers["x-lbproxy-queue-wait"] = f"{ex.queue_wait:.3f}"
         length = upstream.content_length
         if length is not None and "chunked" not in upstream.headers.get("transfer-encoding", ""):
             resp.content_length = length

@@ -186,6 +186,7 @@ class Exchange:
         "path",
         "pool",
         "prompt_tokens",
+        "queue_wait",
         "request_id",
         "status",
         "stream",
@@ -210,6 +211,7 @@ class Exchange:
         self.chunks = 0  # body reads relayed
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.queue_wait: float | None = None  # seconds held by flow control (None: off)
 
 
 # ---------------------------------------------------------------------------- usage
@@ -525,13 +527,73 @@ class MetricsCollector:
                         gauges[key].add_metric(lv, value)
             gauges["age"].add_metric(lv, now - snap.time if snap else float("inf"))
             if scraper is not None:
-                scrapes.add_metric(lv, scraper.successes.get(ep.name, 0))
-                scrape_errors.add_metric(lv, scraper.errors.get(ep.name, 0))
+                scrapes.add_metric(lv, scraper.successes.get(ep, 0))
+                scrape_errors.add_metric(lv, scraper.errors.get(ep, 0))
         yield from gauges.values()
         yield from (scrapes, scrape_errors)
 
+        # -- flow control --------------------------------------------------------------------
+        yield from self._flow_families(pools, rows)
+
         # -- prefix indexes ------------------------------------------------------------------
         yield from self._prefix_families(pools)
+
+    def _flow_families(
+        self, pools: PoolTable, rows: list[tuple[Endpoint, BackendStats]]
+    ) -> Iterator[Metric]:
+        queued = GaugeMetricFamily(
+            "lbproxy_flow_queue_length",
+            "Requests waiting in lbproxy for a backend that can take them, by priority",
+            labels=["pool", "priority"],
+        )
+        waited = HistogramMetricFamily(
+            "lbproxy_flow_queue_wait_seconds",
+            "Time requests waited in lbproxy before being dispatched or shed (0: at once)",
+            labels=["pool"],
+        )
+        dispatches = CounterMetricFamily(
+            "lbproxy_flow_dispatches",
+            "Requests dispatched to a backend: at once (direct) or after waiting (queued)",
+            labels=["pool", "path"],
+        )
+        shed = CounterMetricFamily(
+            "lbproxy_flow_shed",
+            "Requests flow control refused or gave up (queue_full, max_wait, expected_wait; "
+            "client_left: the client went away while waiting)",
+            labels=["pool", "reason"],
+        )
+        limit = GaugeMetricFamily(
+            "lbproxy_backend_concurrency_limit",
+            "Requests flow control lets the backend have in flight (adaptive)",
+            labels=_BACKEND,
+        )
+        decode = GaugeMetricFamily(
+            "lbproxy_backend_decode_latency_seconds",
+            "The backend's inter-token latency as flow control's limiter last measured it",
+            labels=_BACKEND,
+        )
+        gates = {p.name: p.gate for p in pools.pools if p.gate is not None}
+        for name, gate in gates.items():
+            ctl = gate.controller
+            for prio, n in sorted(ctl.queue.lengths().items()):
+                queued.add_metric([name, str(prio)], n)
+            if not ctl.queue.size:
+                queued.add_metric([name, "0"], 0)
+            waited.add_metric([name], gate.waited.buckets(), gate.waited.sum)
+            dispatches.add_metric([name, "direct"], ctl.dispatched_direct)
+            dispatches.add_metric([name, "queued"], ctl.dispatched_queued)
+            for reason, n in ctl.shed_counts.items():
+                shed.add_metric([name, reason], n)
+        for ep, st in rows:
+            gate = gates.get(ep.pool)
+            if gate is None:
+                continue
+            lv = [st.pool, st.backend, st.vendor]
+            limit.add_metric(lv, gate.controller.limit_of(ep))
+            itl = gate.controller.limiter(ep).itl
+            if itl is not None:
+                decode.add_metric(lv, itl)
+        yield from (queued, waited, dispatches, shed, limit, decode)
 
     def _prefix_families(self, pools: PoolTable) -> Iterator[Metric]:
         idx = ["pool", "index"]

@@ -7,7 +7,6 @@ with the app. Everything it serves is rendered from plain counters at request ti
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import generate_latest
 
+from lbproxy.aio import loop_time
 from lbproxy.config import Config
 from lbproxy.proxy.access_log import AccessLog
 from lbproxy.proxy.dashboard import DashboardSampler, dashboard_html
@@ -43,7 +43,7 @@ OBS = web.AppKey("lbproxy_observability", Observability)
 
 def _scrape_clock(state: Any) -> float:
     scraper = state.scraper
-    return scraper.clock() if scraper is not None else time.monotonic()
+    return scraper.clock() if scraper is not None else loop_time()
 
 
 def install(app: web.Application, cfg: Config, state: Any) -> Observability:

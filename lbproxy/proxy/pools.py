@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from lbproxy.config import Backend, Config, Pool, load_pool_tokenizer
+from lbproxy.flow.controller import thresholds_for
 from lbproxy.prompt_tokens import PromptTokenizer
+from lbproxy.proxy.errors import NoBackend
+from lbproxy.proxy.flow_gate import FlowGate
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
@@ -26,12 +29,14 @@ from lbproxy.routing.state import Endpoint
 
 class PoolRuntime:
     __slots__ = (
+        "_flow_settings",
         "_pending",
         "_previous",
         "bctx",
         "configured_models",
         "discovered_models",
         "endpoints",
+        "gate",
         "name",
         "router",
         "router_kept",
@@ -82,23 +87,33 @@ class PoolRuntime:
         self.router_kept = previous is not None and _same_routing(
             previous.spec, spec, previous.bctx.metrics_max_age, metrics_max_age
         )
+        # Flow control: a kept pool keeps its gate (who waits, learnt limits); `commit`
+        # points it at this runtime.
+        self._flow_settings = spec.flow()
+        self.gate: FlowGate | None = previous.gate if previous is not None else None
         if previous is not None and self.router_kept:
             self.bctx = previous.bctx
             self.tokenize = previous.tokenize
             self.router: Router = previous.router
             return
         self.bctx = BuildContext(
-            pool=spec.name, model=(spec.models or [""])[0], metrics_max_age=metrics_max_age
+            pool=spec.name,
+            model=(spec.models or [""])[0],
+            metrics_max_age=metrics_max_age,
+            flow_control=self._flow_settings.enabled,
         )
         tokenizer = load_pool_tokenizer(spec)
         self.bctx.tokenizer = tokenizer
         # Token ids are computed only if a precise scorer asks, and cached across requests.
         self.tokenize = PromptTokenizer(tokenizer) if tokenizer is not None else None
         self.router = build_router(spec.routing, self.bctx, seed=seed)
+        if previous is None:
+            self._commit_flow()
 
     def commit(self) -> dict[str, Any]:
         """Apply the new settings to kept endpoints and forget the backends that left;
         returns what changed."""
+        self._commit_flow()
         changed = []
         for ep, b in self._pending:
             before = (ep.weight, ep.vendor, ep.labels)
@@ -118,6 +133,19 @@ class PoolRuntime:
             "changed": changed,
             "router": "kept" if self.router_kept else "rebuilt",
         }
+
+    def _commit_flow(self) -> None:
+        flow = self._flow_settings
+        thresholds = thresholds_for(self.router, self.bctx.metrics_max_age)
+        if not flow.enabled:
+            if self.gate is not None:  # switched off: whoever waits goes now
+                self.gate.pool = self
+                self.gate.flush()
+                self.gate = None
+        elif self.gate is None:
+            self.gate = FlowGate(self, flow, thresholds)
+        else:
+            self.gate.configure(self, flow, thresholds)
 
     def forget(self, backend_name: str) -> None:
         """Drop what this pool's prefix indexes hold for a backend."""
@@ -145,6 +173,7 @@ def _same_routing(a: Pool, b: Pool, age_a: float, age_b: float) -> bool:
         and a.chat_template == b.chat_template
         and (a.models or [""])[0] == (b.models or [""])[0]
         and age_a == age_b
+        and a.flow().enabled == b.flow().enabled  # the prefix scorers' hot-spot rule
     )
 
 
@@ -170,6 +199,8 @@ class PoolTable:
         out: dict[str, Any] = {p.name: p.commit() for p in self.pools}
         for p in self.removed_pools:
             out[p.name] = {"removed_pool": True, "removed": [ep.name for ep in p.endpoints]}
+            if p.gate is not None:  # nobody serves its model any more
+                p.gate.flush(NoBackend(f"pool '{p.name}' was removed by a reload"))
         self.removed_pools = []
         return out
 
@@ -179,6 +210,13 @@ class PoolTable:
             for m in pool.models():
                 by_model.setdefault(m, pool)
         self._by_model = by_model
+
+    def gate_of(self, ep: Endpoint) -> FlowGate | None:
+        """The flow gate of the pool `ep` belongs to (None: flow control off)."""
+        for pool in self.pools:
+            if pool.name == ep.pool:
+                return pool.gate
+        return None
 
     def for_model(self, model: str) -> PoolRuntime | None:
         return self._by_model.get(model)

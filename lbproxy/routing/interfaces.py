@@ -69,3 +69,7 @@ class BuildContext:
     metrics_max_age: float = 2.0
     tokenizer: Any = None
     shared: dict[str, Any] = field(default_factory=dict)
+    # Flow control bounds every backend's requests in flight, so a plugin need not guard
+    # against piling onto one (the prefix scorers' hot-spot discount is then off: it would
+    # read the limits' differences between fast and slow cards as hot spots).
+    flow_control: bool = False

@@ -44,6 +44,15 @@ class Router:
 
     def route(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
         """Choose an endpoint for `ctx`, or None when no endpoint is available."""
+        decision = self.rank(ctx, endpoints, now)
+        if decision is not None:
+            self.commit(ctx, decision.endpoint, now)
+        return decision
+
+    def rank(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
+        """The decision `route` would make, without telling learning plugins: for a caller
+        (flow control) that may still send the request elsewhere, or not yet; it then
+        calls `commit` with the endpoint the request goes to."""
         candidates = [ep for ep in endpoints if ep.healthy and not ep.draining]
         if not candidates:
             return None
@@ -70,11 +79,8 @@ class Router:
             score_lists.append((ws.scorer.name, clamped))
 
         ranked = self.picker.pick(ctx, candidates, totals, self.rng)
-        chosen = ranked[0]
-        for obs in self._observers:
-            obs.on_routed(ctx, chosen, now)
         return Decision(
-            endpoint=chosen,
+            endpoint=ranked[0],
             ranked=ranked,
             candidates=candidates,
             score_lists=score_lists,
@@ -82,7 +88,10 @@ class Router:
             reason="; ".join(reasons),
         )
 
-    def routed_elsewhere(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
-        """Tell learning plugins that a retry sent the request to `endpoint` after all."""
+    def commit(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
+        """Tell learning plugins (round-robin, prefix indexes) where the request went."""
         for obs in self._observers:
             obs.on_routed(ctx, endpoint, now)
+
+    # A retry sent the request to another endpoint after all: the same lesson.
+    routed_elsewhere = commit

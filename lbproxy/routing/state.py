@@ -32,6 +32,9 @@ class MetricsSnapshot:
     prompt_tokens: float | None = None
     generation_tokens: float | None = None
     num_preemptions: float | None = None
+    # vllm:inter_token_latency_seconds' _sum and _count: mean ITL over an interval.
+    itl_sum: float | None = None  # seconds, cumulative
+    itl_count: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -117,6 +120,14 @@ class Decision:
         """Scorer name -> endpoint name -> clamped score."""
         names = [ep.name for ep in self.candidates]
         return {scorer: dict(zip(names, vals, strict=True)) for scorer, vals in self.score_lists}
+
+    def total_of(self, endpoint: Endpoint) -> float:
+        return self.total_list[self.candidates.index(endpoint)]
+
+    def choose(self, endpoint: Endpoint) -> None:
+        """Send the request to `endpoint` (a candidate) instead; the rest keep their order."""
+        self.endpoint = endpoint
+        self.ranked = [endpoint, *(ep for ep in self.ranked if ep is not endpoint)]
 
     @property
     def totals(self) -> dict[str, float]:

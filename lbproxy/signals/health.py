@@ -24,21 +24,29 @@ While open the endpoint gets no requests. Half-open makes it routable again and 
 requests are the probe: the first outcome decides. Requests that race into a half-open
 endpoint that is still broken fail before their first byte and are retried elsewhere, so
 clients do not see them. Outcomes that arrive while the circuit is open (requests sent
-before it opened) are ignored. State is keyed by the Endpoint object, so it follows an
-endpoint across a hot reload and is dropped when the endpoint leaves the configuration.
+before it opened) are ignored. State is keyed by the Endpoint object (names are unique only
+within a pool), so it follows an endpoint across a hot reload and is dropped when the
+endpoint leaves the configuration.
+
+`on_change(ep)`, if set, is called synchronously whenever `ep.healthy` changes, and on every
+circuit transition (so also when a half-open circuit closes, which leaves `ep.healthy` as it
+was but ends the probe period): flow control dispatches waiting requests on it. Its
+exceptions are logged, never raised into the forwarder or the check loop.
+
+Stamps (`last_check`, `opened_at`) come from `clock`, which the proxy sets to its event
+loop's `time`, the clock routing reads `now` from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from lbproxy.aio import PeriodicTask
+from lbproxy.aio import PeriodicTask, loop_time
 from lbproxy.routing.state import Endpoint
 
 if TYPE_CHECKING:
@@ -48,6 +56,11 @@ log = logging.getLogger("lbproxy.health")
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 _STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+
+
+def _label(ep: Endpoint) -> str:
+    """`pool/name` for logs: a name alone may be in several pools."""
+    return f"{ep.pool}/{ep.name}" if ep.pool else ep.name
 
 
 class _Probe:
@@ -89,11 +102,13 @@ class HealthChecker:
         failure_threshold: int = 3,
         open_seconds: float = 10.0,
         active: bool = True,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = loop_time,
+        on_change: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._endpoints = endpoints
         self._session = session
         self._clock = clock
+        self.on_change = on_change
         self._probes: dict[Endpoint, _Probe] = {}
         self._circuits: dict[Endpoint, _Circuit] = {}
         self._rounds = PeriodicTask(
@@ -166,12 +181,13 @@ class HealthChecker:
         c.failures = 0
         if c.state == HALF_OPEN:
             c.state = CLOSED
-            log.info("backend %s: circuit closed (a request succeeded)", ep.name)
+            log.info("backend %s: circuit closed (a request succeeded)", _label(ep))
+            self._apply(ep, transition=True)
 
     def _open(self, ep: Endpoint, c: _Circuit) -> None:
         log.warning(
             "backend %s: circuit open for %gs after %d consecutive failed requests",
-            ep.name,
+            _label(ep),
             self.open_seconds,
             c.failures,
         )
@@ -181,7 +197,7 @@ class HealthChecker:
         if c.timer is not None:
             c.timer.cancel()
         c.timer = asyncio.get_running_loop().call_later(self.open_seconds, self._half_open, ep, c)
-        self._apply(ep)
+        self._apply(ep, transition=True)
 
     def _half_open(self, ep: Endpoint, c: _Circuit) -> None:
         c.timer = None
@@ -189,13 +205,21 @@ class HealthChecker:
             return  # the endpoint left the configuration
         c.state = HALF_OPEN
         c.failures = 0
-        log.info("backend %s: circuit half-open (the next request is the probe)", ep.name)
-        self._apply(ep)
+        log.info("backend %s: circuit half-open (the next request is the probe)", _label(ep))
+        self._apply(ep, transition=True)
 
-    def _apply(self, ep: Endpoint) -> None:
+    def _apply(self, ep: Endpoint, *, transition: bool = False) -> None:
+        """Recompute `ep.healthy`; tell `on_change` if it changed or the circuit moved."""
         probe = self._probes.get(ep)
         c = self._circuits.get(ep)
-        ep.healthy = (probe is None or probe.up) and (c is None or c.state != OPEN)
+        healthy = (probe is None or probe.up) and (c is None or c.state != OPEN)
+        changed = healthy != ep.healthy
+        ep.healthy = healthy
+        if (changed or transition) and self.on_change is not None:
+            try:
+                self.on_change(ep)
+            except Exception:  # runs inside record(), on the forwarder's path: never raise
+                log.exception("health: on_change hook failed for %s", _label(ep))
 
     # ---- active: GET /health ---------------------------------------------------------------
 
@@ -223,7 +247,7 @@ class HealthChecker:
             p.successes += 1
             if not p.up and p.successes >= self.healthy_after:
                 p.up = True
-                log.info("backend %s: health check passes again", ep.name)
+                log.info("backend %s: health check passes again", _label(ep))
                 self._apply(ep)
             return
         p.successes = 0
@@ -231,7 +255,7 @@ class HealthChecker:
         p.last_error = error
         if p.up and (definite or p.failures >= self.unhealthy_after):
             p.up = False
-            log.warning("backend %s ejected: health check failed (%s)", ep.name, error)
+            log.warning("backend %s ejected: health check failed (%s)", _label(ep), error)
             self._apply(ep)
 
     async def check_all(self) -> None:

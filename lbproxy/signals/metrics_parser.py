@@ -20,6 +20,8 @@ so a server exposing both an old and a new name is not counted twice):
     prompt_tokens        vllm:prompt_tokens_total | sglang:prompt_tokens_total     sum
     generation_tokens    vllm:generation_tokens_total | sglang:generation_tokens_total
     num_preemptions      vllm:num_preemptions_total                                sum
+    itl_sum, itl_count   vllm:inter_token_latency_seconds_sum / _count
+                         | vllm:time_per_output_token_seconds_sum / _count (older)  sum
     block_size           vllm:cache_config_info label block_size (first valid)
     num_gpu_blocks       vllm:cache_config_info label num_gpu_blocks               sum
 
@@ -81,6 +83,14 @@ FIELD_SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
         _SUM,
     ),
     "num_preemptions": (("vllm:num_preemptions_total",), _SUM),
+    "itl_sum": (
+        ("vllm:inter_token_latency_seconds_sum", "vllm:time_per_output_token_seconds_sum"),
+        _SUM,
+    ),
+    "itl_count": (
+        ("vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count"),
+        _SUM,
+    ),
 }
 _CACHE_CONFIG = "vllm:cache_config_info"
 

@@ -9,10 +9,16 @@ request (and one connection) at a time.
 
 On success `endpoint.metrics` is replaced by a snapshot stamped with `clock()` and the KV
 geometry from `vllm:cache_config_info` is copied to `endpoint.block_size` /
-`endpoint.num_gpu_blocks`. On failure (connection error, timeout, non-200, body too large,
-malformed metric line, or a page with none of the metrics we read) the previous snapshot is
-left alone, so its age says how stale it is, and `errors[name]` / `last_error[name]` record
-what happened. State for endpoints that leave the set is dropped.
+`endpoint.num_gpu_blocks`; then `on_scrape(endpoint)` is called, if set. On failure
+(connection error, timeout, non-200, body too large, malformed metric line, or a page with
+none of the metrics we read) the previous snapshot is left alone, so its age says how stale
+it is, and `errors[ep]` / `last_error[ep]` record what happened. State for endpoints that
+leave the set is dropped.
+
+`clock` must be the clock routing's `now` is read from, since `Endpoint.fresh_metrics`
+compares the two: the proxy passes its event loop's `time`; the default is the running
+loop's clock too. Every per-endpoint table is keyed by the Endpoint object: names are
+unique only within a pool.
 """
 
 from __future__ import annotations
@@ -20,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from lbproxy.aio import cancel_and_wait
+from lbproxy.aio import cancel_and_wait, loop_time
 from lbproxy.routing.state import Endpoint, MetricsSnapshot
 from lbproxy.signals.metrics_parser import MetricsParseError, parse_metrics
 
@@ -39,6 +44,11 @@ __all__ = ["MetricsScraper", "default_metrics_url"]
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(MetricsSnapshot) if f.name != "time")
+
+
+def _label(ep: Endpoint) -> str:
+    """`pool/name` for logs: a name alone may be in several pools."""
+    return f"{ep.pool}/{ep.name}" if ep.pool else ep.name
 
 
 def default_metrics_url(endpoint: Endpoint) -> str:
@@ -64,9 +74,10 @@ class MetricsScraper:
         interval: float = 0.25,
         timeout: float | None = None,
         session: aiohttp.ClientSession | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = loop_time,
         url_for: Callable[[Endpoint], str] = default_metrics_url,
         max_body_bytes: int = 8 * 1024 * 1024,
+        on_scrape: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self.configure(interval=interval, timeout=timeout)
         self.endpoints_provider = endpoints_provider
@@ -76,14 +87,17 @@ class MetricsScraper:
         self._session = session
         self._owns_session = session is None
         self._task: asyncio.Task[None] | None = None
-        self._inflight: dict[str, asyncio.Task[bool]] = {}
-        # Exported per endpoint name.
-        self.successes: dict[str, int] = {}
-        self.errors: dict[str, int] = {}
-        self.last_error: dict[str, str] = {}
-        self.last_success: dict[str, float] = {}
+        # Called (synchronously) after each good scrape has replaced `ep.metrics`: flow
+        # control dispatches on it. Its exceptions are logged, never fatal.
+        self.on_scrape = on_scrape
+        self._inflight: dict[Endpoint, asyncio.Task[bool]] = {}
+        # Exported per endpoint (the object: names repeat across pools).
+        self.successes: dict[Endpoint, int] = {}
+        self.errors: dict[Endpoint, int] = {}
+        self.last_error: dict[Endpoint, str] = {}
+        self.last_success: dict[Endpoint, float] = {}
         self.rounds = 0
-        self._failing: set[str] = set()
+        self._failing: set[Endpoint] = set()
 
     def configure(self, *, interval: float, timeout: float | None = None) -> None:
         """Set the polling interval and the per-request timeout (default 0.8 x interval)."""
@@ -116,11 +130,11 @@ class MetricsScraper:
             session, self._session = self._session, None
             await session.close()
 
-    async def scrape_once(self) -> dict[str, bool]:
-        """Run one round and wait for it; returns success per endpoint name."""
+    async def scrape_once(self) -> dict[Endpoint, bool]:
+        """Run one round and wait for it; returns success per endpoint."""
         launched = self._launch_round()
         results = await asyncio.gather(*launched.values(), return_exceptions=True)
-        return {name: r is True for name, r in zip(launched, results, strict=True)}
+        return {ep: r is True for ep, r in zip(launched, results, strict=True)}
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -143,7 +157,7 @@ class MetricsScraper:
                 next_at, delay = loop.time(), 0.0
             await asyncio.sleep(delay)
 
-    def _launch_round(self) -> dict[str, asyncio.Task[bool]]:
+    def _launch_round(self) -> dict[Endpoint, asyncio.Task[bool]]:
         """Start a scrape for every endpoint without one in flight; returns the tasks
         (new or already running) for the current endpoints."""
         self.rounds += 1
@@ -153,26 +167,26 @@ class MetricsScraper:
             log.exception("metrics scraper: endpoints provider failed")
             return {}
         session = self._ensure_session()
-        current: dict[str, asyncio.Task[bool]] = {}
+        current: dict[Endpoint, asyncio.Task[bool]] = {}
         for ep in endpoints:
-            if ep.name in current:
+            if ep in current:
                 continue
-            task = self._inflight.get(ep.name)
+            task = self._inflight.get(ep)
             if task is None:
-                task = asyncio.create_task(self._scrape(session, ep), name=f"scrape:{ep.name}")
-                self._inflight[ep.name] = task
-                task.add_done_callback(self._forget_task(ep.name))
-            current[ep.name] = task
+                task = asyncio.create_task(self._scrape(session, ep), name=f"scrape:{_label(ep)}")
+                self._inflight[ep] = task
+                task.add_done_callback(self._forget_task(ep))
+            current[ep] = task
         for stats in (self.successes, self.errors, self.last_error, self.last_success):
-            for name in [n for n in stats if n not in current]:
-                del stats[name]
+            for gone in [e for e in stats if e not in current]:
+                del stats[gone]
         self._failing.intersection_update(current)
         return current
 
-    def _forget_task(self, name: str) -> Callable[[asyncio.Task[bool]], None]:
+    def _forget_task(self, ep: Endpoint) -> Callable[[asyncio.Task[bool]], None]:
         def done(task: asyncio.Task[bool]) -> None:
-            if self._inflight.get(name) is task:
-                del self._inflight[name]
+            if self._inflight.get(ep) is task:
+                del self._inflight[ep]
 
         return done
 
@@ -194,7 +208,6 @@ class MetricsScraper:
         return b"".join(chunks).decode("utf-8", errors="replace")
 
     async def _scrape(self, session: aiohttp.ClientSession, ep: Endpoint) -> bool:
-        name = ep.name
         try:
             text = await self._fetch(session, self.url_for(ep))
             snap = parse_metrics(text, self.clock())
@@ -203,28 +216,35 @@ class MetricsScraper:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            return self._failed(name, f"timeout after {self.timeout:g}s")
+            return self._failed(ep, f"timeout after {self.timeout:g}s")
         except (_ScrapeError, MetricsParseError) as e:
-            return self._failed(name, str(e))
+            return self._failed(ep, str(e))
         except Exception as e:  # aiohttp.ClientError, OSError, anything else: never fatal
-            return self._failed(name, f"{type(e).__name__}: {e}")
+            return self._failed(ep, f"{type(e).__name__}: {e}")
         ep.metrics = snap
         if snap.block_size is not None:
             ep.block_size = snap.block_size
         if snap.num_gpu_blocks is not None:
             ep.num_gpu_blocks = snap.num_gpu_blocks
-        self.successes[name] = self.successes.get(name, 0) + 1
-        self.last_success[name] = snap.time
-        if name in self._failing:
-            self._failing.discard(name)
-            log.info("metrics scrape of %s recovered", name)
+        self.successes[ep] = self.successes.get(ep, 0) + 1
+        self.last_success[ep] = snap.time
+        if ep in self._failing:
+            self._failing.discard(ep)
+            log.info("metrics scrape of %s recovered", _label(ep))
+        if self.on_scrape is not None:
+            try:
+                self.on_scrape(ep)
+            except Exception:  # a broken hook must not stop this endpoint's scrapes
+                log.exception("metrics scraper: on_scrape hook failed for %s", _label(ep))
         return True
 
-    def _failed(self, name: str, message: str) -> bool:
-        changed = name not in self._failing or self.last_error.get(name) != message
-        self._failing.add(name)
-        self.errors[name] = self.errors.get(name, 0) + 1
-        self.last_error[name] = message
+    def _failed(self, ep: Endpoint, message: str) -> bool:
+        changed = ep not in self._failing or self.last_error.get(ep) != message
+        self._failing.add(ep)
+        self.errors[ep] = self.errors.get(ep, 0) + 1
+        self.last_error[ep] = message
         # Log changes, not every failure: a dead backend would otherwise log 4 times a second.
-        (log.warning if changed else log.debug)("metrics scrape of %s failed: %s", name, message)
+        (log.warning if changed else log.debug)(
+            "metrics scrape of %s failed: %s", _label(ep), message
+        )
         return False

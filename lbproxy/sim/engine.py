@@ -65,6 +65,7 @@ class EngineRequest:
     _kv: RequestBlocks = field(init=False, repr=False, compare=False)
     _num_computed: int = field(default=0, init=False, repr=False, compare=False)
     _scheduled_once: bool = field(default=False, init=False, repr=False, compare=False)
+    _last_token_time: float = field(default=0.0, init=False, repr=False, compare=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -108,6 +109,8 @@ class Engine:
         "_vocab_size",
         "_waiting",
         "generation_tokens",
+        "itl_count",
+        "itl_sum",
         "num_preemptions",
         "prefix_cache_hits",
         "prefix_cache_queries",
@@ -141,6 +144,8 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_preemptions = 0
+        self.itl_sum = 0.0  # seconds between consecutive tokens of a request, summed
+        self.itl_count = 0
 
     # ---- live stats -------------------------------------------------------------------------
 
@@ -362,6 +367,10 @@ class Engine:
             if req.first_token_time is None:
                 req.first_token_time = end
                 self.prompt_tokens += len(req.prompt_token_ids)
+            else:  # vllm:inter_token_latency_seconds: each token's gap since the previous
+                self.itl_sum += end - req._last_token_time
+                self.itl_count += 1
+            req._last_token_time = end
             finished = len(out_ids) >= req.max_tokens or len(tokens) >= max_model_len
             if finished:
                 req.finish_reason = "length"

@@ -8,7 +8,8 @@ the clients late, several per SSE chunk.
 
 Faithful to a real vLLM (shapes from a captured 0.32 server): `/health`, `/v1/models`,
 `/v1/completions`, `/v1/chat/completions` (stream or not), `/v1/embeddings`, `/tokenize`,
-`/detokenize`, `/metrics`, `/reset_prefix_cache`, error bodies, SSE framing, and KV events
+`/detokenize`, `/metrics`, `/reset_prefix_cache`, error bodies, SSE framing (with
+`stream_options.continuous_usage_stats`, the usage so far in every chunk), and KV events
 over ZMQ (PUB + optional ROUTER replay). Where it differs, on purpose:
 
 - Tokens are random; the text is their decoding. Without `max_tokens` a request stops by a
@@ -319,13 +320,17 @@ class SimServer:
         stream = bool(body.get("stream"))
         opts = body.get("stream_options")
         include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
+        # vLLM: continuous usage stats only together with include_usage.
+        continuous = include_usage and bool(opts.get("continuous_usage_stats"))
         header_id = request.headers.get("X-Request-Id")
         rid = ("chatcmpl-" if chat else "cmpl-") + (header_id or request_id())
         headers = {"X-Request-Id": header_id} if header_id else None
         st = self._submit(prompt, max_tokens, min_tokens, stream, eos)
         try:
             if stream:
-                return await self._stream(request, st, rid, chat, include_usage, headers)
+                return await self._stream(
+                    request, st, rid, chat, include_usage, continuous, headers
+                )
             while not st.finished:
                 await self._wait(st)
             return self._full_response(st, rid, chat, headers)
@@ -389,31 +394,53 @@ class SimServer:
         rid: str,
         chat: bool,
         include_usage: bool,
+        continuous: bool,
         headers: dict[str, str] | None,
     ) -> web.StreamResponse:
+        """SSE chunks as vLLM writes them. With `continuous` (`stream_options:
+        {"include_usage": true, "continuous_usage_stats": true}`) every chunk carries the
+        request's usage so far, `{"prompt_tokens", "total_tokens", "completion_tokens"}`
+        after `choices` (chat chunks add `"completion_tokens_details": null`, and the chat
+        role chunk counts 0 completion tokens), as vLLM's serving_completion.py and
+        serving_chat.py do; the final usage chunk follows as without it."""
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **(headers or {})})
         await resp.prepare(request)
         created = int(time.time())
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         head = (b'data: {"id":"' + rid.encode() + b'","object":"' + obj + b'","created":'
                 + str(created).encode() + b',"model":' + self._model_json)  # fmt: skip
+        n_prompt = len(st.req.prompt_token_ids)
         if chat:
             pre = head + b',"choices":[{"index":0,"delta":{"content":'
-            mid, tail = b"}", b',"token_ids":null}]}\n\n'
-            role = orjson.dumps({"id": rid, "object": "chat.completion.chunk",
-                                 "created": created, "model": self.model,
-                                 "choices": [{"index": 0,
-                                              "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}],
-                                 "prompt_token_ids": None, "prompt_text": None})  # fmt: skip
-            first = b"data: " + role + b"\n\n"
+            mid, tail = b"}", b',"token_ids":null}]'
+            choice = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}  # fmt: skip
+            role: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
+                                    "created": created, "model": self.model,
+                                    "choices": [choice]}  # fmt: skip
+            if continuous:
+                role["usage"] = {"prompt_tokens": n_prompt, "total_tokens": n_prompt,
+                                 "completion_tokens": 0,
+                                 "completion_tokens_details": None}  # fmt: skip
+            role.update(prompt_token_ids=None, prompt_text=None)
+            first = b"data: " + orjson.dumps(role) + b"\n\n"
             # vLLM sets stop_reason on a chat chunk only with the finish_reason.
             running = mid + b',"logprobs":null,"finish_reason":null' + tail
+            usage_end = b',"completion_tokens_details":null}}\n\n'
         else:
             pre = head + b',"choices":[{"index":0,"text":'
-            mid, tail = b"", b',"prompt_token_ids":null,"token_ids":null}]}\n\n'
+            mid, tail = b"", b',"prompt_token_ids":null,"token_ids":null}]'
             first = b""
             running = b',"logprobs":null,"finish_reason":null,"stop_reason":null' + tail
+            usage_end = b"}}\n\n"
+
+        def close(sent: int) -> bytes:
+            """The end of a chunk after `choices`: its usage so far, when asked for."""
+            if not continuous:
+                return b"}\n\n"
+            return (b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d'
+                    % (n_prompt, n_prompt + sent, sent) + usage_end)  # fmt: skip
+
         try:
             while True:
                 if st.sent == len(st.ids) and not st.finished:
@@ -424,12 +451,13 @@ class SimServer:
                 parts = [first] if first else []
                 first = b""
                 if not st.finished:
-                    parts.append(pre + orjson.dumps(self.tokenizer.decode_fast(ids)) + running)
+                    text = orjson.dumps(self.tokenizer.decode_fast(ids))
+                    parts.append(pre + text + running + close(st.sent))
                     await resp.write(b"".join(parts))
                     continue
                 done = (mid + b',"logprobs":null,"finish_reason":"' + st.reason.encode()
                         + b'","stop_reason":null' + tail)  # fmt: skip
-                parts.append(pre + orjson.dumps(self._text(st, ids)) + done)
+                parts.append(pre + orjson.dumps(self._text(st, ids)) + done + close(st.sent))
                 if include_usage:
                     usage = {"id": rid, "object": obj.decode(), "created": created,
                              "model": self.model, "choices": [], "usage": self._usage(st, False),

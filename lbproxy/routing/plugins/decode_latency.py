@@ -17,11 +17,9 @@ estimate yet, or stale metrics, score `unknown_score` (default 0.5, neutral).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from lbproxy.routing.decode_rate import DecodeRate
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -35,14 +33,6 @@ class Params(BaseModel):
     unknown_score: float = Field(0.5, ge=0, le=1)
 
 
-@dataclass(slots=True)
-class _Track:
-    time: float  # of the last snapshot folded in
-    generated: float  # its cumulative generation tokens
-    rate: float | None = None  # smoothed output tokens/s
-    in_flight_at_scrape: int = 0
-
-
 class DecodeLatencyScorer:
     name = TYPE
 
@@ -50,25 +40,17 @@ class DecodeLatencyScorer:
         self.max_age = max_age
         self.tau = tau
         self.unknown_score = unknown_score
-        self._tracks: dict[str, _Track] = {}
+        self._tracks: dict[Endpoint, DecodeRate] = {}
 
-    def _observe(self, ep: Endpoint, now: float) -> _Track | None:
+    def _observe(self, ep: Endpoint, now: float) -> DecodeRate | None:
         """Fold a new snapshot of `ep` into its track; None while its metrics are unusable."""
         m = ep.fresh_metrics(now, self.max_age)
         if m is None or m.generation_tokens is None or m.num_running is None:
             return None
-        tr = self._tracks.get(ep.name)
-        if tr is None or m.generation_tokens < tr.generated:  # first sight or a restart
-            tr = self._tracks[ep.name] = _Track(m.time, m.generation_tokens)
-            tr.in_flight_at_scrape = ep.in_flight
-            return tr
-        dt = m.time - tr.time
-        if dt > 0:
-            inst = (m.generation_tokens - tr.generated) / dt
-            a = 1.0 - math.exp(-dt / self.tau)
-            tr.rate = inst if tr.rate is None else tr.rate + a * (inst - tr.rate)
-            tr.time, tr.generated = m.time, m.generation_tokens
-            tr.in_flight_at_scrape = ep.in_flight
+        tr = self._tracks.get(ep)
+        if tr is None:
+            tr = self._tracks[ep] = DecodeRate(self.tau)
+        tr.observe(m, ep.in_flight)
         return tr
 
     def _itl(self, ep: Endpoint, now: float) -> float | None:

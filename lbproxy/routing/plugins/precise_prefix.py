@@ -54,7 +54,7 @@ class Params(BaseModel):
 class PrecisePrefixScorer:
     name = TYPE
 
-    def __init__(self, params: Params, index: PreciseIndex) -> None:
+    def __init__(self, params: Params, index: PreciseIndex, flow_control: bool = False) -> None:
         self.index = index
         self.default_block_size = params.block_size
         self.max_blocks = params.max_blocks
@@ -62,7 +62,7 @@ class PrecisePrefixScorer:
         self.hotspot = HotspotRule(
             params.hotspot_margin,
             params.hotspot_factor,
-            params.hotspot_discount,
+            1.0 if flow_control else params.hotspot_discount,
             params.spread_unmatched,
         )
         # Keys per block size of the request being routed, for the on_routed that follows.
@@ -154,4 +154,4 @@ def shared_index(bctx: BuildContext) -> PreciseIndex:
 
 
 def build(params: Params, bctx: BuildContext) -> PrecisePrefixScorer:
-    return PrecisePrefixScorer(params, shared_index(bctx))
+    return PrecisePrefixScorer(params, shared_index(bctx), bctx.flow_control)

@@ -110,7 +110,7 @@ class HotspotRule:
 class PrefixHashScorer:
     name = TYPE
 
-    def __init__(self, params: Params, model: str = "") -> None:
+    def __init__(self, params: Params, model: str = "", flow_control: bool = False) -> None:
         self.block_size = params.block_size
         self.lru_capacity = params.lru_capacity
         self.max_lru_capacity = params.max_lru_capacity
@@ -120,7 +120,7 @@ class PrefixHashScorer:
         self.hotspot = HotspotRule(
             params.hotspot_margin,
             params.hotspot_factor,
-            params.hotspot_discount,
+            1.0 if flow_control else params.hotspot_discount,
             params.spread_unmatched,
         )
         self._seed_of: tuple[str, int] = ("", xxh64_intdigest(b""))
@@ -185,4 +185,4 @@ class PrefixHashScorer:
 
 
 def build(params: Params, bctx: BuildContext) -> PrefixHashScorer:
-    return PrefixHashScorer(params, bctx.model)
+    return PrefixHashScorer(params, bctx.model, bctx.flow_control)

@@ -1,0 +1,326 @@
+"""Flow control of one pool: admit, hold, dispatch and shed requests. Pure logic.
+
+No I/O, no clock: `now` is passed in, and the driver supplies a `Binder` (`rank`: the
+pool's routing decision for a request over the backends in service, without committing
+it; `bind`: send the request where the decision now says, counting it in that backend's
+`in_flight` before returning) and `shed(waiter)` (answer it 429; its `shed_reason` says
+why). The proxy drives it from its event loop (`proxy/flow_gate.py`),
+`lbproxy simulate` from its virtual clock (`bench/simulate.py`): one implementation.
+
+A backend **can take** a request when it is healthy, not draining, has fewer requests in
+flight than its concurrency limit (`flow.limiter`, and `max_in_flight` when set), and, if
+its metrics are fresh, waits on no more than `queue_depth` requests with KV use at most
+`kv_cache_util` (the saturation filter's thresholds). Stale metrics leave only the limit,
+which does not grow without fresh evidence.
+
+- Where a request goes (late binding: decided when it is dispatched, on the signals of
+  that moment): the pool's routing ranks every backend in service. The first can take
+  it: it goes there. Else the best one that can take it is used if its routing total is
+  within `affinity_margin` of the first's, or once the request has waited
+  `affinity_wait`; until then it waits for room where its prefix is cached (sending it
+  to a cold backend costs a full prefill, which under load costs everyone). Other
+  waiting requests are tried meanwhile (up to `_SCAN` of them, in service order).
+- Arrival (`admit`): with nobody waiting and a backend that can take it, the request is
+  dispatched at once (below capacity this is the whole cost). Otherwise it waits, unless
+  the queue is full (`max_queue`: a request of a lower band or of a longer flow is shed
+  instead when there is one) or, with `shed_early`, its expected wait already exceeds
+  `max_wait`. With no backend in
+  service at all there is nothing to wait for: `NoServer` (the proxy's 503).
+- Dispatch (`drain`), whenever the driver says something changed (a request ended, a
+  scrape landed, a backend came back, a reload): while a backend can take one, requests
+  are tried in service order (priority, then fairness between flows, then arrival).
+- Deadlines (`expire`): a request still waiting `max_wait` after its arrival is shed.
+- `cancel`: a client that left is taken out and never dispatched.
+
+The expected wait is (requests that would be served first) / (dispatch rate), the rate
+measured only while requests were waiting (an exponentially weighted count over 10 s of
+backlog), and not used before it has 2 s and 5 dispatches behind it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from lbproxy.config import FlowControl
+from lbproxy.flow.limiter import ConcurrencyLimiter
+from lbproxy.flow.queue import CANCELLED, DISPATCHED, QUEUED, SHED, FlowQueue, Waiter
+from lbproxy.routing.pipeline import Router
+from lbproxy.routing.plugins.saturation import SaturationFilter
+from lbproxy.routing.state import Decision, Endpoint
+
+# Why a request was shed (the `reason` label of lbproxy_flow_shed_total).
+QUEUE_FULL = "queue_full"
+MAX_WAIT = "max_wait"
+EXPECTED_WAIT = "expected_wait"
+CLIENT_LEFT = "client_left"
+SHED_REASONS = (QUEUE_FULL, MAX_WAIT, EXPECTED_WAIT, CLIENT_LEFT)
+
+_RATE_TAU = 10.0  # seconds of backlog the dispatch rate is averaged over
+_RATE_MIN_TIME = 2.0
+_RATE_MIN_COUNT = 5.0
+
+_SCAN = 16  # waiting requests tried per dispatch when the first ones wait for their backend
+
+ShedFn = Callable[[Waiter], None]
+
+
+class Binder(Protocol):
+    def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None: ...
+
+    def bind(self, w: Waiter, decision: Decision, now: float) -> None: ...
+
+
+class NoServer(Exception):
+    """No backend of the pool is in service (all unhealthy or draining): nothing to wait for."""
+
+
+class Shed(Exception):
+    """A request refused at arrival; `retry_after` in whole seconds."""
+
+    def __init__(self, reason: str, retry_after: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class Thresholds:
+    queue_depth: float = 5.0
+    kv_cache_util: float = 0.8
+    metrics_max_age: float = 2.0
+
+
+def any_in_service(endpoints: Iterable[Endpoint]) -> bool:
+    return any(ep.healthy and not ep.draining for ep in endpoints)
+
+
+def thresholds_for(router: Router, metrics_max_age: float) -> Thresholds:
+    """The pool profile's saturation-filter thresholds, or the filter's defaults."""
+    for f in router.filters:
+        if isinstance(f, SaturationFilter):
+            return Thresholds(f.queue_depth, f.kv_cache_util, metrics_max_age)
+    return Thresholds(metrics_max_age=metrics_max_age)
+
+
+class FlowController:
+    def __init__(self, settings: FlowControl, thresholds: Thresholds | None = None) -> None:
+        self.queue = FlowQueue()
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._seq = 0
+        self.limiters: dict[Endpoint, ConcurrencyLimiter] = {}
+        self.dispatched_direct = 0
+        self.dispatched_queued = 0
+        self.shed_counts = dict.fromkeys(SHED_REASONS, 0)
+        self._t_last = 0.0
+        self._backlog_count = 0.0  # decayed dispatches while requests waited
+        self._backlog_time = 0.0  # decayed seconds of backlog
+        self.configure(settings, thresholds or Thresholds())
+
+    def configure(self, settings: FlowControl, thresholds: Thresholds) -> None:
+        """Apply (new) settings; waiting requests and learnt limits stay."""
+        self.settings = settings
+        self.max_queue = settings.max_queue
+        self.max_wait = settings.max_wait
+        self.shed_early = settings.shed_early
+        self.max_in_flight = settings.max_in_flight
+        self.queue_depth = (
+            thresholds.queue_depth if settings.queue_depth is None else settings.queue_depth
+        )
+        self.kv_cache_util = (
+            thresholds.kv_cache_util if settings.kv_cache_util is None else settings.kv_cache_util
+        )
+        self.max_age = thresholds.metrics_max_age
+        self.affinity_wait = settings.affinity_wait
+        self.affinity_margin = settings.affinity_margin
+        if getattr(self, "_limit_params", None) != settings.limit:
+            self._limit_params = settings.limit
+            self.limiters.clear()
+
+    # ---------------------------------------------------------------- backends
+    def limiter(self, ep: Endpoint) -> ConcurrencyLimiter:
+        lim = self.limiters.get(ep)
+        if lim is None:
+            lim = self.limiters[ep] = ConcurrencyLimiter(self._limit_params)
+        return lim
+
+    def limit_of(self, ep: Endpoint) -> int:
+        cap = self.limiter(ep).value()
+        if self.max_in_flight is not None and self.max_in_flight < cap:
+            return self.max_in_flight
+        return cap
+
+    def can_take(self, ep: Endpoint, now: float) -> bool:
+        if not ep.healthy or ep.draining or ep.in_flight >= self.limit_of(ep):
+            return False
+        m = ep.fresh_metrics(now, self.max_age)
+        if m is None:
+            return True
+        if m.num_waiting is not None and m.num_waiting > self.queue_depth:
+            return False
+        return m.kv_cache_usage is None or m.kv_cache_usage <= self.kv_cache_util
+
+    def available(self, endpoints: Iterable[Endpoint], now: float) -> list[Endpoint]:
+        return [ep for ep in endpoints if self.can_take(ep, now)]
+
+    def on_metrics(self, ep: Endpoint) -> None:
+        """A fresh scrape of `ep` landed: update its limit (then `drain`)."""
+        if ep.metrics is not None:
+            self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth)
+
+    def on_done(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
+        """A request on `ep` ended (its in_flight already decremented; then `drain`)."""
+        self.limiter(ep).on_done(ok, overloaded, ep.in_flight)
+
+    def prune(self, endpoints: Iterable[Endpoint]) -> None:
+        """Forget the limits of backends that left the pool."""
+        keep = set(endpoints)
+        for ep in [ep for ep in self.limiters if ep not in keep]:
+            del self.limiters[ep]
+
+    # ---------------------------------------------------------------- requests
+    def admit(
+        self, w: Waiter, endpoints: list[Endpoint], now: float, binder: Binder, shed: ShedFn
+    ) -> bool:
+        """A request arrives. Returns True if it was dispatched at once (through
+        `binder.bind`), False if it waits (it is then dispatched or shed later, or already
+        was inside this call). Raises Shed if it is refused at arrival, NoServer if no
+        backend is in service."""
+        self._tick(now)
+        q = self.queue
+        if not q.size:
+            serving = [ep for ep in endpoints if ep.healthy and not ep.draining]
+            if not serving:
+                raise NoServer
+            if self._try(w, serving, now, binder):
+                self.dispatched_direct += 1
+                return True
+        elif not any_in_service(endpoints):
+            raise NoServer
+        if self.shed_early and (rate := self.dispatch_rate()) is not None:
+            expected = q.ahead_of(w.priority, w.flow) / rate
+            if expected > self.max_wait:
+                self.shed_counts[EXPECTED_WAIT] += 1
+                raise Shed(
+                    EXPECTED_WAIT,
+                    self.retry_after(expected),
+                    f"the pool is overloaded: the expected wait ({expected:.0f} s) exceeds "
+                    f"max_wait ({self.max_wait:g} s)",
+                )
+        if q.size >= self.max_queue:
+            victim = q.victim_for(w.priority, w.flow)
+            if victim is None:
+                self.shed_counts[QUEUE_FULL] += 1
+                raise Shed(
+                    QUEUE_FULL,
+                    self.retry_after(None),
+                    f"the pool is overloaded: {q.size} requests are already waiting",
+                )
+            q.remove(victim)
+            self._shed(victim, QUEUE_FULL, shed)
+        w.deadline = now + self.max_wait
+        q.push(w)
+        self._seq += 1
+        heapq.heappush(self._deadlines, (w.deadline, self._seq, w))
+        if q.size > 1:  # else it was just tried
+            self.drain(endpoints, now, binder)
+        return False
+
+    def drain(self, endpoints: list[Endpoint], now: float, binder: Binder) -> int:
+        """Dispatch waiting requests while backends can take them; returns how many."""
+        q = self.queue
+        if not q.size:
+            return 0
+        self._tick(now)
+        serving = [ep for ep in endpoints if ep.healthy and not ep.draining]
+        n = 0
+        while q.size and any(self.can_take(ep, now) for ep in serving):
+            for w in q.scan(_SCAN):
+                if self._try(w, serving, now, binder):
+                    q.remove(w, rotate=True)
+                    self._backlog_count += 1.0
+                    n += 1
+                    break
+            else:
+                break  # everyone tried waits for a backend that is full
+        self.dispatched_queued += n
+        return n
+
+    def _try(self, w: Waiter, serving: list[Endpoint], now: float, binder: Binder) -> bool:
+        """Dispatch `w` if the rule above lets it go now."""
+        decision = binder.rank(w, serving, now)
+        if decision is None:
+            return False
+        best = decision.endpoint
+        if not self.can_take(best, now):
+            alt = next((ep for ep in decision.ranked if self.can_take(ep, now)), None)
+            if alt is None:
+                return False
+            gap = decision.total_of(best) - decision.total_of(alt)
+            if gap > self.affinity_margin and now - w.arrival < self.affinity_wait:
+                return False
+            decision.choose(alt)
+        w.state, w.dispatched_at = DISPATCHED, now
+        binder.bind(w, decision, now)
+        return True
+
+    def expire(self, now: float, shed: ShedFn) -> int:
+        """Shed the requests whose `max_wait` has passed; returns how many."""
+        self._tick(now)
+        heap = self._deadlines
+        n = 0
+        while heap and heap[0][0] <= now:
+            w = heapq.heappop(heap)[2]
+            if w.state == QUEUED and self.queue.remove(w):
+                self._shed(w, MAX_WAIT, shed)
+                n += 1
+        return n
+
+    def next_deadline(self) -> float | None:
+        """When `expire` next has something to do (None: nobody waits)."""
+        heap = self._deadlines
+        while heap and heap[0][2].state != QUEUED:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def cancel(self, w: Waiter, now: float) -> bool:
+        """The client left: take the request out if it still waits; True if it did."""
+        if w.state != QUEUED:
+            return False
+        self._tick(now)
+        self.queue.remove(w)
+        w.state = CANCELLED
+        self.shed_counts[CLIENT_LEFT] += 1
+        return True
+
+    # ---------------------------------------------------------------- rates
+    def dispatch_rate(self) -> float | None:
+        """Requests/s dispatched while requests waited; None until measured."""
+        if self._backlog_time < _RATE_MIN_TIME or self._backlog_count < _RATE_MIN_COUNT:
+            return None
+        return self._backlog_count / self._backlog_time
+
+    def _tick(self, now: float) -> None:
+        dt = now - self._t_last
+        if dt <= 0:
+            return
+        self._t_last = now
+        if self.queue.size:
+            d = math.exp(-dt / _RATE_TAU)
+            self._backlog_count *= d
+            self._backlog_time = self._backlog_time * d + _RATE_TAU * (1.0 - d)
+
+    def retry_after(self, expected: float | None = None) -> int:
+        """Seconds a shed client should wait: the expected wait, within [1, max_wait]."""
+        if expected is None:
+            rate = self.dispatch_rate()
+            expected = self.queue.size / rate if rate else 1.0
+        return max(1, min(math.ceil(expected), math.ceil(self.max_wait)))
+
+    def _shed(self, w: Waiter, reason: str, shed: ShedFn) -> None:
+        w.state, w.shed_reason = SHED, reason
+        self.shed_counts[reason] += 1
+        shed(w)

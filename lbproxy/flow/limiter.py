@@ -1,0 +1,107 @@
+"""A backend's concurrency limit that adapts to what the backend sustains.
+
+In the spirit of Netflix's gradient limiter and Envoy's adaptive concurrency filter, with
+the latency an LLM server's users feel: the decode (inter-token) latency, read from the
+backend's own counters (`routing.decode_rate`), rather than a request's whole latency,
+which mostly depends on how many tokens it asks for.
+
+After each fresh scrape with a known decode latency `itl` at `running` requests:
+
+    estimate = running x target_itl / itl
+
+the batch at which the latency would meet the target if it grew in proportion to the
+batch. Decode steps cost a fixed part (weights) plus a part per sequence (KV reads), so the
+latency grows less than in proportion and iterating the estimate converges to the batch
+where itl = target_itl from either side.
+
+- Over the target: the limit moves toward the estimate (a share `smoothing` of the way).
+- Under it, and the backend is using at least half its limit: the limit moves toward the
+  estimate, by at most a factor `max_growth` per scrape, and only once the requests
+  dispatched under the previous limit show in the backend's running count (the latency
+  they cause is not measured before), so a limit cannot run ahead of its evidence.
+- Under it with the limit unused: unchanged (an idle backend's latency says nothing about
+  how much more it can take).
+- No decode-latency estimate (new backend, stale or absent metrics): unchanged; a backend
+  that never reports metrics grows by one per request completed while it uses at least
+  half its limit, so it is ramped, never flooded.
+- The engine queueing more than `queue_depth` requests itself (its KV cache or batch is
+  full): the limit moves toward running + queue_depth, so that what lbproxy holds back
+  waits in lbproxy, in order, rather than in the engine.
+- A backend answering 429/503 (overloaded) has its limit cut by a tenth.
+
+The limit starts at `initial` and stays within [min, max].
+"""
+
+from __future__ import annotations
+
+from lbproxy.config import ConcurrencyLimit
+from lbproxy.routing.decode_rate import DecodeRate
+from lbproxy.routing.state import MetricsSnapshot
+
+# Smoothing of the latency estimate (seconds): short, because the limiter must see the
+# effect of its own changes quickly.
+_RATE_TAU = 0.5
+
+
+class ConcurrencyLimiter:
+    __slots__ = (
+        "adaptive",
+        "decode",
+        "hi",
+        "itl",
+        "limit",
+        "lo",
+        "max_growth",
+        "metered",
+        "smoothing",
+        "target_itl",
+    )
+
+    def __init__(self, params: ConcurrencyLimit) -> None:
+        self.adaptive = params.type == "gradient"
+        self.lo, self.hi = float(params.min), float(max(params.min, params.max))
+        self.limit = min(max(float(params.initial), self.lo), self.hi)
+        self.target_itl = params.target_itl
+        self.smoothing = params.smoothing
+        self.max_growth = params.max_growth
+        self.decode = DecodeRate(_RATE_TAU)
+        self.itl: float | None = None  # last decode-latency estimate (s/token)
+        self.metered = False  # the backend has reported decode counters
+
+    def value(self) -> int:
+        return int(self.limit)
+
+    def on_metrics(self, m: MetricsSnapshot, in_flight: int, queue_depth: float = 5.0) -> bool:
+        """Fold in a fresh snapshot; True if the limit changed."""
+        if not self.decode.observe(m, in_flight):
+            return False
+        self.metered = True
+        itl = self.itl = self.decode.itl()
+        if not self.adaptive or itl is None or itl <= 0:
+            return False
+        running = self.decode.running
+        estimate = running * self.target_itl / itl
+        old = self.limit
+        if m.num_waiting is not None and m.num_waiting > queue_depth:
+            # The engine itself queues (its KV cache or batch is full): more in flight
+            # only waits there, so the limit follows what it runs.
+            new = old + self.smoothing * (min(estimate, running + queue_depth) - old)
+            if new >= old:
+                return False
+        elif itl > self.target_itl:
+            new = old + self.smoothing * (estimate - old)
+        elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * old:
+            new = old + self.smoothing * (min(estimate, old * self.max_growth) - old)
+        else:
+            return False
+        self.limit = min(max(new, self.lo), self.hi)
+        return int(self.limit) != int(old)
+
+    def on_done(self, ok: bool, overloaded: bool, in_flight: int) -> bool:
+        """A request on this backend ended; True if the limit changed."""
+        old = self.limit
+        if overloaded:
+            self.limit = max(self.lo, old * 0.9)
+        elif ok and self.adaptive and not self.metered and in_flight + 1 >= 0.5 * old:
+            self.limit = min(self.hi, old + 1.0)
+        return int(self.limit) != int(old)

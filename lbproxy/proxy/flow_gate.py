@@ -1,0 +1,273 @@
+"""Flow control in the proxy: one pool's `FlowController` driven by the event loop.
+
+`acquire` is where a request waits: it returns the routing decision once the request is
+dispatched (its first backend already counted in `in_flight`), or raises `Overloaded`
+(429 with Retry-After) when it is shed. Below capacity nothing waits: the request is
+routed at once among the backends that can take it, with no future, timer or task.
+
+What wakes the queue (each calls `wake`, which dispatches while backends can take more):
+a request ending on a backend (`release`), a fresh scrape (`on_metrics`), a backend's
+health changing, a reload. One timer per pool, set for the earliest `max_wait` deadline,
+sheds requests that waited too long; there is no polling loop. A client that disconnects
+while waiting cancels its handler, which takes it out of the queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from lbproxy.config import FlowControl
+from lbproxy.flow.controller import (
+    EXPECTED_WAIT,
+    MAX_WAIT,
+    QUEUE_FULL,
+    FlowController,
+    NoServer,
+    Shed,
+    Thresholds,
+    any_in_service,
+)
+from lbproxy.flow.queue import DISPATCHED, Waiter
+from lbproxy.proxy.errors import BadRequest, NoBackend, ProxyError
+from lbproxy.proxy.metrics import Histogram
+from lbproxy.routing.state import Decision, Endpoint, RequestContext
+
+if TYPE_CHECKING:
+    from lbproxy.proxy.pools import PoolRuntime
+
+# Histogram bounds of the time requests waited (seconds).
+WAIT_BOUNDS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Overloaded(ProxyError):
+    """429: flow control shed the request; Retry-After says when to try again."""
+
+    status, type = 429, "rate_limit_error"
+    _CODES = {QUEUE_FULL: "queue_full", MAX_WAIT: "queue_timeout", EXPECTED_WAIT: "queue_full"}
+
+    def __init__(self, reason: str, retry_after: int, message: str, waited: float = 0.0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.waited = waited  # seconds it waited before being shed
+        self.code = self._CODES.get(reason, "queue_full")
+        self.retry_after = retry_after
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        return super().response({**(extra_headers or {}), "Retry-After": str(self.retry_after)})
+
+
+class _Held:
+    """A waiting request's side of the handshake with `bind` / `_shed`."""
+
+    __slots__ = ("ctx", "decision", "error", "fut")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.decision: Decision | None = None
+        self.error: ProxyError | None = None
+        self.fut: asyncio.Future[None] | None = None
+
+
+class FlowGate:
+    def __init__(self, pool: PoolRuntime, settings: FlowControl, thresholds: Thresholds) -> None:
+        self.pool = pool
+        self.controller = FlowController(settings, thresholds)
+        self._settings(settings)
+        self.waited = Histogram(WAIT_BOUNDS)  # every request's wait, dispatched or shed
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def configure(self, pool: PoolRuntime, settings: FlowControl, thresholds: Thresholds) -> None:
+        """A reload: follow the new runtime (endpoints, router) and settings; whoever
+        waits keeps waiting."""
+        self.pool = pool
+        self._settings(settings)
+        self.controller.configure(settings, thresholds)
+        self.controller.prune(pool.endpoints)
+
+    def _settings(self, settings: FlowControl) -> None:
+        self.settings = settings
+        self._priority_header = settings.priority_header
+        self._flow_header = settings.flow_header
+        self._default_priority = settings.default_priority
+        self._key_priority = {
+            f"Bearer {kp.key.get_secret_value()}": kp.priority for kp in settings.key_priorities
+        }
+
+    def classify(self, headers: Mapping[str, str]) -> tuple[int, str]:
+        """(priority, flow) of a request: the priority header, else its key's default,
+        else `default_priority`; the flow is `flow_header`'s value, else the client's key
+        (one flow per key), else the shared flow ""."""
+        auth = headers.get("Authorization", "")
+        raw = headers.get(self._priority_header)
+        if raw is None:
+            priority = self._key_priority.get(auth, self._default_priority)
+        else:
+            try:
+                priority = int(raw)
+            except ValueError:
+                raise BadRequest(
+                    f"the {self._priority_header} header must be an integer",
+                    param=self._priority_header,
+                ) from None
+        if self._flow_header is not None:
+            return priority, headers.get(self._flow_header, "")
+        return priority, auth
+
+    # ---------------------------------------------------------------- the data path
+    async def acquire(
+        self, ctx: RequestContext, priority: int, flow: str, now: float
+    ) -> tuple[Decision, float]:
+        """Wait until the request is dispatched; returns its decision and the seconds it
+        waited. Raises Overloaded (shed) or NoBackend."""
+        held = _Held(ctx)
+        w = Waiter(priority, flow, now, now, held)
+        ctl = self.controller
+        try:
+            if ctl.admit(w, self.pool.endpoints, now, self, self._shed):
+                assert held.decision is not None
+                self.waited.observe(0.0)
+                return held.decision, 0.0
+        except Shed as e:
+            self.waited.observe(0.0)
+            raise Overloaded(e.reason, e.retry_after, str(e)) from None
+        except NoServer:
+            raise NoBackend(f"no healthy backend in pool '{self.pool.name}'") from None
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        if held.decision is None and held.error is None:  # not settled inside admit
+            held.fut = loop.create_future()
+            self._arm()
+            try:
+                await held.fut
+            except asyncio.CancelledError:
+                if not ctl.cancel(w, loop.time()) and held.decision is not None:
+                    # Dispatched in the same instant the client left: give the slot back.
+                    ep = held.decision.endpoint
+                    ep.in_flight -= 1
+                    self.release(ep, ok=False)
+                raise
+        if held.error is not None:
+            raise held.error
+        assert held.decision is not None and w.dispatched_at is not None
+        waited = w.dispatched_at - w.arrival
+        self.waited.observe(waited)
+        return held.decision, waited
+
+    def release(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
+        """A request on `ep` ended (its in_flight already decremented)."""
+        self.controller.on_done(ep, ok, overloaded)
+        if self.controller.queue.size:
+            self.wake()
+
+    # ---------------------------------------------------------------- events
+    def on_metrics(self, ep: Endpoint) -> None:
+        self.controller.on_metrics(ep)
+        if self.controller.queue.size:
+            self.wake()
+
+    def wake(self) -> None:
+        """Dispatch while backends can take more; with none left in service, whoever waits
+        gets the 503 a new request would get."""
+        ctl = self.controller
+        if ctl.queue.size:
+            if not any_in_service(self.pool.endpoints):
+                self.flush(NoBackend(f"no healthy backend in pool '{self.pool.name}'"))
+                return
+            ctl.drain(self.pool.endpoints, self._now(), self)
+            self._arm()
+
+    def flush(self, error: ProxyError | None = None) -> None:
+        """Flow control is switched off or the pool goes away: route every waiting request
+        now among all backends in service, whatever their load (or fail each with
+        `error`)."""
+        ctl = self.controller
+        now = self._now()
+        serving = [ep for ep in self.pool.endpoints if ep.healthy and not ep.draining]
+        while (w := ctl.queue.pop()) is not None:
+            held: _Held = w.payload
+            w.state, w.dispatched_at = DISPATCHED, now
+            decision = self.rank(w, serving, now) if error is None else None
+            if decision is not None:
+                self.bind(w, decision, now)
+                continue
+            held.error = error or NoBackend(f"no healthy backend in pool '{self.pool.name}'")
+            self._settle(held)
+        self._cancel_timer()
+
+    # ---------------------------------------------------------------- the Binder
+    def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
+        held: _Held = w.payload
+        return self.pool.router.rank(held.ctx, candidates, now)
+
+    def bind(self, w: Waiter, decision: Decision, now: float) -> None:
+        held: _Held = w.payload
+        self.pool.router.commit(held.ctx, decision.endpoint, now)
+        decision.endpoint.in_flight += 1
+        held.decision = decision
+        self._settle(held)
+
+    # ---------------------------------------------------------------- state for people
+    def pool_json(self) -> dict[str, object]:
+        """What /admin/backends' pools and the dashboard show of this pool's flow control."""
+        ctl = self.controller
+        return {
+            "waiting": ctl.queue.size,
+            "waiting_by_priority": {str(p): n for p, n in sorted(ctl.queue.lengths().items())},
+            "dispatched_direct": ctl.dispatched_direct,
+            "dispatched_queued": ctl.dispatched_queued,
+            "shed": dict(ctl.shed_counts),
+            "max_queue": ctl.max_queue,
+            "max_wait_s": ctl.max_wait,
+        }
+
+    def backend_json(self, ep: Endpoint) -> dict[str, object]:
+        lim = self.controller.limiter(ep)
+        return {"concurrency_limit": self.controller.limit_of(ep), "decode_latency_s": lim.itl}
+
+    # ---------------------------------------------------------------- internals
+    def _now(self) -> float:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        return loop.time()
+
+    def _shed(self, w: Waiter) -> None:
+        held: _Held = w.payload
+        waited = self._now() - w.arrival
+        if w.shed_reason == MAX_WAIT:
+            message = f"the pool is overloaded: no backend could take the request in {waited:.0f} s"
+        else:  # evicted from a full queue by a request of a higher band or a shorter flow
+            message = "the pool is overloaded: the request gave its place to a fairer share"
+        held.error = Overloaded(w.shed_reason, self.controller.retry_after(), message, waited)
+        self.waited.observe(waited)
+        self._settle(held)
+
+    @staticmethod
+    def _settle(held: _Held) -> None:
+        fut = held.fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _arm(self) -> None:
+        t = self.controller.next_deadline()
+        if t is None:
+            self._cancel_timer()
+        elif self._timer_at is None or t < self._timer_at:
+            self._cancel_timer()
+            loop = self._loop or asyncio.get_running_loop()
+            self._timer, self._timer_at = loop.call_at(t, self._on_timer), t
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.controller.expire(self._now(), self._shed)
+        self._arm()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None

@@ -1,0 +1,298 @@
+"""Flow control in the live proxy, over fake backends on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from lbproxy.config import parse_config
+from lbproxy.proxy.app import RunningProxy
+from tests.conftest import LoopThread, proxy_config
+from tests.fake_backend import FakeBackend
+
+
+def _flow_cfg(backends: list[FakeBackend], limit: int, **flow: Any) -> dict[str, Any]:
+    flow.setdefault("limit", {"type": "fixed", "initial": limit, "min": 1})
+    return proxy_config(backends, flow_control=flow)
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    tag: str,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    body = {"model": "fake-model", "prompt": tag, "max_tokens": 2}
+    async with session.post(
+        url + "/v1/completions",
+        json=body,
+        headers=headers or {},
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    ) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+def _served_tags(fb: FakeBackend) -> list[str]:
+    import orjson
+
+    return [orjson.loads(r.body)["prompt"] for r in fb.received]
+
+
+def test_requests_wait_while_every_backend_is_full_and_none_exceeds_its_limit(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    backends = fake_backends(2, stall_before_headers=0.3)
+    proxy = run_proxy(_flow_cfg(backends, limit=2))
+
+    async def go() -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(_post(s, proxy.url, f"r{i}") for i in range(12)))
+
+    results = loop_thread.run(go())
+    assert [r[0] for r in results] == [200] * 12
+    assert all(fb.max_active <= 2 for fb in backends), [fb.max_active for fb in backends]
+    assert sum(len(fb.received) for fb in backends) == 12
+    waits = sorted(float(r[1]["x-lbproxy-queue-wait"]) for r in results)
+    assert waits[:4] == [0.0] * 4  # four went at once, the rest waited their turn
+    assert waits[-1] >= 0.5
+    gate = proxy.state.pools.pools[0].gate
+    assert gate is not None and gate.controller.queue.size == 0
+    assert gate.controller.dispatched_direct == 4 and gate.controller.dispatched_queued == 8
+    assert all(ep.in_flight == 0 for ep in proxy.state.pools.pools[0].endpoints)
+
+
+def test_full_queue_answers_429_with_retry_after_at_once(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=1.0)
+    proxy = run_proxy(_flow_cfg([fb], limit=1, max_queue=2))
+
+    async def go() -> tuple[list[Any], float, Any]:
+        async with aiohttp.ClientSession() as s:
+            held = [asyncio.create_task(_post(s, proxy.url, f"r{i}")) for i in range(3)]
+            await asyncio.sleep(0.3)  # one running, two waiting: the queue is full
+            t = time.monotonic()
+            refused = await _post(s, proxy.url, "over")
+            took = time.monotonic() - t
+            return await asyncio.gather(*held), took, refused
+
+    held, took, (status, headers, body) = loop_thread.run(go())
+    assert status == 429 and took < 0.8
+    assert int(headers["Retry-After"]) >= 1
+    assert body["error"]["code"] == "queue_full" and body["error"]["type"] == "rate_limit_error"
+    assert "overloaded" in body["error"]["message"]
+    assert [r[0] for r in held] == [200, 200, 200]
+    assert "over" not in _served_tags(fb)
+
+    # The official client surfaces it as a RateLimitError. (Same key, same flow: a request
+    # of another flow would take the place of this flow's newest.)
+    async def with_openai() -> BaseException | None:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+        key = {"Authorization": "Bearer k"}
+        async with aiohttp.ClientSession() as s:
+            held = [asyncio.create_task(_post(s, proxy.url, f"q{i}", key)) for i in range(3)]
+            await asyncio.sleep(0.3)
+            try:
+                await client.completions.create(model="fake-model", prompt="o", max_tokens=1)
+            except openai.RateLimitError as e:
+                await asyncio.gather(*held)
+                await client.close()
+                return e
+            await client.close()
+            return None
+
+    err = loop_thread.run(with_openai())
+    assert isinstance(err, openai.RateLimitError) and err.status_code == 429
+
+
+def test_a_request_waiting_past_max_wait_gets_429(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=2.0)
+    proxy = run_proxy(_flow_cfg([fb], limit=1, max_wait=0.5, shed_early=False))
+
+    async def go() -> tuple[Any, Any, float]:
+        async with aiohttp.ClientSession() as s:
+            first = asyncio.create_task(_post(s, proxy.url, "first"))
+            await asyncio.sleep(0.2)
+            t = time.monotonic()
+            late = await _post(s, proxy.url, "late")
+            took = time.monotonic() - t
+            return await first, late, took
+
+    first, (status, headers, body), took = loop_thread.run(go())
+    assert first[0] == 200
+    assert status == 429 and body["error"]["code"] == "queue_timeout"
+    assert 0.4 <= took < 1.5, took
+    assert "Retry-After" in headers
+    assert _served_tags(fb) == ["first"]
+    ctl = proxy.state.pools.pools[0].gate.controller  # type: ignore[union-attr]
+    assert ctl.shed_counts["max_wait"] == 1
+
+
+def test_a_waiting_client_that_leaves_is_never_dispatched(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=1.0)
+    proxy = run_proxy(_flow_cfg([fb], limit=1))
+
+    async def go() -> tuple[Any, bool]:
+        async with aiohttp.ClientSession() as s:
+            first = asyncio.create_task(_post(s, proxy.url, "first"))
+            await asyncio.sleep(0.2)
+            gave_up = False
+            try:
+                await _post(s, proxy.url, "impatient", timeout=0.3)
+            except TimeoutError:
+                gave_up = True
+            result = await first
+            await asyncio.sleep(0.3)  # room for a wrong dispatch to reach the backend
+            return result, gave_up
+
+    first, gave_up = loop_thread.run(go())
+    assert gave_up and first[0] == 200
+    assert _served_tags(fb) == ["first"]
+    gate = proxy.state.pools.pools[0].gate
+    assert gate is not None and gate.controller.queue.size == 0
+    assert gate.controller.shed_counts["client_left"] == 1
+    assert proxy.state.pools.pools[0].endpoints[0].in_flight == 0
+
+
+def test_priority_bands_then_fair_turns_between_flows_then_arrival_order(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=0.25)
+    proxy = run_proxy(_flow_cfg([fb], limit=1, flow_header="x-tenant"))
+    sends = [
+        ("a1", {"x-tenant": "a"}),
+        ("a2", {"x-tenant": "a"}),
+        ("a3", {"x-tenant": "a"}),
+        ("b1", {"x-tenant": "b"}),
+        ("h1", {"x-tenant": "a", "x-lbproxy-priority": "10"}),
+        ("b2", {"x-tenant": "b"}),
+    ]
+
+    async def go() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(_post(s, proxy.url, "blocker"))]
+            await asyncio.sleep(0.1)
+            for tag, headers in sends:
+                tasks.append(asyncio.create_task(_post(s, proxy.url, tag, headers)))
+                await asyncio.sleep(0.03)  # arrival order
+            return [r[0] for r in await asyncio.gather(*tasks)]
+
+    assert loop_thread.run(go()) == [200] * 7
+    assert _served_tags(fb) == ["blocker", "h1", "a1", "b1", "a2", "b2", "a3"]
+
+
+def test_invalid_priority_header_is_a_400(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1)
+    proxy = run_proxy(_flow_cfg([fb], limit=4))
+
+    async def go() -> Any:
+        async with aiohttp.ClientSession() as s:
+            return await _post(s, proxy.url, "p", {"x-lbproxy-priority": "high"})
+
+    status, _, body = loop_thread.run(go())
+    assert status == 400 and body["error"]["param"] == "x-lbproxy-priority"
+    assert fb.received == []
+
+
+def test_reload_with_requests_waiting_loses_none(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    fb, extra = fake_backends(2, stall_before_headers=0.3)
+    proxy = run_proxy(_flow_cfg([fb], limit=1))
+    admin = proxy.state.admin
+    assert admin is not None
+
+    async def go() -> tuple[list[int], dict[str, Any], int]:
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(_post(s, proxy.url, f"r{i}")) for i in range(6)]
+            await asyncio.sleep(0.15)
+            gate = proxy.state.pools.pools[0].gate
+            waiting = gate.controller.queue.size if gate is not None else -1
+            # A second backend and a longer max_wait, while five requests wait.
+            new = _flow_cfg([fb, extra], limit=1, max_wait=60)
+            answer = await admin.apply(parse_config(new, "reload"))
+            return [r[0] for r in await asyncio.gather(*tasks)], answer, waiting
+
+    statuses, answer, waiting = loop_thread.run(go())
+    assert waiting == 5
+    assert statuses == [200] * 6
+    assert answer["pools"]["main"]["added"] == ["be1"]
+    assert len(fb.received) + len(extra.received) == 6 and len(extra.received) >= 1
+    assert max(fb.max_active, extra.max_active) == 1
+    gate = proxy.state.pools.pools[0].gate
+    assert gate is not None and gate.settings.max_wait == 60
+
+
+def test_reload_switching_flow_control_off_sends_whoever_waits(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=0.5)
+    proxy = run_proxy(_flow_cfg([fb], limit=1))
+    admin = proxy.state.admin
+    assert admin is not None
+
+    async def go() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(_post(s, proxy.url, f"r{i}")) for i in range(4)]
+            await asyncio.sleep(0.15)
+            await admin.apply(parse_config(proxy_config([fb], flow_control={"enabled": False})))
+            return [r[0] for r in await asyncio.gather(*tasks)]
+
+    assert loop_thread.run(go()) == [200] * 4
+    assert fb.max_active == 4  # the three that waited went together
+    assert proxy.state.pools.pools[0].gate is None
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_flow_control_off_sends_everything_at_once(
+    enabled: bool,
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=0.4)
+    flow: dict[str, Any] = {"enabled": enabled, "limit": {"type": "fixed", "initial": 5}}
+    proxy = run_proxy(proxy_config([fb], flow_control=flow))
+
+    async def go() -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(_post(s, proxy.url, f"r{i}") for i in range(20)))
+
+    results = loop_thread.run(go())
+    assert [r[0] for r in results] == [200] * 20
+    if enabled:
+        assert fb.max_active == 5
+        assert all("x-lbproxy-queue-wait" in r[1] for r in results)
+    else:  # as before flow control existed: no hold, no header
+        assert fb.max_active == 20
+        assert not any("x-lbproxy-queue-wait" in r[1] for r in results)
+        assert proxy.state.pools.pools[0].gate is None

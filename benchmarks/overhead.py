@@ -7,6 +7,10 @@ and reports requests/s, p50/p99 latency and what lbproxy added, and lbproxy's CP
 per request read from /proc. Repeated `--repeat` times; medians are reported.
 
     python benchmarks/overhead.py --requests 3000 --concurrency 32 --repeat 3
+
+`--flow-control both` runs two lbproxy processes, flow control on and off, and measures
+them in turns in the same run (direct, on, off, per repeat); `--out FILE` writes the rows
+and medians as JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 BACKEND_PORT = 18901
 PROXY_PORT = 18900
+PROXY_PORT_OFF = 18902  # the second proxy of --flow-control both
 MODEL = "bench-model"
 
 BACKEND_CODE = r"""
@@ -109,28 +114,36 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-async def run_case(args: argparse.Namespace, stream: bool, proxy_pid: int) -> dict[str, float]:
+async def run_case(
+    args: argparse.Namespace, stream: bool, proxies: list[tuple[str, int, int]]
+) -> dict[str, dict[str, float]]:
+    """proxies: (label, port, pid). Per repeat: direct, then each proxy in turn."""
     direct = f"http://127.0.0.1:{BACKEND_PORT}/v1/completions"
-    via = f"http://127.0.0.1:{PROXY_PORT}/v1/completions"
-    await load(via, 200, args.concurrency, stream)  # warm-up: connections, caches
-    rows = []
+    for _label, port, _pid in proxies:  # warm-up: connections, caches, learnt limits
+        await load(f"http://127.0.0.1:{port}/v1/completions", 200, args.concurrency, stream)
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in proxies}
     for _ in range(args.repeat):
         rps_d, lat_d = await load(direct, args.requests, args.concurrency, stream)
-        cpu0 = cpu_seconds(proxy_pid)
-        rps_p, lat_p = await load(via, args.requests, args.concurrency, stream)
-        cpu = cpu_seconds(proxy_pid) - cpu0
-        rows.append(
-            {
-                "direct_rps": rps_d,
-                "proxy_rps": rps_p,
-                "direct_p50_ms": pct(lat_d, 50) * 1e3,
-                "proxy_p50_ms": pct(lat_p, 50) * 1e3,
-                "direct_p99_ms": pct(lat_d, 99) * 1e3,
-                "proxy_p99_ms": pct(lat_p, 99) * 1e3,
-                "cpu_ms_per_request": cpu / args.requests * 1e3,
-            }
-        )
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for label, port, pid in proxies:
+            via = f"http://127.0.0.1:{port}/v1/completions"
+            cpu0 = cpu_seconds(pid)
+            rps_p, lat_p = await load(via, args.requests, args.concurrency, stream)
+            cpu = cpu_seconds(pid) - cpu0
+            rows[label].append(
+                {
+                    "direct_rps": rps_d,
+                    "proxy_rps": rps_p,
+                    "direct_p50_ms": pct(lat_d, 50) * 1e3,
+                    "proxy_p50_ms": pct(lat_p, 50) * 1e3,
+                    "direct_p99_ms": pct(lat_d, 99) * 1e3,
+                    "proxy_p99_ms": pct(lat_p, 99) * 1e3,
+                    "cpu_ms_per_request": cpu / args.requests * 1e3,
+                }
+            )
+    return {
+        label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}  # type: ignore[dict-item]
+        for label, rs in rows.items()
+    }
 
 
 def main() -> int:
@@ -141,50 +154,62 @@ def main() -> int:
     ap.add_argument("--stream-chunks", type=int, default=500)
     ap.add_argument("--profile", default="round-robin", help="routing profile of the pool")
     ap.add_argument("--uvloop", action="store_true", help="run lbproxy under uvloop")
+    ap.add_argument(
+        "--flow-control",
+        choices=("on", "off", "both"),
+        default="on",
+        help="flow control of the pool (both: two proxies measured in turns)",
+    )
+    ap.add_argument("--out", help="write the results as JSON to this file")
     args = ap.parse_args()
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
-        cfg.write(
-            f"listen: {{host: 127.0.0.1, port: {PROXY_PORT}}}\n"
-            f"pools:\n  - name: bench\n    models: [{MODEL}]\n    routing: {args.profile}\n"
-            f"    backends:\n      - {{url: 'http://127.0.0.1:{BACKEND_PORT}'}}\n"
-        )
+    modes = ["on", "off"] if args.flow_control == "both" else [args.flow_control]
+    cfgs: list[tuple[str, int, str]] = []
+    for mode, port in zip(modes, (PROXY_PORT, PROXY_PORT_OFF), strict=False):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
+            cfg.write(
+                f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                f"flow_control: {{enabled: {'true' if mode == 'on' else 'false'}}}\n"
+                f"pools:\n  - name: bench\n    models: [{MODEL}]\n    routing: {args.profile}\n"
+                f"    backends:\n      - {{url: 'http://127.0.0.1:{BACKEND_PORT}'}}\n"
+            )
+        cfgs.append((f"flow {mode}", port, cfg.name))
     backend = subprocess.Popen(
         [sys.executable, "-c", BACKEND_CODE, str(BACKEND_PORT), str(args.stream_chunks)]
     )
-    proxy_cmd = [
-        sys.executable,
-        "-m",
-        "lbproxy.cli",
-        "--log-level",
-        "warning",
-        "serve",
-        "--config",
-        cfg.name,
-        "--loop",
-        "uvloop" if args.uvloop else "asyncio",
+    loop_name = "uvloop" if args.uvloop else "asyncio"
+    serve = [sys.executable, "-m", "lbproxy.cli", "--log-level", "warning", "serve"]
+    procs = [
+        subprocess.Popen([*serve, "--config", path, "--loop", loop_name])
+        for _label, _port, path in cfgs
     ]
-    proxy = subprocess.Popen(proxy_cmd)
+    results: dict[str, dict[str, dict[str, float]]] = {}
     try:
         asyncio.run(wait_up(f"http://127.0.0.1:{BACKEND_PORT}/health"))
-        asyncio.run(wait_up(f"http://127.0.0.1:{PROXY_PORT}/health"))
-        results = {}
+        for _label, port, _path in cfgs:
+            asyncio.run(wait_up(f"http://127.0.0.1:{port}/health"))
+        proxies = [(label, port, p.pid) for (label, port, _), p in zip(cfgs, procs, strict=True)]
         for name, stream in (("non-stream", False), (f"stream x{args.stream_chunks}", True)):
             n = args.requests if not stream else max(args.requests // 10, 100)
             sub = argparse.Namespace(**{**vars(args), "requests": n})
-            results[name] = asyncio.run(run_case(sub, stream, proxy.pid))
-            results[name]["requests"] = n
+            for label, r in asyncio.run(run_case(sub, stream, proxies)).items():
+                r["requests"] = n
+                results[f"{name}, {label}"] = r
     finally:
-        proxy.terminate()
-        backend.terminate()
-        proxy.wait(10)
-        backend.wait(10)
-        os.unlink(cfg.name)
+        for p in (*procs, backend):
+            p.terminate()
+        for p in (*procs, backend):
+            p.wait(10)
+        for _label, _port, path in cfgs:
+            os.unlink(path)
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
+        )
 
-    loop = "uvloop" if args.uvloop else "asyncio"
     print(
         f"\nlbproxy overhead, {args.concurrency} concurrent, profile {args.profile}, "
-        f"event loop {loop}, median of {args.repeat}"
+        f"event loop {loop_name}, median of {args.repeat}"
     )
     print(
         "| case | requests | direct req/s | via lbproxy req/s | ratio | added p50 ms | "

@@ -124,7 +124,7 @@ class ConcurrencyLimit(_Strict):
     min: int = Field(2, ge=1)
     max: int = Field(1024, ge=1)
     target_itl: float = Field(
-        0.08, gt=0, description="seconds per output token the gradient holds a backend to"
+        0.09, gt=0, description="seconds per output token the gradient holds a backend to"
     )
     smoothing: float = Field(0.5, gt=0, le=1, description="share of a new estimate taken")
     max_growth: float = Field(1.5, gt=1, description="largest factor of increase per scrape")
@@ -161,6 +161,9 @@ class FlowControl(_Strict):
     # within affinity_margin of the best's (a cold prefix costs a full prefill).
     affinity_wait: float = Field(2.0, ge=0)
     affinity_margin: float = Field(1.0, ge=0)
+    # Share of each backend's limit that only requests of a higher band than the lowest
+    # waiting, or of a flow with fewer waiting than its band's longest, may use.
+    headroom: float = Field(0.1, ge=0, le=1)
     limit: ConcurrencyLimit = Field(default_factory=ConcurrencyLimit)
 
 

@@ -420,7 +420,11 @@ def test_bench_fleet_flow_control_settings_and_mix(tmp_path: Path) -> None:
     (run,) = res["runs"]
     assert run["label"] == "round-robin (flow off)"  # so a compare of on and off reads clearly
     settings = res["settings"]
-    assert settings["flow_control"] == {"enabled": False, "max_wait": 12.0, "max_queue": 1000}
+    assert settings["flow_control"] == {
+        "enabled": False,
+        "max_wait": 12.0,
+        "flow_header": "x-tenant",
+    }
     assert (settings["slo_ttft_s"], settings["slo_itl_s"]) == (2.0, 0.05)
     assert settings["mix"] == [
         {"name": "gold", "share": 1.0, "priority": 5},

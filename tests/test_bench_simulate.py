@@ -272,6 +272,7 @@ def test_simulate_cli_flow_control_slo_and_mix(tmp_path: Path) -> None:
         "enabled": True,
         "max_wait": 20.0,
         "max_queue": 50,
+        "flow_header": "x-tenant",  # --mix: the classes are flows
     }
     assert runs["on"]["runs"][0]["label"] == "round-robin"
     assert runs["off"]["runs"][0]["label"] == "round-robin (flow off)"
@@ -287,3 +288,27 @@ def test_simulate_cli_flow_control_slo_and_mix(tmp_path: Path) -> None:
     assert "## round-robin (flow off)" in md and "goodput tok/s" in md
     for png in ("goodput.png", "slo.png"):
         assert (cmp_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_flow_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "flow.yaml"
+    cfg.write_text("flow_control: {max_wait: 7, limit: {target_itl: 0.05}}\n")
+    out = tmp_path / "o"
+    args = [
+        "simulate", "--fleet", str(ROOT / "configs/fleets/a-4.yaml"), "--workload",
+        "shared-prefix", "--num-groups", "2", "--num-prompts-per-group", "2",
+        "--system-prompt-len", "100", "--question-len", "20", "--output-len", "5",
+        "--profiles", "round-robin", "--rates", "1", "--duration", "3", "--quiet",
+        "--no-plots", "--flow-config", str(cfg), "--max-queue", "9", "--out", str(out),
+    ]  # fmt: skip
+    assert bench_main(args) == 0
+    flow = json.loads((out / "results.json").read_text())["settings"]["flow_control"]
+    assert flow == {
+        "enabled": True,
+        "max_wait": 7,
+        "limit": {"target_itl": 0.05},
+        "max_queue": 9,
+    }
+    cfg.write_text("flow_control: {limit: {target_itl: -1}}\n")
+    assert bench_main([*args[:-2], "--out", str(tmp_path / "bad")]) == 2
+    assert f"{cfg}: limit.target_itl: Input should be greater than 0" in capsys.readouterr().err

@@ -465,3 +465,20 @@ def test_plots_include_goodput_and_slo(tmp_path: Path) -> None:
     # An older file without the keys still plots (the new plots are empty).
     report.write_results(tmp_path / "old", old_results())
     png_size(tmp_path / "old" / "slo.png")
+
+
+def test_warmup_leaves_out_the_first_arrivals_and_their_seconds() -> None:
+    from lbproxy.bench.stats import RequestRecord, summarize_step
+
+    recs = [
+        RequestRecord(start=t, first_token=t + 0.1, end=t + 1.0, output_tokens=10)
+        for t in (1.0, 2.0, 11.0, 12.0, 13.0, 14.0)
+    ]
+    full = summarize_step(recs, rate=0.3, duration=20.0)
+    steady = summarize_step(recs, rate=0.3, duration=20.0, warmup=10.0)
+    assert full["requests"] == 6 and steady["requests"] == 4
+    assert full["completed_output_tokens_per_s"] == 60 / 20
+    assert steady["completed_output_tokens_per_s"] == 40 / 10
+    assert steady["duration_s"] == 10.0 and steady["warmup_s"] == 10.0
+    with pytest.raises(ValueError):
+        summarize_step(recs, rate=0.3, duration=20.0, warmup=20.0)

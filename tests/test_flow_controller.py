@@ -154,7 +154,7 @@ def test_unhealthy_draining_and_max_in_flight_cannot_take() -> None:
 
 
 def test_queue_full_sheds_at_once_or_displaces_a_heavier_flow() -> None:
-    fc = FlowController(_fixed(1, max_queue=3))
+    fc = FlowController(_fixed(1, max_queue=3, headroom=0))
     ep = _ep("x", num_waiting=0, kv_cache_usage=0.0)
     ep.in_flight = 1
     d = Driver()
@@ -299,3 +299,28 @@ def test_scan_follows_service_order() -> None:
         q.push(_w(prio, flow, tag=tag))
     assert [w.payload for w in q.scan(10)] == ["h1", "a1", "b1", "a2"]
     assert [w.payload for w in q.scan(2)] == ["h1", "a1"]
+
+
+def test_headroom_lets_a_light_flow_and_a_higher_band_past_a_backlog() -> None:
+    fc = FlowController(_fixed(10, headroom=0.2, max_queue=100))
+    ep = _ep("x")
+    ep.in_flight = 10  # full
+    d = Driver()
+    for i in range(5):
+        assert fc.admit(_w(flow="heavy", tag=f"h{i}"), [ep], 0.0, d, d.on_shed) is False
+    assert d.bound == []  # the backlog's own flow stays within the limit
+    fc.admit(_w(flow="light", tag="l0"), [ep], 0.1, d, d.on_shed)
+    fc.admit(_w(priority=5, flow="heavy", tag="p0"), [ep], 0.2, d, d.on_shed)
+    # Both went at once into the headroom (2 = 20% of 10); the heavy flow still waits.
+    assert d.bound == [("l0", "x"), ("p0", "x")] and ep.in_flight == 12
+    fc.admit(_w(flow="light", tag="l1"), [ep], 0.3, d, d.on_shed)
+    assert fc.queue.size == 6 and ep.in_flight == 12  # headroom used up
+
+
+def test_one_flow_one_band_never_exceeds_the_limit() -> None:
+    fc = FlowController(_fixed(3, headroom=0.5, max_queue=100))
+    ep = _ep("x")
+    d = Driver()
+    for i in range(10):
+        fc.admit(_w(tag=str(i)), [ep], 0.0, d, d.on_shed)
+    assert ep.in_flight == 3 and fc.queue.size == 7

@@ -179,7 +179,7 @@ def test_priority_bands_then_fair_turns_between_flows_then_arrival_order(
     loop_thread: LoopThread,
 ) -> None:
     (fb,) = fake_backends(1, stall_before_headers=0.25)
-    proxy = run_proxy(_flow_cfg([fb], limit=1, flow_header="x-tenant"))
+    proxy = run_proxy(_flow_cfg([fb], limit=1, flow_header="x-tenant", headroom=0))
     sends = [
         ("a1", {"x-tenant": "a"}),
         ("a2", {"x-tenant": "a"}),
@@ -296,3 +296,30 @@ def test_flow_control_off_sends_everything_at_once(
         assert fb.max_active == 20
         assert not any("x-lbproxy-queue-wait" in r[1] for r in results)
         assert proxy.state.pools.pools[0].gate is None
+
+
+def test_a_light_tenant_goes_past_a_heavy_tenants_backlog(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    (fb,) = fake_backends(1, stall_before_headers=0.5)
+    proxy = run_proxy(_flow_cfg([fb], limit=4, flow_header="x-tenant", headroom=0.25))
+
+    async def go() -> tuple[list[float], float]:
+        async with aiohttp.ClientSession() as s:
+            heavy = [
+                asyncio.create_task(_post(s, proxy.url, f"h{i}", {"x-tenant": "heavy"}))
+                for i in range(12)
+            ]
+            await asyncio.sleep(0.2)
+            light = await _post(s, proxy.url, "l0", {"x-tenant": "light"})
+            done = await asyncio.gather(*heavy)
+            return [float(r[1]["x-lbproxy-queue-wait"]) for r in done], float(
+                light[1]["x-lbproxy-queue-wait"]
+            )
+
+    heavy_waits, light_wait = loop_thread.run(go())
+    assert light_wait < 0.1  # into the headroom at once
+    assert max(heavy_waits) >= 0.9  # the heavy tenant's backlog waited its turns
+    assert fb.max_active == 5  # the limit of 4 and one slot of headroom

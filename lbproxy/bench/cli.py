@@ -116,14 +116,28 @@ def _add_goodput_args(p: argparse.ArgumentParser, live: bool) -> None:
     g.add_argument(
         "--max-wait",
         type=_positive,
-        default=defaults.max_wait,
+        default=None,
         help=f"flow control: seconds a request may wait (default {defaults.max_wait:g})",
     )
     g.add_argument(
         "--max-queue",
         type=_non_negative_int,
-        default=defaults.max_queue,
+        default=None,
         help=f"flow control: requests waiting per pool (default {defaults.max_queue})",
+    )
+    g.add_argument(
+        "--flow-config",
+        default=None,
+        metavar="FILE",
+        help="flow control settings: a YAML mapping of flow_control keys (or an lbproxy "
+        "config, whose top-level flow_control is taken); --max-wait/--max-queue override",
+    )
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds at the start of each step whose arrivals are not counted, so that "
+        "figures are of the steady state (default 0; with simulate --capacity: 600)",
     )
     g.add_argument(
         "--mix",
@@ -135,17 +149,27 @@ def _add_goodput_args(p: argparse.ArgumentParser, live: bool) -> None:
     )
 
 
+def _validated_flow(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from lbproxy.config import FlowControl
+
+    try:
+        return FlowControl.model_validate(_flow_config(args))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"{args.flow_config or 'flow control'}: {key}: {err['msg']}") from None
+
+
 def _goodput_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What results.json's settings record of the SLO, flow control and traffic classes."""
     mix = args.mix
     return {
         "slo_ttft_s": args.slo_ttft,
         "slo_itl_s": args.slo_itl,
-        "flow_control": {
-            "enabled": args.flow_control,
-            "max_wait": args.max_wait,
-            "max_queue": args.max_queue,
-        },
+        "warmup_s": args.warmup or 0.0,
+        "flow_control": _flow_config(args),
         "mix": (
             [{"name": c.name, "share": c.share, "priority": c.priority} for c in mix]
             if mix
@@ -305,12 +329,6 @@ def add_bench_parsers(subparsers: Any) -> None:
         help="instead of a ladder: each card type of the fleet alone, saturated, on the "
         "workload; writes capacity.json (the fleet's capacity bound) and capacity.md",
     )
-    sim.add_argument(
-        "--warmup",
-        type=float,
-        default=None,
-        help="with --capacity: virtual seconds before the measurement (default 600)",
-    )
     _add_workload_args(sim)
     _add_ladder_args(sim, required=False)
     _add_goodput_args(sim, live=False)
@@ -446,12 +464,22 @@ async def _bench(args: argparse.Namespace, wl: Workload, started: float) -> int:
 
 
 def _flow_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The `flow_control` section of the lbproxy config `bench --fleet` builds."""
-    flow: dict[str, Any] = {
-        "enabled": args.flow_control,
-        "max_wait": args.max_wait,
-        "max_queue": args.max_queue,
-    }
+    """The `flow_control` settings of the run (the section of the lbproxy config that
+    `bench --fleet` builds, the simulated proxy's for `simulate`); ValueError names the
+    file and key when --flow-config is wrong."""
+    flow: dict[str, Any] = {}
+    if args.flow_config:
+        data = yaml.safe_load(Path(args.flow_config).read_text(encoding="utf-8")) or {}
+        if isinstance(data, dict) and isinstance(data.get("flow_control"), dict):
+            data = data["flow_control"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.flow_config}: expected a mapping of flow_control keys")
+        flow.update(data)
+    flow["enabled"] = args.flow_control
+    if args.max_wait is not None:
+        flow["max_wait"] = args.max_wait
+    if args.max_queue is not None:
+        flow["max_queue"] = args.max_queue
     if args.mix:
         from lbproxy.bench.mix import FLOW_HEADER
 
@@ -478,6 +506,7 @@ async def _bench_target(
             session_header=args.session_header,
             slo_ttft=args.slo_ttft,
             slo_itl=args.slo_itl,
+            warmup=args.warmup or 0.0,
             mix=args.mix,
         )
         profile = args.profile or "target"
@@ -519,7 +548,6 @@ def load_profile_arg(item: str) -> tuple[str, Any]:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from lbproxy.bench.simulate import SimOptions, simulate_run
-    from lbproxy.config import FlowControl
     from lbproxy.sim.fleet import load_fleet
 
     started = time.perf_counter()
@@ -543,11 +571,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         if args.kv_event_delay is not None:
             opts.kv_event_delay = args.kv_event_delay
         opts.__post_init__()
-        flow = (
-            FlowControl(enabled=True, max_wait=args.max_wait, max_queue=args.max_queue)
-            if args.flow_control
-            else None
-        )
+        flow = _validated_flow(args) if args.flow_control else None
         runs = []
         with _Progress(not args.quiet) as progress:
             for label, spec in profiles:
@@ -569,6 +593,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                         mix=args.mix,
                         slo_ttft=args.slo_ttft,
                         slo_itl=args.slo_itl,
+                        warmup=args.warmup or 0.0,
                     )
                 )
     except (ValueError, OSError) as e:

@@ -64,6 +64,7 @@ class LoadOptions:
     continuous_usage: bool = True
     slo_ttft: float = 5.0
     slo_itl: float = 0.1
+    warmup: float = 0.0  # seconds of each step's arrivals not counted (see summarize_step)
     mix: list[TrafficClass] | None = None
 
     def __post_init__(self) -> None:
@@ -347,6 +348,7 @@ async def bench_run(
                 duration=opts.duration,
                 slo_ttft=opts.slo_ttft,
                 slo_itl=opts.slo_itl,
+                warmup=opts.warmup,
             )
             backends: dict[str, int] = {}
             for r in records:

@@ -436,6 +436,7 @@ class FleetSimulator:
                 st.rec.status = "incomplete"
                 st.rec.end = end - t0
                 st.rec.itl = st.itl
+                st.rec.output_tokens -= st.pending  # generated, not yet sent in a chunk
                 self.endpoints[i].in_flight -= 1
             if on_done is not None:
                 on_done(len(live))
@@ -469,6 +470,7 @@ def simulate_run(
     mix: list[TrafficClass] | None = None,
     slo_ttft: float = 5.0,
     slo_itl: float = 0.1,
+    warmup: float = 0.0,
 ) -> RunResult:
     """One routing profile over the rate ladder, on a fresh fleet: a results.json run.
 
@@ -495,7 +497,12 @@ def simulate_run(
         )
         index += len(arrivals)
         step = summarize_step(
-            records, rate=rate, duration=duration, slo_ttft=slo_ttft, slo_itl=slo_itl
+            records,
+            rate=rate,
+            duration=duration,
+            slo_ttft=slo_ttft,
+            slo_itl=slo_itl,
+            warmup=warmup,
         )
         step["backends"] = {
             ep.name: sim.routed[i] - before[i] for i, ep in enumerate(sim.endpoints)

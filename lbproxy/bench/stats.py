@@ -141,10 +141,22 @@ def summarize_step(
     duration: float,
     slo_ttft: float = 5.0,
     slo_itl: float = 0.1,
+    warmup: float = 0.0,
 ) -> dict[str, Any]:
     """The figures of one rate step (the `steps[]` entry of results.json, see report);
-    with traffic classes on the records, a `classes` entry per class as well."""
+    with traffic classes on the records, a `classes` entry per class as well.
+
+    `warmup`: requests sent in the first `warmup` seconds of the arrival window are not
+    counted, and per-second figures divide by the rest of the window (`duration_s` is that
+    rest). A step starts on an idle fleet, which first fills: a window not much longer than
+    a request's lifetime then counts more than the fleet's steady rate."""
+    if warmup:
+        if not 0 <= warmup < duration:
+            raise ValueError(f"warmup must be within [0, duration), got {warmup}")
+        records = [r for r in records if r.start >= warmup]
+        duration -= warmup
     step = _summary(records, rate, duration, slo_ttft, slo_itl)
+    step["warmup_s"] = float(warmup)
     by_class: dict[str, list[RequestRecord]] = {}
     for r in records:
         if r.klass is not None:

@@ -155,6 +155,17 @@ class FlowQueue:
             return None
         return longest[-1]
 
+    def outranks(self, w: Waiter) -> bool:
+        """Whether queued `w` is of a higher band than the lowest one waiting, or of a flow
+        with fewer waiting than the longest flow of its band."""
+        if w.priority > self._order[0]:
+            return True
+        flows = self._bands[w.priority].flows
+        if len(flows) < 2:
+            return False
+        mine = len(flows.get(w.flow, ()))
+        return any(len(q) > mine for q in flows.values())
+
     def lengths(self) -> dict[int, int]:
         """Queued requests by priority."""
         return {p: b.size for p, b in self._bands.items()}

@@ -13,6 +13,7 @@ import pytest
 
 from lbproxy.config import parse_config
 from lbproxy.proxy.app import RunningProxy
+from lbproxy.proxy.observability import OBS
 from tests.conftest import LoopThread, proxy_config
 from tests.fake_backend import FakeBackend
 
@@ -323,3 +324,58 @@ def test_a_light_tenant_goes_past_a_heavy_tenants_backlog(
     assert light_wait < 0.1  # into the headroom at once
     assert max(heavy_waits) >= 0.9  # the heavy tenant's backlog waited its turns
     assert fb.max_active == 5  # the limit of 4 and one slot of headroom
+
+
+def test_flow_control_is_observable_in_metrics_admin_dashboard_and_access_log(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+    tmp_path: Any,
+) -> None:
+    import orjson
+
+    (fb,) = fake_backends(1, stall_before_headers=0.4)
+    cfg = _flow_cfg([fb], limit=1, max_queue=2, headroom=0)
+    cfg["admin"] = {"token": "tok"}
+    log_path = tmp_path / "access.jsonl"
+    cfg["access_log"] = {"enabled": True, "path": str(log_path)}
+    proxy = run_proxy(cfg)
+
+    async def go() -> tuple[str, Any, Any, list[int]]:
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(_post(s, proxy.url, f"r{i}")) for i in range(3)]
+            await asyncio.sleep(0.15)
+            shed = await _post(s, proxy.url, "over")  # queue full: 429
+            async with s.get(proxy.url + "/metrics") as r:
+                during = await r.text()
+            statuses = [r[0] for r in await asyncio.gather(*tasks)] + [shed[0]]
+            async with s.get(proxy.url + "/metrics") as r:
+                after = await r.text()
+            auth = {"Authorization": "Bearer tok"}
+            async with s.get(proxy.url + "/admin/backends", headers=auth) as r:
+                admin = await r.json()
+            async with s.get(proxy.url + "/dashboard/state.json") as r:
+                dash = await r.json()
+            return during + after, admin, dash, statuses
+
+    text, admin, dash, statuses = loop_thread.run(go())
+    assert statuses == [200, 200, 200, 429]
+    assert 'lbproxy_flow_queue_length{pool="main",priority="0"} 2.0' in text  # during
+    assert 'lbproxy_flow_dispatches_total{path="direct",pool="main"} 1.0' in text
+    assert 'lbproxy_flow_dispatches_total{path="queued",pool="main"} 2.0' in text
+    assert 'lbproxy_flow_shed_total{pool="main",reason="queue_full"} 1.0' in text
+    assert (
+        'lbproxy_backend_concurrency_limit{backend="be0",pool="main",vendor="unknown"} 1.0' in text
+    )
+    assert 'lbproxy_flow_queue_wait_seconds_count{pool="main"} 4.0' in text
+    (be,) = admin["data"]
+    assert be["flow"] == {"concurrency_limit": 1, "decode_latency_s": None}
+    assert dash["backends"][0]["concurrency_limit"] == 1
+    flow = dash["pools"][0]["flow"]
+    assert flow["waiting"] == 0 and flow["dispatched_queued"] == 2
+    assert flow["shed"]["queue_full"] == 1
+    proxy.runner.app[OBS].access_log.flush()  # type: ignore[union-attr]
+    lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines()]
+    waits = sorted(x["queue_wait_s"] for x in lines if x["route"] == "/v1/completions")
+    assert waits[0] == 0.0 and waits[-1] >= 0.3 and len(waits) == 4
+    assert [x["outcome"] for x in lines].count("queue_full") == 1

@@ -140,7 +140,10 @@ def test_dashboard_renders_the_fleet_and_updates_in_chromium(sim_fleet, run_prox
                 assert row.locator('td[data-field="name"]').inner_text() == name
                 assert row.locator('td[data-field="vendor"]').inner_text() == vendor
                 assert row.locator('td[data-field="health"]').inner_text() == "healthy"
+                # flow control's concurrency limit (a new backend's: 16)
+                assert row.locator('td[data-field="limit"]').inner_text() == "16"
             assert page.locator("#t-requests").inner_text() == "0"
+            assert page.locator("#pools tbody td", has_text="(shed 0)").count() == 1
 
             sender = threading.Thread(target=send, args=(proxy.url, 12))
             sender.start()

@@ -439,3 +439,19 @@ def test_counters_and_live_stats() -> None:
     assert c.prompt_tokens == 27 and c.generation_tokens == 9
     assert c.prefix_cache_queries == 27 and c.num_preemptions == 0
     assert (e.num_running, e.num_waiting, e.kv_cache_usage) == (0, 0, 0.0)
+
+
+def test_request_cpu_is_added_to_the_next_step() -> None:
+    """A server whose API process shares the engine's processor (a CPU build): every
+    request received costs processor time, which the next step started pays."""
+    e = Engine(profile(request_cpu_s=0.002, request_cpu_per_prompt_token_s=0.001))
+    e.add_request(a := req("a", [1, 2, 3], max_tokens=2), 0.0)  # idle: this step pays 0.005
+    assert e.next_event_time() == pytest.approx(0.005 + STEP)
+    e.add_request(b := req("b", [4, 5], max_tokens=1), 0.001)  # mid-step: the next pays 0.004
+    run(e)
+    assert a.first_token_time == pytest.approx(0.015)
+    assert a.finish_time == b.first_token_time == pytest.approx(0.015 + STEP + 0.004)
+    e.add_request(c := req("c", [6, 7], max_tokens=2), 1.0)
+    run(e)  # nothing left over: only c's own cost
+    assert c.first_token_time == pytest.approx(1.0 + 0.004 + STEP)
+    assert c.finish_time == pytest.approx(1.0 + 0.004 + 2 * STEP)

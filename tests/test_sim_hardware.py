@@ -157,3 +157,14 @@ def test_unparsable_profile_names_file(tmp_path: Path, text: str, what: str) -> 
 def test_unknown_profile_name_lists_shipped_ones() -> None:
     with pytest.raises(ValueError, match=r"vendor-z\.yaml.*vendor-a, vendor-b, vendor-c"):
         load_profile("vendor-z")
+
+
+def test_request_cpu_is_optional(tmp_path: Path) -> None:
+    f = tmp_path / "cpu.yaml"
+    f.write_text(VALID + "request_cpu_s: 2.0e-3\nrequest_cpu_per_prompt_token_s: 3e-6\n")
+    p = load_profile(str(f))
+    assert p.request_cpu(1000) == pytest.approx(0.005)
+    assert load_profile("vendor-b").request_cpu(1000) == 0.0  # GPU: API process elsewhere
+    f.write_text(VALID + "request_cpu_s: -1\n")
+    with pytest.raises(ValueError, match=r"request_cpu_s.*>= 0"):
+        load_profile(str(f))

@@ -89,6 +89,17 @@ class _Live:
     itl: list[float] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Arrival:
+    """A request as it arrives: what routing and the engine need, and its record."""
+
+    ctx: RequestContext
+    ids: list[int]
+    max_tokens: int
+    rec: RequestRecord
+    t0: float  # its step's start (records are relative to it)
+
+
 class FleetSimulator:
     """A fleet of engines behind one router; `run_step` plays one rate step.
 
@@ -228,76 +239,60 @@ class FleetSimulator:
         if outputs and self.flow is not None:
             self._flow_drain(t)
 
-    def _arrive(
-        self,
-        ctx: RequestContext,
-        ids: list[int],
-        max_tokens: int,
-        rec: RequestRecord,
-        t: float,
-        t0: float,
-        klass: TrafficClass | None = None,
-    ) -> None:
+    def _arrive(self, a: _Arrival, t: float, klass: TrafficClass | None = None) -> None:
+        rec = a.rec
         if self.flow is None:
-            decision = self.router.route(ctx, self.endpoints, t)
+            decision = self.router.route(a.ctx, self.endpoints, t)
             if decision is None:
-                rec.status, rec.error, rec.end = "error", "no backend", t - t0
+                rec.status, rec.error, rec.end = "error", "no backend", t - a.t0
                 return
-            self._start(ctx, ids, max_tokens, rec, t, t0, decision.endpoint)
+            self._start(a, t, decision.endpoint)
             return
         w = Waiter(
             priority=klass.priority if klass else 0,
             flow=klass.name if klass else "",
             arrival=t,
             deadline=t,
-            payload=(ctx, ids, max_tokens, rec, t0),
+            payload=a,
+            tokens=len(a.ids),
         )
         try:
             if not self.flow.admit(w, self.endpoints, t, self, self._shed) and w.state == QUEUED:
                 self._waiting[id(w)] = w  # (it may have gone or been shed inside admit)
                 self._arm()
         except Shed:
-            rec.status, rec.error, rec.end = "rejected", "429", t - t0
+            rec.status, rec.error, rec.end = "rejected", "429", t - a.t0
             self.rejected += 1
         except NoServer:
-            rec.status, rec.error, rec.end = "error", "no backend", t - t0
+            rec.status, rec.error, rec.end = "error", "no backend", t - a.t0
 
-    def _start(
-        self,
-        ctx: RequestContext,
-        ids: list[int],
-        max_tokens: int,
-        rec: RequestRecord,
-        t: float,
-        t0: float,
-        ep: Endpoint,
-    ) -> None:
+    def _start(self, a: _Arrival, t: float, ep: Endpoint) -> None:
         """Hand the request to `ep`'s engine (counted in its in_flight until it ends)."""
         i = self._index[id(ep)]
         ep.in_flight += 1
         self.routed[i] += 1
-        rec.backend = ep.name
+        a.rec.backend = ep.name
         self._next_id += 1
         rid = str(self._next_id)
-        self.engines[i].add_request(EngineRequest(rid, ids, max_tokens, arrival_time=t), t)
-        self._live[rid] = _Live(rec, i, t0, self.fleet.backends[i].stream_interval)
+        self.engines[i].add_request(EngineRequest(rid, a.ids, a.max_tokens, arrival_time=t), t)
+        self._live[rid] = _Live(a.rec, i, a.t0, self.fleet.backends[i].stream_interval)
         self._drain_kv(i, t)
         self._reschedule(i)
 
     # ---------------------------------------------------------------- flow control
     def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
-        return self.router.rank(w.payload[0], candidates, now)
+        return self.router.rank(w.payload.ctx, candidates, now)
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         self._waiting.pop(id(w), None)
-        ctx, ids, max_tokens, rec, t0 = w.payload
-        rec.queue_wait = now - w.arrival
-        self.router.commit(ctx, decision.endpoint, now)
-        self._start(ctx, ids, max_tokens, rec, now, t0, decision.endpoint)
+        a: _Arrival = w.payload
+        a.rec.queue_wait = now - w.arrival
+        self.router.commit(a.ctx, decision.endpoint, now)
+        self._start(a, now, decision.endpoint)
 
     def _shed(self, w: Waiter) -> None:
         self._waiting.pop(id(w), None)
-        rec, t0 = w.payload[3], w.payload[4]
+        rec, t0 = w.payload.rec, w.payload.t0
         rec.status, rec.error = "rejected", "429"
         rec.end = self.now - t0
         self.rejected += 1
@@ -393,7 +388,7 @@ class FleetSimulator:
                     prompt_token_estimate=len(ids),
                     _token_ids=ids,
                 )
-                self._arrive(ctx, ids, req.max_tokens, rec, t, t0, klass)
+                self._arrive(_Arrival(ctx, ids, req.max_tokens, rec, t0), t, klass)
                 a += 1
                 continue
             t, kind, _, payload = pop(heap)
@@ -423,7 +418,7 @@ class FleetSimulator:
             self.now = max(self.now, end)
             for w in list(waiting.values()):
                 self.flow.cancel(w, end)  # type: ignore[union-attr]
-                rec = w.payload[3]
+                rec = w.payload.rec
                 rec.status, rec.end, rec.queue_wait = "incomplete", end - t0, end - w.arrival
             if on_done is not None:
                 on_done(len(waiting))

@@ -10,8 +10,9 @@ why). The proxy drives it from its event loop (`proxy/flow_gate.py`),
 A backend **can take** a request when it is healthy, not draining, has fewer requests in
 flight than its concurrency limit (`flow.limiter`, and `max_in_flight` when set), and, if
 its metrics are fresh, waits on no more than `queue_depth` requests with KV use at most
-`kv_cache_util` (the saturation filter's thresholds). Stale metrics leave only the limit,
-which does not grow without fresh evidence.
+`kv_cache_util` (the saturation filter's thresholds), and the prompt tokens sent to it
+since that scrape fit in the KV room left under the threshold (from its cache geometry).
+Stale metrics leave only the limit, which does not grow without fresh evidence.
 
 - Where a request goes (late binding: decided when it is dispatched, on the signals of
   that moment): the pool's routing ranks every backend in service. The first can take
@@ -179,7 +180,20 @@ class FlowController:
             return True
         if m.num_waiting is not None and m.num_waiting > self.queue_depth:
             return False
-        return m.kv_cache_usage is None or m.kv_cache_usage <= self.kv_cache_util
+        usage = m.kv_cache_usage
+        if usage is None:
+            return True
+        if usage > self.kv_cache_util:
+            return False
+        # KV room left under the threshold at the last scrape, less the prompts sent since:
+        # the snapshot cannot show them yet, and a whole cohort finishing together must
+        # not be refilled blind (cold prompts would overfill the cache, and the engine
+        # would queue and preempt).
+        blocks, size = ep.num_gpu_blocks, ep.block_size
+        if not blocks or not size:
+            return True
+        room = (self.kv_cache_util - usage) * blocks * size
+        return self.limiter(ep).sent_tokens < room
 
     def available(self, endpoints: Iterable[Endpoint], now: float) -> list[Endpoint]:
         return [ep for ep in endpoints if self.can_take(ep, now)]
@@ -298,6 +312,7 @@ class FlowController:
             decision.choose(alt)
         w.state, w.dispatched_at = DISPATCHED, now
         binder.bind(w, decision, now)
+        self.limiter(decision.endpoint).sent_tokens += w.tokens
         return True
 
     def _privileged(self, w: Waiter) -> bool:

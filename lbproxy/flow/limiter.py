@@ -24,10 +24,15 @@ where itl = target_itl from either side.
 - No decode-latency estimate (new backend, stale or absent metrics): unchanged; a backend
   that never reports metrics grows by one per request completed while it uses at least
   half its limit, so it is ramped, never flooded.
-- The engine queueing more than `queue_depth` requests itself (its KV cache or batch is
-  full): the limit moves toward running + queue_depth, so that what lbproxy holds back
-  waits in lbproxy, in order, rather than in the engine.
+- The engine preempting requests (`vllm:num_preemptions_total` grows: its KV cache ran
+  out and running requests were evicted, to be recomputed): the limit drops to 90% of
+  what runs, as for a 429.
+- The engine queueing more than 2 requests itself (its KV cache or batch is full): the
+  limit moves toward running + 2, so that what lbproxy holds back waits in lbproxy, in
+  order, where it can still go to another backend, rather than in the engine for blocks.
 - A backend answering 429/503 (overloaded) has its limit cut by a tenth.
+- `sent_tokens` counts the prompt tokens sent to the backend since its last scrape, for
+  the controller's KV check (see `flow.controller`).
 
 The limit starts at `initial` and stays within [min, max].
 """
@@ -41,6 +46,9 @@ from lbproxy.routing.state import MetricsSnapshot
 # Smoothing of the latency estimate (seconds): short, because the limiter must see the
 # effect of its own changes quickly.
 _RATE_TAU = 0.5
+# Requests an engine may hold waiting (those sent since its last step, about to be
+# admitted); more, and it is not admitting them.
+_ENGINE_QUEUE = 2
 
 
 class ConcurrencyLimiter:
@@ -53,6 +61,8 @@ class ConcurrencyLimiter:
         "lo",
         "max_growth",
         "metered",
+        "preemptions",
+        "sent_tokens",
         "smoothing",
         "target_itl",
     )
@@ -67,6 +77,8 @@ class ConcurrencyLimiter:
         self.decode = DecodeRate(_RATE_TAU)
         self.itl: float | None = None  # last decode-latency estimate (s/token)
         self.metered = False  # the backend has reported decode counters
+        self.preemptions: float | None = None  # vllm:num_preemptions_total, last seen
+        self.sent_tokens = 0  # prompt tokens dispatched since its last fresh snapshot
 
     def value(self) -> int:
         return int(self.limit)
@@ -76,16 +88,31 @@ class ConcurrencyLimiter:
         if not self.decode.observe(m, in_flight):
             return False
         self.metered = True
+        self.sent_tokens = 0
         itl = self.itl = self.decode.itl()
+        preempted = (
+            m.num_preemptions is not None
+            and self.preemptions is not None
+            and m.num_preemptions > self.preemptions
+        )
+        if m.num_preemptions is not None:
+            self.preemptions = m.num_preemptions
+        old = self.limit
+        if self.adaptive and preempted:
+            # The engine ran out of KV blocks and evicted running requests (to recompute
+            # them later): it was sent more than its cache holds. Back off below what runs.
+            running = m.num_running if m.num_running is not None else in_flight
+            self.limit = min(max(min(old, running) * 0.9, self.lo), self.hi)
+            return int(self.limit) != int(old)
         if not self.adaptive or itl is None or itl <= 0:
             return False
         running = self.decode.running
         estimate = running * self.target_itl / itl
-        old = self.limit
-        if m.num_waiting is not None and m.num_waiting > queue_depth:
+        if m.num_waiting is not None and m.num_waiting > _ENGINE_QUEUE:
             # The engine itself queues (its KV cache or batch is full): more in flight
-            # only waits there, so the limit follows what it runs.
-            new = old + self.smoothing * (min(estimate, running + queue_depth) - old)
+            # only waits there, for blocks that free up when running requests end, while
+            # lbproxy could have sent it elsewhere; so the limit follows what it runs.
+            new = old + self.smoothing * (min(estimate, running + _ENGINE_QUEUE) - old)
             if new >= old:
                 return False
         elif itl > self.target_itl:

@@ -27,6 +27,7 @@ class Waiter:
     arrival: float
     deadline: float
     payload: Any = None
+    tokens: int = 0  # estimated prompt tokens (the KV blocks it will take at once)
     state: int = QUEUED
     shed_reason: str = ""
     dispatched_at: float | None = None

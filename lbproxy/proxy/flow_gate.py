@@ -121,12 +121,13 @@ class FlowGate:
 
     # ---------------------------------------------------------------- the data path
     async def acquire(
-        self, ctx: RequestContext, priority: int, flow: str, now: float
+        self, ctx: RequestContext, priority: int, flow: str, now: float, tokens: int
     ) -> tuple[Decision, float]:
         """Wait until the request is dispatched; returns its decision and the seconds it
-        waited. Raises Overloaded (shed) or NoBackend."""
+        waited. `tokens`: an estimate of its prompt tokens. Raises Overloaded (shed) or
+        NoBackend."""
         held = _Held(ctx)
-        w = Waiter(priority, flow, now, now, held)
+        w = Waiter(priority, flow, now, now, held, tokens)
         ctl = self.controller
         try:
             if ctl.admit(w, self.pool.endpoints, now, self, self._shed):

@@ -180,7 +180,9 @@ class Forwarder:
             decision.endpoint.in_flight += 1
         else:  # flow control: may wait; the chosen backend comes counted in in_flight
             priority, flow = gate.classify(request.headers)
-            decision, ex.queue_wait = await gate.acquire(ctx, priority, flow, now)
+            # ~4 bytes of body per prompt token: an upper bound of the KV it takes at once.
+            tokens = len(body) >> 2
+            decision, ex.queue_wait = await gate.acquire(ctx, priority, flow, now, tokens)
         self.obs.routed(ex, decision)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

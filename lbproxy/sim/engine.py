@@ -17,6 +17,10 @@ vLLM's v1 scheduler:
 A request samples a token at the end of every step in which its computed tokens catch up with
 its known tokens; it finishes with "length" after ``max_tokens`` tokens or at
 ``max_model_len``. EOS is not modelled.
+
+A profile with ``request_cpu`` (an API server sharing the engine's processor) makes every
+received request cost that much processor time: it is added to the duration of the next step
+the engine starts (so a request reaching an idle engine waits for it too).
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class Engine:
     __slots__ = (
         "_batch",
         "_clock",
+        "_cpu_debt",
         "_kv",
         "_outputs",
         "_rand",
@@ -138,6 +143,7 @@ class Engine:
         self._batch: list[EngineRequest] = []
         self._step_end: float | None = None
         self._clock = float("-inf")  # latest `now` seen: time never runs backwards
+        self._cpu_debt = 0.0  # processor time of received requests, for the next step
         self._outputs: list[TokenOutput] = []
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -208,6 +214,7 @@ class Engine:
         req._kv = RequestBlocks(list(prompt))
         self._requests[req.request_id] = req
         self._waiting.append(req)
+        self._cpu_debt += self.profile.request_cpu(len(prompt))
         if self._step_end is None:
             self._start_step(self._clock)
 
@@ -263,6 +270,9 @@ class Engine:
             batch, duration = self._schedule()
             if not batch:
                 raise RuntimeError("engine stalled with work queued")  # a bug, never expected
+        if batch and self._cpu_debt:
+            duration += self._cpu_debt
+            self._cpu_debt = 0.0
         self._batch = batch
         self._step_end = start + duration if batch else None
 

@@ -8,6 +8,13 @@ Step time is the roofline-with-efficiencies model of ``shared/reference/hardware
         + (2 * P * N_prefill + a * pairs) / (MFU * F)  # prefill compute (+ attention)
 
 Decode compute is not a term: in that model it hides under the memory-bound terms.
+
+A server whose API process shares the engine's processor (a CPU build, one core per
+server) also spends ``request_cpu_s + request_cpu_per_prompt_token_s * prompt_tokens`` of
+that processor on each request it receives (HTTP, parsing and tokenising the prompt,
+finishing the response), time its engine does not step: ``request_cpu`` gives it and the
+engine adds it to its next step. Both default to 0 (a GPU server's API process runs on
+other cores).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ class HardwareProfile:
     prefill_mfu: float  # fraction of F reached in prefill
     attn_flops_per_token_pair: float  # attention FLOPs per (query, key) pair: 4 * layers * d
     description: str = ""
+    # Processor time per request received, outside the steps (see the module docstring).
+    request_cpu_s: float = 0.0
+    request_cpu_per_prompt_token_s: float = 0.0
     # Coefficients folded once so that step_time is a handful of multiply-adds.
     _t_base: float = field(init=False, repr=False, compare=False)
     _t_ctx: float = field(init=False, repr=False, compare=False)
@@ -102,6 +112,10 @@ class HardwareProfile:
         object.__setattr__(self, "_t_tok", 2.0 * self.num_params / flops)
         object.__setattr__(self, "_t_pair", self.attn_flops_per_token_pair / flops)
 
+    def request_cpu(self, prompt_tokens: int) -> float:
+        """Seconds of the engine's processor a received request costs outside the steps."""
+        return self.request_cpu_s + self.request_cpu_per_prompt_token_s * prompt_tokens
+
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the KV cache holds (the reserved null block excluded)."""
@@ -136,7 +150,8 @@ class HardwareProfile:
 
 _INT_KEYS = {f.name for f in fields(HardwareProfile) if f.init and f.type == "int"}
 _KEYS = {f.name for f in fields(HardwareProfile) if f.init}
-_OPTIONAL = {"name", "description"}
+_TEXT = {"name", "description"}
+_OPTIONAL = _TEXT | {"request_cpu_s", "request_cpu_per_prompt_token_s"}
 
 
 def available_profiles() -> list[str]:
@@ -181,7 +196,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     # YAML reads 1e9 as a string and 3.0 as a float: accept numeric strings and integral floats
     # where the field wants them, but report anything else against its key.
     for key, value in kwargs.items():
-        if key in _OPTIONAL or isinstance(value, bool):
+        if key in _TEXT or isinstance(value, bool):
             continue
         if isinstance(value, str):
             try:

@@ -127,3 +127,44 @@ def test_check_config_cli(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert f"{bad}: pools[0].backends[0].url: must start with http://" in r.stderr
+
+
+def test_flow_control_as_written_in_the_issue_and_per_pool_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(
+        "flow_control: {enabled: true, max_queue: 1000, max_wait: 30}\n"
+        "pools:\n"
+        "  - name: chat\n    models: [m]\n    backends: [{url: 'http://127.0.0.1:9'}]\n"
+        "  - name: batch\n    models: [b]\n    backends: [{url: 'http://127.0.0.1:9'}]\n"
+        "    flow_control: {max_wait: 120, limit: {target_itl: 0.2}}\n"
+        "  - name: quiet\n    models: [o]\n    backends: [{url: 'http://127.0.0.1:9'}]\n"
+        "    flow_control: {enabled: false}\n"
+    )
+    cfg = load_config(path)
+    chat, batch, off = (p.flow() for p in cfg.pools)
+    assert (chat.enabled, chat.max_queue, chat.max_wait) == (True, 1000, 30)
+    assert (batch.max_wait, batch.max_queue, batch.limit.target_itl) == (120, 1000, 0.2)
+    assert batch.limit.initial == chat.limit.initial  # the rest of `limit` is inherited
+    assert off.enabled is False and chat.limit.type == "gradient"
+
+
+@pytest.mark.parametrize(
+    ("flow", "pattern"),
+    [
+        ("flow_control: {max_wait: 0}\n", r"flow\.yaml: flow_control\.max_wait: .*greater than 0"),
+        ("flow_control: {limit: {type: magic}}\n", r"flow_control\.limit\.type: .*gradient"),
+        ("flow_control: {wait: 3}\n", r"flow_control\.wait: .*[Ee]xtra"),
+    ],
+)
+def test_flow_control_errors_name_file_and_key(tmp_path: Path, flow: str, pattern: str) -> None:
+    path = tmp_path / "flow.yaml"
+    pool = "pools: [{name: p, models: [m], backends: [{url: 'http://127.0.0.1:9'}]}]\n"
+    path.write_text(flow + pool)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+    path.write_text(
+        "pools: [{name: p, models: [m], backends: [{url: 'http://127.0.0.1:9'}],"
+        " flow_control: {max_queue: -1}}]\n"
+    )
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.flow_control\.max_queue: .*greater"):
+        load_config(path)

@@ -307,7 +307,9 @@ class FlowController:
             if alt is None:
                 return False
             gap = decision.total_of(best) - decision.total_of(alt)
-            if gap > self.affinity_margin and now - w.arrival < self.affinity_wait:
+            # Priority and fairness come before cache affinity: a privileged request does
+            # not hold out for its backend.
+            if not priv and gap > self.affinity_margin and now - w.arrival < self.affinity_wait:
                 return False
             decision.choose(alt)
         w.state, w.dispatched_at = DISPATCHED, now

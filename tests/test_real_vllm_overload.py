@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.real_vllm, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "real_vllm" / "overload_check.py"
-RATES = "24,72"  # ~1x and ~3x the capacity of the two servers on the check's workload
+RATES = "21,63"  # ~1x and ~3x the capacity of the two servers on the check's workload
 TOLERANCE = 0.15
 
 

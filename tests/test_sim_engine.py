@@ -455,3 +455,63 @@ def test_request_cpu_is_added_to_the_next_step() -> None:
     run(e)  # nothing left over: only c's own cost
     assert c.first_token_time == pytest.approx(1.0 + 0.004 + STEP)
     assert c.finish_time == pytest.approx(1.0 + 0.004 + 2 * STEP)
+
+
+def test_request_latency_delays_entry_into_the_waiting_queue() -> None:
+    e = Engine(profile(request_latency_s=0.003))
+    e.add_request(a := req("a", [1, 2, 3], max_tokens=2), 1.0)
+    assert e.num_waiting == 0 and e.next_event_time() == pytest.approx(1.003)
+    assert e.step(1.003) == []  # it reaches the queue and starts a step
+    assert e.num_running == 1 and e.next_event_time() == pytest.approx(1.013)
+    e.add_request(b := req("b", [4, 5], max_tokens=1), 1.005)  # ready at 1.008, mid-step
+    e.add_request(c := req("c", [6, 7], max_tokens=1), 1.011)  # ready at 1.014: too late
+    e.abort("c", 1.012)  # aborted on its way: never scheduled
+    run(e)
+    assert a.first_token_time == pytest.approx(1.013)
+    assert b.first_token_time == pytest.approx(1.023)  # joined the second step
+    assert c.first_token_time is None and c.finish_reason == "abort"
+    assert e.next_event_time() is None and e.num_waiting == 0
+
+
+def test_shared_kv_blocks_cost_the_shared_factor() -> None:
+    """The step's distinct context (blocks in use) costs the full per-token rate, context
+    read again for other requests the shared factor times it."""
+    p = profile(kv_bytes_per_token=1.0e-6, shared_kv_read_factor=0.25)  # 1 us a token
+    assert p.step_time(0, 1, 100, 1) == pytest.approx(STEP + 100e-6)
+    assert p.step_time(0, 2, 100, 2, unique_context_tokens=60) == pytest.approx(
+        STEP + 60e-6 + 0.25 * 40e-6
+    )
+    seen: list[tuple[int, int | None]] = []
+
+    class Rec(Recording):
+        def step_time(self, prefill: int, decode: int, ctx: int, batch: int, **kw: int) -> float:
+            seen.append((ctx, kw.get("unique_context_tokens")))
+            return self._inner.step_time(prefill, decode, ctx, batch, **kw)
+
+    e = Engine(Rec(p))  # type: ignore[arg-type]
+    prefix = list(range(1, 41))  # 10 blocks of 4
+    e.add_request(req("a", [*prefix, 100], max_tokens=3), 0.0)
+    run(e)
+    seen.clear()
+    e.add_request(req("b", [*prefix, 101], max_tokens=2), 1.0)
+    e.add_request(c := req("c", [*prefix, 102], max_tokens=2), 1.0)
+    run(e)
+    # b's prefill runs alone (c arrived during it); then b's decode and c's prefill both
+    # read the 10 cached blocks, and each holds one block of its own: 12 blocks in use.
+    assert seen == [(41, 41), (83, 48), (42, 42)]
+    second = STEP + 48e-6 + 0.25 * 35e-6
+    assert c.first_token_time == pytest.approx(1.0 + STEP + 41e-6 + second)
+    # vendor profiles keep every token at the full rate (and get no distinct context)
+    assert load_profile("vendor-a").shared_kv_read_factor == 1.0
+
+
+def test_request_lag_steps_scale_with_the_step_in_flight() -> None:
+    """A busy server hands a new request to its scheduler `request_lag_steps` steps later;
+    an idle one at once."""
+    e = Engine(profile(request_lag_steps=2.5))
+    e.add_request(a := req("a", [1, 2, 3], max_tokens=8), 0.0)  # idle: no lag
+    assert a.first_token_time is None and e.next_event_time() == pytest.approx(STEP)
+    e.add_request(b := req("b", [4, 5, 6], max_tokens=1), 0.004)  # ready at 0.029
+    run(e)
+    assert a.first_token_time == pytest.approx(STEP)
+    assert b.first_token_time == pytest.approx(0.04)  # admitted at 0.03, first token 0.04

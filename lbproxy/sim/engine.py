@@ -18,9 +18,15 @@ A request samples a token at the end of every step in which its computed tokens 
 its known tokens; it finishes with "length" after ``max_tokens`` tokens or at
 ``max_model_len``. EOS is not modelled.
 
-A profile with ``request_cpu`` (an API server sharing the engine's processor) makes every
-received request cost that much processor time: it is added to the duration of the next step
-the engine starts (so a request reaching an idle engine waits for it too).
+Optional profile terms model a server whose API process shares the engine's processor (a
+CPU build): ``request_latency_s`` delays each request's entry into the waiting queue (the
+path from the HTTP request to the scheduler), by ``request_lag_steps`` times the duration of
+the step in flight more when the engine is busy (the API process then gets the processor in
+turns with the engine), and ``request_cpu`` is processor time each received request costs,
+added to the duration of the next step the engine starts. A profile
+with ``shared_kv_read_factor`` < 1 also gets the batch's distinct KV context (the blocks in
+use) for each step, so that blocks shared by several requests can cost less than one read
+each. All default to the behaviour without them.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class EngineRequest:
     _num_computed: int = field(default=0, init=False, repr=False, compare=False)
     _scheduled_once: bool = field(default=False, init=False, repr=False, compare=False)
     _last_token_time: float = field(default=0.0, init=False, repr=False, compare=False)
+    _arriving: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -102,6 +109,7 @@ class Engine:
     """One simulated vLLM server. See the module docstring for the scheduling rules."""
 
     __slots__ = (
+        "_arriving",
         "_batch",
         "_clock",
         "_cpu_debt",
@@ -111,6 +119,7 @@ class Engine:
         "_requests",
         "_running",
         "_step_end",
+        "_step_len",
         "_vocab_size",
         "_waiting",
         "generation_tokens",
@@ -142,8 +151,11 @@ class Engine:
         self._waiting: deque[EngineRequest] = deque()
         self._batch: list[EngineRequest] = []
         self._step_end: float | None = None
+        self._step_len = 0.0  # duration of the step in flight
         self._clock = float("-inf")  # latest `now` seen: time never runs backwards
         self._cpu_debt = 0.0  # processor time of received requests, for the next step
+        # Received, not yet in the waiting queue: (time it gets there, request), in order.
+        self._arriving: deque[tuple[float, EngineRequest]] = deque()
         self._outputs: list[TokenOutput] = []
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -213,8 +225,15 @@ class Engine:
             raise ValueError(f"request {req.request_id!r} was already run")
         req._kv = RequestBlocks(list(prompt))
         self._requests[req.request_id] = req
-        self._waiting.append(req)
         self._cpu_debt += self.profile.request_cpu(len(prompt))
+        latency = self.profile.request_latency_s
+        if self._step_end is not None:
+            latency += self.profile.request_lag_steps * self._step_len
+        if latency > 0:
+            req._arriving = True
+            self._arriving.append((self._clock + latency, req))
+            return
+        self._waiting.append(req)
         if self._step_end is None:
             self._start_step(self._clock)
 
@@ -230,6 +249,8 @@ class Engine:
         if req._kv.blocks:
             self._kv.free(req._kv)
             self._running.remove(req)
+        elif req._arriving:
+            pass  # not in the waiting queue yet: skipped when it gets there
         else:
             # Waiting (never scheduled, or preempted): holds no blocks.
             self._waiting.remove(req)
@@ -239,13 +260,16 @@ class Engine:
     # ---- time -------------------------------------------------------------------------------
 
     def next_event_time(self) -> float | None:
-        """End of the step in flight; None when idle.
+        """End of the step in flight; when idle, the time the next received request reaches
+        the waiting queue (``request_latency_s``); None when idle and nothing is arriving.
 
         If ``add_request`` or ``abort`` completed steps whose outputs were not yet taken, the
         first of those outputs' times (already due) so that the caller steps at once.
         """
         if self._outputs:
             return self._outputs[0].time
+        if self._step_end is None and self._arriving:
+            return self._arriving[0][0]
         return self._step_end
 
     def step(self, now: float) -> list[TokenOutput]:
@@ -257,8 +281,21 @@ class Engine:
     def _advance(self, now: float) -> None:
         if now > self._clock:
             self._clock = now
-        while self._step_end is not None and self._step_end <= now:
+        arriving = self._arriving
+        while True:
             end = self._step_end
+            if arriving and arriving[0][0] <= now and (end is None or arriving[0][0] <= end):
+                # A request reaches the waiting queue before the next step is scheduled (or
+                # starts one on an idle engine).
+                t, req = arriving.popleft()
+                req._arriving = False
+                if req.finish_reason is None:  # not aborted meanwhile
+                    self._waiting.append(req)
+                    if self._step_end is None:
+                        self._start_step(t)
+                continue
+            if end is None or end > now:
+                return
             self._complete_step(end)
             self._start_step(end)
 
@@ -275,6 +312,7 @@ class Engine:
             self._cpu_debt = 0.0
         self._batch = batch
         self._step_end = start + duration if batch else None
+        self._step_len = duration
 
     # ---- scheduling -------------------------------------------------------------------------
 
@@ -345,9 +383,22 @@ class Engine:
 
         if not batch:
             return batch, 0.0
-        duration = profile.step_time(
-            prefill_tokens, decode_seqs, context, len(batch), prefill_attn_pairs=pairs
-        )
+        if profile.shared_kv_read_factor < 1.0:
+            # Distinct KV context: the blocks in use (held by running requests).
+            pool = kv.pool
+            unique = min(context, (pool.num_gpu_blocks - 1 - pool.num_free_blocks) * bs)
+            duration = profile.step_time(
+                prefill_tokens,
+                decode_seqs,
+                context,
+                len(batch),
+                prefill_attn_pairs=pairs,
+                unique_context_tokens=unique,
+            )
+        else:
+            duration = profile.step_time(
+                prefill_tokens, decode_seqs, context, len(batch), prefill_attn_pairs=pairs
+            )
         return batch, duration
 
     def _preempt(self, req: EngineRequest) -> None:

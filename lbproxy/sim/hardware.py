@@ -9,12 +9,23 @@ Step time is the roofline-with-efficiencies model of ``shared/reference/hardware
 
 Decode compute is not a term: in that model it hides under the memory-bound terms.
 
-A server whose API process shares the engine's processor (a CPU build, one core per
-server) also spends ``request_cpu_s + request_cpu_per_prompt_token_s * prompt_tokens`` of
-that processor on each request it receives (HTTP, parsing and tokenising the prompt,
-finishing the response), time its engine does not step: ``request_cpu`` gives it and the
-engine adds it to its next step. Both default to 0 (a GPU server's API process runs on
-other cores).
+Optional terms, each defaulting to the model above:
+
+- ``shared_kv_read_factor`` (1): the cost of a context token whose KV block the step
+  reads for several requests, beyond the first read, as a fraction of a distinct one's
+  (``step_time(..., unique_context_tokens=)``: distinct tokens cost ``kv_bytes_per_token /
+  (eta_kv BW)`` each, the rest that times the factor). Below 1 where shared prefix blocks
+  stay in a cache between reads (a CPU's L2/L3 here).
+- A server whose API process shares the engine's processor (a CPU build, one core per
+  server) spends ``request_cpu_s + request_cpu_per_prompt_token_s * prompt_tokens`` of
+  that processor on each request it receives (HTTP, parsing the prompt, finishing the
+  response), time its engine does not step: ``request_cpu`` gives it and the engine adds it
+  to its next step; ``request_latency_s`` is the delay from a request's arrival to its
+  entry into the scheduler's waiting queue, beyond that processor time, plus
+  ``request_lag_steps`` times the duration of the step in flight when one is (the API
+  process and the engine take turns on the core, so a busy server hands a new request to
+  its scheduler steps later). 0 for a GPU server (its API process runs on other cores;
+  its latency is small against its step times).
 """
 
 from __future__ import annotations
@@ -56,14 +67,18 @@ class HardwareProfile:
     prefill_mfu: float  # fraction of F reached in prefill
     attn_flops_per_token_pair: float  # attention FLOPs per (query, key) pair: 4 * layers * d
     description: str = ""
-    # Processor time per request received, outside the steps (see the module docstring).
+    # Optional terms (see the module docstring).
+    shared_kv_read_factor: float = 1.0
     request_cpu_s: float = 0.0
     request_cpu_per_prompt_token_s: float = 0.0
+    request_latency_s: float = 0.0
+    request_lag_steps: float = 0.0
     # Coefficients folded once so that step_time is a handful of multiply-adds.
     _t_base: float = field(init=False, repr=False, compare=False)
     _t_ctx: float = field(init=False, repr=False, compare=False)
     _t_tok: float = field(init=False, repr=False, compare=False)
     _t_pair: float = field(init=False, repr=False, compare=False)
+    _t_shared: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -91,6 +106,10 @@ class HardwareProfile:
         for key in ("weight_read_efficiency", "kv_read_efficiency", "prefill_mfu"):
             if not 0 < getattr(self, key) <= 1:
                 raise ValueError(f"{key}: must be in (0, 1], got {getattr(self, key)!r}")
+        if self.shared_kv_read_factor > 1:
+            raise ValueError(
+                f"shared_kv_read_factor: must be in [0, 1], got {self.shared_kv_read_factor!r}"
+            )
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: must be a non-empty string, got {self.name!r}")
         if not isinstance(self.description, str):
@@ -111,6 +130,7 @@ class HardwareProfile:
         object.__setattr__(self, "_t_ctx", self.kv_bytes_per_token / (self.kv_read_efficiency * bw))
         object.__setattr__(self, "_t_tok", 2.0 * self.num_params / flops)
         object.__setattr__(self, "_t_pair", self.attn_flops_per_token_pair / flops)
+        object.__setattr__(self, "_t_shared", self._t_ctx * self.shared_kv_read_factor)
 
     def request_cpu(self, prompt_tokens: int) -> float:
         """Seconds of the engine's processor a received request costs outside the steps."""
@@ -129,6 +149,7 @@ class HardwareProfile:
         batch_size: int,
         *,
         prefill_attn_pairs: int = 0,
+        unique_context_tokens: int | None = None,
     ) -> float:
         """Seconds for one engine step.
 
@@ -136,13 +157,21 @@ class HardwareProfile:
         every scheduled request); ``prefill_attn_pairs`` the (query, key) pairs of the prefill
         chunks, for the quadratic attention term. ``num_decode_seqs`` is part of the contract
         but costs nothing beyond ``batch_size``: decode is memory bound in this model.
+        ``unique_context_tokens``: the distinct part of the context (KV blocks read for
+        several requests counted once); the rest costs ``shared_kv_read_factor`` as much.
         """
         if batch_size <= 0:
             return 0.0
+        if unique_context_tokens is not None and unique_context_tokens < context_tokens:
+            ctx = self._t_ctx * unique_context_tokens + self._t_shared * (
+                context_tokens - unique_context_tokens
+            )
+        else:
+            ctx = self._t_ctx * context_tokens
         return (
             self._t_base
             + self.per_request_overhead_s * batch_size
-            + self._t_ctx * context_tokens
+            + ctx
             + self._t_tok * num_prefill_tokens
             + self._t_pair * prefill_attn_pairs
         )
@@ -151,7 +180,13 @@ class HardwareProfile:
 _INT_KEYS = {f.name for f in fields(HardwareProfile) if f.init and f.type == "int"}
 _KEYS = {f.name for f in fields(HardwareProfile) if f.init}
 _TEXT = {"name", "description"}
-_OPTIONAL = _TEXT | {"request_cpu_s", "request_cpu_per_prompt_token_s"}
+_OPTIONAL = _TEXT | {
+    "shared_kv_read_factor",
+    "request_cpu_s",
+    "request_cpu_per_prompt_token_s",
+    "request_latency_s",
+    "request_lag_steps",
+}
 
 
 def available_profiles() -> list[str]:

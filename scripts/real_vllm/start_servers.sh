@@ -31,7 +31,11 @@
 # KV_PORTS ("5571 5572"), REPLAY_PORTS ("5581 5582"), CPU_BINDS ("0 1"),
 # TOPIC_PREFIX (kv-real-vllm), BLOCK_SIZE (32), KV_CACHE_BYTES (4194304),
 # MAX_MODEL_LEN (2048), SERVED_MODEL (tiny-llama), START_TIMEOUT (900 s),
-# VLLM_EXTRA_ARGS ("--enforce-eager": no torch.compile, a faster start).
+# VLLM_EXTRA_ARGS ("--enforce-eager": no torch.compile, a faster start),
+# KV_EVENTS (1; 0: no --kv-events-config), PIN_TREE (0; 1: run each whole server, API
+# process included, under `taskset -c CPU_BINDS[i]`, not only its OMP threads),
+# RUN_NAME (run: the directory under REAL_VLLM_DIR for logs, pids and servers.json, so
+# that two differently configured pairs can coexist).
 # Start-up takes about 1-3 minutes and 2-3 GB of memory per server.
 set -uo pipefail
 DIR="${REAL_VLLM_DIR:-$HOME/.cache/lbproxy-real-vllm}"
@@ -47,7 +51,9 @@ MAX_MODEL_LEN="${MAX_MODEL_LEN:-2048}"
 SERVED_MODEL="${SERVED_MODEL:-tiny-llama}"
 START_TIMEOUT="${START_TIMEOUT:-900}"
 VLLM_EXTRA_ARGS="${VLLM_EXTRA_ARGS---enforce-eager}"
-RUN="$DIR/run"
+KV_EVENTS="${KV_EVENTS:-1}"
+PIN_TREE="${PIN_TREE:-0}"
+RUN="$DIR/${RUN_NAME:-run}"
 N=${#PORTS[@]}
 log() { echo "[real-vllm $(date +%H:%M:%S)] $*"; }
 up() { curl -sf -m 2 "http://127.0.0.1:$1/health" > /dev/null 2>&1; }
@@ -89,7 +95,7 @@ ports, kv, replay = "${PORTS[*]}".split(), "${KV_PORTS[*]}".split(), "${REPLAY_P
 servers = [
     {"name": f"vllm-{i}", "url": f"http://127.0.0.1:{p}",
      "kv_events": {"endpoint": f"tcp://*:{kv[i]}", "topic": f"${TOPIC_PREFIX}-{i}",
-                   "replay_endpoint": f"tcp://*:{replay[i]}"}}
+                   "replay_endpoint": f"tcp://*:{replay[i]}"} if "$KV_EVENTS" == "1" else None}
     for i, p in enumerate(ports)
 ]
 json.dump({"model": "$SERVED_MODEL", "model_dir": "$DIR/tiny-llama", "block_size": $BLOCK_SIZE,
@@ -99,10 +105,13 @@ PY
 
 start_one() {  # index
   local i=$1 port=${PORTS[$1]} kv=${KV_PORTS[$1]} replay=${REPLAY_PORTS[$1]}
-  local events
-  events="{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:$kv\", \"replay_endpoint\": \"tcp://*:$replay\", \"topic\": \"$TOPIC_PREFIX-$i\"}"
+  local events=() pin=()
+  if [ "$KV_EVENTS" = 1 ]; then
+    events=(--kv-events-config "{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:$kv\", \"replay_endpoint\": \"tcp://*:$replay\", \"topic\": \"$TOPIC_PREFIX-$i\"}")
+  fi
+  if [ "$PIN_TREE" = 1 ] && [ -n "${CPU_BINDS[$i]:-}" ]; then pin=(taskset -c "${CPU_BINDS[$i]}"); fi
   # shellcheck disable=SC2086  # VLLM_EXTRA_ARGS is a list of words
-  setsid nohup env -u VLLM_CPU_KVCACHE_SPACE \
+  setsid nohup "${pin[@]}" env -u VLLM_CPU_KVCACHE_SPACE \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
     VLLM_CACHE_ROOT="$DIR/cache/vllm" TORCHINDUCTOR_CACHE_DIR="$DIR/cache/inductor" \
     TMPDIR="$DIR/.tmp" VLLM_CPU_OMP_THREADS_BIND="${CPU_BINDS[$i]:-auto}" \
@@ -111,7 +120,7 @@ start_one() {  # index
       --host 127.0.0.1 --port "$port" --max-model-len "$MAX_MODEL_LEN" \
       --block-size "$BLOCK_SIZE" --kv-cache-memory-bytes "$KV_CACHE_BYTES" \
       --enable-prefix-caching --enable-prompt-tokens-details \
-      --kv-events-config "$events" $VLLM_EXTRA_ARGS \
+      "${events[@]}" $VLLM_EXTRA_ARGS \
       < /dev/null > "$RUN/server-$i.log" 2>&1 &
   echo $! > "$RUN/server-$i.pid"
   log "server $i: pid $! on http://127.0.0.1:$port (KV events tcp://*:$kv, replay tcp://*:$replay, topic $TOPIC_PREFIX-$i, log $RUN/server-$i.log)"

@@ -171,6 +171,9 @@ class Timeouts(_Strict):
     connect: float = Field(5.0, gt=0, description="TCP connect to a backend")
     first_byte: float = Field(600.0, gt=0, description="request sent -> response headers")
     idle: float = Field(300.0, gt=0, description="longest gap between body chunks")
+    upstream_keepalive: float = Field(
+        15.0, gt=0, description="an idle upstream connection is closed after this long"
+    )
 
 
 class Limits(_Strict):

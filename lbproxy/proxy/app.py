@@ -20,6 +20,7 @@ from lbproxy.proxy.kv_feed import start_subscriber
 from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
 from lbproxy.proxy.observability import OBS
 from lbproxy.proxy.observability import install as install_observability
+from lbproxy.proxy.observability import install_on_admin as install_admin_observability
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.routing.state import Endpoint
 from lbproxy.signals.discovery import ModelDiscovery
@@ -300,6 +301,7 @@ async def start_proxy(
         admin_app = web.Application()
         assert app[STATE].admin is not None
         add_admin_routes(admin_app, app[STATE].admin)
+        install_admin_observability(admin_app, app)  # served here with protect: admin_listener
         admin_app.router.add_route("*", "/{tail:.*}", _not_found)
         admin_runner = ProxyRunner(
             admin_app,

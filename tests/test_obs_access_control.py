@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import httpx
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from lbproxy.config import ConfigError, parse_config
 from tests.conftest import proxy_config
 from tests.ops_helpers import admin_headers
+from tests.test_obs_dashboard import CHROMIUM, CHROMIUM_ARGS
 
 ROUTES = ["/metrics", "/dashboard", "/dashboard/", "/dashboard/state.json"]
 ADMIN_TOKEN = "admin-secret"
@@ -66,6 +68,43 @@ def test_metrics_token_guards_every_observability_route(fake_backends, run_proxy
         # Health and readiness stay open: probes carry no token.
         assert c.get("/health").status_code == 200
         assert c.get("/ready").status_code == 200
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian's chromium is not installed (apt-get install -y chromium)",
+)
+def test_a_browser_opens_the_protected_dashboard_with_basic_auth(fake_backends, run_proxy) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    (backend,) = fake_backends(1)
+    cfg = proxy_config(
+        [backend], observability={"protect": "metrics_token", "metrics_token": METRICS_TOKEN}
+    )
+    proxy = run_proxy(cfg)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            # The browser answers the Basic challenge; the page's own polling of
+            # state.json then carries the same credentials.
+            context = browser.new_context(
+                http_credentials={"username": "ops", "password": METRICS_TOKEN}
+            )
+            page = context.new_page()
+            statuses: list[int] = []
+            page.on(
+                "response",
+                lambda r: statuses.append(r.status) if r.url.endswith("state.json") else None,
+            )
+            response = page.goto(proxy.url + "/dashboard")
+            assert response is not None and response.status == 200
+            expect(page.locator("body")).to_have_attribute(
+                "data-ticks", re.compile(r"^[1-9][0-9]*$"), timeout=15000
+            )
+            assert page.locator("#status").inner_text() == "live"
+            assert 200 in statuses
+        finally:
+            browser.close()
 
 
 def test_admin_token_guards_every_observability_route(fake_backends, run_proxy) -> None:

@@ -171,6 +171,9 @@ class Timeouts(_Strict):
     connect: float = Field(5.0, gt=0, description="TCP connect to a backend")
     first_byte: float = Field(600.0, gt=0, description="request sent -> response headers")
     idle: float = Field(300.0, gt=0, description="longest gap between body chunks")
+    upstream_keepalive: float = Field(
+        15.0, gt=0, description="an idle upstream connection is closed after this long"
+    )
 
 
 class Limits(_Strict):
@@ -243,6 +246,17 @@ class AccessLogConfig(_Strict):
     path: str | None = None
 
 
+class Observability(_Strict):
+    """Who may read /metrics, /dashboard and /dashboard/state.json (backend names and
+    addresses, scrape errors). `none`: anyone who reaches the listener (the default);
+    `admin_token` / `metrics_token`: `Authorization: Bearer <token>` (or HTTP Basic auth
+    with the token as password, for a browser), else 401; `admin_listener`: only on the
+    separate admin listener (admin.host/port), 404 on the main one."""
+
+    protect: Literal["none", "admin_token", "metrics_token", "admin_listener"] = "none"
+    metrics_token: SecretStr | None = None
+
+
 class Config(_Strict):
     listen: Listen = Field(default_factory=Listen)
     pools: list[Pool] = Field(min_length=1)
@@ -252,6 +266,7 @@ class Config(_Strict):
     discovery: Discovery = Field(default_factory=Discovery)
     signals: Signals = Field(default_factory=Signals)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    observability: Observability = Field(default_factory=Observability)
     flow_control: FlowControl = Field(default_factory=FlowControl)
     auth: Auth = Field(default_factory=Auth)
     admin: Admin = Field(default_factory=Admin)
@@ -404,10 +419,32 @@ def _check_secrets(cfg: Config, source: str) -> None:
         and cfg.listen.port != 0
     ):
         raise ConfigError(f"{source}: admin: host/port must differ from listen's")
+    _check_observability(cfg, source)
     for i, pool in enumerate(cfg.pools):
         for j, b in enumerate(pool.backends):
             if b.api_key is not None and (problem := _bad_secret(b.api_key.get_secret_value())):
                 raise ConfigError(f"{source}: pools[{i}].backends[{j}].api_key: {problem}")
+
+
+def _check_observability(cfg: Config, source: str) -> None:
+    obs = cfg.observability
+    if obs.metrics_token is not None and (
+        problem := _bad_secret(obs.metrics_token.get_secret_value())
+    ):
+        raise ConfigError(f"{source}: observability.metrics_token: {problem}")
+    if obs.protect == "metrics_token" and obs.metrics_token is None:
+        raise ConfigError(
+            f"{source}: observability.metrics_token: must be set when protect is metrics_token"
+        )
+    if obs.protect == "admin_token" and cfg.admin.token is None:
+        raise ConfigError(
+            f"{source}: observability.protect: admin_token needs admin.token to be set"
+        )
+    if obs.protect == "admin_listener" and not cfg.admin.separate():
+        raise ConfigError(
+            f"{source}: observability.protect: admin_listener needs a separate admin "
+            "listener (set admin.host or admin.port)"
+        )
 
 
 def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from lbproxy.routing.state import Endpoint
+from lbproxy.signals.failure_log import sanitize
 from lbproxy.signals.metrics_parser import parse_metrics
 from lbproxy.signals.scraper import MetricsScraper, default_metrics_url
 
@@ -57,6 +60,9 @@ class MetricsServer:
             return web.Response(text=CAPTURE)
         if mode == "500":
             return web.Response(status=500, text="engine dead")
+        if mode == "random":  # a known metric followed by random bytes: a new error each time
+            body = b"vllm:num_requests_running{" + os.urandom(300)
+            return web.Response(body=body, content_type="text/plain")
         body = {"capture": CAPTURE, "small": SMALL_KV, "sglang": SGLANG}.get(mode)
         if body is None:
             body = {"html": HTML, "broken": BROKEN}[mode]
@@ -384,3 +390,55 @@ async def test_a_failing_on_scrape_hook_is_logged_and_scraping_goes_on(
     failures = [r for r in caplog.records if "on_scrape hook failed" in r.getMessage()]
     assert len(failures) >= 3 and failures[0].exc_info is not None
     assert "hook bug" in str(failures[0].exc_info[1])
+
+
+async def test_a_garbage_speaking_backend_does_not_flood_the_log(server, scrapers, caplog) -> None:
+    ep = server.endpoint("junk", "random")
+    scraper = scrapers([ep], interval=0.02, timeout=2.0)
+    with caplog.at_level("DEBUG", logger="lbproxy.signals.scraper"):
+        await scraper.start()
+        await until(lambda: scraper.errors.get(ep, 0) >= 60, timeout=30)
+        await scraper.stop()
+        failures = scraper.errors[ep]
+        # Every failure is counted (the exported counter), the one cancelled by stop() aside.
+        assert failures >= server.requests["junk"] - 1
+        failed = [r for r in caplog.records if "of junk failed" in r.getMessage()]
+        assert len({r.getMessage() for r in failed}) > 10  # the text changes every time ...
+        warnings = [
+            r for r in caplog.records if r.levelno >= logging.WARNING and "junk" in r.getMessage()
+        ]
+        assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]  # ... yet no flood
+        for r in caplog.records:  # what the backend sent is quoted only short and printable
+            if r.name != "lbproxy.signals.scraper":
+                continue
+            assert len(r.getMessage()) < 250 and r.getMessage().isascii()
+            assert r.getMessage().isprintable()
+        assert scraper.last_error[ep] == sanitize(scraper.last_error[ep])
+
+        server.modes["junk"] = "capture"
+        caplog.clear()
+        await scraper.start()
+        await until(lambda: scraper.successes.get(ep, 0) >= 1)
+    recovered = [r for r in caplog.records if "of junk recovered" in r.getMessage()]
+    assert len(recovered) == 1 and recovered[0].levelno == logging.INFO
+    assert f"after {failures} failures" in recovered[0].getMessage()
+
+
+async def test_a_failing_backend_is_summarised_once_per_period(server, scrapers, caplog) -> None:
+    ep = server.endpoint("junk", "random")
+    scraper = scrapers([ep], interval=0.02, timeout=2.0)
+    scraper.failure_log.every = 0.5
+    with caplog.at_level("WARNING", logger="lbproxy.signals.scraper"):
+        await scraper.start()
+        await until(lambda: len(caplog.records) >= 3, timeout=20)  # 1 + 2 summaries
+        await scraper.stop()
+    first, *summaries = [r.getMessage() for r in caplog.records if "junk" in r.getMessage()]
+    assert "of junk failed: " in first
+    assert all("of junk still failing: " in m and " in all; last: " in m for m in summaries)
+
+
+def test_sanitize_keeps_a_short_printable_line() -> None:
+    assert sanitize("HTTP 500") == "HTTP 500"
+    assert sanitize("a\x00\x1b[31mb\nc\ufffd d") == "a??[31mb c? d"
+    long = sanitize("x" * 1000)
+    assert len(long) == 120 and long.endswith("...")

@@ -60,6 +60,7 @@ _RESTART_ONLY = (
     ("admin", "port"),
     ("limits", "max_body_bytes"),
     ("limits", "max_header_bytes"),
+    ("timeouts", "upstream_keepalive"),
     ("shutdown_grace",),
     ("discovery",),
 )

@@ -20,6 +20,7 @@ from lbproxy.proxy.kv_feed import start_subscriber
 from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
 from lbproxy.proxy.observability import OBS
 from lbproxy.proxy.observability import install as install_observability
+from lbproxy.proxy.observability import install_on_admin as install_admin_observability
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.routing.state import Endpoint
 from lbproxy.signals.discovery import ModelDiscovery
@@ -34,7 +35,8 @@ log = logging.getLogger("lbproxy")
 class ProxyState:
     config: Config
     pools: PoolTable
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # requests to backends
+    signals_session: aiohttp.ClientSession | None = None  # scrapes, health checks, discovery
     forwarder: Forwarder | None = None
     health: HealthChecker | None = None
     discovery: ModelDiscovery | None = None
@@ -128,7 +130,9 @@ async def _startup(app: web.Application) -> None:
     connector = aiohttp.TCPConnector(
         limit=0,  # no global cap: thousands of long streams must not queue behind each other
         limit_per_host=0,
-        keepalive_timeout=30,
+        # The pool reuses its oldest idle connection first: only traffic of its own (not the
+        # 4 Hz scrapes, see below) keeps it warm, so a burst's connections close after this.
+        keepalive_timeout=cfg.timeouts.upstream_keepalive,
         enable_cleanup_closed=False,
     )
     st.session = aiohttp.ClientSession(
@@ -136,6 +140,16 @@ async def _startup(app: web.Application) -> None:
         auto_decompress=False,  # relay bytes exactly as the backend sent them
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None),
+    )
+    # Background requests on a pool of their own: in the request pool they would rotate
+    # through every idle connection of a burst and keep all of them open. Scraper, health
+    # checker and discovery each have at most one request per backend in flight, so this
+    # pool holds at most three per backend without a cap; a per-host cap would make the
+    # backends behind one host:port (paths of a gateway) wait behind a hanging one.
+    st.signals_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),  # as before: no gzip'd /metrics
+        timeout=aiohttp.ClientTimeout(total=None),  # each caller sets its own
     )
     st.forwarder = Forwarder(
         st.pools,
@@ -148,20 +162,25 @@ async def _startup(app: web.Application) -> None:
     # One clock: routing's `now` is loop.time() (not time.monotonic() under uvloop), and
     # metrics snapshots and health stamps are compared with it.
     clock = asyncio.get_running_loop().time
-    st.health = HealthChecker(lambda: st.pools.endpoints(), st.session, clock=clock)
+    st.health = HealthChecker(lambda: st.pools.endpoints(), st.signals_session, clock=clock)
     # Flow control waits for these: a fresh scrape (its limit, its queue) or a backend
     # coming back can let waiting requests go.
     st.health.on_change = lambda ep: _wake(st, ep)
     st.health.configure_from(cfg.health)
     st.forwarder.record_outcome = st.health.record
     st.health.start()
-    st.scraper = MetricsScraper(lambda: st.pools.endpoints(), session=st.session, clock=clock)
+    st.scraper = MetricsScraper(
+        lambda: st.pools.endpoints(), session=st.signals_session, clock=clock
+    )
     st.scraper.configure_from(cfg.signals)
     st.scraper.on_scrape = lambda ep: _on_scrape(st, ep)
     await st.scraper.start()
     st.kv_subscriber = await start_subscriber(cfg, st.pools, lambda: st.pools)
     st.discovery = ModelDiscovery(
-        st.pools, st.session, interval=cfg.discovery.interval, timeout=cfg.discovery.timeout
+        st.pools,
+        st.signals_session,
+        interval=cfg.discovery.interval,
+        timeout=cfg.discovery.timeout,
     )
     await st.discovery.refresh()
 
@@ -183,8 +202,9 @@ async def _cleanup(app: web.Application) -> None:
     for task in (st.health, st.discovery, st.scraper, st.kv_subscriber):
         if task is not None:
             await task.stop()
-    if st.session is not None:
-        await st.session.close()
+    for session in (st.session, st.signals_session):
+        if session is not None:
+            await session.close()
 
 
 def build_app(
@@ -281,6 +301,7 @@ async def start_proxy(
         admin_app = web.Application()
         assert app[STATE].admin is not None
         add_admin_routes(admin_app, app[STATE].admin)
+        install_admin_observability(admin_app, app)  # served here with protect: admin_listener
         admin_app.router.add_route("*", "/{tail:.*}", _not_found)
         admin_runner = ProxyRunner(
             admin_app,

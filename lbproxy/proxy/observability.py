@@ -3,10 +3,21 @@
 `install(app, cfg, state)` creates the recorder the Forwarder writes to, registers the
 routes and starts/stops the background tasks (access-log flusher, dashboard sampler)
 with the app. Everything it serves is rendered from plain counters at request time.
+
+What it serves names backends and their addresses, so `observability.protect` (read per
+request: a reload applies it) says who may read it: anyone (`none`), a client with the
+admin or the metrics token (Bearer, or HTTP Basic auth with the token as password so that
+a browser can open the dashboard; else 401), or only clients of the separate admin
+listener (`admin_listener`; `install_on_admin` serves the routes there, and the main
+listener answers 404).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +30,10 @@ from lbproxy.aio import loop_time
 from lbproxy.config import Config
 from lbproxy.proxy.access_log import AccessLog
 from lbproxy.proxy.dashboard import DashboardSampler, dashboard_html
+from lbproxy.proxy.errors import Unauthorized, error_body
 from lbproxy.proxy.metrics import MetricsCollector, ProxyMetrics
 
-__all__ = ["OBS", "Observability", "install"]
+__all__ = ["OBS", "Observability", "install", "install_on_admin"]
 
 # The page loads nothing from anywhere: a policy that would block it if it ever tried.
 _CSP = (
@@ -36,9 +48,14 @@ class Observability:
     registry: CollectorRegistry
     sampler: DashboardSampler
     access_log: AccessLog | None
+    state: Any  # the ProxyState: its config says who may read
 
 
 OBS = web.AppKey("lbproxy_observability", Observability)
+# Set on the separate admin listener's application.
+_ADMIN_LISTENER = web.AppKey("lbproxy_observability_on_admin", bool)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _scrape_clock(state: Any) -> float:
@@ -57,15 +74,85 @@ def install(app: web.Application, cfg: Config, state: Any) -> Observability:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsCollector(metrics, state, lambda: _scrape_clock(state)))
     ProcessCollector(namespace="lbproxy", registry=registry)
-    obs = Observability(metrics, registry, DashboardSampler(metrics, state), access_log)
+    obs = Observability(metrics, registry, DashboardSampler(metrics, state), access_log, state)
     app[OBS] = obs
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/dashboard", _dashboard)
-    app.router.add_get("/dashboard/", _dashboard)
-    app.router.add_get("/dashboard/state.json", _state)
+    _add_routes(app)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return obs
+
+
+def install_on_admin(admin_app: web.Application, app: web.Application) -> None:
+    """Serve `app`'s observability routes on the separate admin listener's `admin_app`
+    too (answered there only when protect is admin_listener). Before its catch-all."""
+    admin_app[OBS] = app[OBS]
+    admin_app[_ADMIN_LISTENER] = True
+    _add_routes(admin_app)
+
+
+def _add_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", _guarded(_metrics))
+    app.router.add_get("/dashboard", _guarded(_dashboard))
+    app.router.add_get("/dashboard/", _guarded(_dashboard))
+    app.router.add_get("/dashboard/state.json", _guarded(_state))
+
+
+def _presented(request: web.Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or the password of HTTP Basic auth."""
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return value or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None
+    return None
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    """None when `request` may read observability here, else the answer to give."""
+    obs = request.app[OBS]
+    cfg = obs.state.config  # per request: a reload may change it
+    protect = cfg.observability.protect
+    if request.app.get(_ADMIN_LISTENER, False) != (protect == "admin_listener"):
+        return web.Response(
+            status=404,
+            body=error_body(
+                f"no route for {request.method} {request.path}",
+                "invalid_request_error",
+                "not_found",
+            ),
+            content_type="application/json",
+        )
+    if protect in ("none", "admin_listener"):
+        return None
+    secret = cfg.admin.token if protect == "admin_token" else cfg.observability.metrics_token
+    presented = _presented(request)
+    # compare_digest: the time taken does not tell how much of the token matched.
+    if (
+        secret is not None
+        and presented is not None
+        and hmac.compare_digest(presented.encode(), secret.get_secret_value().encode())
+    ):
+        return None
+    which = "admin" if protect == "admin_token" else "metrics"
+    resp = Unauthorized(
+        f"Missing or incorrect {which} token: send 'Authorization: Bearer <{which} token>'."
+    ).response()
+    # A browser then asks for it (any user name, the token as password).
+    resp.headers["WWW-Authenticate"] = 'Basic realm="lbproxy observability", charset="UTF-8"'
+    return resp
+
+
+def _guarded(handler: Handler) -> Handler:
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        refusal = _refusal(request)
+        return refusal if refusal is not None else await handler(request)
+
+    return wrapper
 
 
 async def _start(app: web.Application) -> None:

@@ -1,4 +1,8 @@
-"""Model discovery for pools that list no `models`: read each backend's /v1/models."""
+"""Model discovery for pools that list no `models`: read each backend's /v1/models.
+
+A backend whose answer cannot be used keeps the models it had; its failures are logged
+as the scraper's are (first one, then a summary a minute, then its recovery).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,14 @@ import orjson
 
 from lbproxy.aio import PeriodicTask
 from lbproxy.proxy.pools import PoolTable
+from lbproxy.routing.state import Endpoint
+from lbproxy.signals.failure_log import FailureLog, sanitize
 
 log = logging.getLogger("lbproxy.discovery")
+
+
+class _Unusable(Exception):
+    """An answer that lists no models."""
 
 
 class ModelDiscovery:
@@ -29,22 +39,32 @@ class ModelDiscovery:
         self.interval = interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.cards: dict[str, dict[str, Any]] = {}  # model id -> a backend's model card
+        self.failure_log = FailureLog(log, "model discovery")
         self._rounds = PeriodicTask("lbproxy-discovery", self.discover_once, lambda: self.interval)
 
     def needed(self) -> bool:
         return any(p.configured_models is None for p in self.pools.pools)
 
-    async def _models_of(self, url: str) -> list[dict[str, Any]] | None:
+    async def _models_of(self, ep: Endpoint) -> list[dict[str, Any]] | None:
+        label = f"{ep.pool}/{ep.name}"
         try:
-            async with self._session.get(url + "/v1/models", timeout=self._timeout) as r:
+            async with self._session.get(ep.url + "/v1/models", timeout=self._timeout) as r:
                 if r.status != 200:
-                    return None
+                    raise _Unusable(f"HTTP {r.status}")
                 data = orjson.loads(await r.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            cards = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(cards, list):
+                raise _Unusable("no 'data' list in the answer")
+        except _Unusable as e:
+            self.failure_log.failed(ep, label, str(e))
             return None
-        cards = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(cards, list):
+        except TimeoutError:
+            self.failure_log.failed(ep, label, f"no answer within {self._timeout.total:g}s")
             return None
+        except (aiohttp.ClientError, ValueError) as e:  # orjson.JSONDecodeError is a ValueError
+            self.failure_log.failed(ep, label, sanitize(f"{type(e).__name__}: {e}"))
+            return None
+        self.failure_log.recovered(ep, label)
         return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
 
     async def discover_once(self) -> None:
@@ -52,7 +72,8 @@ class ModelDiscovery:
         for pool in self.pools.pools:
             if pool.configured_models is None:
                 jobs.extend((pool, ep) for ep in pool.endpoints)
-        results = await asyncio.gather(*(self._models_of(ep.url) for _, ep in jobs))
+        self.failure_log.keep_only(ep for _, ep in jobs)
+        results = await asyncio.gather(*(self._models_of(ep) for _, ep in jobs))
         for (pool, ep), cards in zip(jobs, results, strict=True):
             if cards is None:
                 continue  # keep what we knew: a backend that is briefly down keeps its models

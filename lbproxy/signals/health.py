@@ -48,6 +48,7 @@ import aiohttp
 
 from lbproxy.aio import PeriodicTask, loop_time
 from lbproxy.routing.state import Endpoint
+from lbproxy.signals.failure_log import sanitize
 
 if TYPE_CHECKING:
     from lbproxy.config import Health
@@ -233,7 +234,8 @@ class HealthChecker:
         except TimeoutError:
             ok, error, definite = False, f"no answer within {self._timeout.total:g}s", False
         except aiohttp.ClientError as e:
-            ok, error = False, f"{type(e).__name__}: {e}".rstrip(": ")
+            # The text may quote what a garbage-speaking backend sent: keep it short, printable.
+            ok, error = False, sanitize(f"{type(e).__name__}: {e}".rstrip(": "))
         self._checked(ep, ok, error, definite)
         return ok
 

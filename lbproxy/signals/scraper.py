@@ -12,8 +12,10 @@ geometry from `vllm:cache_config_info` is copied to `endpoint.block_size` /
 `endpoint.num_gpu_blocks`; then `on_scrape(endpoint)` is called, if set. On failure
 (connection error, timeout, non-200, body too large, malformed metric line, or a page with
 none of the metrics we read) the previous snapshot is left alone, so its age says how stale
-it is, and `errors[ep]` / `last_error[ep]` record what happened. State for endpoints that
-leave the set is dropped.
+it is, and `errors[ep]` (every failure) / `last_error[ep]` (a short sanitised text) record
+what happened. Logs do not flood: the first failure of an endpoint is a WARNING, then at
+most one summary WARNING per `log_every` seconds, and one INFO line when it recovers (see
+`failure_log`). State for endpoints that leave the set is dropped.
 
 `clock` must be the clock routing's `now` is read from, since `Endpoint.fresh_metrics`
 compares the two: the proxy passes its event loop's `time`; the default is the running
@@ -34,6 +36,7 @@ import aiohttp
 
 from lbproxy.aio import cancel_and_wait, loop_time
 from lbproxy.routing.state import Endpoint, MetricsSnapshot
+from lbproxy.signals.failure_log import FailureLog, sanitize
 from lbproxy.signals.metrics_parser import MetricsParseError, parse_metrics
 
 if TYPE_CHECKING:
@@ -97,7 +100,8 @@ class MetricsScraper:
         self.last_error: dict[Endpoint, str] = {}
         self.last_success: dict[Endpoint, float] = {}
         self.rounds = 0
-        self._failing: set[Endpoint] = set()
+        # A garbage-speaking backend fails 4 times a second: log it, not each failure.
+        self.failure_log = FailureLog(log, "metrics scrape")
 
     def configure(self, *, interval: float, timeout: float | None = None) -> None:
         """Set the polling interval and the per-request timeout (default 0.8 x interval)."""
@@ -180,7 +184,7 @@ class MetricsScraper:
         for stats in (self.successes, self.errors, self.last_error, self.last_success):
             for gone in [e for e in stats if e not in current]:
                 del stats[gone]
-        self._failing.intersection_update(current)
+        self.failure_log.keep_only(current)
         return current
 
     def _forget_task(self, ep: Endpoint) -> Callable[[asyncio.Task[bool]], None]:
@@ -228,9 +232,7 @@ class MetricsScraper:
             ep.num_gpu_blocks = snap.num_gpu_blocks
         self.successes[ep] = self.successes.get(ep, 0) + 1
         self.last_success[ep] = snap.time
-        if ep in self._failing:
-            self._failing.discard(ep)
-            log.info("metrics scrape of %s recovered", _label(ep))
+        self.failure_log.recovered(ep, _label(ep))
         if self.on_scrape is not None:
             try:
                 self.on_scrape(ep)
@@ -239,12 +241,8 @@ class MetricsScraper:
         return True
 
     def _failed(self, ep: Endpoint, message: str) -> bool:
-        changed = ep not in self._failing or self.last_error.get(ep) != message
-        self._failing.add(ep)
+        message = sanitize(message)  # it may quote whatever the backend sent
         self.errors[ep] = self.errors.get(ep, 0) + 1
         self.last_error[ep] = message
-        # Log changes, not every failure: a dead backend would otherwise log 4 times a second.
-        (log.warning if changed else log.debug)(
-            "metrics scrape of %s failed: %s", _label(ep), message
-        )
+        self.failure_log.failed(ep, _label(ep), message)
         return False

@@ -189,7 +189,7 @@ def test_stopped_backend_process_is_ejected_and_returns(loop_thread) -> None:
                 [f"http://127.0.0.1:{p}" for p in ports],
                 "m",
                 # Active checks off: the stopped process must be caught on the data path.
-                health={"active": False, "stall_after": 2.0, "open_seconds": 3.0},
+                health={"active": False, "stall_after": 2.0, "open_seconds": 4.0},
             )
             proxy = await start_proxy(parse_config(cfg, "test"), seed=0)
             try:
@@ -218,12 +218,12 @@ def test_stopped_backend_process_is_ejected_and_returns(loop_thread) -> None:
                 proc.stdout.close()
     during: list[Shot] = r["during"]
     assert all(s.status == 200 for s in during)  # held, never lost
-    window = [s for s in during if r["t_stop"] + 5.0 <= s.started <= r["t_cont"]]
+    window = [s for s in during if r["t_stop"] + 3.5 <= s.started <= r["t_cont"]]
     assert len(window) >= 15
-    held = [s for s in window if s.backend == "be1"]
-    # Only half-open probes (one per open_seconds) may still reach it; not every other one.
-    assert len(held) <= 3, [(round(s.started - r["t_stop"], 2), s.backend) for s in window]
-    assert all(s.ended - s.started < 3.0 for s in window if s.backend == "be0")
+    # Held (on the stopped process, or waiting to connect to it): only a half-open probe,
+    # one per open_seconds + stall time, may be; not every other request.
+    held = [s for s in window if s.ended - s.started > 3.0]
+    assert len(held) <= 2, [(round(s.started - r["t_stop"], 2), s.backend) for s in held]
     after: list[Shot] = r["after"]
     assert all(s.status == 200 for s in after)
     assert any(s.backend == "be1" for s in after), "never back in rotation after SIGCONT"

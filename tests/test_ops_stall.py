@@ -21,6 +21,8 @@ from aiohttp import web
 
 from lbproxy.config import parse_config
 from lbproxy.proxy.app import start_proxy
+from lbproxy.routing.state import Endpoint, MetricsSnapshot
+from lbproxy.signals.health import HealthChecker
 from tests.fake_backend import FakeBackend
 from tests.test_obs_metrics import Scrape
 
@@ -227,3 +229,60 @@ def test_stopped_backend_process_is_ejected_and_returns(loop_thread) -> None:
     after: list[Shot] = r["after"]
     assert all(s.status == 200 for s in after)
     assert any(s.backend == "be1" for s in after), "never back in rotation after SIGCONT"
+
+
+# ---- the rules, on a clock of our own -------------------------------------------------------
+
+
+async def test_stall_rules() -> None:
+    ep = Endpoint("gpu-0", "http://127.0.0.1:9", pool="p")
+    other = Endpoint("gpu-1", "http://127.0.0.1:9", pool="p")
+    async with aiohttp.ClientSession() as session:
+        hc = HealthChecker(
+            lambda: [ep, other], session, failure_threshold=2, open_seconds=0.2,
+            stall_after=10.0, stall_factor=4.0,
+        )  # fmt: skip
+        for t in range(5):  # quick first bytes: overdue is the floor
+            hc.sent(ep, t)
+            hc.first_byte(ep, t, t + 0.5)
+        assert hc.overdue_after(ep.progress) == 10.0
+        hc.sent(ep, 10)
+        hc.first_byte(ep, 10, 14)  # a 4 s first byte: 4 x 4 = 16 s now
+        assert hc.overdue_after(ep.progress) == 16.0
+
+        hc.sent(ep, 100)
+        hc.check_stalls(115)
+        assert hc.circuit_state(ep) == "closed"  # waiting, not yet overdue
+        # the generation-token counter moving: it works (a long non-streamed answer)
+        ep.metrics = MetricsSnapshot(time=110, generation_tokens=50)
+        hc.check_stalls(111)
+        ep.metrics = MetricsSnapshot(time=112, generation_tokens=80)
+        hc.check_stalls(117)
+        assert hc.circuit_state(ep) == "closed"
+        hc.check_stalls(129)  # 17 s since the tokens last moved
+        assert hc.circuit_state(ep) == "open" and not ep.healthy
+        assert hc.status(ep)["circuit"]["last_reason"] == "stall"
+        assert hc.ejections == {("p", "gpu-0", "stall"): 1}
+
+        # half-open after a stall: one probe, and only its first body byte closes it
+        await asyncio.sleep(0.3)
+        assert hc.circuit_state(ep) == "half_open" and ep.healthy
+        hc.first_byte(ep, 100, 130)  # the old request answers at last: not the probe
+        hc.sent(ep, 131)  # the probe
+        assert not ep.healthy  # nothing else until it is answered
+        hc.record(ep, True)  # its response head: not enough
+        assert hc.circuit_state(ep) == "half_open"
+        hc.first_byte(ep, 131, 131.2)
+        assert hc.circuit_state(ep) == "closed" and ep.healthy
+
+        # clients giving up before the first byte: only overdue ones are evidence
+        for t in (200, 210, 220):
+            hc.sent(other, t)
+            hc.unanswered(other, t, t + 3, abandoned=True)  # a hurried client
+        assert hc.circuit_state(other) == "closed"
+        for t in (300, 330):
+            hc.sent(other, t)
+            hc.unanswered(other, t, t + 20, abandoned=True)  # 20 s > 10 s overdue
+        assert hc.circuit_state(other) == "open"
+        assert hc.ejections[("p", "gpu-1", "failures")] == 1
+        await hc.stop()

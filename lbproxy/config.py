@@ -181,6 +181,13 @@ class Limits(_Strict):
     max_attempts: int = Field(3, ge=1, le=10, description="backends tried per request")
     # aiohttp's max_line_size and max_field_size: longest request line / header field.
     max_header_bytes: int = Field(8190, ge=256, le=1024 * 1024)
+    # A request that reached a backend which then failed (reset, garbage, no answer in
+    # time) may have run there. OpenAI-style inference has no side effects but GPU time,
+    # and the commonest such failure is a backend dying or a kept-alive connection it had
+    # closed: re-running is what a client wants. Off: such a request fails with 502/504.
+    retry_after_send: bool = Field(
+        True, description="re-run a request on another backend after it was sent to one"
+    )
 
 
 class Health(_Strict):
@@ -195,6 +202,14 @@ class Health(_Strict):
     # Passive circuit breaker, fed by the outcome of real requests.
     failure_threshold: int = Field(3, ge=1, description="consecutive failed requests to open")
     open_seconds: float = Field(10.0, gt=0, description="open -> half-open after this long")
+    # Stall detection (see signals.health): requests waiting on a backend that has sent no
+    # first byte for max(stall_after, stall_factor x its recent slowest first byte) eject it.
+    stall_after: float | None = Field(
+        15.0, gt=0, description="seconds without a first byte before a backend is stalled"
+    )
+    stall_factor: float = Field(
+        4.0, ge=1, description="x the backend's recent slowest first byte, if longer"
+    )
 
 
 class Auth(_Strict):

@@ -88,7 +88,7 @@ def test_access_log_lines_have_every_field(
     assert sum(line["retries"] for line in lines) == tried_dropping
     for line in (a, b):
         assert line["backend"] == "be1" and line["vendor"] == "vendor-b"
-        assert line["failures"] == ["connect_error"] * line["retries"]
+        assert line["failures"] == ["reset_after_send"] * line["retries"]  # read, then closed
         assert line["attempts"] == 1 + line["retries"]
         assert set(line["scores"]) == {"least-request"}
         assert set(line["scores"]["least-request"]) == {"be0", "be1"}

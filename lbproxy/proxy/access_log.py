@@ -12,7 +12,8 @@ key), no prompt, no completion. Fields (null when not known):
     route              the request path
     model, pool        from the body; the pool serving the model
     backend, vendor    the backend whose response was relayed (null: lbproxy answered)
-    status             HTTP status sent to the client
+    status             HTTP status sent to the client (499: the client left before the
+                       backend answered)
     outcome            ok | client_disconnect | stream_disconnect | stream_timeout, or
                        lbproxy's error code (model_not_found, upstream_unreachable, ...)
     stream             the response was SSE
@@ -20,8 +21,9 @@ key), no prompt, no completion. Fields (null when not known):
     duration_s         arrival to the end of the response
     prompt_tokens, completion_tokens   from the response's usage, when it had one
     attempts, retries  backends tried; retries = attempts - 1
-    failures           the cause of each failed attempt, in order: connect_error |
-                       timeout | status_5xx | status_429
+    failures           the cause of each failed attempt, in order: connect_error (not
+                       sent) | timeout | reset_after_send | bad_response (sent: it may
+                       have run) | status_5xx | status_429
     client             the peer address
     scores, totals     the routing decision: each scorer's score and the weighted total
                        per backend; reason: what the filters did

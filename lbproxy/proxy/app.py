@@ -168,6 +168,7 @@ async def _startup(app: web.Application) -> None:
     st.health.on_change = lambda ep: _wake(st, ep)
     st.health.configure_from(cfg.health)
     st.forwarder.record_outcome = st.health.record
+    st.forwarder.progress = st.health  # first bytes, for stall detection
     st.health.start()
     st.scraper = MetricsScraper(
         lambda: st.pools.endpoints(), session=st.signals_session, clock=clock

@@ -9,7 +9,18 @@ client sees a truncated body rather than a complete-looking one).
 
 With client keys configured (`auth`), a request is admitted before its body is read (one
 constant-time check, and a per-key in-flight count when limited). Every attempt's outcome
-goes to the circuit breaker (`record_outcome`, see `signals.health`).
+goes to the circuit breaker (`record_outcome`, see `signals.health`), and when it got its
+first body byte (or none) to stall detection (`progress`).
+
+What counts against a backend: failures to connect, failures after the request was sent
+(reset, garbage, no answer in time) and a 5xx that another backend does not repeat. A 5xx
+answered by two backends to the same body is the request's doing: the second answer is
+relayed, neither is counted and nothing more is tried (a client must not be able to eject
+backends with bodies that make them fail). A failure after the request was sent is
+retried only with `limits.retry_after_send` (the backend may have run it).
+
+Clients see no backend internals: errors lbproxy writes carry a generic message and the
+request id; which backend failed, and how, goes to the log.
 """
 
 from __future__ import annotations
@@ -47,6 +58,18 @@ log = logging.getLogger("lbproxy.proxy")
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
+def _failure_cause(e: BaseException) -> tuple[str, bool]:
+    """(cause label, sent) for an exception from sending a request: `sent` when the backend
+    may have received the request (and run it)."""
+    if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect_error", False  # refused, unresolvable, no TCP connection in time
+    if isinstance(e, TimeoutError):
+        return "timeout", True  # sent; no response head within first_byte
+    if isinstance(e, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return "bad_response", True  # it answered something that is not HTTP
+    return "reset_after_send", True  # closed or reset once the request was on its way
+
+
 @dataclass(slots=True)
 class ForwardSettings:
     max_attempts: int = 3
@@ -56,6 +79,7 @@ class ForwardSettings:
     request_id_header: str = "x-request-id"
     session_header: str = "x-session-id"
     expose_backend_header: bool = False
+    retry_after_send: bool = True
 
     @classmethod
     def from_config(cls, cfg: Config) -> ForwardSettings:
@@ -67,11 +91,26 @@ class ForwardSettings:
             request_id_header=cfg.request_id_header,
             session_header=cfg.session_header,
             expose_backend_header=cfg.expose_backend_header,
+            retry_after_send=cfg.limits.retry_after_send,
         )
 
 
 def _no_breaker(ep: Endpoint, ok: bool) -> None:
     pass
+
+
+class ProgressHooks:
+    """Where first bytes are reported (`signals.health.HealthChecker` in the proxy): one
+    `sent` per attempt, then exactly one of `first_byte` and `unanswered`."""
+
+    def sent(self, ep: Endpoint, t: float) -> None:
+        pass
+
+    def first_byte(self, ep: Endpoint, t_sent: float, t: float) -> None:
+        pass
+
+    def unanswered(self, ep: Endpoint, t_sent: float, t: float, abandoned: bool) -> None:
+        pass
 
 
 def _dot_segment(path: str) -> bool:
@@ -98,6 +137,7 @@ class Forwarder:
         self.auth: Authenticator | None = None  # client keys; None: /v1/* is open
         # The circuit breaker's `record(ep, ok)`, told the outcome of every attempt.
         self.record_outcome: Callable[[Endpoint, bool], None] = _no_breaker
+        self.progress: ProgressHooks = ProgressHooks()
 
     def configure(self, settings: ForwardSettings) -> None:
         """Apply settings (at start and on a hot reload)."""
@@ -199,8 +239,13 @@ class Forwarder:
 
         upstream_auth = pool.upstream_auth  # per-backend keys, usually none
         url_tail = request.rel_url.raw_path_qs
-        failures: list[str] = []
+        failures: list[str] = []  # for the log only, never for the client
         timed_out = False
+        progress = self.progress
+        clock = asyncio.get_running_loop().time
+        # A backend that answered a 5xx: held against it unless the next one agrees.
+        suspect: Endpoint | None = None
+        suspect_status = 0
         candidates = decision.ranked[: s.max_attempts]
         for attempt, ep in enumerate(candidates):
             if attempt:
@@ -213,44 +258,93 @@ class Forwarder:
                 h = headers.copy()
                 h["Authorization"] = upstream_auth[ep]
             ok = overloaded = False  # this attempt's outcome, for flow control's limit
+            t_sent = clock()
+            progress.sent(ep, t_sent)
+            told = False  # progress heard how this attempt ended (or _relay will tell it)
             try:
                 try:
                     upstream = await self.session.post(
                         ep.url + url_tail, data=body, headers=h, timeout=self._timeout
                     )
-                except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-                    timed_out = True
-                    failures.append(f"{ep.name}: timed out ({type(e).__name__})")
-                    self.obs.attempt_failed(ex, ep, "timeout", not last)
+                except asyncio.CancelledError:  # the client left before any answer
+                    t = clock()
+                    told = True
+                    progress.unanswered(ep, t_sent, t, True)
+                    self.obs.abandoned(ex, ep, t, request)
+                    log.debug("request %s: the client left before an answer", request_id)
+                    raise
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    told = True
+                    progress.unanswered(ep, t_sent, clock(), False)
+                    cause, sent = _failure_cause(e)
+                    timed_out = timed_out or isinstance(e, TimeoutError)
+                    retry = not last and (s.retry_after_send or not sent)
+                    failures.append(f"{ep.name}: {cause}: {type(e).__name__}: {e}")
+                    self.obs.attempt_failed(ex, ep, cause, retry)
                     self.record_outcome(ep, False)
-                    continue
-                except aiohttp.ClientError as e:
-                    failures.append(f"{ep.name}: {type(e).__name__}: {e}")
-                    self.obs.attempt_failed(ex, ep, "connect_error", not last)
-                    self.record_outcome(ep, False)
-                    continue
-                # 429 is a busy backend, not a broken one: retried but not held against it.
-                self.record_outcome(ep, upstream.status < 500)
-                overloaded = upstream.status in (429, 503)
-                if upstream.status in _RETRYABLE_STATUS and not last:
-                    failures.append(f"{ep.name}: HTTP {upstream.status}")
-                    cause = "status_429" if upstream.status == 429 else "status_5xx"
-                    self.obs.attempt_failed(ex, ep, cause, True)
-                    upstream.release()
-                    continue
-                resp = await self._relay(request, upstream, ep, request_id, ex)
-                ok = ex.ended == "ok" and upstream.status < 400
+                    if retry:
+                        continue
+                    break
+                status = upstream.status
+                overloaded = status in (429, 503)
+                if status >= 500 and status in _RETRYABLE_STATUS:
+                    if suspect is not None and status == suspect_status:
+                        # Two backends fail this body alike: the request's doing, not theirs.
+                        log.info(
+                            "request %s: %s and %s both answered HTTP %d: relayed, held "
+                            "against neither",
+                            request_id, suspect.name, ep.name, status,
+                        )  # fmt: skip
+                        suspect = None
+                    elif not last:
+                        if suspect is not None:  # a different failure: the first stands alone
+                            self.record_outcome(suspect, False)
+                        suspect, suspect_status = ep, status
+                        told = True
+                        progress.first_byte(ep, t_sent, clock())  # it answered: not stalled
+                        failures.append(f"{ep.name}: HTTP {status}")
+                        self.obs.attempt_failed(ex, ep, "status_5xx", True)
+                        upstream.release()
+                        continue
+                    else:  # nobody left to ask: it stands
+                        if suspect is not None:
+                            self.record_outcome(suspect, False)
+                            suspect = None
+                        self.record_outcome(ep, False)
+                elif status < 500:
+                    if suspect is not None:
+                        # A 4xx to the same body says the body is bad; anything else that
+                        # the first backend failed counts against it.
+                        if not (400 <= status < 500 and status != 429):
+                            self.record_outcome(suspect, False)
+                        suspect = None
+                    # 429 is a busy backend, not a broken one: retried, not held against it.
+                    self.record_outcome(ep, True)
+                    if status == 429 and not last:
+                        failures.append(f"{ep.name}: HTTP 429")
+                        told = True
+                        progress.first_byte(ep, t_sent, clock())
+                        self.obs.attempt_failed(ex, ep, "status_429", True)
+                        upstream.release()
+                        continue
+                # (a 5xx that is never retried, e.g. 501, answers the request: not counted)
+                told = True
+                resp = await self._relay(request, upstream, ep, request_id, ex, t_sent)
+                ok = ex.ended == "ok" and status < 400
                 return resp
             finally:
                 ep.in_flight -= 1
+                if not told:  # an unexpected error: never leave the attempt waiting
+                    progress.unanswered(ep, t_sent, clock(), False)
                 if gate is not None:
                     gate.release(ep, ok, overloaded)
 
-        detail = "; ".join(failures)
-        log.warning("request %s failed on every backend tried: %s", request_id, detail)
+        if suspect is not None:
+            self.record_outcome(suspect, False)
+        log.warning("request %s failed on every backend tried: %s", request_id, "; ".join(failures))
         if timed_out:
-            raise UpstreamTimeout(f"no backend answered in time ({detail})")
-        raise UpstreamUnreachable(f"no backend could be reached ({detail})")
+            raise UpstreamTimeout(f"no backend answered in time (request id {request_id})")
+        raise UpstreamUnreachable(f"no backend could serve the request (request id {request_id})")
 
     async def _relay(
         self,
@@ -259,6 +353,7 @@ class Forwarder:
         ep: Endpoint,
         request_id: str,
         ex: Exchange,
+        t_sent: float,
     ) -> web.StreamResponse:
         s = self.settings
         # Headers are in: from now on the gap between body chunks is what is bounded.
@@ -292,6 +387,7 @@ class Forwarder:
                 async for chunk in upstream.content.iter_any():
                     if not t_first:
                         t_first = loop.time()
+                        self.progress.first_byte(ep, t_sent, t_first)
                     await resp.write(chunk)
                     chunks += 1
                     prev_chunk, last_chunk = last_chunk, chunk
@@ -299,7 +395,9 @@ class Forwarder:
                 ex.ended = "ok"
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
                 if request.transport is None or request.transport.is_closing():
-                    raise  # the client left; nothing to tell it
+                    # The client left (a write to it failed): an ordinary event.
+                    log.debug("request %s: the client left mid-response", request_id)
+                    return resp
                 reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
                 self.record_outcome(ep, False)
                 ex.ended = "stream_timeout" if reason == "timed out" else "stream_disconnect"
@@ -310,20 +408,33 @@ class Forwarder:
                     request.transport.close()  # a cut body, never a complete-looking one
                     return resp
                 sep = b"" if last_chunk.endswith(b"\n\n") else b"\n\n"
+                timeout = reason == "timed out"
+                what = "stopped answering" if timeout else "failed"
                 await resp.write(
                     sep
                     + sse_error_event(
-                        f"backend '{ep.name}' failed mid-stream: {reason}",
-                        "upstream_timeout" if reason == "timed out" else "upstream_disconnected",
+                        f"the backend {what} mid-stream (request id {request_id})",
+                        "upstream_timeout" if timeout else "upstream_disconnected",
                     )
                 )
             await resp.write_eof()
+            return resp
+        except ConnectionError:  # the client left while lbproxy wrote to it
+            log.debug("request %s: the client left mid-response", request_id)
+            if clean:
+                ex.ended = "client_disconnect"
             return resp
         finally:
             ex.t_end = loop.time()
             ex.t_first = t_first
             ex.chunks = chunks
             ex.status = resp.status
+            if not t_first:  # no body byte: an empty body is an answer, a cut one is not
+                if clean:
+                    self.progress.first_byte(ep, t_sent, ex.t_end)
+                else:
+                    abandoned = ex.ended == "client_disconnect"
+                    self.progress.unanswered(ep, t_sent, ex.t_end, abandoned)
             if clean:
                 upstream.release()
             else:

@@ -141,6 +141,7 @@ class BackendStats:
         "client_disconnects",
         "completion_tokens",
         "decisions",
+        "disconnects_before_first_byte",
         "e2e",
         "failures",
         "itl",
@@ -162,6 +163,7 @@ class BackendStats:
         self.retries: dict[str, int] = {}  # cause -> attempts given up and retried
         self.failures: dict[str, int] = {}  # cause -> failed attempts, retried or not
         self.client_disconnects = 0
+        self.disconnects_before_first_byte = 0  # also in client_disconnects
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -322,6 +324,8 @@ class ProxyMetrics:
         if ended != "ok":
             if ended == "client_disconnect":
                 st.client_disconnects += 1
+                if not ex.t_first:
+                    st.disconnects_before_first_byte += 1
             else:
                 st.failures[ended] = st.failures.get(ended, 0) + 1
         elif ex.status < 400:
@@ -338,6 +342,20 @@ class ProxyMetrics:
                 gaps = completion - 1 if completion is not None else ex.chunks - 1
                 if gaps > 0:
                     st.itl.observe((ex.t_end - ex.t_first) / gaps, gaps)
+        if self.access_log is not None:
+            self.access_log.record(ex, ep, request.remote)
+
+    def abandoned(self, ex: Exchange, ep: Endpoint, t: float, request: web.Request) -> None:
+        """The client left at `t` while `ep` had not answered (status 499, nginx's "client
+        closed request", in the log and the request counts)."""
+        st = self.stats(ep)
+        st.client_disconnects += 1
+        st.disconnects_before_first_byte += 1
+        ex.status = 499
+        ex.ended = "client_disconnect"
+        ex.t_end = t
+        key = (route_label(ex.path), 499)
+        st.requests[key] = st.requests.get(key, 0) + 1
         if self.access_log is not None:
             self.access_log.record(ex, ep, request.remote)
 
@@ -401,7 +419,7 @@ class MetricsCollector:
         retries = CounterMetricFamily(
             "lbproxy_retries",
             "Attempts given up on this backend and retried on another, by cause "
-            "(connect_error, timeout, status_5xx, status_429)",
+            "(connect_error, timeout, reset_after_send, bad_response, status_5xx, status_429)",
             labels=[*_BACKEND, "cause"],
         )
         failures = CounterMetricFamily(
@@ -415,6 +433,20 @@ class MetricsCollector:
             "Responses cut short because the client went away",
             labels=_BACKEND,
         )
+        early = CounterMetricFamily(
+            "lbproxy_client_disconnects_before_first_byte",
+            "Clients that went away before the backend sent a body byte (also counted in "
+            "lbproxy_client_disconnects)",
+            labels=_BACKEND,
+        )
+        ejections = CounterMetricFamily(
+            "lbproxy_backend_ejections",
+            "Times the backend was taken out of rotation, by reason (failures: consecutive "
+            "failed requests; stall: no first byte while requests waited; health_check)",
+            labels=[*_BACKEND, "reason"],
+        )
+        health = getattr(self.state, "health", None)
+        ejected: dict[tuple[str, str, str], int] = health.ejections if health else {}
         decisions = CounterMetricFamily(
             "lbproxy_routing_decisions",
             "Routing decisions by the pool's profile and the backend chosen first",
@@ -428,10 +460,17 @@ class MetricsCollector:
             for cause, n in st.failures.items():
                 failures.add_metric([*lv, cause], n)
             disconnects.add_metric(lv, st.client_disconnects)
+            early.add_metric(lv, st.disconnects_before_first_byte)
             decisions.add_metric(
                 [st.pool, profiles.get(st.pool, ""), st.backend, st.vendor], st.decisions
             )
-        yield from (retries, failures, disconnects, decisions)
+        for ep in endpoints:
+            st = m.stats(ep)
+            for reason in ("failures", "stall", "health_check"):
+                n = ejected.get((ep.pool, ep.name, reason))
+                if n:
+                    ejections.add_metric([st.pool, st.backend, st.vendor, reason], n)
+        yield from (retries, failures, disconnects, early, ejections, decisions)
 
         # -- latency and tokens ----------------------------------------------------------
         hists = (

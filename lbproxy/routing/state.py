@@ -6,6 +6,7 @@ offline simulator); routing code only reads endpoint state and never performs I/
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,24 @@ class MetricsSnapshot:
     itl_count: float | None = None
 
 
+@dataclass(slots=True)
+class Progress:
+    """Whether an endpoint answers: first bytes of its responses, for stall detection.
+
+    Written by the forwarder (a few attribute writes per attempt, none per chunk) and read
+    by the health checker, which owns the rules (see `signals.health`).
+    """
+
+    waiting: int = 0  # attempts sent that have had no first body byte yet
+    owing: bool = False  # requests were sent and no first byte came back since `since`
+    since: float = 0.0
+    last_unanswered: float = 0.0  # when an attempt last ended without a first byte
+    # Recent send -> first body byte latencies (seconds): what "overdue" is relative to.
+    ttfb: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    generated: float | None = None  # the scraped generation-token counter, last seen
+    probe: int = 0  # half-open after a stall: 1 a probe is wanted, 2 it is out
+
+
 @dataclass(slots=True, eq=False)
 class Endpoint:
     """A backend as routing sees it. Identity is the object itself (eq=False)."""
@@ -53,6 +72,7 @@ class Endpoint:
     in_flight: int = 0
     in_flight_tokens: int = 0
     metrics: MetricsSnapshot | None = None
+    progress: Progress = field(default_factory=Progress)
     # Known KV-cache geometry (from vllm:cache_config_info or configuration).
     block_size: int | None = None
     num_gpu_blocks: int | None = None

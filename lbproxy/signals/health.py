@@ -28,6 +28,21 @@ before it opened) are ignored. State is keyed by the Endpoint object (names are 
 within a pool), so it follows an endpoint across a hot reload and is dropped when the
 endpoint leaves the configuration.
 
+Stall detection, for a backend whose /health answers but whose inference does not (a hung
+GPU, a stopped process behind a live socket): the forwarder tells `sent`, `first_byte`
+and `unanswered` of every attempt (`Endpoint.progress`). A backend is stalled when
+requests are waiting on it and none of its requests has had a first body byte for longer
+than its overdue time, max(`stall_after`, `stall_factor` x its slowest first byte among
+the last 32); requests abandoned unanswered keep the clock running, and the scraped
+generation-token counter moving stops it (a long non-streamed answer is not a stall).
+A stall opens the circuit at once. Its half-open period admits one probe request at a
+time, and only a first body byte of the probe closes it (response headers alone do not:
+a hung vLLM still sends the headers of a stream). A client abandoning a request before
+its first byte after the overdue time counts as a failed request.
+
+Ejections (circuit opened by failures or a stall, active check failed) are counted by
+reason in `ejections`, for /metrics.
+
 `on_change(ep)`, if set, is called synchronously whenever `ep.healthy` changes, and on every
 circuit transition (so also when a half-open circuit closes, which leaves `ep.healthy` as it
 was but ends the probe period): flow control dispatches waiting requests on it. Its
@@ -47,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from lbproxy.aio import PeriodicTask, loop_time
-from lbproxy.routing.state import Endpoint
+from lbproxy.routing.state import Endpoint, Progress
 from lbproxy.signals.failure_log import sanitize
 
 if TYPE_CHECKING:
@@ -56,6 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.health")
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+PROBE_WANTED, PROBE_OUT = 1, 2  # Progress.probe
 _STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
 
@@ -80,10 +96,11 @@ class _Probe:
 class _Circuit:
     """Circuit-breaker state of one endpoint."""
 
-    __slots__ = ("failures", "opened_at", "opens", "state", "timer")
+    __slots__ = ("failures", "opened_at", "opens", "reason", "state", "timer")
 
     def __init__(self) -> None:
         self.state = CLOSED
+        self.reason = ""  # why it last opened: failures | stall
         self.failures = 0  # consecutive failed attempts
         self.opened_at: float | None = None
         self.opens = 0  # times opened, ever
@@ -103,6 +120,8 @@ class HealthChecker:
         failure_threshold: int = 3,
         open_seconds: float = 10.0,
         active: bool = True,
+        stall_after: float | None = 15.0,
+        stall_factor: float = 4.0,
         clock: Callable[[], float] = loop_time,
         on_change: Callable[[Endpoint], None] | None = None,
     ) -> None:
@@ -112,8 +131,13 @@ class HealthChecker:
         self.on_change = on_change
         self._probes: dict[Endpoint, _Probe] = {}
         self._circuits: dict[Endpoint, _Circuit] = {}
+        # (pool, name, reason) -> times ejected; reason: failures | stall | health_check
+        self.ejections: dict[tuple[str, str, str], int] = {}
         self._rounds = PeriodicTask(
             "lbproxy-health", self._check_round, lambda: self.interval, first_now=True
+        )
+        self._stall_rounds = PeriodicTask(
+            "lbproxy-stall", self._stall_round, lambda: min(1.0, (self.stall_after or 4) / 4)
         )
         self.configure(
             interval=interval,
@@ -123,6 +147,8 @@ class HealthChecker:
             failure_threshold=failure_threshold,
             open_seconds=open_seconds,
             active=active,
+            stall_after=stall_after,
+            stall_factor=stall_factor,
         )
 
     def configure(
@@ -135,6 +161,8 @@ class HealthChecker:
         failure_threshold: int,
         open_seconds: float,
         active: bool = True,
+        stall_after: float | None = 15.0,
+        stall_factor: float = 4.0,
     ) -> None:
         """Set the thresholds (at start and on a hot reload); state is kept."""
         self.active = active
@@ -148,6 +176,8 @@ class HealthChecker:
         self.healthy_after = healthy_after
         self.failure_threshold = failure_threshold
         self.open_seconds = open_seconds
+        self.stall_after = stall_after  # None: no stall detection
+        self.stall_factor = stall_factor
 
     def configure_from(self, cfg: Health) -> None:
         """`configure` from the config's `health:` section (at start and on a hot reload)."""
@@ -159,6 +189,8 @@ class HealthChecker:
             failure_threshold=cfg.failure_threshold,
             open_seconds=cfg.open_seconds,
             active=cfg.active,
+            stall_after=cfg.stall_after,
+            stall_factor=cfg.stall_factor,
         )
 
     # ---- passive: the circuit breaker (hot path) ------------------------------------------
@@ -179,19 +211,25 @@ class HealthChecker:
     def _succeeded(self, ep: Endpoint, c: _Circuit) -> None:
         if c.state == OPEN:
             return  # a request sent before the circuit opened; the timer decides
+        if ep.progress.probe:
+            return  # after a stall only the probe's first body byte closes it
         c.failures = 0
         if c.state == HALF_OPEN:
             c.state = CLOSED
             log.info("backend %s: circuit closed (a request succeeded)", _label(ep))
             self._apply(ep, transition=True)
 
-    def _open(self, ep: Endpoint, c: _Circuit) -> None:
-        log.warning(
-            "backend %s: circuit open for %gs after %d consecutive failed requests",
-            _label(ep),
-            self.open_seconds,
-            c.failures,
-        )
+    def _open(self, ep: Endpoint, c: _Circuit, reason: str = "failures") -> None:
+        if reason == "failures":
+            log.warning(
+                "backend %s: circuit open for %gs after %d consecutive failed requests",
+                _label(ep),
+                self.open_seconds,
+                c.failures,
+            )
+        self._count_ejection(ep, reason)
+        c.reason = reason
+        ep.progress.probe = 0
         c.state = OPEN
         c.opened_at = self._clock()
         c.opens += 1
@@ -206,6 +244,8 @@ class HealthChecker:
             return  # the endpoint left the configuration
         c.state = HALF_OPEN
         c.failures = 0
+        if c.reason == "stall":
+            ep.progress.probe = PROBE_WANTED
         log.info("backend %s: circuit half-open (the next request is the probe)", _label(ep))
         self._apply(ep, transition=True)
 
@@ -213,7 +253,11 @@ class HealthChecker:
         """Recompute `ep.healthy`; tell `on_change` if it changed or the circuit moved."""
         probe = self._probes.get(ep)
         c = self._circuits.get(ep)
-        healthy = (probe is None or probe.up) and (c is None or c.state != OPEN)
+        healthy = (
+            (probe is None or probe.up)
+            and (c is None or c.state != OPEN)
+            and ep.progress.probe != PROBE_OUT  # one probe at a time after a stall
+        )
         changed = healthy != ep.healthy
         ep.healthy = healthy
         if (changed or transition) and self.on_change is not None:
@@ -221,6 +265,115 @@ class HealthChecker:
                 self.on_change(ep)
             except Exception:  # runs inside record(), on the forwarder's path: never raise
                 log.exception("health: on_change hook failed for %s", _label(ep))
+
+    def _count_ejection(self, ep: Endpoint, reason: str) -> None:
+        key = (ep.pool, ep.name, reason)
+        self.ejections[key] = self.ejections.get(key, 0) + 1
+
+    # ---- passive: stall detection (hot path: sent / first_byte / unanswered) -------------
+
+    def overdue_after(self, p: Progress) -> float:
+        """Seconds without a first byte after which the endpoint of `p` is stalled."""
+        floor = self.stall_after or 0.0
+        return max(floor, self.stall_factor * max(p.ttfb)) if p.ttfb else floor
+
+    def sent(self, ep: Endpoint, t: float) -> None:
+        """An attempt was sent to `ep` at `t`."""
+        p = ep.progress
+        if not p.owing:
+            p.owing, p.since = True, t
+        elif not p.waiting and t - p.last_unanswered > (self.stall_after or 0.0):
+            p.since = t  # what went unanswered did so long ago: a new wait begins
+        p.waiting += 1
+        if p.probe == PROBE_WANTED:
+            p.probe = PROBE_OUT
+            p.since = t  # the probe's own wait is what counts now
+            self._apply(ep)  # no more requests until the probe is answered
+
+    def first_byte(self, ep: Endpoint, t_sent: float, t: float) -> None:
+        """The attempt sent at `t_sent` got its first body byte (or a complete answer)."""
+        p = ep.progress
+        p.waiting -= 1
+        p.ttfb.append(t - t_sent)
+        if p.waiting:
+            p.since = t
+        else:
+            p.owing = False
+        if p.probe == PROBE_OUT:
+            c = self._circuits.get(ep)
+            p.probe = 0
+            if c is not None and c.state == HALF_OPEN:
+                c.state, c.failures = CLOSED, 0
+                log.info("backend %s: circuit closed (the probe got its first byte)", _label(ep))
+            self._apply(ep, transition=True)
+
+    def unanswered(self, ep: Endpoint, t_sent: float, t: float, abandoned: bool) -> None:
+        """The attempt sent at `t_sent` ended at `t` without a first byte; `abandoned`: the
+        client left (connection failures and timeouts reach `record` from the forwarder)."""
+        p = ep.progress
+        p.waiting -= 1
+        p.last_unanswered = t
+        if not abandoned:
+            return
+        if p.probe == PROBE_OUT:
+            c = self._circuits.get(ep)
+            if c is not None and c.state == HALF_OPEN:
+                log.warning(
+                    "backend %s: still stalled (the probe's client left without a first "
+                    "byte); circuit open for %gs",
+                    _label(ep),
+                    self.open_seconds,
+                )
+                self._open(ep, c, "stall")
+            return
+        waited = t - t_sent
+        if self.stall_after is not None and waited > self.overdue_after(p):
+            log.info(
+                "backend %s: a client gave up after %.1fs without a first byte",
+                _label(ep),
+                waited,
+            )
+            self.record(ep, False)
+
+    def check_stalls(self, now: float) -> None:
+        """Open the circuit of every endpoint that is stalled at `now`."""
+        if self.stall_after is None:
+            return
+        for ep in self._endpoints():
+            p = ep.progress
+            m = ep.metrics
+            if m is not None and m.generation_tokens is not None:
+                moved = p.generated is not None and m.generation_tokens > p.generated
+                if moved and p.owing and m.time > p.since:
+                    p.since = m.time  # it is generating: working, if slowly
+                p.generated = m.generation_tokens
+            if not p.waiting or not p.owing:
+                continue
+            age = now - p.since
+            overdue = self.overdue_after(p)
+            if age <= overdue:
+                continue
+            c = self._circuits.get(ep)
+            if c is None:
+                c = self._circuits[ep] = _Circuit()
+            if c.state == OPEN or (c.state == HALF_OPEN and p.probe == PROBE_WANTED):
+                continue  # already out, or waiting for a fresh probe
+            log.warning(
+                "backend %s ejected: stalled, %d requests waiting and no first byte for "
+                "%.1fs (overdue after %.1fs); circuit open for %gs",
+                _label(ep),
+                p.waiting,
+                age,
+                overdue,
+                self.open_seconds,
+            )
+            self._open(ep, c, "stall")
+
+    async def _stall_round(self) -> None:
+        try:
+            self.check_stalls(self._clock())
+        except Exception:  # never let one bad round stop stall detection
+            log.exception("stall check round failed")
 
     # ---- active: GET /health ---------------------------------------------------------------
 
@@ -258,6 +411,7 @@ class HealthChecker:
         if p.up and (definite or p.failures >= self.unhealthy_after):
             p.up = False
             log.warning("backend %s ejected: health check failed (%s)", _label(ep), error)
+            self._count_ejection(ep, "health_check")
             self._apply(ep)
 
     async def check_all(self) -> None:
@@ -299,6 +453,14 @@ class HealthChecker:
                 if c is None or c.opened_at is None or c.state == CLOSED
                 else round(now - c.opened_at, 3),
                 "times_opened": 0 if c is None else c.opens,
+                "last_reason": None if c is None or not c.reason else c.reason,
+            },
+            "progress": {
+                "waiting_first_byte": ep.progress.waiting,
+                "no_first_byte_for_s": round(now - ep.progress.since, 3)
+                if ep.progress.owing and ep.progress.waiting
+                else None,
+                "overdue_after_s": round(self.overdue_after(ep.progress), 3),
             },
         }
 
@@ -316,9 +478,11 @@ class HealthChecker:
 
     def start(self) -> None:
         self._rounds.start()
+        self._stall_rounds.start()
 
     async def stop(self) -> None:
         await self._rounds.stop()
+        await self._stall_rounds.stop()
         for c in self._circuits.values():
             if c.timer is not None:
                 c.timer.cancel()

@@ -178,6 +178,22 @@ class Limits(_Strict):
     max_attempts: int = Field(3, ge=1, le=10, description="backends tried per request")
     # aiohttp's max_line_size and max_field_size: longest request line / header field.
     max_header_bytes: int = Field(8190, ge=256, le=1024 * 1024)
+    # What clients may hold (see lbproxy/proxy/client_limits.py).
+    max_buffered_body_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="request bodies held at once; beyond: 503"
+    )
+    client_header_timeout: float = Field(
+        15.0, gt=0, description="connection (or a request's first byte) -> complete headers"
+    )
+    client_body_timeout: float = Field(
+        30.0, gt=0, description="longest gap between two pieces of a request body; then 408"
+    )
+    client_keepalive_timeout: float = Field(
+        75.0, gt=0, description="an idle client connection is closed after this long"
+    )
+    max_client_connections: int | None = Field(
+        None, ge=1, description="beyond: 503 and close; default (RLIMIT_NOFILE - 64) / 2"
+    )
 
 
 class Health(_Strict):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from lbproxy.config import Config
 from lbproxy.proxy.admin import AdminAPI, add_admin_routes
@@ -148,6 +149,26 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+async def _expect_elsewhere(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's default Expect handling, with an OpenAI-shaped 417 that does not quote
+    the header (its text/plain 417 quotes it, and a value that is not UTF-8 made a 500)."""
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        resp = ExpectationFailed("the only Expect accepted is 100-continue").response()
+        request.protocol._lingering_time = 0.0  # see _expect_continue
+        return resp
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+    return None
+
+
+def _replace_default_expect_handlers(app: web.Application) -> None:
+    for route in app.router.routes():
+        if getattr(route, "_expect_handler", None) is _default_expect_handler:
+            route._expect_handler = _expect_elsewhere  # type: ignore[attr-defined]
+
+
 async def _forward(request: web.Request) -> web.StreamResponse:
     forwarder = request.app[STATE].forwarder
     assert forwarder is not None
@@ -237,6 +258,7 @@ def build_app(
     app.router.add_get("/ready", _ready)
     install_observability(app, cfg, app[STATE])  # /metrics, /dashboard, access log
     app.router.add_route("*", "/{tail:.*}", _no_route)
+    _replace_default_expect_handlers(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app
@@ -332,6 +354,7 @@ async def start_proxy(
         assert app[STATE].admin is not None
         add_admin_routes(admin_app, app[STATE].admin)
         admin_app.router.add_route("*", "/{tail:.*}", _not_found)
+        _replace_default_expect_handlers(admin_app)
         admin_runner = ProxyRunner(
             admin_app,
             limits=limits,

@@ -51,7 +51,7 @@ def check_before_body(request: web.BaseRequest, limits: ClientLimits) -> None:
     encoding = _encoding_refused(request)
     if encoding is not None:
         raise UnsupportedContentEncoding(
-            f"request bodies with Content-Encoding '{encoding[:40]}' are not accepted: "
+            f"request bodies with Content-Encoding {encoding[:40]!a} are not accepted: "
             "send the JSON body uncompressed"
         )
     length = request.content_length

@@ -134,9 +134,15 @@ class UpstreamTimeout(ProxyError):
 
 
 def error_body(message: str, type_: str, code: str | int, param: str | None = None) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
+    try:
+        return orjson.dumps(
+            {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        )
+    except TypeError:  # a message quoting client bytes that are not UTF-8 (surrogates)
+        message = message.encode("utf-8", "backslashreplace").decode()
+        return orjson.dumps(
+            {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        )
 
 
 def sse_error_event(message: str, code: str) -> bytes:

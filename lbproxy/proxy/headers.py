@@ -9,9 +9,7 @@ are always dropped; `Authorization` is forwarded only when lbproxy checks no cli
 (no `auth.api_keys`) or `auth.forward_client_key` is true, and a backend with its own
 `api_key` always gets that key instead (see Forwarder._handle).
 
-A header value that is not valid UTF-8 cannot be sent on (the client library encodes
-UTF-8): such a request is refused with 400, naming the header (the request id header
-excepted: an unsafe id is replaced, see request_id.py).
+Other header values go on as the client sent them, bytes that are not UTF-8 included.
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
-
-from lbproxy.proxy.errors import BadRequest
 
 HOP_BY_HOP = frozenset(
     {
@@ -56,26 +52,10 @@ def upstream_headers(
     )
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in incoming.items():
-        lk = k.lower()
-        if lk not in drop:
-            if not (v.isascii() and k.isascii()) and lk != request_id_header.lower():
-                _check_utf8(k, v)
+        if k.lower() not in drop:
             out.add(k, v)
     out[request_id_header] = request_id
     return out
-
-
-def _check_utf8(name: str, value: str) -> None:
-    # The server decodes header bytes as UTF-8 with surrogateescape: a surrogate is a
-    # byte that was not UTF-8.
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        raise BadRequest("a request header name is not valid UTF-8") from None
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise BadRequest(f"the value of request header '{name}' is not valid UTF-8") from None
 
 
 def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:

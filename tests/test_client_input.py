@@ -160,15 +160,16 @@ def test_client_credentials_reaching_a_backend(fake_backends, run_proxy, with_ke
     assert ("authorization" in seen) is (not with_keys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: aiohttp's parser raises on the junk and drops the request parsed "
-    "before it in the same read",
-)
-def test_a_valid_request_followed_by_junk_gets_its_answer(fake_backends, run_proxy) -> None:
+@pytest.mark.parametrize("n", [1, 2])
+def test_valid_requests_followed_by_junk_get_their_answers(fake_backends, run_proxy, n) -> None:
     (backend,) = fake_backends(1)
     proxy = run_proxy(proxy_config([backend]))
     valid = raw_http.http_request("POST", "/v1/completions", [], BODY)
-    responses = raw_http.request(proxy.port, valid + b"\x01\x02 junk \xff\r\n\r\n")
-    assert [r.status for r in responses] == [200, 400]
-    assert len(backend.received) == 1
+    responses = raw_http.request(proxy.port, valid * n + b"\x01\x02 junk \xff\r\n\r\n")
+    assert [r.status for r in responses] == [200] * n + [400]
+    assert _error_code(responses[-1]) == "invalid_request"
+    assert len(backend.received) == n
+    # junk inside the first request's headers: only the 400, nothing reaches the backend
+    responses = raw_http.request(proxy.port, valid[:40] + b"\x01junk\r\n\r\n" + valid)
+    assert [r.status for r in responses] == [400]
+    assert len(backend.received) == n

@@ -37,9 +37,9 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from lbproxy.proxy.client_body import ProxyRequest
@@ -50,12 +50,13 @@ log = logging.getLogger("lbproxy")
 
 
 class _RequestHandler(RequestHandler):
-    __slots__ = ("_lb_header_timer", "_lb_runner")
+    __slots__ = ("_lb_header_timer", "_lb_runner", "_lb_seen_data")
 
     _lb_runner: ProxyRunner
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._lb_header_timer: asyncio.TimerHandle | None = None
+        self._lb_seen_data = False
         runner = self._lb_runner
         manager = self._manager
         if manager is not None and len(manager._connections) >= runner.limits.max_connections:
@@ -94,6 +95,10 @@ class _RequestHandler(RequestHandler):
         self.force_close()
 
     def data_received(self, data: bytes) -> None:
+        if not self._lb_seen_data:
+            self._lb_seen_data = True
+            if data and self._parser is not None and not self._upgraded:
+                self._parser = _FirstFeed(self._parser, self)  # see _FirstFeed
         # Waiting for a request (not reading a body): its first bytes start the clock.
         waiting = self._waiter is not None
         parsed = self._request_count
@@ -155,6 +160,68 @@ class _RequestHandler(RequestHandler):
         )
         resp.force_close()
         return resp
+
+
+class _FirstFeed:
+    """The parser for a connection's first bytes, which keeps the requests before junk.
+
+    When bytes that are not HTTP follow complete requests in one read (pipelining), the
+    parser raises on the junk and the requests it parsed before are lost: the client
+    gets only a 400. On a connection's first read the parser starts at a request
+    boundary, so the same bytes are parsed again one request at a time, and the complete
+    requests before the junk are answered, then the 400. Later reads are parsed directly
+    (their start may be inside a request, so a re-parse could see requests that are not
+    there)."""
+
+    __slots__ = ("_handler", "_parser")
+
+    def __init__(self, parser: Any, handler: _RequestHandler) -> None:
+        self._parser = parser
+        self._handler = handler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+    def feed_data(self, data: bytes) -> Any:
+        handler = self._handler
+        handler._parser = self._parser  # only this first read goes through here
+        try:
+            return self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages: list[Any] = _complete_requests(handler, data)
+            messages.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+            return messages, False, b""
+
+
+def _complete_requests(handler: _RequestHandler, data: bytes) -> list[Any]:
+    """The complete requests at the start of `data`, parsed one at a time."""
+    parser = HttpRequestParser(
+        handler,
+        handler._loop,
+        handler._read_bufsize,
+        max_line_size=handler.max_line_size,
+        max_field_size=handler.max_field_size,
+        max_headers=handler.max_headers,
+        payload_exception=RequestPayloadError,
+        auto_decompress=False,
+        max_msg_queue_size=1,  # pause after each request: what came before junk is kept
+    )
+    out: list[Any] = []
+    chunk = data
+    try:
+        while True:
+            messages, upgraded, _tail = parser.feed_data(chunk)
+            chunk = b""
+            if not messages or upgraded:
+                break
+            for message, payload in messages:
+                if not payload.is_eof():  # its body runs into the junk
+                    return out
+                out.append((message, payload))
+            parser.message_consumed()
+    except HttpProcessingError:
+        pass
+    return out
 
 
 _FULL_BODY = error_body(

@@ -15,6 +15,7 @@ import pytest
 
 from tests import raw_http
 from tests.conftest import proxy_config
+from tests.ops_helpers import admin_headers, start_proxy_from_file, write_config
 from tests.test_ops_shutdown import serve  # noqa: F401  (a fixture: lbproxy in a subprocess)
 
 KEY = "client-key-123"
@@ -201,3 +202,17 @@ def test_memory_is_bounded_by_the_body_budget(fake_backends, serve) -> None:  # 
     # Each body held costs about three times its size (the buffer, the parsed JSON, the
     # socket's send buffer): bounded by the budget, not by six bodies (about 290 MB).
     assert grown < 5 * budget, f"peak RSS grew by {grown / mib:.0f} MiB"
+
+
+def test_a_reload_reports_client_limits_as_needing_a_restart(fake_backends, loop_thread, tmp_path):
+    (backend,) = fake_backends(1)
+    cfg = proxy_config([backend], admin={"token": "admin-secret"})
+    path = write_config(tmp_path / "lbproxy.yaml", cfg)
+    proxy = loop_thread.run(start_proxy_from_file(path))
+    try:
+        write_config(path, {**cfg, "limits": {"client_body_timeout": 5}})
+        r = httpx.post(proxy.url + "/admin/reload", headers=admin_headers(), timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["restart_required"] == ["limits.client_body_timeout"]
+    finally:
+        loop_thread.run(proxy.close())

@@ -60,6 +60,11 @@ _RESTART_ONLY = (
     ("admin", "port"),
     ("limits", "max_body_bytes"),
     ("limits", "max_header_bytes"),
+    ("limits", "max_buffered_body_bytes"),
+    ("limits", "client_header_timeout"),
+    ("limits", "client_body_timeout"),
+    ("limits", "client_keepalive_timeout"),
+    ("limits", "max_client_connections"),
     ("shutdown_grace",),
     ("discovery",),
 )

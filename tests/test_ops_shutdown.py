@@ -172,6 +172,32 @@ def test_sigterm_grace_is_a_deadline(fake_backends, serve, loop) -> None:
     proc.wait_for(r"cut 1 requests still in flight", 1)
 
 
+def test_a_request_unanswered_at_the_deadline_gets_503(fake_backends, serve) -> None:
+    (backend,) = fake_backends(1, stall_before_headers=30)
+    proc = serve(proxy_config([backend], shutdown_grace=1))
+    out: dict[str, Any] = {}
+
+    def post() -> None:
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 1}
+        try:
+            r = httpx.post(proc.url + "/v1/completions", json=body, timeout=30)
+            out.update(status=r.status_code, body=r.json())
+        except Exception as e:
+            out.update(error=e)
+
+    t = threading.Thread(target=post)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not backend.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend.received  # lbproxy is waiting for the backend's answer
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(15) == 0
+    t.join(10)
+    assert out.get("status") == 503, out
+    assert out["body"]["error"]["code"] == "server_shutting_down"
+
+
 def test_a_second_sigterm_ends_the_process_at_once(fake_backends, serve) -> None:
     (backend,) = fake_backends(1, chunk_delay=0.1)
     proc = serve(proxy_config([backend], shutdown_grace=60))

@@ -5,7 +5,8 @@ Signals (installed by `run_until_signalled`):
   refused), idle keep-alive connections are closed, requests in flight (streams included)
   get up to `shutdown_grace` seconds to finish, then whatever is left is cut (its
   upstream connection closed, which makes vLLM abort it; an SSE stream first gets an
-  error event, code `server_shutting_down`, and `data: [DONE]`), background tasks stop
+  error event, code `server_shutting_down`, and `data: [DONE]`; a request with no
+  answer yet gets a 503 with that code), background tasks stop
   and the process exits 0, within about a second of the deadline. A second SIGTERM/SIGINT
   during the grace period kills the process.
 - SIGHUP: hot reload of the config file, as POST /admin/reload; an invalid file is logged
@@ -287,16 +288,17 @@ class ProxyRunner(web.AppRunner):
         return request
 
     def cut_in_flight(self) -> int:
-        """End every request still being handled (the shutdown's deadline): a stream gets
-        the SSE error event and its end; anything else is cancelled and its connection
-        closed. Cancelling a handler closes its upstream connection (vLLM aborts)."""
+        """End every request still being handled (the shutdown's deadline): one that has
+        no answer yet gets a 503, a stream the SSE error event and its end; each handler
+        is cancelled and its connection closed. Cancelling a handler closes its upstream
+        connection (vLLM aborts the request)."""
         n = 0
         for task, request in list(self.in_flight.items()):
             if task.done():
                 continue
             n += 1
             if isinstance(request, ProxyRequest):
-                _end_stream(request)
+                _end_response(request)
             task.cancel()
         return n
 
@@ -307,19 +309,36 @@ _CUT_EVENT = sse_error_event(
 )
 
 
-def _end_stream(request: ProxyRequest) -> None:
-    """Write the SSE error event and the end of the body to a stream being relayed.
+_SHUTTING_DOWN_BODY = error_body(
+    "lbproxy is shutting down and the request was not answered within the shutdown grace "
+    "period; retry it",
+    "service_unavailable",
+    "server_shutting_down",
+)
+_SHUTTING_DOWN = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_SHUTTING_DOWN_BODY), _SHUTTING_DOWN_BODY)
+)
+
+
+def _end_response(request: ProxyRequest) -> None:
+    """Finish what a request cut at the shutdown deadline has sent: a 503 when nothing
+    was sent yet (waiting for a backend or in the flow-control queue), the SSE error
+    event and the end of the body for a stream being relayed.
 
     Synchronous, so nothing the (then cancelled) handler writes can come between."""
     resp = request._lb_response
     writer = request._payload_writer
     transport = request.transport
+    if writer is None or transport is None or transport.is_closing():
+        return
+    if resp is None:
+        if writer.output_size == 0:
+            transport.write(_SHUTTING_DOWN)
+        return
     if (
-        resp is None
-        or writer is None
-        or transport is None
-        or transport.is_closing()
-        or not resp.prepared
+        not resp.prepared
         or resp.content_type != "text/event-stream"
         or getattr(writer, "_eof", False)
     ):

@@ -188,6 +188,9 @@ class Limits(_Strict):
     client_body_timeout: float = Field(
         30.0, gt=0, description="longest gap between two pieces of a request body; then 408"
     )
+    client_body_min_rate: int = Field(
+        16 * 1024, ge=0, description="bytes/s a request body must average (0: no minimum)"
+    )
     client_keepalive_timeout: float = Field(
         75.0, gt=0, description="an idle client connection is closed after this long"
     )

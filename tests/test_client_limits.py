@@ -5,6 +5,7 @@ gets, and that well-behaved clients keep being served."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -89,6 +90,41 @@ def test_a_trickled_body_gets_408_and_frees_the_key_slot(fake_backends, run_prox
     (resp,) = raw_http.request(proxy.port, raw)  # the key's one slot is free again
     assert resp.status == 200
     assert len(backend.received) == 1
+
+
+def test_a_body_trickled_without_long_gaps_is_cut_by_the_minimum_rate(
+    fake_backends, run_proxy
+) -> None:
+    (backend,) = fake_backends(1)
+    cfg = proxy_config(
+        [backend],
+        auth={"api_keys": [KEY], "max_concurrent_per_key": 1},
+        limits={"client_body_timeout": 1, "client_body_min_rate": 100},
+    )
+    proxy = run_proxy(cfg)
+    raw = _post(key=KEY)
+    head_len = raw.index(b"\r\n\r\n") + 4
+    with raw_http.connect(proxy.port) as s:
+        t0 = time.monotonic()
+        s.sendall(raw[:head_len])
+        answer = b""
+        for byte in raw[head_len:]:  # 5 bytes/s: no gap reaches the 1 s timeout
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.2)
+            s.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                answer += s.recv(65536)
+            if answer or time.monotonic() - t0 > 8:
+                break
+        answer += raw_http.read_all(s, 5)
+    (resp,) = raw_http.parse_responses(answer)
+    assert resp.status == 408, resp
+    assert time.monotonic() - t0 < 1 + 5  # 1 s plus (bytes so far / 100) s, not 10 s
+    (resp,) = raw_http.request(proxy.port, raw)  # the key's one slot is free again
+    assert resp.status == 200
 
 
 def test_an_idle_keepalive_connection_is_closed(fake_backends, run_proxy) -> None:

@@ -63,6 +63,7 @@ _RESTART_ONLY = (
     ("limits", "max_buffered_body_bytes"),
     ("limits", "client_header_timeout"),
     ("limits", "client_body_timeout"),
+    ("limits", "client_body_min_rate"),
     ("limits", "client_keepalive_timeout"),
     ("limits", "max_client_connections"),
     ("shutdown_grace",),

@@ -8,8 +8,10 @@ route and re-sent on a retry), so what bodies may cost is bounded here:
 - `limits.max_buffered_body_bytes` for all bodies held at once: a body that would take
   the total past it is refused at once with 503 and Retry-After (by its Content-Length,
   or chunk by chunk for a chunked body). A body is counted until its request has ended.
-- `limits.client_body_timeout`: the longest gap between two pieces of a body; then 408
-  and the connection is closed (the key's concurrency slot is released with the request).
+- `limits.client_body_timeout`: the longest gap between two pieces of a body, and
+  `limits.client_body_min_rate`: the slowest average rate (the whole body gets the
+  timeout plus a second per that many bytes); then 408 and the connection is closed
+  (the key's concurrency slot is released with the request).
 - A body is read into one buffer of its Content-Length and handed on as a view of it,
   never copied (aiohttp's own read grows a buffer chunk by chunk, then copies it; the
   client library copies a bytearray again when it sends it).
@@ -104,42 +106,54 @@ class ProxyRequest(web.Request):
         length = self.content_length
         max_size = self.client_max_size
         loop = asyncio.get_running_loop()
-        idle = limits.body_timeout
+        idle, min_rate = limits.body_timeout, limits.body_min_rate
+        t0 = loop.time()
+        received = 0
+
+        def next_deadline() -> float:
+            # The next gap may last `idle`, but the whole body gets no more than `idle`
+            # plus a second per `min_rate` bytes received: a trickle cannot last forever.
+            end = loop.time() + idle
+            return min(end, t0 + idle + received / min_rate) if min_rate else end
+
         try:
             async with asyncio.timeout(idle) as deadline:
                 if length is not None:
                     self._hold(length)
                     buf = bytearray(length)
                     view = memoryview(buf)
-                    pos = 0
-                    while pos < length:
+                    while received < length:
                         chunk = await payload.readany()
                         if not chunk:
                             raise BadRequest("request body ended before its Content-Length")
-                        view[pos : pos + len(chunk)] = chunk
-                        pos += len(chunk)
-                        deadline.reschedule(loop.time() + idle)
+                        view[received : received + len(chunk)] = chunk
+                        received += len(chunk)
+                        deadline.reschedule(next_deadline())
                 else:  # chunked (or no body): counted as it arrives
                     buf = bytearray()
                     while chunk := await payload.readany():
-                        if len(buf) + len(chunk) > max_size:
+                        if received + len(chunk) > max_size:
                             raise BodyTooLarge(
                                 f"request body exceeds the limit of {max_size} bytes"
                             )
                         self._hold(len(chunk))
                         buf += chunk
-                        deadline.reschedule(loop.time() + idle)
+                        received += len(chunk)
+                        deadline.reschedule(next_deadline())
+                    view = memoryview(buf)
         except TimeoutError:
             # No lingering close (aiohttp reads what is left for up to 10 s): this client
             # has been trickling long enough.
             self.protocol._lingering_time = 0.0
+            rate = f" or under {min_rate} bytes/s on average" if min_rate else ""
             raise RequestTimeout(
-                f"no request body bytes arrived for {idle:g} seconds; the request is dropped"
+                f"the request body arrived too slowly (a gap over {idle:g} s{rate}); "
+                "the request is dropped"
             ) from None
         # A view of the buffer, not a copy: bytes() would double the peak, and the client
         # library slices what it sends (a bytearray slice is a copy, a view's is not).
         # Callers only parse it, measure it and send it.
-        return memoryview(buf)  # type: ignore[return-value]
+        return view  # type: ignore[return-value]
 
     async def text(self) -> str:
         return bytes(await self.read()).decode(self.charset or "utf-8")

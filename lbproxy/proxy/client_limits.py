@@ -51,6 +51,7 @@ class BodyBudget:
 class ClientLimits:
     header_timeout: float = 15.0  # connection open (or first byte) -> complete headers
     body_timeout: float = 30.0  # longest gap between two pieces of a body
+    body_min_rate: int = 16 * 1024  # bytes/s a body must average (0: no minimum)
     keepalive_timeout: float = 75.0  # idle connection between requests
     max_connections: int = field(default_factory=default_max_connections)
     budget: BodyBudget = field(default_factory=lambda: BodyBudget(256 * 1024 * 1024))
@@ -60,6 +61,7 @@ class ClientLimits:
         return cls(
             header_timeout=limits.client_header_timeout,
             body_timeout=limits.client_body_timeout,
+            body_min_rate=limits.client_body_min_rate,
             keepalive_timeout=limits.client_keepalive_timeout,
             max_connections=limits.max_client_connections or default_max_connections(),
             budget=BodyBudget(limits.max_buffered_body_bytes),

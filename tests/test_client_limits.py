@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from lbproxy.config import ConfigError, parse_config
 from tests import raw_http
 from tests.conftest import proxy_config
 from tests.ops_helpers import admin_headers, start_proxy_from_file, write_config
@@ -252,3 +253,18 @@ def test_a_reload_reports_client_limits_as_needing_a_restart(fake_backends, loop
         assert r.json()["restart_required"] == ["limits.client_body_timeout"]
     finally:
         loop_thread.run(proxy.close())
+
+
+@pytest.mark.parametrize(
+    "limits, key",
+    [
+        ({"client_body_timeout": 0}, "limits.client_body_timeout"),
+        ({"max_client_connections": 0}, "limits.max_client_connections"),
+        ({"max_buffered_body_bytes": -1}, "limits.max_buffered_body_bytes"),
+        ({"client_body_min_rate": "fast"}, "limits.client_body_min_rate"),
+    ],
+)
+def test_bad_client_limits_name_the_file_and_key(limits, key) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(proxy_config(["http://127.0.0.1:1"], limits=limits), "lbproxy.yaml")
+    assert str(err.value).startswith(f"lbproxy.yaml: {key}: "), err.value

@@ -188,6 +188,25 @@ class Limits(_Strict):
     retry_after_send: bool = Field(
         True, description="re-run a request on another backend after it was sent to one"
     )
+    # What clients may hold (see lbproxy/proxy/client_limits.py).
+    max_buffered_body_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="request bodies held at once; beyond: 503"
+    )
+    client_header_timeout: float = Field(
+        15.0, gt=0, description="connection (or a request's first byte) -> complete headers"
+    )
+    client_body_timeout: float = Field(
+        30.0, gt=0, description="longest gap between two pieces of a request body; then 408"
+    )
+    client_body_min_rate: int = Field(
+        16 * 1024, ge=0, description="bytes/s a request body must average (0: no minimum)"
+    )
+    client_keepalive_timeout: float = Field(
+        75.0, gt=0, description="an idle client connection is closed after this long"
+    )
+    max_client_connections: int | None = Field(
+        None, ge=1, description="beyond: 503 and close; default (RLIMIT_NOFILE - 64) / 2"
+    )
 
 
 class Health(_Strict):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import proxy_config
@@ -140,23 +141,61 @@ def test_sigterm_lets_the_stream_finish_refuses_new_connections_and_exits_0(
     proc.wait_for(r"lbproxy stopped", 1)
 
 
-def test_sigterm_grace_is_a_deadline(fake_backends, serve) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sigterm_grace_is_a_deadline(fake_backends, serve, loop) -> None:
+    pytest.importorskip(loop)
     (backend,) = fake_backends(1, chunk_delay=0.1)
-    proc = serve(proxy_config([backend], shutdown_grace=1))
+    grace = 3.0
+    proc = serve(proxy_config([backend], shutdown_grace=grace), loop)
     stream = Stream(proc.url, max_tokens=300)  # about 30 s: longer than the grace
     stream.start()
     assert stream.first.wait(10)
     t0 = time.monotonic()
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(15) == 0
-    assert time.monotonic() - t0 < 10  # the grace (1 s) plus start-up slack, not 30 s
+    # the grace and about a second, not twice the grace (aiohttp's two waits)
+    assert time.monotonic() - t0 < grace + 2
     stream.join(10)
-    assert not stream.text.endswith("data: [DONE]\n\n")  # it was cut at the deadline
+    assert stream.error is None, stream.error  # a complete response, not a broken one
+    # cut at the deadline, the stream ends as a mid-stream failure does: an error event
+    text = stream.text
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    event = [e for e in text.split("\n\n") if e.startswith("data: {")][-1]
+    error = orjson.loads(event.removeprefix("data: "))["error"]
+    assert error["code"] == "server_shutting_down"
+    assert text.count("data: {") < 100  # cut: far from the 300 tokens
     # the backend saw the client go away (its request is aborted, its KV freed)
     deadline = time.monotonic() + 5
     while not backend.disconnects and time.monotonic() < deadline:
         time.sleep(0.05)
     assert backend.disconnects
+    proc.wait_for(r"cut 1 requests still in flight", 1)
+
+
+def test_a_request_unanswered_at_the_deadline_gets_503(fake_backends, serve) -> None:
+    (backend,) = fake_backends(1, stall_before_headers=30)
+    proc = serve(proxy_config([backend], shutdown_grace=1))
+    out: dict[str, Any] = {}
+
+    def post() -> None:
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 1}
+        try:
+            r = httpx.post(proc.url + "/v1/completions", json=body, timeout=30)
+            out.update(status=r.status_code, body=r.json())
+        except Exception as e:
+            out.update(error=e)
+
+    t = threading.Thread(target=post)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not backend.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend.received  # lbproxy is waiting for the backend's answer
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(15) == 0
+    t.join(10)
+    assert out.get("status") == 503, out
+    assert out["body"]["error"]["code"] == "server_shutting_down"
 
 
 def test_a_second_sigterm_ends_the_process_at_once(fake_backends, serve) -> None:

@@ -61,6 +61,12 @@ _RESTART_ONLY = (
     ("limits", "max_body_bytes"),
     ("limits", "max_header_bytes"),
     ("timeouts", "upstream_keepalive"),
+    ("limits", "max_buffered_body_bytes"),
+    ("limits", "client_header_timeout"),
+    ("limits", "client_body_timeout"),
+    ("limits", "client_body_min_rate"),
+    ("limits", "client_keepalive_timeout"),
+    ("limits", "max_client_connections"),
     ("shutdown_grace",),
     ("discovery",),
 )

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from lbproxy.config import Config
 from lbproxy.proxy.admin import AdminAPI, add_admin_routes
 from lbproxy.proxy.auth import build_authenticator
-from lbproxy.proxy.errors import ProxyError, error_body
+from lbproxy.proxy.client_body import ProxyRequest, check_before_body
+from lbproxy.proxy.client_limits import ClientLimits
+from lbproxy.proxy.errors import ExpectationFailed, ProxyError, error_body
 from lbproxy.proxy.forward import Forwarder, ForwardSettings
 from lbproxy.proxy.kv_feed import start_subscriber
 from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
@@ -22,6 +25,7 @@ from lbproxy.proxy.observability import OBS
 from lbproxy.proxy.observability import install as install_observability
 from lbproxy.proxy.observability import install_on_admin as install_admin_observability
 from lbproxy.proxy.pools import PoolTable
+from lbproxy.proxy.request_id import client_request_id
 from lbproxy.routing.state import Endpoint
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
@@ -116,6 +120,55 @@ async def _not_found(request: web.Request) -> web.Response:
         ),
         content_type="application/json",
     )
+
+
+async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` on /v1/*: the client holds its body back until told to go
+    on, so whatever its headers already rule out (key, Content-Encoding, size, the body
+    memory budget) is answered first, without 100 Continue, and the connection closed."""
+    if request.version != aiohttp.HttpVersion11:
+        return None  # an HTTP/1.0 client does not wait for 100 Continue
+    st = request.app[STATE]
+    request_id = client_request_id(request.headers.get(st.config.request_id_header))
+    id_header = {st.config.request_id_header: request_id}
+    try:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise ExpectationFailed("the only Expect accepted is 100-continue")
+        auth = st.forwarder.auth if st.forwarder is not None else None
+        if auth is not None:
+            auth.check(request)
+        if isinstance(request, ProxyRequest):
+            check_before_body(request, request._lb_limits)
+    except ProxyError as e:
+        resp = e.response(id_header)
+        resp.force_close()
+        # The client holds its body back: close at once rather than wait (aiohttp's
+        # lingering close) for a body that is not coming.
+        request.protocol._lingering_time = 0.0
+        return resp
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not started
+    return None
+
+
+async def _expect_elsewhere(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's default Expect handling, with an OpenAI-shaped 417 that does not quote
+    the header (its text/plain 417 quotes it, and a value that is not UTF-8 made a 500)."""
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        resp = ExpectationFailed("the only Expect accepted is 100-continue").response()
+        request.protocol._lingering_time = 0.0  # see _expect_continue
+        return resp
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+    return None
+
+
+def _replace_default_expect_handlers(app: web.Application) -> None:
+    for route in app.router.routes():
+        if getattr(route, "_expect_handler", None) is _default_expect_handler:
+            route._expect_handler = _expect_elsewhere  # type: ignore[attr-defined]
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -220,12 +273,13 @@ def build_app(
     st.admin = AdminAPI(st)
     if not cfg.admin.separate():
         add_admin_routes(app, st.admin)
-    app.router.add_post("/v1/{tail:.*}", _forward)
+    app.router.add_post("/v1/{tail:.*}", _forward, expect_handler=_expect_continue)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     install_observability(app, cfg, app[STATE])  # /metrics, /dashboard, access log
     app.router.add_route("*", "/{tail:.*}", _no_route)
+    _replace_default_expect_handlers(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app
@@ -233,10 +287,11 @@ def build_app(
 
 @dataclass
 class RunningProxy:
-    runner: web.AppRunner
+    runner: ProxyRunner
     host: str
     port: int
-    admin_runner: web.AppRunner | None = None  # when the admin API has its own listener
+    grace: float = 30.0  # shutdown_grace: requests in flight at close() get this long
+    admin_runner: ProxyRunner | None = None  # when the admin API has its own listener
     admin_host: str | None = None
     admin_port: int | None = None
 
@@ -256,10 +311,23 @@ class RunningProxy:
         return self.runner.app[STATE]
 
     async def close(self) -> None:
-        """Graceful: stop listening, let requests in flight finish (up to shutdown_grace)."""
+        """Graceful: stop listening, let requests in flight finish (up to shutdown_grace),
+        then cut what is left (a stream ends with an SSE error event)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.grace, self._cut)
+        try:
+            if self.admin_runner is not None:
+                await self.admin_runner.cleanup()
+            await self.runner.cleanup()
+        finally:
+            deadline.cancel()
+
+    def _cut(self) -> None:
+        n = self.runner.cut_in_flight()
         if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
-        await self.runner.cleanup()
+            n += self.admin_runner.cut_in_flight()
+        if n:
+            log.warning("shutdown grace period over: cut %d requests still in flight", n)
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
@@ -284,18 +352,22 @@ async def start_proxy(
     max_header = cfg.limits.max_header_bytes
     # handler_cancellation: a client that disconnects cancels its handler at once, which
     # closes the upstream connection so that vLLM aborts the request and frees its KV.
+    limits = ClientLimits.from_config(cfg.limits)
     runner = ProxyRunner(
         app,
+        limits=limits,
         handler_cancellation=True,
         access_log=None,
         max_line_size=max_header,
         max_field_size=max_header,
-        shutdown_timeout=cfg.shutdown_grace,
+        # The deadline is RunningProxy.close's cut at shutdown_grace; aiohttp's own wait
+        # is a fallback (it waits up to twice this, and rounds it up to a second).
+        shutdown_timeout=cfg.shutdown_grace + 1,
     )
     await runner.setup()
     bind_host = host or cfg.listen.host
     bound = await _listen(runner, bind_host, cfg.listen.port if port is None else port)
-    proxy = RunningProxy(runner, bind_host, bound)
+    proxy = RunningProxy(runner, bind_host, bound, grace=cfg.shutdown_grace)
     admin = cfg.admin
     if admin.separate():
         # Its own application on its own listener: /admin/* is then absent from the main one.
@@ -304,8 +376,10 @@ async def start_proxy(
         add_admin_routes(admin_app, app[STATE].admin)
         install_admin_observability(admin_app, app)  # served here with protect: admin_listener
         admin_app.router.add_route("*", "/{tail:.*}", _not_found)
+        _replace_default_expect_handlers(admin_app)
         admin_runner = ProxyRunner(
             admin_app,
+            limits=limits,
             access_log=None,
             max_line_size=max_header,
             max_field_size=max_header,

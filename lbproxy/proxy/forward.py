@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +50,7 @@ from lbproxy.proxy.flow_gate import Overloaded
 from lbproxy.proxy.headers import downstream_headers, upstream_headers
 from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.pools import PoolTable
+from lbproxy.proxy.request_id import client_request_id
 from lbproxy.routing.state import Endpoint, RequestContext
 
 log = logging.getLogger("lbproxy.proxy")
@@ -150,7 +150,7 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         s = self.settings
-        request_id = request.headers.get(s.request_id_header) or uuid.uuid4().hex
+        request_id = client_request_id(request.headers.get(s.request_id_header))
         # The request's one clock read before its response: latency origin and routing's now.
         ex = Exchange(asyncio.get_running_loop().time(), request_id, request.path)
         id_header = {s.request_id_header: request_id}

@@ -3,6 +3,13 @@
 Hop-by-hop headers (RFC 9110 section 7.6.1) and any header the Connection header names
 belong to one connection and are dropped; Host and Content-Length are recomputed by the
 client library for the upstream leg.
+
+Client credentials never reach a backend, except one case: `Cookie` and `x-api-key`
+are always dropped; `Authorization` is forwarded only when lbproxy checks no client keys
+(no `auth.api_keys`) or `auth.forward_client_key` is true, and a backend with its own
+`api_key` always gets that key instead (see Forwarder._handle).
+
+Other header values go on as the client sent them, bytes that are not UTF-8 included.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length"}
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "cookie", "x-api-key"}
 _NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length", "date", "server"}
 
 

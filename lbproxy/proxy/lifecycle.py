@@ -3,17 +3,28 @@
 Signals (installed by `run_until_signalled`):
 - SIGTERM or SIGINT: graceful shutdown. The listeners close at once (new connections are
   refused), idle keep-alive connections are closed, requests in flight (streams included)
-  get up to `shutdown_grace` seconds to finish, then whatever is left is cancelled (its
-  upstream connection closed, which makes vLLM abort it), background tasks stop and the
-  process exits 0. A second SIGTERM/SIGINT during the grace period kills the process.
+  get up to `shutdown_grace` seconds to finish, then whatever is left is cut (its
+  upstream connection closed, which makes vLLM abort it; an SSE stream first gets an
+  error event, code `server_shutting_down`, and `data: [DONE]`; a request with no
+  answer yet gets a 503 with that code), background tasks stop
+  and the process exits 0, within about a second of the deadline. A second SIGTERM/SIGINT
+  during the grace period kills the process.
 - SIGHUP: hot reload of the config file, as POST /admin/reload; an invalid file is logged
   and the running config stays.
 
-`ProxyRunner` is aiohttp's AppRunner with one change: a request that cannot be parsed
-(a header or request line over `limits.max_header_bytes`, or malformed HTTP) is answered
-in OpenAI's error shape, 431 or 400, and logged without its bytes; aiohttp's default is
-a text/plain 400 and an ERROR log that quotes the first 100 bytes of the offending line,
-which can be an Authorization header.
+`ProxyRunner` is aiohttp's AppRunner with these changes:
+- A request that cannot be parsed (a header or request line over
+  `limits.max_header_bytes`, or malformed HTTP) is answered in OpenAI's error shape, 431
+  or 400, and logged without its bytes; aiohttp's default is a text/plain 400 and an
+  ERROR log that quotes the first 100 bytes of the offending line, which can be an
+  Authorization header.
+- Client connections are bounded (`ClientLimits`): beyond `limits.max_client_connections`
+  a new connection gets a 503 and is closed at once; a connection must deliver complete
+  request headers within `limits.client_header_timeout` of opening (or, between
+  requests, of its next request's first byte), else it is closed; an idle connection is
+  closed after `limits.client_keepalive_timeout`.
+- Requests are `ProxyRequest`s (client_body.py): bodies are never decompressed, read
+  within a time and memory budget, and given back to the budget when the request ends.
 """
 
 from __future__ import annotations
@@ -22,19 +33,108 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_request import BaseRequest
 
-from lbproxy.proxy.errors import error_body
+from lbproxy.proxy.client_body import ProxyRequest
+from lbproxy.proxy.client_limits import ClientLimits
+from lbproxy.proxy.errors import error_body, sse_error_event
 
 log = logging.getLogger("lbproxy")
 
 
 class _RequestHandler(RequestHandler):
-    __slots__ = ()
+    __slots__ = ("_lb_header_timer", "_lb_runner", "_lb_seen_data")
+
+    _lb_runner: ProxyRunner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._lb_header_timer: asyncio.TimerHandle | None = None
+        self._lb_seen_data = False
+        runner = self._lb_runner
+        manager = self._manager
+        if manager is not None and len(manager._connections) >= runner.limits.max_connections:
+            # Over the cap: answer at once and close, so that the connections already
+            # open (and the process's file descriptors) keep working.
+            runner.refused_connections += 1
+            refused = runner.refused_connections
+            if refused in (1, 10, 100) or refused % 1000 == 0:  # a flood logs a few lines
+                log.warning(
+                    "refused a connection: %d client connections are open "
+                    "(limits.max_client_connections); %d refused so far",
+                    len(manager._connections),
+                    refused,
+                )
+            cast(asyncio.Transport, transport).write(_FULL)
+            transport.close()
+            return
+        super().connection_made(transport)
+        # A new connection must send its request headers within the header timeout.
+        self._lb_arm_header_timer()
+
+    def _lb_arm_header_timer(self) -> None:
+        timeout = self._lb_runner.limits.header_timeout
+        if timeout:
+            self._lb_header_timer = self._loop.call_later(timeout, self._lb_header_timeout)
+
+    def _lb_header_timeout(self) -> None:
+        self._lb_header_timer = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        log.info(
+            "closed a connection from %s: no complete request headers within %gs",
+            self.peername,
+            self._lb_runner.limits.header_timeout,
+        )
+        self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lb_seen_data:
+            self._lb_seen_data = True
+            if data and self._parser is not None and not self._upgraded:
+                self._parser = _FirstFeed(self._parser, self)  # see _FirstFeed
+        # Waiting for a request (not reading a body): its first bytes start the clock.
+        waiting = self._waiter is not None
+        parsed = self._request_count
+        super().data_received(data)
+        timer = self._lb_header_timer
+        if self._request_count != parsed:  # its headers are complete
+            if timer is not None:
+                timer.cancel()
+                self._lb_header_timer = None
+        elif waiting and timer is None:
+            self._lb_arm_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        timer = self._lb_header_timer
+        if timer is not None:
+            timer.cancel()
+            self._lb_header_timer = None
+        super().connection_lost(exc)
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        in_flight = self._lb_runner.in_flight
+        task = asyncio.current_task()
+        assert task is not None
+        in_flight[task] = request
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            del in_flight[task]
+            if isinstance(request, ProxyRequest):
+                request.release_body()
 
     def handle_error(
         self,
@@ -63,13 +163,105 @@ class _RequestHandler(RequestHandler):
         return resp
 
 
+class _FirstFeed:
+    """The parser for a connection's first bytes, which keeps the requests before junk.
+
+    When bytes that are not HTTP follow complete requests in one read (pipelining), the
+    parser raises on the junk and the requests it parsed before are lost: the client
+    gets only a 400. On a connection's first read the parser starts at a request
+    boundary, so the same bytes are parsed again one request at a time, and the complete
+    requests before the junk are answered, then the 400. Later reads are parsed directly
+    (their start may be inside a request, so a re-parse could see requests that are not
+    there)."""
+
+    __slots__ = ("_handler", "_parser")
+
+    def __init__(self, parser: Any, handler: _RequestHandler) -> None:
+        self._parser = parser
+        self._handler = handler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+    def feed_data(self, data: bytes) -> Any:
+        handler = self._handler
+        handler._parser = self._parser  # only this first read goes through here
+        try:
+            return self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages: list[Any] = _complete_requests(handler, data)
+            messages.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+            return messages, False, b""
+
+
+def _complete_requests(handler: _RequestHandler, data: bytes) -> list[Any]:
+    """The complete requests at the start of `data`, parsed one at a time."""
+    parser = HttpRequestParser(
+        handler,
+        handler._loop,
+        handler._read_bufsize,
+        max_line_size=handler.max_line_size,
+        max_field_size=handler.max_field_size,
+        max_headers=handler.max_headers,
+        payload_exception=RequestPayloadError,
+        auto_decompress=False,
+        max_msg_queue_size=1,  # pause after each request: what came before junk is kept
+    )
+    out: list[Any] = []
+    chunk = data
+    try:
+        while True:
+            messages, upgraded, _tail = parser.feed_data(chunk)
+            chunk = b""
+            if not messages or upgraded:
+                break
+            for message, payload in messages:
+                if not payload.is_eof():  # its body runs into the junk
+                    return out
+                out.append((message, payload))
+            parser.message_consumed()
+    except HttpProcessingError:
+        pass
+    return out
+
+
+_FULL_BODY = error_body(
+    "lbproxy has as many client connections open as it allows; retry shortly",
+    "service_unavailable",
+    "too_many_connections",
+)
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_FULL_BODY), _FULL_BODY)
+)
+
+
 class _Server(web.Server):
+    _lb_runner: ProxyRunner
+
     def __call__(self) -> RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler._lb_runner = self._lb_runner
+        return handler
 
 
 class ProxyRunner(web.AppRunner):
-    """AppRunner whose connections refuse unparseable requests in OpenAI's error shape."""
+    """AppRunner whose connections are bounded by `limits` (see the module's docstring)
+    and refuse unparseable requests in OpenAI's error shape."""
+
+    def __init__(
+        self, app: web.Application, *, limits: ClientLimits | None = None, **kwargs: Any
+    ) -> None:
+        limits = limits or ClientLimits()
+        kwargs.setdefault("keepalive_timeout", limits.keepalive_timeout)
+        # Bodies are relayed as received and never inflated in lbproxy's memory.
+        kwargs.setdefault("auto_decompress", False)
+        super().__init__(app, **kwargs)
+        self.limits = limits
+        self.refused_connections = 0
+        # Requests being handled, with their tasks: what a shutdown cuts at its deadline.
+        self.in_flight: dict[asyncio.Task[Any], BaseRequest] = {}
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -77,7 +269,89 @@ class ProxyRunner(web.AppRunner):
         # middlewares), so the connection handler class is swapped for one that answers
         # them; test_ops_auth checks the result against the installed aiohttp.
         server.__class__ = _Server
+        cast(_Server, server)._lb_runner = self
+        server.request_factory = self._make_request
         return server
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> BaseRequest:
+        request = self._app._make_request(
+            message, payload, protocol, writer, task, _cls=ProxyRequest
+        )
+        request._lb_limits = self.limits
+        return request
+
+    def cut_in_flight(self) -> int:
+        """End every request still being handled (the shutdown's deadline): one that has
+        no answer yet gets a 503, a stream the SSE error event and its end; each handler
+        is cancelled and its connection closed. Cancelling a handler closes its upstream
+        connection (vLLM aborts the request)."""
+        n = 0
+        for task, request in list(self.in_flight.items()):
+            if task.done():
+                continue
+            n += 1
+            if isinstance(request, ProxyRequest):
+                _end_response(request)
+            task.cancel()
+        return n
+
+
+_CUT_EVENT = sse_error_event(
+    "lbproxy is shutting down: the stream was cut at the end of the shutdown grace period",
+    "server_shutting_down",
+)
+
+
+_SHUTTING_DOWN_BODY = error_body(
+    "lbproxy is shutting down and the request was not answered within the shutdown grace "
+    "period; retry it",
+    "service_unavailable",
+    "server_shutting_down",
+)
+_SHUTTING_DOWN = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_SHUTTING_DOWN_BODY), _SHUTTING_DOWN_BODY)
+)
+
+
+def _end_response(request: ProxyRequest) -> None:
+    """Finish what a request cut at the shutdown deadline has sent: a 503 when nothing
+    was sent yet (waiting for a backend or in the flow-control queue), the SSE error
+    event and the end of the body for a stream being relayed.
+
+    Synchronous, so nothing the (then cancelled) handler writes can come between."""
+    resp = request._lb_response
+    writer = request._payload_writer
+    transport = request.transport
+    if writer is None or transport is None or transport.is_closing():
+        return
+    if resp is None:
+        if writer.output_size == 0:
+            transport.write(_SHUTTING_DOWN)
+        return
+    if (
+        not resp.prepared
+        or resp.content_type != "text/event-stream"
+        or getattr(writer, "_eof", False)
+    ):
+        return
+    writer.send_headers()
+    data = b"\n\n" + _CUT_EVENT  # a blank line ends an event the backend left open
+    if writer.chunked:
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+    elif resp.content_length is None:  # HTTP/1.0: the body ends with the connection
+        transport.write(data)
+    else:
+        return
+    writer.set_eof()
 
 
 async def run_until_signalled(

@@ -11,11 +11,14 @@ still within 1/g of its length. `ChainHasher` computes these chains and reuses t
 of the longest byte-identical prefix of a recent prompt, so a shared system prompt is
 hashed once.
 
-State. `table` maps hash -> bitmask of the endpoints holding it; each endpoint has one LRU
-of hashes bounded by its capacity (in units of `block_bytes`: a hash weighs its block's
-size in units, 1 for fixed blocks), and evicting a hash clears the endpoint's bit. Memory
-is bounded: at most `max_endpoints` endpoints (the least recently routed is forgotten
-beyond that), each with at most its capacity of hashes.
+State. Each endpoint has one LRU of the hashes it holds, bounded by its capacity (in units
+of `block_bytes`: a hash weighs its block's size in units, 1 for fixed blocks). `roots`
+maps each first-block hash to the bitmask of the endpoints holding it; evicting a first
+block clears the endpoint's bit. Only first blocks are in `roots`: a request's other
+blocks touch nothing but the endpoint's own LRU (inserting and evicting a block is two
+dict operations, not four on a shared table too), and whoever holds the first block is
+searched in its own LRU. Memory is bounded: at most `max_endpoints` endpoints (the least
+recently routed is forgotten beyond that), each with at most its capacity of hashes.
 
 Invariant: each endpoint's holdings are prefix-closed (if hash i is held, so is hash i-1).
 `insert` refreshes a request's hashes from the last block to the first, so a parent is
@@ -33,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import reduce
 from itertools import accumulate, compress, islice, pairwise, repeat
 from itertools import count as counter
-from operator import and_, ge, not_, or_
+from operator import ge, or_
 from struct import Struct
 
 from xxhash import xxh64_intdigest
@@ -261,6 +264,22 @@ def prefix_lengths(
     return out
 
 
+def _held(lru: OrderedDict[int, int], hashes: Sequence[int]) -> int:
+    """How many of `hashes` an endpoint holds, given that it holds the first: prefix-closed,
+    so a binary search of O(log n) lookups (one when it holds them all)."""
+    n = len(hashes)
+    if hashes[-1] in lru:
+        return n
+    lo, hi = 1, n - 1  # block lo-1 held, block hi not
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if hashes[mid] in lru:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 class PrefixIndex:
     """hash -> endpoints holding it, with one bounded LRU of hashes per endpoint.
 
@@ -268,11 +287,12 @@ class PrefixIndex:
     an endpoint's weights, which its capacity bounds.
     """
 
-    __slots__ = ("_bits", "_lrus", "_table", "_used", "max_endpoints")
+    __slots__ = ("_bits", "_lrus", "_roots", "_used", "max_endpoints")
 
     def __init__(self, max_endpoints: int = 1024) -> None:
         self.max_endpoints = max_endpoints
-        self._table: dict[int, int] = {}
+        # First-block hash -> bitmask of the endpoints holding it: who to search.
+        self._roots: dict[int, int] = {}
         self._bits = EndpointBits()
         # Endpoint LRUs, themselves in least-recently-routed order (for max_endpoints).
         self._lrus: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
@@ -282,27 +302,23 @@ class PrefixIndex:
         """Consecutive blocks from the start each endpoint holds; endpoints with 0 omitted."""
         if not hashes:
             return {}
-        get = self._table.get
-        first = get(hashes[0], 0)
-        if not first:
-            return {}
-        return prefix_lengths(self._bits, first, get(hashes[-1], 0), hashes, get)
+        m = self._roots.get(hashes[0], 0)
+        out: dict[str, int] = {}
+        name_of = self._bits.name_of
+        lrus = self._lrus
+        while m:
+            bit = m & -m
+            m ^= bit
+            name = name_of(bit)
+            out[name] = _held(lrus[name], hashes)
+        return out
 
     def matched(self, name: str, hashes: Sequence[int]) -> int:
         """Consecutive blocks from the start that `name` holds."""
         lru = self._lrus.get(name)
         if lru is None or not hashes or hashes[0] not in lru:
             return 0
-        if hashes[-1] in lru:
-            return len(hashes)
-        lo, hi = 1, len(hashes) - 1
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if hashes[mid] in lru:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return _held(lru, hashes)
 
     def insert(
         self,
@@ -328,7 +344,7 @@ class PrefixIndex:
         if not hashes:
             return
         bit = self._bits.bit(name)
-        table = self._table
+        roots = self._roots
         n = len(hashes)
         k = self.matched(name, hashes)
         if k < n:
@@ -341,8 +357,9 @@ class PrefixIndex:
                 w = weights[k:n]
                 lru.update(zip(reversed(new), reversed(w), strict=True))
                 self._used[name] += sum(w)
-            masks = map(or_, map(table.get, new, repeat(0)), repeat(bit))
-            table.update(zip(new, masks, strict=True))
+            if not k:  # a new first block for this endpoint
+                h0 = hashes[0]
+                roots[h0] = roots.get(h0, 0) | bit
         if k:
             _drain(map(lru.move_to_end, reversed(hashes[:k])))
         excess = self._used[name] - max(capacity, 1)
@@ -355,11 +372,15 @@ class PrefixIndex:
     def _evict(self, lru: OrderedDict[int, int], bit: int, count: int) -> int:
         """Drop the `count` least recently used hashes of one endpoint (C-level loops);
         returns their weight."""
-        table = self._table
+        roots = self._roots
         old = list(islice(lru, count))
         weight = sum(map(lru.pop, old))
-        table.update(zip(old, map(and_, map(table.__getitem__, old), repeat(~bit)), strict=True))
-        _drain(map(table.__delitem__, compress(old, map(not_, map(table.__getitem__, old)))))
+        for h in compress(old, map(roots.__contains__, old)):  # first blocks: a few
+            m = roots[h] & ~bit
+            if m:
+                roots[h] = m
+            else:
+                del roots[h]
         return weight
 
     def forget(self, name: str) -> None:
@@ -371,7 +392,8 @@ class PrefixIndex:
             self._evict(lru, bit, len(lru))
 
     def holders(self, h: int) -> list[str]:
-        return self._bits.names(self._table.get(h, 0))
+        """Endpoints holding hash `h` (a scan of every LRU: for tests and diagnostics)."""
+        return [name for name, lru in self._lrus.items() if h in lru]
 
     def size(self, name: str) -> int:
         """The weight `name` holds (its hash count when every weight is 1)."""
@@ -383,6 +405,6 @@ class PrefixIndex:
             "endpoints": len(self._lrus),
             "entries": entries,
             "units": sum(self._used.values()),
-            "hashes": len(self._table),
+            "hashes": len(self._roots),  # distinct first blocks: the index's keys
             "approx_bytes": entries * _ENTRY_BYTES,
         }

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import OrderedDict
 
 import pytest
 from xxhash import xxh64_intdigest
 
-from lbproxy.routing.prefix_index import ChainHasher, EndpointBits, PrefixIndex, chain_hashes
+from lbproxy.routing.prefix_index import (
+    ChainHasher,
+    EndpointBits,
+    PrefixIndex,
+    block_ends,
+    chain_hashes,
+)
 
 
 def chain(n: int, tag: int = 0, start: int = 0) -> list[int]:
@@ -170,7 +177,10 @@ def test_each_endpoint_holds_at_most_its_capacity(capacity: int) -> None:
     for tag in range(50):
         index.insert("a", chain(20, tag), capacity=capacity)
         assert index.size("a") <= capacity
-    assert index.stats()["hashes"] == index.size("a") == capacity
+    stats = index.stats()
+    assert stats["entries"] == index.size("a") == capacity
+    # "hashes" counts the index's keys, the distinct first blocks held.
+    assert stats["hashes"] == sum(1 for tag in range(50) if index.holders(chain(1, tag)[0]))
 
 
 def test_shrinking_capacity_evicts_down_to_it() -> None:
@@ -188,7 +198,8 @@ def test_memory_is_bounded_by_endpoints_times_capacity() -> None:
             index.insert(f"ep{i}", chain(30, tag * 100 + i), capacity=25)
     stats = index.stats()
     assert stats["endpoints"] == 3
-    assert stats["entries"] == stats["hashes"] == 3 * 25
+    assert stats["entries"] == 3 * 25
+    assert stats["hashes"] == 3  # one chain head each
     assert stats["approx_bytes"] > 0
     # The least recently routed endpoints were forgotten, with all their hashes.
     assert index.match(chain(30, 9 * 100 + 0)) == {}
@@ -206,3 +217,100 @@ def test_forget_drops_an_endpoint_and_frees_its_bit() -> None:
     assert index.match(chain(5)) == {"b": 5, "c": 3}
     index.forget("nobody")
     assert index.stats()["endpoints"] == 2
+
+
+# ---- growing blocks and weights --------------------------------------------------------------
+
+
+def test_block_ends_fixed_and_growing() -> None:
+    assert block_ends(64, 5) == [64, 128, 192, 256, 320]
+    ends = block_ends(64, 256, growth=8)
+    assert len(ends) == 41 and ends[-1] == 256 * 64  # the whole span, in 41 blocks
+    assert ends[:16] == [64 * (i + 1) for i in range(16)]  # the first 2g blocks: one unit
+    for start, end in itertools.pairwise([0, *ends]):
+        assert end - start == 64 * max(1, start // 64 // 8) or end == 256 * 64  # 1/g, or cut
+    assert block_ends(64, 10, growth=8)[-1] == 640
+
+
+def test_chain_hasher_with_growing_blocks_hashes_full_blocks_with_reuse() -> None:
+    rng = random.Random(5)
+    ends = block_ends(64, 256, growth=8)
+    base = rng.randbytes(64 * 300)
+
+    def fresh(p: bytes, seed: int) -> list[int]:
+        out, h = [], seed
+        for a, b in itertools.pairwise([0, *ends]):
+            if b > len(p):
+                break
+            h = xxh64_intdigest(p[a:b], h)
+            out.append(h)
+        return out
+
+    hasher = ChainHasher(64, 256, recent=4, growth=8)
+    prompts = [base] + [base[:cut] + rng.randbytes(900) for cut in (0, 5, 64, 1500, 9000, 16383)]
+    prompts += [base[:100], base[: ends[20]], base[: ends[20] - 1]]
+    for _ in range(3):
+        for p in prompts:
+            assert hasher.hashes(p, 3) == fresh(p, 3)
+    assert len(hasher.hashes(base[: ends[20] - 1], 3)) == 20  # only full blocks
+    with pytest.raises(ValueError):
+        ChainHasher(64, None, growth=8)
+
+
+def _reference_weighted_lru(
+    ops: list[tuple[str, list[int]]], weight: dict[int, int], capacity: int
+) -> dict[str, OrderedDict]:
+    """Per endpoint: touch a request's hashes from last to first, then drop the least
+    recently used until the weights held are at most `capacity`."""
+    lrus: dict[str, OrderedDict[int, None]] = {}
+    for name, hashes in ops:
+        lru = lrus.setdefault(name, OrderedDict())
+        for h in reversed(hashes):
+            lru[h] = None
+            lru.move_to_end(h)
+        while sum(weight[h] for h in lru) > capacity:
+            lru.popitem(last=False)
+    return lrus
+
+
+def test_weighted_index_agrees_with_a_plain_weighted_lru() -> None:
+    rng = random.Random(12)
+    weights = [1] * 4 + [2, 3, 5, 8, 13] * 4  # 24 positions
+    index = PrefixIndex()
+    ops, weight = [], {}
+    for _ in range(500):
+        name = rng.choice("ab")
+        tag = rng.randrange(5)
+        shared = rng.randrange(1, 20)
+        # A tail's tag encodes its whole prefix (tag, shared), as a real chain's hash does.
+        variant = 1000 + 1000 * tag + 30 * shared + rng.randrange(30)
+        hashes = chain(shared, tag) + chain(rng.randrange(0, 5), tag=variant, start=shared)
+        for i, h in enumerate(hashes):
+            weight[h] = weights[i]
+        ops.append((name, hashes))
+        index.insert(name, hashes, 60, weights)
+        assert index.size(name) <= 60
+    for name, lru in _reference_weighted_lru(ops, weight, 60).items():
+        assert index.size(name) == sum(weight[h] for h in lru)
+        assert index.stats()["entries"] >= len(lru)
+        for tag in range(5):
+            probe = chain(24, tag)
+            linear = 0
+            while linear < len(probe) and probe[linear] in lru:
+                linear += 1
+            assert index.matched(name, probe) == linear
+            assert index.match(probe).get(name, 0) == linear
+
+
+def test_weighted_eviction_keeps_the_head_of_a_chain_too_big_to_hold() -> None:
+    index = PrefixIndex()
+    index.insert("a", chain(10), capacity=12, weights=[1, 1, 2, 2, 4, 4, 8, 8, 16, 16])
+    assert index.size("a") == 10  # blocks 0..4 (1+1+2+2+4); block 5 would make it 14
+    assert index.matched("a", chain(10)) == 5
+    assert index.stats() == {
+        "endpoints": 1,
+        "entries": 5,
+        "units": 10,
+        "hashes": 1,
+        "approx_bytes": 5 * 200,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -292,6 +293,61 @@ def test_prefix_hash_memory_follows_lru_capacity() -> None:
     for i in range(40):
         scorer.on_routed(ctx(i.to_bytes(2, "big") * 400), a, NOW)
     assert scorer.index.stats()["entries"] == 50
+
+
+def _long(shared: bytes, seed: int, length: int = 28_000) -> bytes:
+    """`shared`, then bytes of its own up to `length` (a ~7,000-token prompt by default)."""
+    return shared + random.Random(seed).randbytes(length - len(shared))
+
+
+SPAN_UNITS = 256  # max_blocks: the hashed span is 256 x 64 B = 16 KB
+
+
+@pytest.mark.parametrize("diverge", [0, 700, 1500, 5000, 10_000, 16_383, 16_384, 20_000])
+def test_prefix_hash_long_prompts_match_their_shared_prefix_to_within_one_eighth(
+    diverge: int,
+) -> None:
+    shared = random.Random(1).randbytes(diverge)
+    growing, fixed = build("scorer", "prefix-hash"), build("scorer", "prefix-hash", block_growth=0)
+    a, b = ep("a"), ep("b")
+    for scorer in (growing, fixed):
+        scorer.on_routed(ctx(_long(shared, 2)), a, NOW)
+    got = growing.score(ctx(_long(shared, 3)), [a, b], NOW)
+    # Fixed blocks: the full 64 B blocks before the divergence, within the 16 KB span.
+    exact = min(diverge // BLOCK, SPAN_UNITS) / SPAN_UNITS
+    assert fixed.score(ctx(_long(shared, 3)), [a, b], NOW) == [exact, 0.0]
+    # Growing blocks: the same below 1 KB, never more, and at most 1/8 less (+ a unit).
+    assert got[1] == 0.0
+    assert exact * 7 / 8 - 1 / SPAN_UNITS <= got[0] <= exact
+    if diverge < 1024:
+        assert got[0] == exact
+    if diverge >= SPAN_UNITS * BLOCK:  # everything hashed is shared: a full match
+        assert got[0] == 1.0
+
+
+def test_prefix_hash_counts_blocks_in_units_for_the_metrics() -> None:
+    scorer = build("scorer", "prefix-hash")
+    a = ep("a")
+    for seed in (1, 1, 2):
+        request = ctx(_long(b"", seed))
+        scorer.score(request, [a], NOW)
+        scorer.on_routed(request, a, NOW)
+    assert scorer.query_blocks == {"a": 3 * SPAN_UNITS}  # 16 KB hashed per request
+    assert scorer.hit_blocks == {"a": SPAN_UNITS}  # the repeat matched all of it
+
+
+def test_prefix_hash_unique_long_prompts_keep_each_endpoint_within_capacity() -> None:
+    scorer = build("scorer", "prefix-hash", lru_capacity=1000)
+    a, b = ep("a"), ep("b")
+    for i in range(60):
+        scorer.on_routed(ctx(_long(i.to_bytes(4, "big"), i)), a, NOW)
+        assert scorer.index.size("a") <= 1000
+    stats = scorer.index.stats()
+    assert 1000 - SPAN_UNITS < stats["units"] <= 1000
+    assert stats["entries"] <= 1000 // SPAN_UNITS * 41 + 41  # 41 blocks per request
+    # The most recent prompts are still known in full, the oldest were evicted.
+    assert scorer.score(ctx(_long((59).to_bytes(4, "big"), 59)), [a, b], NOW) == [1.0, 0.0]
+    assert scorer.score(ctx(_long((0).to_bytes(4, "big"), 0)), [a, b], NOW) == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(

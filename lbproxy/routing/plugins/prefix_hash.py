@@ -1,17 +1,29 @@
 """prefix-hash scorer (approximate): matched blocks / total blocks of the prompt's bytes.
 
-The prompt's canonical bytes (`ctx.prompt_bytes()`) are cut into blocks of
-`block_size` x 4 bytes (~4 bytes per token), at most `max_blocks` from the start; hash
-i = xxh64(block_i, seed=hash_{i-1}), seeded with xxh64 of the pool's model name (see
-`prefix_index`). score(E) = consecutive blocks from the start that E is believed to
-hold / number of blocks of the request. A prompt shorter than one block, or matched
-nowhere, gets the spread of unmatched requests below (0 for all when loads are equal).
+The prompt's canonical bytes (`ctx.prompt_bytes()`) are hashed over a span of at most
+`max_blocks` units of `block_size` x 4 bytes (~4 bytes per token; 256 x 64 B = 16 KB, ~4K
+tokens by default) from the start; bytes past the span are not looked at. The span is cut
+into blocks that grow with their offset (`block_growth` g, see `prefix_index.block_ends`):
+the first 2g blocks are one unit, then each is 1/g of the prefix before it (16 KB: 41
+blocks at g = 8, against 256 one-unit blocks with g = 0). hash i = xxh64(block_i,
+seed=hash_{i-1}), seeded with xxh64 of the pool's model name. score(E) = units in the
+consecutive blocks from the start that E is believed to hold / units in the request's
+blocks (only full blocks count, so up to 1/g of a long prompt's tail is not hashed). A
+prompt shorter than one unit, or matched nowhere, gets the spread of unmatched requests
+below (0 for all when loads are equal).
+
+Why growing blocks: a never-seen long prompt costs one hash and one index entry per block
+(inserted, and later evicted); with one-unit blocks that was 256 of each, ~0.25 ms per
+decision. A match is now found to within 1/g of its length instead of to within a unit
+(identical below 2g units = 1 KB), which moves scores by at most ~1/g and ties holders
+of the same prefix exactly as before. `block_growth: 0` restores one-unit blocks.
 
 Learning: `on_routed` records that the chosen endpoint now holds all the request's blocks.
-Each endpoint's LRU holds `ep.num_gpu_blocks` blocks when known (converted from the
+Each endpoint's LRU holds `ep.num_gpu_blocks` units when known (converted from the
 endpoint's block size to ours), else `lru_capacity`; never more than `max_lru_capacity`.
-At most `max_endpoints` endpoints are tracked. Memory is therefore bounded by
-max_endpoints x max_lru_capacity entries (~200 B each).
+A block weighs its size in units, and eviction drops least recently used blocks until
+the endpoint holds at most its capacity. At most `max_endpoints` endpoints are tracked.
+Memory is therefore bounded by max_endpoints x max_lru_capacity entries (~200 B each).
 
 Block size: one per index, the `block_size` parameter (default 16, vLLM's GPU default),
 not each endpoint's: endpoints' geometry arrives late (from a scrape) and may differ
@@ -38,7 +50,7 @@ from xxhash import xxh64_intdigest
 
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins.least_request import normalise_low_is_good
-from lbproxy.routing.prefix_index import ChainHasher, PrefixIndex
+from lbproxy.routing.prefix_index import ChainHasher, PrefixIndex, block_ends
 from lbproxy.routing.state import Endpoint, RequestContext
 
 TYPE = "prefix-hash"
@@ -52,7 +64,8 @@ _in_flight = attrgetter("in_flight")
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     block_size: int = Field(16, ge=1)  # tokens; a block is block_size * 4 prompt bytes
-    max_blocks: int = Field(256, ge=1)
+    max_blocks: int = Field(256, ge=1)  # hashed span, in units of block_size tokens
+    block_growth: int = Field(8, ge=0)  # blocks grow to 1/g of their offset; 0: fixed
     lru_capacity: int = Field(31_250, ge=1)  # blocks per endpoint when num_gpu_blocks unknown
     max_lru_capacity: int = Field(262_144, ge=1)
     max_endpoints: int = Field(1024, ge=1)
@@ -116,7 +129,12 @@ class PrefixHashScorer:
         self.max_lru_capacity = params.max_lru_capacity
         self.model = model
         self.index = PrefixIndex(params.max_endpoints)
-        self.hasher = ChainHasher(params.block_size * BYTES_PER_TOKEN, params.max_blocks)
+        bb = params.block_size * BYTES_PER_TOKEN
+        self.hasher = ChainHasher(bb, params.max_blocks, growth=params.block_growth)
+        # Units (blocks of block_size tokens) up to the end of each block, and each block's.
+        ends = block_ends(bb, params.max_blocks, params.block_growth)
+        self._units = [e // bb for e in ends]
+        self._weights = [b - a for a, b in zip([0, *self._units], self._units, strict=False)]
         self.hotspot = HotspotRule(
             params.hotspot_margin,
             params.hotspot_factor,
@@ -151,24 +169,28 @@ class PrefixHashScorer:
         self._counts_ctx, self._counts = ctx, counts
         scores = [0.0] * len(endpoints)
         if counts:
-            inv = 1.0 / len(hashes)
+            units = self._units
+            inv = 1.0 / units[len(hashes) - 1]
             if len(counts) <= 8:  # usually a few holders: find them with C-level scans
                 names = list(map(_name, endpoints))
                 for name, c in counts.items():
                     if name in names:
-                        scores[names.index(name)] = c * inv
+                        scores[names.index(name)] = units[c - 1] * inv
             else:
-                scores = [c * inv for c in map(counts.get, map(_name, endpoints), repeat(0))]
+                held = map(counts.get, map(_name, endpoints), repeat(0))
+                scores = [units[c - 1] * inv if c else 0.0 for c in held]
         return self.hotspot.adjust(scores, endpoints)
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         hashes = self.hashes(ctx)
         if hashes:
             name = endpoint.name
-            self.query_blocks[name] = self.query_blocks.get(name, 0) + len(hashes)
+            units = self._units
+            self.query_blocks[name] = self.query_blocks.get(name, 0) + units[len(hashes) - 1]
             if self._counts and ctx is self._counts_ctx:
-                self.hit_blocks[name] = self.hit_blocks.get(name, 0) + self._counts.get(name, 0)
-            self.index.insert(name, hashes, self.capacity(endpoint))
+                c = self._counts.get(name, 0)
+                self.hit_blocks[name] = self.hit_blocks.get(name, 0) + (units[c - 1] if c else 0)
+            self.index.insert(name, hashes, self.capacity(endpoint), self._weights)
 
     def capacity(self, ep: Endpoint) -> int:
         """The endpoint's KV capacity in our blocks, bounded by max_lru_capacity."""

@@ -640,7 +640,9 @@ class MetricsCollector:
             "lbproxy_prefix_index_entries", "(backend, block) entries held", labels=idx
         )
         keys = GaugeMetricFamily(
-            "lbproxy_prefix_index_keys", "Distinct block hashes known", labels=idx
+            "lbproxy_prefix_index_keys",
+            "Distinct keys: prompt heads (prefix-hash), block hashes (precise-prefix)",
+            labels=idx,
         )
         memory = GaugeMetricFamily(
             "lbproxy_prefix_index_memory_bytes", "Estimated memory of the index", labels=idx

@@ -1,21 +1,24 @@
-"""Do lbproxy's own scrapes and health checks time out when it is busy relaying streams?
+"""Do lbproxy's own scrapes and health checks time out when it is busy?
 
-A minimal OpenAI-style backend (its own process) streams `--stream-chunks` SSE events per
-request as fast as it can and serves a small vLLM-like `/metrics` page. Each lbproxy under
-test (`--src LABEL=DIR`: the code in DIR, its own process, run in turns) sits in front of
-it with the default scrape settings (every 0.25 s, timeout 0.2 s) and active health checks
-every `--health-interval` s with timeout `--health-timeout`. `--concurrency` clients
-stream through it for `--seconds`; meanwhile this script reads lbproxy's /metrics every
-second (scrape age) and, as a control, times the backend's /metrics itself from a thread
-with an event loop of its own (so that the load generator's busy loop is not measured).
+A cheap streaming backend (`paced_stream_backend.py`, its own process on uvloop, one port
+per `--backends`) streams `--stream-chunks` SSE events per request, one every `--tick` s,
+and answers a real vLLM `/metrics` page (55 KB) at once. Each lbproxy under test
+(`--src LABEL=DIR`: the code in DIR, its own process, run in turns) sits in front of it
+with the default scrape settings (every 0.25 s, timeout 0.2 s) and active health checks
+every `--health-interval` s with timeout `--health-timeout`. `--concurrency` connections
+of `stream_load_client.py` (raw sockets on uvloop, cheap like wrk; a unique prompt of
+`--prompt-bytes` per request) stream through it for `--seconds`. Meanwhile this script
+reads lbproxy's /metrics every second (scrape age) and, as a control, times the backend's
+/metrics itself from a thread of its own: it shows whether the backend was slow.
 
-Reported per lbproxy: scrape errors during the load (all of them timeouts when the backend
-answers; `last_error` says which), successful scrapes, health-check failures and ejections,
-the worst and median scrape age seen, streams completed per second, and the control's
-worst /metrics latency and how many took longer than the scrape timeout.
+Reported per lbproxy: scrape errors during the load (timeouts, since the backend answers
+at once), successful scrapes, health-check errors and ejections, the worst and median
+scrape age seen, streams completed per second, and the control's worst /metrics latency
+and how many of its requests took longer than the scrape timeout.
 
     python benchmarks/signal_freshness.py --src old=/tmp/base --src new=. --seconds 15 \\
-        --concurrency 32 --out benchmarks/results/freshness/streams-32.json
+        --concurrency 32 --prompt-bytes 30000 --profile precise-cache-aware \\
+        --tokenizer default --out benchmarks/results/freshness/precise-32.json
 """
 
 from __future__ import annotations
@@ -39,44 +42,11 @@ from prometheus_client.parser import text_string_to_metric_families
 BACKEND_PORT = 18911  # the first of --backends ports
 PROXY_PORT = 18910
 # A real vLLM 0.32 /metrics page (55 KB): what each scrape fetches and parses.
-METRICS_PAGE = Path(__file__).resolve().parent.parent / "tests/fixtures/vllm-0.32-metrics.txt"
+HERE = Path(__file__).resolve().parent
+METRICS_PAGE = HERE.parent / "tests/fixtures/vllm-0.32-metrics.txt"
 MODEL = "bench-model"
 TOKEN = "bench-admin"
 SCRAPE_TIMEOUT = 0.2  # lbproxy's default: 0.8 x the 0.25 s interval
-
-BACKEND_CODE = r"""
-import asyncio, sys, orjson
-from aiohttp import web
-FIRST_PORT, N_PORTS, N_STREAM = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-METRICS = open(sys.argv[4]).read()
-CHUNK = b"data: " + orjson.dumps({"id": "c", "object": "text_completion", "created": 1,
-    "model": "bench-model",
-    "choices": [{"index": 0, "text": " tok", "finish_reason": None}]}) + b"\n\n"
-async def completions(request):
-    await request.read()
-    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await resp.prepare(request)
-    for _ in range(N_STREAM):
-        await resp.write(CHUNK)
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
-async def health(request):
-    return web.Response()
-async def metrics(request):
-    return web.Response(text=METRICS)
-async def main():
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    for port in range(FIRST_PORT, FIRST_PORT + N_PORTS):
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
-asyncio.run(main())
-"""
 
 
 async def wait_up(url: str, timeout: float = 20.0) -> None:
@@ -151,33 +121,23 @@ class DirectProbe:
         self._thread.join(10)
 
 
-async def stream_load(seconds: float, concurrency: int, prompt_bytes: int) -> tuple[int, int]:
-    """Streams through lbproxy until `seconds` pass; returns (streams done, failures)."""
-    url = f"http://127.0.0.1:{PROXY_PORT}/v1/completions"
-    end = time.monotonic() + seconds
-    done = failed = 0
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal done, failed
-        while time.monotonic() < end:
-            # Unique prompts: routing's prefix work is paid in full every time.
-            prompt = os.urandom(prompt_bytes // 2).hex()
-            body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": True})
-            try:
-                async with session.post(
-                    url, data=body, headers={"content-type": "application/json"}
-                ) as r:
-                    async for _chunk in r.content.iter_any():
-                        pass
-                    ok = r.status == 200
-            except aiohttp.ClientError:
-                ok = False
-            done += ok
-            failed += not ok
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    return done, failed
+async def stream_load(args: argparse.Namespace) -> tuple[int, int]:
+    """Streams through lbproxy for `args.seconds` from `stream_load_client.py` (its own
+    process, raw sockets on uvloop: cheap, like wrk); returns (streams done, failures)."""
+    client = HERE / "stream_load_client.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(client),
+        str(PROXY_PORT),
+        str(args.concurrency),
+        str(args.seconds),
+        str(args.prompt_bytes),
+        MODEL,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    return result["done"], result["failed"]
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,7 +155,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         sampler = asyncio.create_task(sample_ages())
         t0 = time.perf_counter()
         with DirectProbe() as probe:
-            done, failed = await stream_load(args.seconds, args.concurrency, args.prompt_bytes)
+            done, failed = await stream_load(args)
         elapsed = time.perf_counter() - t0
         sampler.cancel()
         after = await proxy_state(s)
@@ -243,10 +203,12 @@ def main() -> int:
     )
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--stream-chunks", type=int, default=500)
+    ap.add_argument("--stream-chunks", type=int, default=200, help="events per stream")
+    ap.add_argument("--tick", type=float, default=0.002, help="s between events of a stream")
     ap.add_argument("--backends", type=int, default=8, help="backends (ports of one process)")
     ap.add_argument("--prompt-bytes", type=int, default=2000, help="unique prompt per request")
     ap.add_argument("--profile", default="cache-aware", help="routing profile of the pool")
+    ap.add_argument("--tokenizer", help="the pool's tokenizer (precise-cache-aware)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all --src, in turns")
     ap.add_argument("--health-interval", type=float, default=0.5)
     ap.add_argument("--health-timeout", type=float, default=0.2)
@@ -261,19 +223,20 @@ def main() -> int:
             f"admin: {{token: {TOKEN}}}\n"
             f"health: {{interval: {args.health_interval}, timeout: {args.health_timeout}}}\n"
             f"pools:\n  - name: bench\n    models: [{MODEL}]\n    routing: {args.profile}\n"
-            "    backends:\n"
+            + (f"    tokenizer: {args.tokenizer}\n" if args.tokenizer else "")
+            + "    backends:\n"
         )
         for i in range(args.backends):
             cfg.write(f"      - {{url: 'http://127.0.0.1:{BACKEND_PORT + i}', name: b{i}}}\n")
     backend = subprocess.Popen(
         [
             sys.executable,
-            "-c",
-            BACKEND_CODE,
+            str(HERE / "paced_stream_backend.py"),
             str(BACKEND_PORT),
             str(args.backends),
             str(args.stream_chunks),
             str(METRICS_PAGE),
+            str(args.tick),
         ]
     )
     rows: list[dict[str, Any]] = []

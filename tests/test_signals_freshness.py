@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from lbproxy.config import parse_config
+from lbproxy.proxy.app import start_proxy
 from tests.conftest import LoopThread, proxy_config
 from tests.fake_backend import FakeBackend
 from tests.test_signals_proxy import sample, vllm_metrics, wait_for
@@ -93,3 +95,19 @@ def test_scrapes_and_health_checks_do_not_time_out_while_the_loop_is_busy(
     labels = {"pool": "main", "backend": "be0"}
     assert sample(page, "lbproxy_backend_scrape_errors_total", **labels) == 0
     assert 0 <= sample(page, "lbproxy_backend_scrape_age_seconds", **labels) < 1.0
+
+
+def test_the_signals_thread_ends_with_the_proxy(
+    backend_elsewhere: FakeBackend, loop_thread: LoopThread
+) -> None:
+    cfg = parse_config(proxy_config([backend_elsewhere]), "test-config")
+    proxy = loop_thread.run(start_proxy(cfg, seed=0))
+    signals = proxy.state.signals_thread
+    assert signals is not None and signals._thread is not None
+    thread, loop = signals._thread, signals.loop
+    assert thread.is_alive() and loop is not None
+    (ep,) = proxy.state.pools.endpoints()
+    wait_for(lambda: ep.metrics is not None)
+    loop_thread.run(proxy.close())
+    assert not thread.is_alive() and loop.is_closed()
+    assert signals.session is None and signals.loop is None

@@ -89,6 +89,8 @@ def test_same_backend_name_in_two_pools(fake_backends, run_proxy) -> None:
     fb.metrics_status = 200
     wait_for(lambda: ep_b.metrics is not None)
     wait_for(lambda: fa.metrics_served.get(200, 0) >= 3 and fb.metrics_served.get(200, 0) >= 3)
+    # Served is not yet counted: the scraper (on its own thread) may still be reading it.
+    wait_for(lambda: scraper.successes.get(ep_a, 0) >= 3 and scraper.successes.get(ep_b, 0) >= 3)
     assert ep_a.metrics is not None and ep_b.metrics is not None
     assert (ep_a.metrics.num_running, ep_a.metrics.num_waiting) == (1, 3)
     assert (ep_b.metrics.num_running, ep_b.metrics.num_waiting) == (2, 7)
@@ -153,8 +155,11 @@ def test_signals_use_the_proxy_loop_clock(loop_factory: Callable[[], Any]) -> No
                     page = await r.text()
             snap: Any = ep.metrics
             return {
-                "clocks": (st.scraper.clock, st.health._clock),
-                "loop_time": loop.time,
+                "health_clock": st.health._clock,
+                # The scraper runs on the signals thread's loop and stamps with its clock:
+                # a loop of this loop's class, so the same clock.
+                "scraper_loop": getattr(st.scraper.clock, "__self__", None),
+                "loop": loop,
                 "stamp_ok": before <= snap.time <= loop.time(),
                 "fresh": ep.fresh_metrics(loop.time(), 1.0) is snap,
                 "admin": admin,
@@ -166,7 +171,9 @@ def test_signals_use_the_proxy_loop_clock(loop_factory: Callable[[], Any]) -> No
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         r = runner.run(scenario())
-    assert r["clocks"] == (r["loop_time"], r["loop_time"])  # injected, not time.monotonic
+    assert r["health_clock"] == r["loop"].time  # injected, not time.monotonic
+    scraper_loop = r["scraper_loop"]
+    assert scraper_loop is not r["loop"] and type(scraper_loop) is type(r["loop"])
     assert r["stamp_ok"] and r["fresh"]
     assert 0 <= r["admin"]["metrics"]["age_s"] < 1
     assert 0 <= r["admin"]["health"]["active"]["last_check_age_s"] < 1

@@ -31,6 +31,7 @@ from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
 from lbproxy.signals.kv_subscriber import KVEventSubscriber
 from lbproxy.signals.scraper import MetricsScraper
+from lbproxy.signals.signals_thread import SignalsThread
 
 log = logging.getLogger("lbproxy")
 
@@ -40,7 +41,8 @@ class ProxyState:
     config: Config
     pools: PoolTable
     session: aiohttp.ClientSession | None = None  # requests to backends
-    signals_session: aiohttp.ClientSession | None = None  # scrapes, health checks, discovery
+    signals_session: aiohttp.ClientSession | None = None  # discovery
+    signals_thread: SignalsThread | None = None  # scrapes and health checks, own session
     forwarder: Forwarder | None = None
     health: HealthChecker | None = None
     discovery: ModelDiscovery | None = None
@@ -196,14 +198,14 @@ async def _startup(app: web.Application) -> None:
     )
     # Background requests on a pool of their own: in the request pool they would rotate
     # through every idle connection of a burst and keep all of them open. Scraper, health
-    # checker and discovery each have at most one request per backend in flight, so this
-    # pool holds at most three per backend without a cap; a per-host cap would make the
+    # checker and discovery each have at most one request per backend in flight, so these
+    # pools hold at most three per backend without a cap; a per-host cap would make the
     # backends behind one host:port (paths of a gateway) wait behind a hanging one.
-    st.signals_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),  # as before: no gzip'd /metrics
-        timeout=aiohttp.ClientTimeout(total=None),  # each caller sets its own
-    )
+    st.signals_session = _signals_session()  # discovery, on this loop
+    # Scrapes and health checks on a loop of their own: their short timeouts must measure
+    # the backend, not this loop's lateness when it is busy relaying (see signals_thread).
+    st.signals_thread = SignalsThread()
+    await st.signals_thread.start(_signals_session)
     st.forwarder = Forwarder(
         st.pools,
         st.session,
@@ -211,11 +213,20 @@ async def _startup(app: web.Application) -> None:
         metrics=app[OBS].metrics,
     )
     st.forwarder.auth = build_authenticator(cfg.auth)
-    # Providers read st.pools on every round, so they follow a hot reload's swap.
+    # Providers read st.pools on every round, so they follow a hot reload's swap (the
+    # scraper's from the signals thread: reading the table from there is safe, the swap is
+    # one assignment).
     # One clock: routing's `now` is loop.time() (not time.monotonic() under uvloop), and
     # metrics snapshots and health stamps are compared with it.
-    clock = asyncio.get_running_loop().time
-    st.health = HealthChecker(lambda: st.pools.endpoints(), st.signals_session, clock=clock)
+    loop = asyncio.get_running_loop()
+    signals = st.signals_thread
+    assert signals.loop is not None and signals.session is not None
+    st.health = HealthChecker(
+        lambda: st.pools.endpoints(),
+        signals.session,
+        clock=loop.time,
+        offload=signals.run,  # only the GET; outcomes and state stay on this loop
+    )
     # Flow control waits for these: a fresh scrape (its limit, its queue) or a backend
     # coming back can let waiting requests go.
     st.health.on_change = lambda ep: _wake(st, ep)
@@ -224,11 +235,14 @@ async def _startup(app: web.Application) -> None:
     st.forwarder.progress = st.health  # first bytes, for stall detection
     st.health.start()
     st.scraper = MetricsScraper(
-        lambda: st.pools.endpoints(), session=st.signals_session, clock=clock
+        lambda: st.pools.endpoints(),
+        session=signals.session,
+        clock=signals.loop.time,  # the thread's loop is of this loop's class: same clock
     )
     st.scraper.configure_from(cfg.signals)
-    st.scraper.on_scrape = lambda ep: _on_scrape(st, ep)
-    await st.scraper.start()
+    # Flow control runs on this loop: each fresh scrape is handed over to it.
+    st.scraper.on_scrape = lambda ep: loop.call_soon_threadsafe(_on_scrape, st, ep)
+    await signals.run(st.scraper.start())
     st.kv_subscriber = await start_subscriber(cfg, st.pools, lambda: st.pools)
     st.discovery = ModelDiscovery(
         st.pools,
@@ -253,12 +267,26 @@ def _wake(st: ProxyState, ep: Endpoint) -> None:
 
 async def _cleanup(app: web.Application) -> None:
     st = app[STATE]
-    for task in (st.health, st.discovery, st.scraper, st.kv_subscriber):
+    signals = st.signals_thread
+    if st.scraper is not None and signals is not None and signals.loop is not None:
+        await signals.run(st.scraper.stop())  # it runs there
+    for task in (st.health, st.discovery, st.kv_subscriber):
         if task is not None:
             await task.stop()
+    if signals is not None:
+        await signals.stop()  # closes its session
     for session in (st.session, st.signals_session):
         if session is not None:
             await session.close()
+
+
+def _signals_session() -> aiohttp.ClientSession:
+    """A session for background requests (create it in the loop that will use it)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),  # as before: no gzip'd /metrics
+        timeout=aiohttp.ClientTimeout(total=None),  # each caller sets its own
+    )
 
 
 def build_app(

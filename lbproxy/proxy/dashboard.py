@@ -159,8 +159,7 @@ class DashboardSampler:
     def state_json(self) -> dict[str, Any]:
         st = self.state
         scraper = st.scraper
-        scrape_clock = scraper.clock if scraper is not None else loop_time
-        scrape_now = scrape_clock()
+        scrape_now = loop_time()  # the clock snapshots are stamped with agrees with it
         backends = []
         totals = {"requests": 0, "in_flight": 0, "retries": 0, "errors_5xx": 0,
                   "completion_tokens": 0}  # fmt: skip

@@ -385,7 +385,7 @@ class MetricsCollector:
     def __init__(self, metrics: ProxyMetrics, state: Any, clock: Any) -> None:
         self.metrics = metrics
         self.state = state
-        self.clock = clock  # the scraper's clock (monotonic), for scrape ages
+        self.clock = clock  # routing's clock (the proxy loop's), for scrape ages
 
     def describe(self) -> list[Metric]:
         return []  # registered with auto_describe off: nothing to check at registration

@@ -58,11 +58,6 @@ _ADMIN_LISTENER = web.AppKey("lbproxy_observability_on_admin", bool)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _scrape_clock(state: Any) -> float:
-    scraper = state.scraper
-    return scraper.clock() if scraper is not None else loop_time()
-
-
 def install(app: web.Application, cfg: Config, state: Any) -> Observability:
     """Add the observability routes and tasks to `app`; `state` is its ProxyState.
 
@@ -72,7 +67,9 @@ def install(app: web.Application, cfg: Config, state: Any) -> Observability:
     access_log = AccessLog(al.path) if al.enabled else None
     metrics = ProxyMetrics(access_log)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(metrics, state, lambda: _scrape_clock(state)))
+    # Scrape ages on this loop's clock: snapshots are stamped with one that agrees with it
+    # (the scraper's own clock may belong to the signals thread's loop).
+    registry.register(MetricsCollector(metrics, state, loop_time))
     ProcessCollector(namespace="lbproxy", registry=registry)
     obs = Observability(metrics, registry, DashboardSampler(metrics, state), access_log, state)
     app[OBS] = obs

@@ -48,6 +48,10 @@ circuit transition (so also when a half-open circuit closes, which leaves `ep.he
 was but ends the probe period): flow control dispatches waiting requests on it. Its
 exceptions are logged, never raised into the forwarder or the check loop.
 
+With `offload` (the proxy passes `SignalsThread.run`) only the request of an active check
+runs on the signals thread's loop, so that its timeout measures the backend and not this
+loop's lateness; its outcome, and all the state above, stay on the proxy's loop.
+
 Stamps (`last_check`, `opened_at`) come from `clock`, which the proxy sets to its event
 loop's `time`, the clock routing reads `now` from.
 """
@@ -56,7 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -124,9 +128,13 @@ class HealthChecker:
         stall_factor: float = 4.0,
         clock: Callable[[], float] = loop_time,
         on_change: Callable[[Endpoint], None] | None = None,
+        offload: Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self._endpoints = endpoints
         self._session = session
+        # Runs each GET /health on another loop (`SignalsThread.run`), where its timeout is
+        # not stretched by this loop being busy; `session` must then belong to that loop.
+        self._offload = offload
         self._clock = clock
         self.on_change = on_change
         self._probes: dict[Endpoint, _Probe] = {}
@@ -378,19 +386,26 @@ class HealthChecker:
     # ---- active: GET /health ---------------------------------------------------------------
 
     async def check(self, ep: Endpoint) -> bool:
-        definite = True
-        try:
-            async with self._session.get(ep.url + "/health", timeout=self._timeout) as r:
-                await r.read()
-                ok = 200 <= r.status < 300
-                error = "" if ok else f"HTTP {r.status}"
-        except TimeoutError:
-            ok, error, definite = False, f"no answer within {self._timeout.total:g}s", False
-        except aiohttp.ClientError as e:
-            # The text may quote what a garbage-speaking backend sent: keep it short, printable.
-            ok, error = False, sanitize(f"{type(e).__name__}: {e}".rstrip(": "))
+        if self._offload is not None:
+            ok, error, definite = await self._offload(self._ask(ep))
+        else:
+            ok, error, definite = await self._ask(ep)
         self._checked(ep, ok, error, definite)
         return ok
+
+    async def _ask(self, ep: Endpoint) -> tuple[bool, str, bool]:
+        """GET /health: (ok, error, definite). Touches no state: it may run on another loop."""
+        timeout = self._timeout
+        try:
+            async with self._session.get(ep.url + "/health", timeout=timeout) as r:
+                await r.read()
+                ok = 200 <= r.status < 300
+                return ok, "" if ok else f"HTTP {r.status}", True
+        except TimeoutError:
+            return False, f"no answer within {timeout.total:g}s", False
+        except aiohttp.ClientError as e:
+            # The text may quote what a garbage-speaking backend sent: keep it short, printable.
+            return False, sanitize(f"{type(e).__name__}: {e}".rstrip(": ")), True
 
     def _checked(self, ep: Endpoint, ok: bool, error: str, definite: bool = True) -> None:
         p = self._probes.get(ep)

@@ -17,10 +17,14 @@ what happened. Logs do not flood: the first failure of an endpoint is a WARNING,
 most one summary WARNING per `log_every` seconds, and one INFO line when it recovers (see
 `failure_log`). State for endpoints that leave the set is dropped.
 
-`clock` must be the clock routing's `now` is read from, since `Endpoint.fresh_metrics`
-compares the two: the proxy passes its event loop's `time`; the default is the running
-loop's clock too. Every per-endpoint table is keyed by the Endpoint object: names are
-unique only within a pool.
+`clock` must agree with the clock routing's `now` is read from, since
+`Endpoint.fresh_metrics` compares the two; the default is the running loop's clock. The
+proxy runs the scraper on its signals thread (`signals_thread.SignalsThread`: start, stop
+and every request on that loop, so that a timeout measures the backend and not the busy
+proxy loop), with that loop's `time` as the clock (the same clock as the proxy loop's),
+and an `on_scrape` that hands the endpoint to the proxy loop. Results are published by
+replacing `endpoint.metrics` whole; the counters are only written by the scraper. Every
+per-endpoint table is keyed by the Endpoint object: names are unique only within a pool.
 """
 
 from __future__ import annotations

@@ -61,8 +61,7 @@ class MetricsServer:
         if mode == "500":
             return web.Response(status=500, text="engine dead")
         if mode == "random":  # a known metric followed by random bytes: a new error each time
-            body = b"vllm:num_requests_running{" + os.urandom(300)
-            return web.Response(body=body, content_type="text/plain")
+            return web.Response(body=_garbage(), content_type="text/plain")
         body = {"capture": CAPTURE, "small": SMALL_KV, "sglang": SGLANG}.get(mode)
         if body is None:
             body = {"html": HTML, "broken": BROKEN}[mode]
@@ -97,6 +96,17 @@ async def scrapers() -> AsyncIterator[Callable[..., MetricsScraper]]:
     yield make
     for s in made:
         await s.stop()
+
+
+def _garbage() -> bytes:
+    """Random bytes after a metric's name that the parser rejects (about 1 in 1,300 such
+    bodies happens to parse, which would be a success in the middle of a failing run)."""
+    while True:
+        body = b"vllm:num_requests_running{" + os.urandom(300)
+        try:
+            parse_metrics(body.decode("utf-8", errors="replace"), 0.0)
+        except Exception:
+            return body
 
 
 def counting_clock(start: float = 1000.0) -> Callable[[], float]:

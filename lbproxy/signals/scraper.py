@@ -234,9 +234,10 @@ class MetricsScraper:
             ep.block_size = snap.block_size
         if snap.num_gpu_blocks is not None:
             ep.num_gpu_blocks = snap.num_gpu_blocks
+        # Logged before it is counted: the counters are read from the main loop's thread.
+        self.failure_log.recovered(ep, _label(ep))
         self.successes[ep] = self.successes.get(ep, 0) + 1
         self.last_success[ep] = snap.time
-        self.failure_log.recovered(ep, _label(ep))
         if self.on_scrape is not None:
             try:
                 self.on_scrape(ep)
@@ -246,7 +247,7 @@ class MetricsScraper:
 
     def _failed(self, ep: Endpoint, message: str) -> bool:
         message = sanitize(message)  # it may quote whatever the backend sent
-        self.errors[ep] = self.errors.get(ep, 0) + 1
-        self.last_error[ep] = message
         self.failure_log.failed(ep, _label(ep), message)
+        self.last_error[ep] = message
+        self.errors[ep] = self.errors.get(ep, 0) + 1
         return False

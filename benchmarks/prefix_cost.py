@@ -42,6 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from decision_cost import cpu_name
+
 NOW = 1000.0
 GROUPS = 4
 PROMPT_BYTES = 28_000
@@ -180,17 +182,6 @@ def tree_commit(tree: str) -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def compare(args: argparse.Namespace) -> None:

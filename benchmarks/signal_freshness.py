@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from overhead import wait_up
 from prometheus_client.parser import text_string_to_metric_families
 
 BACKEND_PORT = 18911  # the first of --backends ports
@@ -47,20 +48,6 @@ METRICS_PAGE = HERE.parent / "tests/fixtures/vllm-0.32-metrics.txt"
 MODEL = "bench-model"
 TOKEN = "bench-admin"
 SCRAPE_TIMEOUT = 0.2  # lbproxy's default: 0.8 x the 0.25 s interval
-
-
-async def wait_up(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def samples(text: str) -> dict[str, float]:

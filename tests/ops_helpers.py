@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import yaml
@@ -95,8 +95,8 @@ class FaultFront:
             await self._session.close()
 
 
-class GarbageServer:
-    """Accepts connections and answers anything with bytes that are not HTTP."""
+class RawServer:
+    """A TCP server on 127.0.0.1 that speaks whatever `_serve` writes (not aiohttp)."""
 
     def __init__(self) -> None:
         self.connections = 0
@@ -108,14 +108,9 @@ class GarbageServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        with contextlib.suppress(Exception):
-            await reader.read(65536)
-            writer.write(b"\x00\xff\x13garbage that is not HTTP at all\r\n\r\n\x00")
-            await writer.drain()
-        writer.close()
+        raise NotImplementedError
 
-    async def start(self) -> GarbageServer:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -123,6 +118,18 @@ class GarbageServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+
+
+class GarbageServer(RawServer):
+    """Accepts connections and answers anything with bytes that are not HTTP."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(Exception):
+            await reader.read(65536)
+            writer.write(b"\x00\xff\x13garbage that is not HTTP at all\r\n\r\n\x00")
+            await writer.drain()
+        writer.close()
 
 
 async def kill_server(runner: web.AppRunner) -> None:

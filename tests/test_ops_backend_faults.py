@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
-from tests.ops_helpers import GarbageServer, write_config
+from tests.ops_helpers import GarbageServer, RawServer, write_config
 from tests.test_obs_access_log import read_lines
 from tests.test_obs_metrics import scrape
 from tests.test_ops_shutdown import Serve
@@ -28,18 +28,9 @@ from tests.test_ops_shutdown import Serve
 BODY = {"model": "fake-model", "prompt": "x", "max_tokens": 2}
 
 
-class ReadThenClose:
+class ReadThenClose(RawServer):
     """Reads a request, then closes the socket without answering: the backend got it.
     `connections` counts the POSTs among them."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
@@ -48,15 +39,6 @@ class ReadThenClose:
                 self.connections += 1
             await asyncio.sleep(0.05)  # the body too
         writer.close()
-
-    async def start(self) -> ReadThenClose:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
 
 @dataclass

@@ -1,33 +1,76 @@
-"""The `lbproxy` command line."""
+"""The `lbproxy` command line.
+
+Only `serve` and `check-config` are defined here. The other subcommands (demo, sim, bench,
+simulate) live with the code they run and are imported only when one of them is parsed
+or its help printed, so `lbproxy serve` never loads the simulator, the benchmark tools
+or their numpy/matplotlib/rich.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import importlib
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Sequence
 from typing import Any
 
-from lbproxy.bench.cli import add_bench_parsers
 from lbproxy.config import ConfigError, load_config
-from lbproxy.demo import add_demo_parser
-from lbproxy.sim.cli import add_sim_parser
+from lbproxy.event_loop import run_loop
+
+__all__ = ["build_parser", "main", "run_loop"]
+
+# (name, one-line help for `lbproxy --help`, "module:function" that adds the options,
+# description and `func` to the subcommand's parser)
+_LAZY_SUBCOMMANDS = (
+    (
+        "demo",
+        "a simulated fleet with lbproxy in front (no GPU, no config)",
+        "lbproxy.demo:configure_parser",
+    ),
+    ("sim", "run simulated vLLM servers", "lbproxy.sim.cli:configure_parser"),
+    (
+        "bench",
+        "open-loop load generator against a live target",
+        "lbproxy.bench.cli:configure_bench_parser",
+    ),
+    (
+        "simulate",
+        "offline fleet simulator in virtual time",
+        "lbproxy.bench.cli:configure_simulate_parser",
+    ),
+)
 
 
-def run_loop(coro: Coroutine[Any, Any, None], loop: str = "auto") -> None:
-    """Run `coro` on uvloop when asked for or, with "auto", when it is installed."""
-    if loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError as e:
-            if loop == "uvloop":
-                raise SystemExit("--loop uvloop: uvloop is not installed") from e
-        else:
-            uvloop.run(coro)
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser that imports its module and adds its arguments only when it is
+    first used (parsing, usage, help)."""
+
+    def __init__(self, *args: Any, configure: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._configure = configure
+
+    def _load(self) -> None:
+        if self._configure is None:
             return
-    asyncio.run(coro)
+        target, self._configure = self._configure, None
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)(self)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._load()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -59,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lbproxy", description="OpenAI-compatible, cache-aware load balancer for vLLM"
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True, help="YAML config file")
@@ -77,9 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=_cmd_check_config)
 
-    add_demo_parser(sub)
-    add_sim_parser(sub)
-    add_bench_parsers(sub)
+    for name, help_text, configure in _LAZY_SUBCOMMANDS:
+        sub.add_parser(name, help=help_text, configure=configure)
     return parser
 
 

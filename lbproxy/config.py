@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,7 +28,9 @@ from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.registry import PluginError
-from lbproxy.tokenization import Tokenizer
+
+if TYPE_CHECKING:
+    from lbproxy.tokenization import Tokenizer
 
 
 class ConfigError(ValueError):
@@ -484,6 +486,9 @@ def _check_observability(cfg: Config, source: str) -> None:
 def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:
     if pool.tokenizer is None:
         return None
+    # Imported here: tokenizers and jinja2 cost a pool without a tokenizer nothing.
+    from lbproxy.tokenization import Tokenizer
+
     path = None if pool.tokenizer == "default" else pool.tokenizer
     return Tokenizer.from_file(path, chat_template=pool.chat_template)
 

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from lbproxy.config import parse_config
+from lbproxy.event_loop import run_loop
 from lbproxy.proxy.app import start_proxy
 from lbproxy.sim.fleet import FleetSpec, parse_fleet, start_fleet
 
@@ -102,13 +103,10 @@ async def serve_demo(host: str, port: int, routing: str, speed: float) -> None:
             await h.close()
 
 
-def add_demo_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="a simulated fleet with lbproxy in front (no GPU, no config)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """The options of `lbproxy demo` (its one-line help is in `lbproxy.cli`)."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="lbproxy's port (0: any free one)")
     p.add_argument("--routing", default="cache-aware", help="routing profile (serve mode)")
@@ -139,8 +137,6 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lbproxy.cli import run_loop
-
     if args.workload:
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
@@ -189,8 +185,6 @@ def run_workload_demo(profiles: list[str], *, rate: float, duration: float, spee
         flush=True,
     )
     rows = []
-    from lbproxy.cli import run_loop
-
     for profile in profiles:
         result: dict[str, Any] = {}
 

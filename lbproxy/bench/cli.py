@@ -241,13 +241,11 @@ def _add_ladder_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
 
 
-def add_bench_parsers(subparsers: Any) -> None:
-    """Add the `bench` and `simulate` subcommands (each sets `func`)."""
-    bench = subparsers.add_parser(
-        "bench",
-        help="open-loop load generator against a live target",
-        description="Poisson arrivals per rate step, streaming; writes results.json, "
-        "results.md, throughput.png and ttft.png. With --compare, plots earlier runs together.",
+def configure_bench_parser(bench: argparse.ArgumentParser) -> None:
+    """The options of `lbproxy bench` (its one-line help is in `lbproxy.cli`)."""
+    bench.description = (
+        "Poisson arrivals per rate step, streaming; writes results.json, "
+        "results.md, throughput.png and ttft.png. With --compare, plots earlier runs together."
     )
     bench.add_argument("--target", help="base URL of the proxy or server")
     bench.add_argument(
@@ -292,11 +290,12 @@ def add_bench_parsers(subparsers: Any) -> None:
     _add_goodput_args(bench, live=True)
     bench.set_defaults(func=run_bench)
 
-    sim = subparsers.add_parser(
-        "simulate",
-        help="offline fleet simulator in virtual time",
-        description="Runs the engine model of every backend of a fleet in virtual time and "
-        "routes each arrival with lbproxy's routing code; same outputs as bench.",
+
+def configure_simulate_parser(sim: argparse.ArgumentParser) -> None:
+    """The options of `lbproxy simulate` (its one-line help is in `lbproxy.cli`)."""
+    sim.description = (
+        "Runs the engine model of every backend of a fleet in virtual time and "
+        "routes each arrival with lbproxy's routing code; same outputs as bench."
     )
     sim.add_argument("--fleet", required=True, help="fleet YAML (configs/fleets/*.yaml)")
     sim.add_argument(
@@ -652,10 +651,12 @@ def _run_capacity(args: argparse.Namespace, started: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m lbproxy.bench.cli bench ...`) until lbproxy's CLI
-    wires these subcommands in."""
+    """Stand-alone entry (`python -m lbproxy.bench.cli bench ...`), as `lbproxy bench` /
+    `lbproxy simulate` without the rest of lbproxy's CLI."""
     parser = argparse.ArgumentParser(prog="lbproxy")
-    add_bench_parsers(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    configure_bench_parser(sub.add_parser("bench"))
+    configure_simulate_parser(sub.add_parser("simulate"))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -29,7 +29,6 @@ What is exact and what is estimated (also in the README):
 from __future__ import annotations
 
 import asyncio
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +39,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
 
 from lbproxy import __version__
+from lbproxy.histogram import Histogram
 from lbproxy.routing.state import Decision, Endpoint
 
 if TYPE_CHECKING:
@@ -102,35 +101,6 @@ def safe_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- records
-
-
-class Histogram:
-    """Fixed buckets (`le` inclusive, as Prometheus); `counts[-1]` is the +Inf bucket."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float, n: int = 1) -> None:
-        """Count `n` observations of `value`."""
-        self.counts[bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative (le, count) pairs as prometheus_client wants them."""
-        out = []
-        acc = 0
-        for bound, c in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            acc += c
-            out.append((floatToGoString(bound), acc))
-        return out
 
 
 class BackendStats:

@@ -13,11 +13,10 @@ between the two.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbproxy.config import Backend, Config, Pool, load_pool_tokenizer
 from lbproxy.flow.controller import thresholds_for
-from lbproxy.prompt_tokens import PromptTokenizer
 from lbproxy.proxy.errors import NoBackend
 from lbproxy.proxy.flow_gate import FlowGate
 from lbproxy.routing.interfaces import BuildContext
@@ -25,6 +24,9 @@ from lbproxy.routing.pipeline import Router
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import build_router
 from lbproxy.routing.state import Endpoint
+
+if TYPE_CHECKING:
+    from lbproxy.prompt_tokens import PromptTokenizer
 
 
 class PoolRuntime:
@@ -93,7 +95,7 @@ class PoolRuntime:
         self.gate: FlowGate | None = previous.gate if previous is not None else None
         if previous is not None and self.router_kept:
             self.bctx = previous.bctx
-            self.tokenize = previous.tokenize
+            self.tokenize: PromptTokenizer | None = previous.tokenize
             self.router: Router = previous.router
             return
         self.bctx = BuildContext(
@@ -105,7 +107,11 @@ class PoolRuntime:
         tokenizer = load_pool_tokenizer(spec)
         self.bctx.tokenizer = tokenizer
         # Token ids are computed only if a precise scorer asks, and cached across requests.
-        self.tokenize = PromptTokenizer(tokenizer) if tokenizer is not None else None
+        self.tokenize = None
+        if tokenizer is not None:
+            from lbproxy.prompt_tokens import PromptTokenizer  # tokenizers: only when needed
+
+            self.tokenize = PromptTokenizer(tokenizer)
         self.router = build_router(spec.routing, self.bctx, seed=seed)
         if previous is None:
             self._commit_flow()

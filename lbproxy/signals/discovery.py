@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from lbproxy.aio import PeriodicTask
-from lbproxy.proxy.pools import PoolTable
 from lbproxy.routing.state import Endpoint
 from lbproxy.signals.failure_log import FailureLog, sanitize
+
+if TYPE_CHECKING:  # signals do not import the proxy at run time
+    from lbproxy.proxy.pools import PoolTable
 
 log = logging.getLogger("lbproxy.discovery")
 

@@ -38,9 +38,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import zmq
-import zmq.asyncio
+from typing import TYPE_CHECKING
 
 from lbproxy.aio import cancel_and_wait
 from lbproxy.signals.kv_events import (
@@ -50,6 +48,9 @@ from lbproxy.signals.kv_events import (
     SequenceTracker,
     decode_batch,
 )
+
+if TYPE_CHECKING:  # zmq is imported when a subscriber starts: pools without KV events skip it
+    import zmq.asyncio
 
 __all__ = ["KVEventSource", "KVEventSubscriber", "parse_replay_reply"]
 
@@ -180,6 +181,8 @@ class KVEventSubscriber:
         """Open the sockets and start receiving (binds happen before this returns)."""
         if self._tasks:
             return
+        import zmq.asyncio
+
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
         try:
@@ -228,6 +231,8 @@ class KVEventSubscriber:
         return [src for group in self._groups.values() for src in group.values()]
 
     async def _recv_loop(self, sock: zmq.asyncio.Socket, by_topic: dict[bytes, _Source]) -> None:
+        import zmq
+
         while True:
             try:
                 frames = await sock.recv_multipart()
@@ -349,6 +354,8 @@ class KVEventSubscriber:
         assert self._ctx is not None and src.cfg.replay_endpoint is not None
         self.replays[src.cfg.backend_name] += 1
         if src.dealer is None:
+            import zmq
+
             src.dealer = self._ctx.socket(zmq.DEALER)
             src.dealer.setsockopt(zmq.LINGER, 0)
             # vLLM's ROUTER drops replies beyond the pipe's high-water mark: no limit here

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import signal
 import sys
-from typing import Any
+
+from lbproxy.event_loop import run_loop
 
 # Options of the single-server form; with --fleet they come from the YAML instead.
 _SINGLE = (
@@ -31,12 +32,11 @@ _SINGLE = (
 )
 
 
-def add_sim_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "sim",
-        help="run simulated vLLM servers",
-        description="Serve vLLM's OpenAI API, /metrics, /tokenize and KV events from a "
-        "simulated engine running in (scaled) real time.",
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """The options of `lbproxy sim` (its one-line help is in `lbproxy.cli`)."""
+    p.description = (
+        "Serve vLLM's OpenAI API, /metrics, /tokenize and KV events from a "
+        "simulated engine running in (scaled) real time."
     )
     p.add_argument("--fleet", help="fleet YAML (configs/fleets/*.yaml): start every backend")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
@@ -71,8 +71,6 @@ def add_sim_parser(subparsers: Any) -> None:
 
 def run_sim(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; 0 on a clean stop, 2 on bad settings or a taken port."""
-    from lbproxy.cli import run_loop
-
     if args.fleet:
         given = [f"--{k.replace('_', '-')}" for k in _SINGLE if getattr(args, k) is not None]
         if given:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.utils import floatToGoString
 
-from lbproxy.proxy.metrics import Histogram
+from lbproxy.histogram import Histogram
 
 if TYPE_CHECKING:
     from lbproxy.sim.engine import Engine

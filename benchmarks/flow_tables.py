@@ -87,12 +87,25 @@ def main() -> int:
             ("completed >= 80% of the bound", f"{done / bound:.0%}", done >= 0.8 * bound),
             (
                 "goodput >= 2x round-robin's without flow control",
-                f"{good / rr_good:.2f}x" if rr_good else "-",
-                rr_good > 0 and good >= 2 * rr_good,
+                f"{good / rr_good:.2f}x" if rr_good else f"{good:,.0f} against 0 tok/s",
+                good > 0 and good >= 2 * rr_good,
             ),
         ]
         for name, value, ok in rows:
             print(f"| {name} | {value} | {'yes' if ok else 'no'} |")
+    # Below capacity: flow control must cost nothing.
+    below = [(p, steps[25.0], off[p][25.0]) for p, steps in on.items() if 25.0 in steps]
+    if below:
+        print("\nBelow capacity, 25 req/s: flow control on against off:\n")
+        print("| profile | out tok/s on / off | within 3% | TTFT p50 on - off | within +50 ms |")
+        print("|---|---|---|---|---|")
+        for profile, s_on, s_off in below:
+            ratio = s_on["output_tokens_per_s"] / s_off["output_tokens_per_s"]
+            dt = s_on["ttft_p50_s"] - s_off["ttft_p50_s"]
+            print(
+                f"| {profile} | {ratio:.3f} | {'yes' if abs(ratio - 1) <= 0.03 else 'no'} | "
+                f"{dt * 1e3:+,.0f} ms | {'yes' if dt <= 0.05 else 'no'} |"
+            )
     return 0
 
 

@@ -8,7 +8,9 @@ import asyncio
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,12 @@ from lbproxy.proxy.aiohttp_compat import (
 
 def test_check_passes_on_the_installed_aiohttp() -> None:
     compat.check()
+
+
+def test_pyproject_requires_the_tested_range() -> None:
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    deps = [d for d in pyproject["project"]["dependencies"] if d.startswith("aiohttp")]
+    assert deps == ["aiohttp" + compat.TESTED_RANGE]
 
 
 def test_check_names_a_missing_method(monkeypatch: pytest.MonkeyPatch) -> None:

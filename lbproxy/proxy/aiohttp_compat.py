@@ -6,7 +6,7 @@ that is private (underscore-prefixed) or lives in a module aiohttp does not docu
 `check()` runs at import and raises a RuntimeError naming each internal that the
 installed aiohttp lacks, so an upgrade that drops one fails at start-up, not mid-request
 (tests/test_aiohttp_compat.py exercises each wrapper against the installed aiohttp).
-Tested range: the aiohttp requirement in pyproject.toml.
+Tested range: `TESTED_RANGE`, the aiohttp requirement in pyproject.toml.
 
 The internals, and why:
 
@@ -66,7 +66,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
-_TESTED = "lbproxy is tested with aiohttp>=3.9,<4"
+# The aiohttp versions this module is tested with (pyproject.toml requires the same).
+# Older ones lack internals: 3.14.3 the handler's `_read_bufsize`, 3.14.0 the parser's
+# `max_msg_queue_size`, 3.13 the handler's `_parser`.
+TESTED_RANGE = ">=3.14.4,<4"
+_TESTED = f"lbproxy is tested with aiohttp{TESTED_RANGE}"
 
 try:
     from aiohttp.client_proto import ResponseHandler
@@ -109,7 +113,11 @@ __all__ = [
 
 
 def set_read_timeout(upstream: aiohttp.ClientResponse, seconds: float | None) -> None:
-    """Bound the gap between two chunks of `upstream`'s body (its headers are in)."""
+    """Bound the gap between two chunks of `upstream`'s body (its headers are in).
+
+    aiohttp re-arms its read timer when data arrives, so this bounds the gaps from the
+    next chunk on; the gap running now keeps the timeout it started with (lbproxy's
+    first-byte timeout)."""
     conn = upstream.connection
     if conn is not None and conn.protocol is not None:
         conn.protocol.read_timeout = seconds

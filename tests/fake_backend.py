@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from lbproxy.proxy.aiohttp_compat import bound_port
+
 
 @dataclass
 class Received:
@@ -195,7 +197,7 @@ class FakeBackend:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = bound_port(site, self.port)
         return self
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import parse_config
+from lbproxy.proxy.aiohttp_compat import bound_port
 from lbproxy.proxy.app import start_proxy
 
 CASES = int(os.environ.get("LBPROXY_FUZZ_CASES", "5000"))
@@ -70,7 +71,7 @@ class RecordingBackend:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = bound_port(site, 0)
         return self
 
 

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.web_urldispatcher import _default_expect_handler
 
 from lbproxy.config import Config
 from lbproxy.proxy.admin import AdminAPI, add_admin_routes
+from lbproxy.proxy.aiohttp_compat import (
+    bound_port,
+    no_lingering_close,
+    replace_default_expect_handlers,
+    send_100_continue,
+)
 from lbproxy.proxy.auth import build_authenticator
 from lbproxy.proxy.client_body import ProxyRequest, check_before_body
 from lbproxy.proxy.client_limits import ClientLimits
@@ -146,10 +151,9 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
         resp.force_close()
         # The client holds its body back: close at once rather than wait (aiohttp's
         # lingering close) for a body that is not coming.
-        request.protocol._lingering_time = 0.0
+        no_lingering_close(request)
         return resp
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the response proper has not started
+    await send_100_continue(request)
     return None
 
 
@@ -160,17 +164,14 @@ async def _expect_elsewhere(request: web.Request) -> web.StreamResponse | None:
         return None
     if request.headers.get("Expect", "").lower() != "100-continue":
         resp = ExpectationFailed("the only Expect accepted is 100-continue").response()
-        request.protocol._lingering_time = 0.0  # see _expect_continue
+        no_lingering_close(request)  # see _expect_continue
         return resp
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0
+    await send_100_continue(request)
     return None
 
 
 def _replace_default_expect_handlers(app: web.Application) -> None:
-    for route in app.router.routes():
-        if getattr(route, "_expect_handler", None) is _default_expect_handler:
-            route._expect_handler = _expect_elsewhere  # type: ignore[attr-defined]
+    replace_default_expect_handlers(app, _expect_elsewhere)
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -361,8 +362,7 @@ class RunningProxy:
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
     site = web.TCPSite(runner, host, port)
     await site.start()
-    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-    return int(sockets[0].getsockname()[1]) if sockets else port
+    return bound_port(site, port)
 
 
 async def start_proxy(

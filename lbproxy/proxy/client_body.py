@@ -28,6 +28,7 @@ import asyncio
 
 from aiohttp import web
 
+from lbproxy.proxy.aiohttp_compat import HookedRequest, no_lingering_close
 from lbproxy.proxy.client_limits import ClientLimits
 from lbproxy.proxy.errors import (
     BadRequest,
@@ -71,22 +72,19 @@ def _buffer_full() -> BodyBufferFull:
     )
 
 
-class ProxyRequest(web.Request):
+class ProxyRequest(HookedRequest):
     """aiohttp's Request with a bounded `read()` (see the module's docstring)."""
 
-    ATTRS = web.Request.ATTRS | frozenset({"_lb_limits", "_lb_held", "_lb_response"})
+    ATTRS = HookedRequest.request_attrs("_lb_limits", "_lb_held", "_lb_response")
     _lb_limits: ClientLimits
     _lb_held: int = 0  # bytes of the budget this request holds
     _lb_response: web.StreamResponse | None = None  # once prepared (a shutdown may cut it)
 
-    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+    def response_prepared(self, response: web.StreamResponse) -> None:
         self._lb_response = response
-        await super()._prepare_hook(response)
 
-    async def read(self) -> bytes:
-        if self._read_bytes is None:
-            self._read_bytes = await self._read_bounded()
-        return self._read_bytes
+    async def read_body(self) -> bytes:
+        return await self._read_bounded()
 
     def release_body(self) -> None:
         """Give the body's bytes back to the budget (when the request has ended)."""
@@ -102,7 +100,7 @@ class ProxyRequest(web.Request):
     async def _read_bounded(self) -> bytes:
         limits = self._lb_limits
         check_before_body(self, limits)
-        payload = self._payload
+        payload = self.content
         length = self.content_length
         max_size = self.client_max_size
         loop = asyncio.get_running_loop()
@@ -144,7 +142,7 @@ class ProxyRequest(web.Request):
         except TimeoutError:
             # No lingering close (aiohttp reads what is left for up to 10 s): this client
             # has been trickling long enough.
-            self.protocol._lingering_time = 0.0
+            no_lingering_close(self)
             rate = f" or under {min_rate} bytes/s on average" if min_rate else ""
             raise RequestTimeout(
                 f"the request body arrived too slowly (a gap over {idle:g} s{rate}); "

@@ -35,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
+from lbproxy.proxy.aiohttp_compat import set_read_timeout
 from lbproxy.proxy.auth import Authenticator
 from lbproxy.proxy.errors import (
     BadRequest,
@@ -357,9 +358,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         s = self.settings
         # Headers are in: from now on the gap between body chunks is what is bounded.
-        conn = upstream.connection
-        if conn is not None and conn.protocol is not None:
-            conn.protocol.read_timeout = s.idle_timeout
+        set_read_timeout(upstream, s.idle_timeout)
 
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         resp.headers.extend(downstream_headers(upstream.headers))

@@ -36,13 +36,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
-from aiohttp.web_request import BaseRequest
 
+from lbproxy.proxy.aiohttp_compat import (
+    AbstractStreamWriter,
+    ConnectionHandler,
+    HookedRunner,
+    HttpProcessingError,
+    LineTooLong,
+    RawRequestMessage,
+    RequestHandler,
+    StreamReader,
+    new_request,
+    parse_error_message,
+    payload_writer,
+    writer_ended,
+)
 from lbproxy.proxy.client_body import ProxyRequest
 from lbproxy.proxy.client_limits import ClientLimits
 from lbproxy.proxy.errors import error_body, sse_error_event
@@ -50,7 +58,7 @@ from lbproxy.proxy.errors import error_body, sse_error_event
 log = logging.getLogger("lbproxy")
 
 
-class _RequestHandler(RequestHandler):
+class _RequestHandler(ConnectionHandler):
     __slots__ = ("_lb_header_timer", "_lb_runner", "_lb_seen_data")
 
     _lb_runner: ProxyRunner
@@ -59,8 +67,7 @@ class _RequestHandler(RequestHandler):
         self._lb_header_timer: asyncio.TimerHandle | None = None
         self._lb_seen_data = False
         runner = self._lb_runner
-        manager = self._manager
-        if manager is not None and len(manager._connections) >= runner.limits.max_connections:
+        if self.open_connections() >= runner.limits.max_connections:
             # Over the cap: answer at once and close, so that the connections already
             # open (and the process's file descriptors) keep working.
             runner.refused_connections += 1
@@ -69,7 +76,7 @@ class _RequestHandler(RequestHandler):
                 log.warning(
                     "refused a connection: %d client connections are open "
                     "(limits.max_client_connections); %d refused so far",
-                    len(manager._connections),
+                    self.open_connections(),
                     refused,
                 )
             cast(asyncio.Transport, transport).write(_FULL)
@@ -82,11 +89,11 @@ class _RequestHandler(RequestHandler):
     def _lb_arm_header_timer(self) -> None:
         timeout = self._lb_runner.limits.header_timeout
         if timeout:
-            self._lb_header_timer = self._loop.call_later(timeout, self._lb_header_timeout)
+            self._lb_header_timer = self.call_later(timeout, self._lb_header_timeout)
 
     def _lb_header_timeout(self) -> None:
         self._lb_header_timer = None
-        if self._request_in_progress or self._messages or self.transport is None:
+        if self.has_request() or self.transport is None:
             return
         log.info(
             "closed a connection from %s: no complete request headers within %gs",
@@ -98,14 +105,15 @@ class _RequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if not self._lb_seen_data:
             self._lb_seen_data = True
-            if data and self._parser is not None and not self._upgraded:
-                self._parser = _FirstFeed(self._parser, self)  # see _FirstFeed
+            parser = self.parser()
+            if data and parser is not None:
+                self.set_parser(_FirstFeed(parser, self))  # see _FirstFeed
         # Waiting for a request (not reading a body): its first bytes start the clock.
-        waiting = self._waiter is not None
-        parsed = self._request_count
+        waiting = self.waiting_for_request()
+        parsed = self.requests_parsed()
         super().data_received(data)
         timer = self._lb_header_timer
-        if self._request_count != parsed:  # its headers are complete
+        if self.requests_parsed() != parsed:  # its headers are complete
             if timer is not None:
                 timer.cancel()
                 self._lb_header_timer = None
@@ -119,22 +127,17 @@ class _RequestHandler(RequestHandler):
             self._lb_header_timer = None
         super().connection_lost(exc)
 
-    async def _handle_request(
-        self,
-        request: BaseRequest,
-        start_time: float | None,
-        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
-    ) -> tuple[web.StreamResponse, bool]:
-        in_flight = self._lb_runner.in_flight
+    def request_started(self, request: web.BaseRequest) -> None:
         task = asyncio.current_task()
         assert task is not None
-        in_flight[task] = request
-        try:
-            return await super()._handle_request(request, start_time, request_handler)
-        finally:
-            del in_flight[task]
-            if isinstance(request, ProxyRequest):
-                request.release_body()
+        self._lb_runner.in_flight[task] = request
+
+    def request_ended(self, request: web.BaseRequest) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        del self._lb_runner.in_flight[task]
+        if isinstance(request, ProxyRequest):
+            request.release_body()
 
     def handle_error(
         self,
@@ -185,28 +188,19 @@ class _FirstFeed:
 
     def feed_data(self, data: bytes) -> Any:
         handler = self._handler
-        handler._parser = self._parser  # only this first read goes through here
+        handler.set_parser(self._parser)  # only this first read goes through here
         try:
             return self._parser.feed_data(data)
         except HttpProcessingError as exc:
             messages: list[Any] = _complete_requests(handler, data)
-            messages.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+            messages.append(parse_error_message(exc))
             return messages, False, b""
 
 
 def _complete_requests(handler: _RequestHandler, data: bytes) -> list[Any]:
     """The complete requests at the start of `data`, parsed one at a time."""
-    parser = HttpRequestParser(
-        handler,
-        handler._loop,
-        handler._read_bufsize,
-        max_line_size=handler.max_line_size,
-        max_field_size=handler.max_field_size,
-        max_headers=handler.max_headers,
-        payload_exception=RequestPayloadError,
-        auto_decompress=False,
-        max_msg_queue_size=1,  # pause after each request: what came before junk is kept
-    )
+    # Pause after each request: what came before junk is kept.
+    parser = handler.new_request_parser(max_msg_queue_size=1)
     out: list[Any] = []
     chunk = data
     try:
@@ -237,16 +231,7 @@ _FULL = (
 )
 
 
-class _Server(web.Server):
-    _lb_runner: ProxyRunner
-
-    def __call__(self) -> RequestHandler:
-        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
-        handler._lb_runner = self._lb_runner
-        return handler
-
-
-class ProxyRunner(web.AppRunner):
+class ProxyRunner(HookedRunner):
     """AppRunner whose connections are bounded by `limits` (see the module's docstring)
     and refuse unparseable requests in OpenAI's error shape."""
 
@@ -261,30 +246,26 @@ class ProxyRunner(web.AppRunner):
         self.limits = limits
         self.refused_connections = 0
         # Requests being handled, with their tasks: what a shutdown cuts at its deadline.
-        self.in_flight: dict[asyncio.Task[Any], BaseRequest] = {}
+        self.in_flight: dict[asyncio.Task[Any], web.BaseRequest] = {}
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp has no public hook for parse errors (they bypass the app and its
-        # middlewares), so the connection handler class is swapped for one that answers
-        # them; test_ops_auth checks the result against the installed aiohttp.
-        server.__class__ = _Server
-        cast(_Server, server)._lb_runner = self
-        server.request_factory = self._make_request
-        return server
+    # aiohttp has no public hook for parse errors (they bypass the app and its
+    # middlewares), so connections get a handler that answers them; test_ops_auth checks
+    # the result against the installed aiohttp.
+    def connection_handler(self, server: web.Server, **kwargs: Any) -> RequestHandler:
+        handler = _RequestHandler(server, **kwargs)
+        handler._lb_runner = self
+        return handler
 
-    def _make_request(
+    def make_request(
         self,
         message: RawRequestMessage,
         payload: StreamReader,
         protocol: RequestHandler,
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
-    ) -> BaseRequest:
-        request = self._app._make_request(
-            message, payload, protocol, writer, task, _cls=ProxyRequest
-        )
-        request._lb_limits = self.limits
+    ) -> web.BaseRequest:
+        request = new_request(self.app, message, payload, protocol, writer, task, ProxyRequest)
+        request._lb_limits = self.limits  # type: ignore[attr-defined]
         return request
 
     def cut_in_flight(self) -> int:
@@ -329,7 +310,7 @@ def _end_response(request: ProxyRequest) -> None:
 
     Synchronous, so nothing the (then cancelled) handler writes can come between."""
     resp = request._lb_response
-    writer = request._payload_writer
+    writer = payload_writer(request)
     transport = request.transport
     if writer is None or transport is None or transport.is_closing():
         return
@@ -337,11 +318,7 @@ def _end_response(request: ProxyRequest) -> None:
         if writer.output_size == 0:
             transport.write(_SHUTTING_DOWN)
         return
-    if (
-        not resp.prepared
-        or resp.content_type != "text/event-stream"
-        or getattr(writer, "_eof", False)
-    ):
+    if not resp.prepared or resp.content_type != "text/event-stream" or writer_ended(writer):
         return
     writer.send_headers()
     data = b"\n\n" + _CUT_EVENT  # a blank line ends an event the backend left open

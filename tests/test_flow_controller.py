@@ -293,6 +293,29 @@ def test_a_request_waits_for_its_cached_backend_then_takes_another() -> None:
     assert fc.drain([warm, cold], 4.1, d) == 1 and d.bound[-1] == ("p", "cold")
 
 
+def test_affinity_wait_counts_from_the_first_hold_not_from_arrival() -> None:
+    """Under a steady backlog every request reaching the front has already waited longer
+    than affinity_wait; that wait, spent behind others, must not send it to a cold backend."""
+    fc = FlowController(_fixed(1, affinity_wait=2.0, affinity_margin=1.0, max_wait=30.0))
+    warm, cold = _ep("warm"), _ep("cold")
+    warm.in_flight = cold.in_flight = 1  # both full: it waits behind the backlog
+    d = Driver(prefer={"p": "warm"})
+    w = _w(tag="p", arrival=0.0)
+    assert fc.admit(w, [warm, cold], 0.0, d, d.on_shed) is False
+    assert fc.drain([warm, cold], 9.0, d) == 0 and w.held_since is None  # nothing had room
+    cold.in_flight = 0  # 10 s after its arrival a cold backend has room: it still holds
+    assert fc.drain([warm, cold], 10.0, d) == 0 and w.held_since == 10.0
+    assert fc.drain([warm, cold], 11.5, d) == 0
+    warm.in_flight = 0
+    assert fc.drain([warm, cold], 11.9, d) == 1 and d.bound[-1] == ("p", "warm")
+    # Held for affinity_wait since its first hold: it takes the cold one.
+    warm.in_flight = 1
+    late = _w(tag="p", arrival=12.0)
+    assert fc.admit(late, [warm, cold], 12.0, d, d.on_shed) is False
+    assert fc.drain([warm, cold], 13.9, d) == 0
+    assert fc.drain([warm, cold], 14.0, d) == 1 and d.bound[-1] == ("p", "cold")
+
+
 def test_scan_follows_service_order() -> None:
     q = FlowQueue()
     for tag, prio, flow in [("a1", 0, "a"), ("a2", 0, "a"), ("b1", 0, "b"), ("h1", 1, "h")]:

@@ -17,8 +17,10 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
 - Where a request goes (late binding: decided when it is dispatched, on the signals of
   that moment): the pool's routing ranks every backend in service. The first can take
   it: it goes there. Else the best one that can take it is used if its routing total is
-  within `affinity_margin` of the first's, or once the request has waited
-  `affinity_wait` (at most half of `max_wait`); until then it waits for room where its
+  within `affinity_margin` of the first's, or once the request has been held
+  `affinity_wait` (at most half of `max_wait`) since it was first held so (not since its
+  arrival: under a steady backlog every request reaching the front has already waited,
+  and counting that would send them all to cold backends); until then it waits for room where its
   prefix is cached (sending it to a cold backend costs a full prefill, which under load
   costs everyone). Other waiting requests are tried meanwhile (up to `_SCAN` of them, in
   service order; each routed once per dispatch round).
@@ -309,8 +311,11 @@ class FlowController:
             gap = decision.total_of(best) - decision.total_of(alt)
             # Priority and fairness come before cache affinity: a privileged request does
             # not hold out for its backend.
-            if not priv and gap > self.affinity_margin and now - w.arrival < self.affinity_wait:
-                return False
+            if not priv and gap > self.affinity_margin:
+                if w.held_since is None:
+                    w.held_since = now
+                if now - w.held_since < self.affinity_wait:
+                    return False
             decision.choose(alt)
         w.state, w.dispatched_at = DISPATCHED, now
         binder.bind(w, decision, now)

@@ -31,6 +31,10 @@ class Waiter:
     state: int = QUEUED
     shed_reason: str = ""
     dispatched_at: float | None = None
+    # When it was first held for its cached backend while another had room: the affinity
+    # wait counts from here, not from arrival (under a steady backlog everyone reaching the
+    # front has already waited, which must not cancel affinity for all).
+    held_since: float | None = None
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """BENCHMARKS.md's flow-control tables, from committed result files (nothing by hand).
 
-    python benchmarks/flow_tables.py --on benchmarks/results/flow/abc-20-on \\
+    python benchmarks/flow_tables.py --on benchmarks/results/flow/abc-20-on/* \\
         --off benchmarks/results/flow/abc-20-off \\
         --capacity benchmarks/results/capacity/abc-20/capacity.json
 
@@ -27,6 +27,14 @@ def _by_profile(results: dict[str, Any]) -> dict[str, dict[float, dict[str, Any]
     return {r["profile"]: {s["rate"]: s for s in r["steps"]} for r in results["runs"]}
 
 
+def _merged(paths: list[str]) -> dict[str, dict[float, dict[str, Any]]]:
+    """The runs of several results.json (one profile each, say), by profile."""
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    for path in paths:
+        out.update(_by_profile(_load(path)))
+    return out
+
+
 def _ms(v: float | None) -> str:
     if v is None:
         return "-"
@@ -35,11 +43,11 @@ def _ms(v: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--on", required=True)
-    ap.add_argument("--off", required=True)
+    ap.add_argument("--on", required=True, nargs="+", help="results dirs (runs merged)")
+    ap.add_argument("--off", required=True, nargs="+", help="results dirs (runs merged)")
     ap.add_argument("--capacity", required=True)
     args = ap.parse_args()
-    on, off = _by_profile(_load(args.on)), _by_profile(_load(args.off))
+    on, off = _merged(args.on), _merged(args.off)
     bound = json.loads(Path(args.capacity).read_text())["bound_output_tokens_per_s"]
     print(f"Bound (capacity.json): {bound:,.0f} output tok/s.\n")
     for profile, steps in on.items():

@@ -259,7 +259,9 @@ async def test_continuous_usage_stats_in_every_chunk(
     """vLLM's `continuous_usage_stats`: every chunk carries the usage so far, right after
     `choices` (chat adds a null completion_tokens_details; its role chunk counts 0), then
     the usual final usage chunk. Also with several tokens per chunk."""
-    h = await start_sim_server(port=0, profile="vendor-b", model=MODEL, speed=5.0,
+    # Slow steps (~25 ms): a first chunk holds one token only if the handler keeps up with
+    # the engine; on a busy machine a few-ms step lets tokens pile up (as in vLLM).
+    h = await start_sim_server(port=0, profile="vendor-b", model=MODEL, speed=0.25,
                                stream_interval=3)  # fmt: skip
     try:
         req = {"model": MODEL, "max_tokens": 14, "stream": True, "stream_options": CONTINUOUS}

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from decision_cost import cpu_name
+from decision_cost import cpu_name, fleet
 
 NOW = 1000.0
 GROUPS = 4
@@ -109,19 +109,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from lbproxy.routing.interfaces import BuildContext
     from lbproxy.routing.pipeline import Router
     from lbproxy.routing.profiles import build_router
-    from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext
-
-    def fleet(n: int) -> list[Endpoint]:
-        eps = []
-        for i in range(n):
-            ep = Endpoint(name=f"b{i:03d}", url=f"http://b{i}", block_size=16)
-            ep.num_gpu_blocks = 30_000
-            ep.metrics = MetricsSnapshot(
-                time=NOW, num_running=4.0, num_waiting=float(i % 3), kv_cache_usage=0.2 + i % 5 / 10
-            )
-            ep.in_flight = 4 + i % 3
-            eps.append(ep)
-        return eps
+    from lbproxy.routing.state import Endpoint, RequestContext
 
     prompts = Prompts(args.seed)
     makers: dict[str, Callable[[int], dict[str, Any]]] = {

@@ -316,6 +316,28 @@ def test_affinity_wait_counts_from_the_first_hold_not_from_arrival() -> None:
     assert fc.drain([warm, cold], 14.0, d) == 1 and d.bound[-1] == ("p", "cold")
 
 
+def test_a_freed_backend_takes_a_request_of_its_own_before_one_going_cold() -> None:
+    """Under overload most requests are shed anyway: a slot goes to a request whose prefix
+    is cached there before one whose affinity wait ran out (it would arrive cold)."""
+    fc = FlowController(_fixed(1, affinity_wait=2.0, affinity_margin=1.0, max_wait=30.0))
+    warm, cold, other = _ep("warm"), _ep("cold"), _ep("other")
+    eps = [warm, cold, other]
+    warm.in_flight = cold.in_flight = other.in_flight = 1
+    d = Driver(prefer={"p": "warm", "q": "cold"})
+    p, q = _w(tag="p", arrival=0.0), _w(tag="q", arrival=0.1)
+    assert fc.admit(p, eps, 0.0, d, d.on_shed) is False
+    assert fc.admit(q, eps, 0.1, d, d.on_shed) is False
+    other.in_flight = 0  # room only where neither is cached: both hold for their own
+    assert fc.drain(eps, 1.0, d) == 0 and p.held_since == q.held_since == 1.0
+    other.in_flight = 1
+    cold.in_flight = 0  # past p's affinity wait, q's own backend frees up
+    assert fc.drain(eps, 4.0, d) == 1
+    assert d.bound == [("q", "cold")] and p.state == QUEUED
+    # With nothing of its own waiting for the freed backend, p takes it.
+    cold.in_flight = 0
+    assert fc.drain(eps, 4.5, d) == 1 and d.bound[-1] == ("p", "cold")
+
+
 def test_scan_follows_service_order() -> None:
     q = FlowQueue()
     for tag, prio, flow in [("a1", 0, "a"), ("a2", 0, "a"), ("b1", 0, "b"), ("h1", 1, "h")]:

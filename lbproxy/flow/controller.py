@@ -23,7 +23,10 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
   and counting that would send them all to cold backends); until then it waits for room where its
   prefix is cached (sending it to a cold backend costs a full prefill, which under load
   costs everyone). Other waiting requests are tried meanwhile (up to `_SCAN` of them, in
-  service order; each routed once per dispatch round).
+  service order; each routed once per dispatch round), and one of them that can go to
+  its own first choice goes before one whose affinity wait ran out: under overload most
+  requests are shed anyway, and serving those a backend has cached keeps each backend's
+  cache (and KV room: requests of one prefix share its blocks) on few prefixes.
 - Arrival (`admit`): with nobody waiting and a backend that can take it, the request is
   dispatched at once (below capacity this is the whole cost). Otherwise it waits, unless
   the queue is full (`max_queue`: a request of a lower band or of a longer flow is shed
@@ -273,18 +276,46 @@ class FlowController:
         ranks: dict[int, Decision | None] = {}  # routing of each waiter, once per drain
         n = 0
         while q.size and any(self.can_take(ep, now, True) for ep in serving):
+            # A request whose own backend has room goes before one that would go cold
+            # (its affinity wait over): under overload most requests are shed anyway, and
+            # serving the cheap ones keeps every backend's cache on its own prefixes.
+            spill: tuple[Waiter, Decision, Endpoint] | None = None
             for w in q.scan(_SCAN):
-                if self._try(w, serving, now, binder, queued=True, ranks=ranks):
-                    q.remove(w, rotate=True)
-                    self._backlog_count += 1.0
-                    n += 1
+                choice = self._choose(w, serving, now, binder, queued=True, ranks=ranks)
+                if choice is None:
+                    continue
+                decision, alt = choice
+                if alt is None:
+                    self._bind(w, decision, now, binder)
                     break
+                if spill is None:
+                    spill = (w, decision, alt)
             else:
-                break  # everyone tried waits for a backend that is full
+                if spill is None:
+                    break  # everyone tried waits for a backend that is full
+                w, decision, alt = spill
+                decision.choose(alt)
+                self._bind(w, decision, now, binder)
+            q.remove(w, rotate=True)
+            self._backlog_count += 1.0
+            n += 1
         self.dispatched_queued += n
         return n
 
     def _try(
+        self, w: Waiter, serving: list[Endpoint], now: float, binder: Binder, queued: bool
+    ) -> bool:
+        """Dispatch `w` if the rule above lets it go now."""
+        choice = self._choose(w, serving, now, binder, queued)
+        if choice is None:
+            return False
+        decision, alt = choice
+        if alt is not None:
+            decision.choose(alt)
+        self._bind(w, decision, now, binder)
+        return True
+
+    def _choose(
         self,
         w: Waiter,
         serving: list[Endpoint],
@@ -292,8 +323,10 @@ class FlowController:
         binder: Binder,
         queued: bool,
         ranks: dict[int, Decision | None] | None = None,
-    ) -> bool:
-        """Dispatch `w` if the rule above lets it go now."""
+    ) -> tuple[Decision, Endpoint | None] | None:
+        """Where `w` may go now: (its decision, None) for the routing's first choice or a
+        backend as good; (decision, alt) to go to `alt` instead, its affinity wait over;
+        None to wait."""
         if ranks is not None and id(w) in ranks:
             decision = ranks[id(w)]
         else:
@@ -301,26 +334,30 @@ class FlowController:
             if ranks is not None:
                 ranks[id(w)] = decision
         if decision is None:
-            return False
+            return None
         best = decision.endpoint
         priv = queued and self._privileged(w)
-        if not self.can_take(best, now, priv):
-            alt = next((ep for ep in decision.ranked if self.can_take(ep, now, priv)), None)
-            if alt is None:
-                return False
-            gap = decision.total_of(best) - decision.total_of(alt)
-            # Priority and fairness come before cache affinity: a privileged request does
-            # not hold out for its backend.
-            if not priv and gap > self.affinity_margin:
-                if w.held_since is None:
-                    w.held_since = now
-                if now - w.held_since < self.affinity_wait:
-                    return False
+        if self.can_take(best, now, priv):
+            return decision, None
+        alt = next((ep for ep in decision.ranked if self.can_take(ep, now, priv)), None)
+        if alt is None:
+            return None
+        gap = decision.total_of(best) - decision.total_of(alt)
+        # Priority and fairness come before cache affinity: a privileged request does
+        # not hold out for its backend.
+        if priv or gap <= self.affinity_margin:
             decision.choose(alt)
+            return decision, None
+        if w.held_since is None:
+            w.held_since = now
+        if now - w.held_since < self.affinity_wait:
+            return None
+        return decision, alt
+
+    def _bind(self, w: Waiter, decision: Decision, now: float, binder: Binder) -> None:
         w.state, w.dispatched_at = DISPATCHED, now
         binder.bind(w, decision, now)
         self.limiter(decision.endpoint).sent_tokens += w.tokens
-        return True
 
     def _privileged(self, w: Waiter) -> bool:
         """A waiting request of a higher band than the lowest one waiting, or of a flow with

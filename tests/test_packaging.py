@@ -123,3 +123,14 @@ def test_runtime_dependencies_exclude_the_bench_stack() -> None:
     assert {"numpy", "matplotlib", "rich"} <= names(meta["optional-dependencies"]["bench"])
     assert "multidict" in names(meta["dependencies"])
     assert "lbproxy[bench]" in meta["optional-dependencies"]["test"]
+
+
+def test_a_shipped_fleet_by_name_or_by_its_checkout_path() -> None:
+    from lbproxy.sim.fleet import load_fleet
+
+    by_name = load_fleet("demo-3")
+    by_path = load_fleet("configs/fleets/demo-3.yaml")
+    assert by_name.backends == by_path.backends and len(by_name.backends) == 3
+    r = _run([sys.executable, "-m", "lbproxy.cli", "sim", "--fleet", "demo-4"], ROOT, timeout=60)
+    assert r.returncode == 2
+    assert "shipped fleets: a-4, ab-12, abc-20, b-8, c-8, demo-3" in r.stderr

@@ -74,6 +74,9 @@ class _LazyParser(argparse.ArgumentParser):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from lbproxy import startup_hup
+
+    startup_hup.hold()  # before the slow part (config, imports): a SIGHUP must not kill us
     from lbproxy.proxy.app import serve_forever
 
     cfg = load_config(args.config)

@@ -1,8 +1,10 @@
 """`lbproxy demo`: a simulated heterogeneous fleet with lbproxy in front, in one process.
 
 Without arguments it serves until Ctrl-C and prints how to talk to it. With
-`--workload` it instead drives a short shared-prefix load through round-robin and
-cache-aware routing in turn (each on a fresh, cold fleet) and prints them side by side.
+`--workload` it instead plays a short shared-prefix load through round-robin and
+cache-aware routing in turn (each on a fresh, cold fleet) and prints them side by side:
+in virtual time (the offline simulator: the same engine model and lbproxy's routing
+code, no wall clock), so the figures do not depend on how busy this machine is.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import sys
 from typing import Any
 
@@ -42,16 +43,24 @@ def demo_fleet(speed: float = 1.0) -> FleetSpec:
 
 def _banner(url: str, model: str, routing: str, backends: list[tuple[str, str, str]]) -> str:
     rows = "\n".join(f"    {name:8} {vendor:9} {burl}" for name, vendor, burl in backends)
+    # Every command pastes into bash as is: the JSON body stays on one line inside its
+    # quotes (a backslash there would be sent as part of the body).
+    body = (
+        f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+        '"max_tokens": 32}'
+    )
     return f"""
 lbproxy demo: {len(backends)} simulated vLLM backends behind lbproxy (routing: {routing})
 {rows}
 
   OpenAI base URL:  {url}/v1      model: {model}
+  Dashboard:        {url}/dashboard
 
   curl {url}/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], \\
-         "max_tokens": 32}}'
+    -d '{body}'
 
+  Python, with the openai package:
+  pip install openai
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); \\
 print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16).choices[0].text)"
 
@@ -114,7 +123,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--speed",
         type=float,
         default=None,
-        help="simulated time per wall second (default 1; --workload: 10)",
+        help="simulated time per wall second (default 1; not with --workload)",
     )
     p.add_argument(
         "--workload",
@@ -126,22 +135,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default=",".join(WORKLOAD_PROFILES),
         help="--workload: routing profiles to compare",
     )
-    p.add_argument("--rate", type=float, default=8.0, help="--workload: requests/s (simulated)")
+    p.add_argument("--rate", type=float, default=8.0, help="--workload: requests/s")
     p.add_argument(
         "--duration",
         type=float,
         default=60.0,
-        help="--workload: seconds of simulated arrivals per profile",
+        help="--workload: seconds of arrivals per profile (virtual time)",
     )
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     if args.workload:
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+        if args.speed is not None:
+            print(
+                "lbproxy demo: --speed is for the served demo; --workload runs in virtual time",
+                file=sys.stderr,
+            )
+            return 2
         profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-        speed = 10.0 if args.speed is None else args.speed
-        return run_workload_demo(profiles, rate=args.rate, duration=args.duration, speed=speed)
+        return run_workload_demo(profiles, rate=args.rate, duration=args.duration)
     try:
         run_loop(serve_demo(args.host, args.port, args.routing, args.speed or 1.0))
     except KeyboardInterrupt:
@@ -152,15 +165,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_workload_demo(profiles: list[str], *, rate: float, duration: float, speed: float) -> int:
-    """Each profile on a fresh demo fleet under the same shared-prefix load; one table."""
-    from lbproxy.bench.loadgen import LoadOptions, bench_run, live_fleet
+def run_workload_demo(profiles: list[str], *, rate: float, duration: float) -> int:
+    """Each profile on a fresh demo fleet under the same shared-prefix load, in virtual
+    time (flow control on, as `lbproxy serve` runs by default); one table."""
+    from lbproxy.bench.extra import require_bench_extra
+
+    require_bench_extra("demo --workload")
+    from lbproxy.bench.simulate import simulate_run
     from lbproxy.bench.workloads import shared_prefix
+    from lbproxy.config import FlowControl
     from lbproxy.tokenization import default_tokenizer
 
-    fleet = demo_fleet(speed)
+    if not profiles:
+        print("lbproxy demo: --profiles is empty", file=sys.stderr)
+        return 2
+    fleet = demo_fleet()
+    tokenizer = default_tokenizer()
     workload = shared_prefix(
-        default_tokenizer(),
+        tokenizer,
         num_groups=8,
         num_prompts_per_group=40,
         system_prompt_len=1800,
@@ -168,33 +190,31 @@ def run_workload_demo(profiles: list[str], *, rate: float, duration: float, spee
         output_len=100,
         seed=0,
     )
-
-    async def one(profile: str) -> dict[str, Any]:
-        async with live_fleet(fleet, profile, speed=speed, stream_interval=4) as url:
-            opts = LoadOptions(
-                target=url, model=fleet.model, duration=duration, time_scale=speed, seed=0
-            )
-            run = await bench_run(workload, [rate], opts, profile=profile)
-        return dict(run["steps"][0])
-
     print(
         f"lbproxy demo --workload: shared-prefix (8 groups, 1,800-token system prompt + "
-        f"200-token question, 100 tokens out), {rate:g} req/s for {duration:g} s of simulated "
-        f"time on 3 simulated backends (vendor-a, -b, -c) at {speed:g}x speed; each profile "
-        "on a fresh fleet.",
+        f"200-token question, 100 tokens out), {rate:g} req/s for {duration:g} s on 3 "
+        "simulated backends (vendor-a, -b, -c), each profile on a fresh fleet; in virtual "
+        "time (simulated engines, lbproxy's routing), so this machine's load does not "
+        "change the figures.",
         flush=True,
     )
     rows = []
     for profile in profiles:
-        result: dict[str, Any] = {}
-
-        async def go(p: str = profile, out: dict[str, Any] = result) -> None:
-            out.update(await one(p))
-
-        run_loop(go())
-        rows.append((profile, result))
-        print(f"  {profile}: done", flush=True)
-    print(_workload_table(rows))
+        try:
+            run = simulate_run(
+                fleet,
+                workload,
+                profile,
+                [rate],
+                duration=duration,
+                tokenizer=tokenizer,
+                flow=FlowControl(),
+            )
+        except ValueError as e:
+            print(f"lbproxy demo: {profile}: {e}", file=sys.stderr)
+            return 2
+        rows.append((profile, dict(run["steps"][0])))
+    print(_workload_table(rows), flush=True)
     return 0
 
 

@@ -24,10 +24,21 @@ from typing import Any
 
 import yaml
 
-from lbproxy.bench import report
-from lbproxy.bench.mix import TrafficClass, parse_mix
-from lbproxy.bench.workloads import APIS, WORKLOAD_PARAMS, WORKLOADS, Workload, make_workload
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.bench.extra import require_bench_extra
+
+# Before numpy is imported below: a runtime-only install gets one line, not a traceback.
+require_bench_extra("bench and simulate")
+
+from lbproxy.bench import report  # noqa: E402
+from lbproxy.bench.mix import TrafficClass, parse_mix  # noqa: E402
+from lbproxy.bench.workloads import (  # noqa: E402
+    APIS,
+    WORKLOAD_PARAMS,
+    WORKLOADS,
+    Workload,
+    make_workload,
+)
+from lbproxy.tokenization import Tokenizer, default_tokenizer  # noqa: E402
 
 DEFAULT_DURATION = 60.0  # seconds of arrivals per rate step
 
@@ -297,7 +308,9 @@ def configure_simulate_parser(sim: argparse.ArgumentParser) -> None:
         "Runs the engine model of every backend of a fleet in virtual time and "
         "routes each arrival with lbproxy's routing code; same outputs as bench."
     )
-    sim.add_argument("--fleet", required=True, help="fleet YAML (configs/fleets/*.yaml)")
+    sim.add_argument(
+        "--fleet", required=True, help="fleet YAML, or a shipped fleet by name (abc-20, demo-3)"
+    )
     sim.add_argument(
         "--profiles",
         default="round-robin,cache-aware",

@@ -10,7 +10,8 @@ Signals (installed by `run_until_signalled`):
   and the process exits 0, within about a second of the deadline. A second SIGTERM/SIGINT
   during the grace period kills the process.
 - SIGHUP: hot reload of the config file, as POST /admin/reload; an invalid file is logged
-  and the running config stays.
+  and the running config stays. One received while the proxy starts (`lbproxy.startup_hup`
+  notes it) is logged and reloads the config as soon as the proxy serves.
 
 `ProxyRunner` is aiohttp's AppRunner with these changes:
 - A request that cannot be parsed (a header or request line over
@@ -37,6 +38,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from lbproxy import startup_hup
 from lbproxy.proxy.aiohttp_compat import (
     AbstractStreamWriter,
     ConnectionHandler,
@@ -372,6 +374,13 @@ async def run_until_signalled(
         loop.add_signal_handler(sig, on_stop, sig)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Taken after the handler above is in place, so that no SIGHUP falls in between.
+    if startup_hup.take():
+        if reload is None:
+            log.info("SIGHUP during start-up: no config file to reload, ignored")
+        else:
+            log.info("SIGHUP during start-up: reloading the config now that lbproxy serves")
+            on_hup()
     try:
         await stop.wait()
     finally:

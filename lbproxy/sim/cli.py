@@ -38,7 +38,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "Serve vLLM's OpenAI API, /metrics, /tokenize and KV events from a "
         "simulated engine running in (scaled) real time."
     )
-    p.add_argument("--fleet", help="fleet YAML (configs/fleets/*.yaml): start every backend")
+    p.add_argument(
+        "--fleet", help="fleet YAML, or a shipped fleet by name (demo-3): start every backend"
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000)")
     p.add_argument("--port-offset", type=int, default=0, help="with --fleet: add to every port")

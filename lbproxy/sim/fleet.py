@@ -8,6 +8,9 @@
       - {name: a, profile: vendor-a, port: 8001, kv_events: "tcp://*:5601"}
       - {name: b, profile: vendor-b, port: 8002, count: 3}   # b-0, b-1, b-2 on 8002..8004
 
+A fleet is a YAML path or the name of a shipped one (`demo-3`, `abc-20`: `lbproxy/data/fleets`,
+also `configs/fleets/` in a checkout).
+
 Per backend: `name`, `profile` (a shipped name or a YAML path) and `port` (0: ephemeral) are
 required; `kv_events`, `kv_events_topic` (default `kv-events-<name>`, so that one bound SUB
 can tell the backends apart), `kv_events_replay`, `seed` (default: the backend's index),
@@ -28,6 +31,7 @@ import yaml
 
 from lbproxy.sim.hardware import HardwareProfile, load_profile
 from lbproxy.sim.server import SimServerHandle, start_sim_server
+from lbproxy.sim.shipped import is_bare_name, shipped_file, shipped_names
 from lbproxy.tokenization import Tokenizer, default_tokenizer
 
 __all__ = ["BackendSpec", "FleetSpec", "load_fleet", "start_fleet"]
@@ -172,12 +176,17 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
 
 
 def load_fleet(path: str | Path) -> FleetSpec:
-    """Read and validate a fleet YAML file (ValueError naming the file and the key)."""
+    """Read and validate a fleet YAML file, or a shipped fleet by name (`demo-3`);
+    ValueError naming the file and the key."""
     p = Path(path)
+    shipped = isinstance(path, str) and is_bare_name(path) and not p.exists()
     try:
-        text = p.read_text(encoding="utf-8")
+        text = (shipped_file("fleets", path) if shipped else p).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"{p}: cannot read fleet file ({exc.strerror})") from None
+        known = ", ".join(shipped_names("fleets"))
+        raise ValueError(
+            f"{p}: cannot read fleet file ({exc.strerror}); shipped fleets: {known}"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-import lbproxy
+from lbproxy.sim.shipped import is_bare_name, shipped_file, shipped_names
 
-__all__ = ["CONFIGS_DIR", "HardwareProfile", "available_profiles", "load_profile"]
-
-CONFIGS_DIR = Path(lbproxy.__file__).resolve().parent.parent / "configs"
-_HARDWARE_DIR = CONFIGS_DIR / "hardware"
+__all__ = ["HardwareProfile", "available_profiles", "load_profile"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +188,18 @@ _OPTIONAL = _TEXT | {
 
 
 def available_profiles() -> list[str]:
-    """Names of the profiles shipped in ``configs/hardware``."""
-    return sorted(p.stem for p in _HARDWARE_DIR.glob("*.yaml"))
+    """Names of the profiles shipped in the package (``lbproxy/data/hardware``)."""
+    return shipped_names("hardware")
 
 
-def _resolve(name_or_path: str) -> Path:
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        return Path(name_or_path)
-    return _HARDWARE_DIR / f"{name_or_path}.yaml"
+def _resolve(name_or_path: str) -> Path | Traversable:
+    if is_bare_name(name_or_path):
+        return shipped_file("hardware", name_or_path)
+    return Path(name_or_path)
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """Load ``configs/hardware/<name>.yaml`` or a YAML file by path.
+    """Load a shipped profile by name (``vendor-a``) or a YAML file by path.
 
     Raises ValueError naming the file, the key and what is wrong.
     """
@@ -227,7 +225,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if missing:
         raise ValueError(f"{path}: {missing[0]}: required key is missing")
     kwargs = dict(data)
-    kwargs.setdefault("name", path.stem)
+    kwargs.setdefault("name", path.name.rsplit(".", 1)[0])
     # YAML reads 1e9 as a string and 3.0 as a float: accept numeric strings and integral floats
     # where the field wants them, but report anything else against its key.
     for key, value in kwargs.items():

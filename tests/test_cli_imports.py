@@ -127,10 +127,11 @@ def test_a_subcommand_loads_its_options_when_used(argv: list[str], expected: str
 
 
 def test_no_module_imports_the_cli_back() -> None:
-    """Subcommands run from `lbproxy.cli`; none of them may import it (a cycle)."""
+    """Subcommands run from `lbproxy.cli`; none of them may import it (a cycle). Only
+    the `python -m lbproxy` entry point does."""
     offenders = []
     for path in sorted((ROOT / "lbproxy").rglob("*.py")):
-        if path == ROOT / "lbproxy" / "cli.py":
+        if path in (ROOT / "lbproxy" / "cli.py", ROOT / "lbproxy" / "__main__.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = (

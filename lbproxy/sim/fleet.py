@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from lbproxy.bind import AddressInUse
 from lbproxy.sim.hardware import HardwareProfile, load_profile
 from lbproxy.sim.server import SimServerHandle, start_sim_server
 from lbproxy.tokenization import Tokenizer, default_tokenizer
@@ -220,7 +221,9 @@ async def start_fleet(
                     )
                 )
             except (OSError, ValueError) as exc:
-                raise type(exc)(f"{spec.source}: backend {b.name!r}: {exc}") from exc
+                msg = f"{spec.source}: backend {b.name!r}: {exc}"
+                kind = AddressInUse if isinstance(exc, AddressInUse) else type(exc)
+                raise kind(msg) from exc
     except BaseException:
         for h in handles:
             await h.close()

@@ -45,9 +45,10 @@ import orjson
 from aiohttp import web
 
 from lbproxy.aio import cancel_and_wait
+from lbproxy.bind import address_in_use, probe_listen
 from lbproxy.sim.engine import Engine, EngineRequest, TokenOutput
 from lbproxy.sim.hardware import HardwareProfile, load_profile
-from lbproxy.sim.kv_publisher import KVEventPublisher
+from lbproxy.sim.kv_publisher import KVEventPublisher, bind_endpoint, on_host
 from lbproxy.sim.metrics import METRICS_CONTENT_TYPE, SimMetrics
 from lbproxy.sim.openai_api import (
     EMBEDDING_DIM,
@@ -615,9 +616,16 @@ async def start_sim_server(
         tok = Tokenizer.from_file(tokenizer)
     if kv_events_replay and not kv_events:
         raise ValueError("kv_events_replay needs kv_events (the PUB endpoint) too")
-    publisher = (
-        KVEventPublisher(kv_events, kv_events_topic, kv_events_replay) if kv_events else None
-    )
+    # A taken port fails before the KV sockets are bound and the engine built.
+    await probe_listen(host, port)
+    publisher = None
+    if kv_events:
+        publisher = KVEventPublisher(
+            on_host(kv_events, host),
+            kv_events_topic,
+            on_host(kv_events_replay, host) if kv_events_replay else None,
+            bind=bind_endpoint(kv_events),  # vLLM's rule, on the endpoint as given
+        )
     try:
         server = SimServer(
             prof,
@@ -642,10 +650,12 @@ async def start_sim_server(
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-    except BaseException:
+    except BaseException as e:
         await runner.cleanup()
         if publisher is not None:
             await publisher.close()
+        if isinstance(e, OSError):
+            raise address_in_use(e, host, port) from None
         raise
     bound_port = runner.addresses[0][1]
     server.start()

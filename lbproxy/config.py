@@ -335,22 +335,32 @@ class Config(_Strict):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(node: Any, source: str, loc: tuple[Any, ...] = ()) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+def expand_env(node: Any, source: str) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree; every
+    unset variable without a default is reported (ConfigError)."""
+    problems = _Problems(source)
+    out = _expand(node, (), problems)
+    problems.raise_if_any()
+    return out
+
+
+def _expand(node: Any, loc: tuple[Any, ...], problems: _Problems) -> Any:
     if isinstance(node, dict):
-        return {k: expand_env(v, source, (*loc, k)) for k, v in node.items()}
+        return {k: _expand(v, (*loc, k), problems) for k, v in node.items()}
     if isinstance(node, list):
-        return [expand_env(v, source, (*loc, i)) for i, v in enumerate(node)]
+        return [_expand(v, (*loc, i), problems) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def sub(m: re.Match[str]) -> str:
             value = os.environ.get(m.group(1))
             if value is None:
                 if m.group(2) is None:
-                    raise ConfigError(
-                        f"{source}: {path_str(loc)}: environment variable "
-                        f"{m.group(1)} is not set (use ${{{m.group(1)}:-default}})"
+                    problems.add(
+                        path_str(loc),
+                        f"environment variable {m.group(1)} is not set "
+                        f"(use ${{{m.group(1)}:-default}})",
                     )
+                    return ""
                 return m.group(2)
             return value
 

@@ -151,3 +151,23 @@ def test_a_reload_says_the_same(loop_thread, tmp_path: Path) -> None:
         _no_pydantic_wording(message)
     finally:
         loop_thread.run(proxy.close())
+
+
+def test_every_unset_environment_variable_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "lbproxy.yaml"
+    path.write_text(
+        "pools:\n"
+        "  - name: p\n"
+        "    backends:\n"
+        "      - {url: '${LBPROXY_TEST_UNSET_A}'}\n"
+        "      - {url: 'http://x', api_key: '${LBPROXY_TEST_UNSET_B}'}\n"
+    )
+    r = check_config(path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"config error: {path}: 2 problems",
+        f"  {path}: pools[0].backends[0].url: environment variable LBPROXY_TEST_UNSET_A is "
+        "not set (use ${LBPROXY_TEST_UNSET_A:-default})",
+        f"  {path}: pools[0].backends[1].api_key: environment variable LBPROXY_TEST_UNSET_B "
+        "is not set (use ${LBPROXY_TEST_UNSET_B:-default})",
+    ]

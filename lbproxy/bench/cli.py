@@ -153,13 +153,13 @@ def _validated_flow(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
     from lbproxy.config import FlowControl
+    from lbproxy.config_errors import format_problems, validation_problems
 
     try:
         return FlowControl.model_validate(_flow_config(args))
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"{args.flow_config or 'flow control'}: {key}: {err['msg']}") from None
+        source = args.flow_config or "flow control"
+        raise ValueError(format_problems(source, validation_problems(e, FlowControl))) from None
 
 
 def _goodput_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -196,15 +196,15 @@ def _setting(
     name: str,
     env: str,
     choices: tuple[str, ...],
+    default: str,
 ) -> str:
-    """The command line's value, else the environment's (checked), else the first choice
-    that is the default (info / text)."""
+    """The command line's value, else the environment's (checked), else `default`."""
     value = getattr(args, name, None)
     if value is None:
         value = os.environ.get(env, "").strip().lower() or None
         if value is not None and value not in choices:
             parser.error(f"{env}={value}: must be one of {', '.join(choices)}")
-    return value or ("info" if name == "log_level" else choices[0])
+    return value or default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "check-config"):
         args.config = _config_path(args)
     configure_logging(
-        _setting(args, parser, "log_level", LOG_LEVEL_ENV, LOG_LEVELS),
-        _setting(args, parser, "log_format", LOG_FORMAT_ENV, LOG_FORMATS),
+        _setting(args, parser, "log_level", LOG_LEVEL_ENV, LOG_LEVELS, "info"),
+        _setting(args, parser, "log_format", LOG_FORMAT_ENV, LOG_FORMATS, "text"),
     )
     try:
         return int(args.func(args) or 0)

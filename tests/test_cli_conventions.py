@@ -115,6 +115,9 @@ def test_bad_log_level_in_the_environment_is_named(config: Path) -> None:
     r = lbproxy_cmd("check-config", str(config), env={"LBPROXY_LOG_LEVEL": "loud"})
     assert r.returncode == 2
     assert "LBPROXY_LOG_LEVEL=loud: must be one of debug, info, warning" in r.stderr
+    r = lbproxy_cmd("check-config", str(config), env={"LBPROXY_LOG_FORMAT": "xml"})
+    assert r.returncode == 2
+    assert "LBPROXY_LOG_FORMAT=xml: must be one of text, json" in r.stderr
 
 
 def test_every_subcommand_help_has_a_description() -> None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
-import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lbproxy import __version__
 from lbproxy.config import ConfigError, load_config
 from lbproxy.event_loop import run_loop
+from lbproxy.log_format import configure_logging
 
 __all__ = ["build_parser", "main", "run_loop"]
 
@@ -73,6 +76,26 @@ class _LazyParser(argparse.ArgumentParser):
         return super().format_help()
 
 
+CONFIG_ENV = "LBPROXY_CONFIG"
+LOG_LEVEL_ENV = "LBPROXY_LOG_LEVEL"
+LOG_FORMAT_ENV = "LBPROXY_LOG_FORMAT"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    """--config (or check-config's positional form), else $LBPROXY_CONFIG; a usage error
+    (exit 2) without any."""
+    parser: argparse.ArgumentParser = args.subparser
+    given = [p for p in (getattr(args, "config_pos", None), args.config) if p]
+    if len(given) == 2 and given[0] != given[1]:
+        parser.error(f"two config files given: {given[0]} and {given[1]}")
+    path = given[0] if given else os.environ.get(CONFIG_ENV)
+    if not path:
+        parser.error(f"no config file: give --config PATH or set {CONFIG_ENV}")
+    return path
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from lbproxy import startup_hup
 
@@ -100,15 +123,50 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lbproxy", description="OpenAI-compatible, cache-aware load balancer for vLLM"
+def _global_options() -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand. SUPPRESS: a subcommand's parser
+    must not overwrite a value given before it with its default."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        default=argparse.SUPPRESS,
+        help=f"{', '.join(LOG_LEVELS)}: application log level "
+        f"(default: ${LOG_LEVEL_ENV}, else info)",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
+    common.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        metavar="FORMAT",
+        default=argparse.SUPPRESS,
+        help="text, or json: one object per line with time, level, logger, message "
+        f"(default: ${LOG_FORMAT_ENV}, else text)",
+    )
+    return common
 
-    serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", required=True, help="YAML config file")
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_options()
+    parser = argparse.ArgumentParser(
+        prog="lbproxy",
+        description="OpenAI-compatible, cache-aware load balancer for vLLM",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"lbproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
+    config_help = f"YAML config file (default: ${CONFIG_ENV})"
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run lbproxy until SIGTERM or SIGINT (graceful shutdown); SIGHUP "
+        "re-reads the config file.",
+        parents=[common],
+    )
+    serve.add_argument("--config", help=config_help)
     serve.add_argument("--host", default=None, help="override listen.host")
     serve.add_argument("--port", type=int, default=None, help="override listen.port")
     serve.add_argument(
@@ -117,26 +175,59 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop (auto: uvloop when installed)",
     )
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=_cmd_serve, subparser=serve)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("config")
-    check.set_defaults(func=_cmd_check_config)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and exit",
+        description="Validate a config file as `serve` would load it and list every "
+        "problem; exit status 0 when it is valid, 2 otherwise.",
+        parents=[common],
+    )
+    check.add_argument("config_pos", nargs="?", metavar="CONFIG", help=config_help)
+    check.add_argument("--config", help="the same, as an option (as for serve)")
+    check.set_defaults(func=_cmd_check_config, subparser=check)
 
     for name, help_text, configure in _LAZY_SUBCOMMANDS:
-        sub.add_parser(name, help=help_text, configure=configure)
+        sub.add_parser(name, help=help_text, configure=configure, parents=[common])
     return parser
 
 
+def _setting(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    name: str,
+    env: str,
+    choices: tuple[str, ...],
+    default: str,
+) -> str:
+    """The command line's value, else the environment's (checked), else `default`."""
+    value = getattr(args, name, None)
+    if value is None:
+        value = os.environ.get(env, "").strip().lower() or None
+        if value is not None and value not in choices:
+            parser.error(f"{env}={value}: must be one of {', '.join(choices)}")
+    return value or default
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("serve", "check-config"):
+        args.config = _config_path(args)
+    configure_logging(
+        _setting(args, parser, "log_level", LOG_LEVEL_ENV, LOG_LEVELS, "info"),
+        _setting(args, parser, "log_format", LOG_FORMAT_ENV, LOG_FORMATS, "text"),
     )
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        print(f"lbproxy {args.command}: {e}", file=sys.stderr)
         return 2
 
 

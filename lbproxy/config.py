@@ -3,7 +3,8 @@
 Loading runs in stages (read, parse YAML, expand environment variables, validate the
 schema, build the routing profiles) and every error is a ConfigError whose message names
 the file, the key path and what is wrong, e.g.
-`lbproxy.yaml: pools[0].backends[1].url: must start with http:// or https://`.
+`lbproxy.yaml: pools[0].backends[1].url: must start with http:// or https://`. Every
+problem of a stage is reported at once (see lbproxy/config_errors.py for the wording).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from lbproxy.config_errors import format_problems, path_str, validation_problems
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import ProfileSpec, build_router
@@ -34,7 +36,23 @@ if TYPE_CHECKING:
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; the message names file, key path and problem."""
+    """An invalid configuration; the message names file, key path and problem (each
+    problem, when there are several)."""
+
+
+class _Problems:
+    """The problems found by the semantic checks, all reported together."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.items.append(f"{where}: {what}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(format_problems(self.source, self.items))
 
 
 class _Strict(BaseModel):
@@ -317,34 +335,32 @@ class Config(_Strict):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+def expand_env(node: Any, source: str) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree; every
+    unset variable without a default is reported (ConfigError)."""
+    problems = _Problems(source)
+    out = _expand(node, (), problems)
+    problems.raise_if_any()
+    return out
 
 
-def _path_str(loc: tuple[Any, ...] | list[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, str) and (part in _TYPE_TAGS or part[:1].isupper() or "[" in part):
-            continue  # pydantic's union/validator tags are not config keys
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def expand_env(node: Any, source: str, loc: tuple[Any, ...] = ()) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+def _expand(node: Any, loc: tuple[Any, ...], problems: _Problems) -> Any:
     if isinstance(node, dict):
-        return {k: expand_env(v, source, (*loc, k)) for k, v in node.items()}
+        return {k: _expand(v, (*loc, k), problems) for k, v in node.items()}
     if isinstance(node, list):
-        return [expand_env(v, source, (*loc, i)) for i, v in enumerate(node)]
+        return [_expand(v, (*loc, i), problems) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def sub(m: re.Match[str]) -> str:
             value = os.environ.get(m.group(1))
             if value is None:
                 if m.group(2) is None:
-                    raise ConfigError(
-                        f"{source}: {_path_str(loc)}: environment variable "
-                        f"{m.group(1)} is not set (use ${{{m.group(1)}:-default}})"
+                    problems.add(
+                        path_str(loc),
+                        f"environment variable {m.group(1)} is not set "
+                        f"(use ${{{m.group(1)}:-default}})",
                     )
+                    return ""
                 return m.group(2)
             return value
 
@@ -353,48 +369,55 @@ def expand_env(node: Any, source: str, loc: tuple[Any, ...] = ()) -> Any:
 
 
 def _check_semantics(cfg: Config, source: str) -> None:
+    problems = _Problems(source)
     names: set[str] = set()
     served: dict[str, str] = {}
     for i, pool in enumerate(cfg.pools):
         if pool.name in names:
-            raise ConfigError(f"{source}: pools[{i}].name: duplicate pool name '{pool.name}'")
+            problems.add(f"pools[{i}].name", f"duplicate pool name '{pool.name}'")
         names.add(pool.name)
         for model in pool.models or []:
             if model in served:
-                raise ConfigError(
-                    f"{source}: pools[{i}].models: model '{model}' is already served by "
-                    f"pool '{served[model]}'"
+                problems.add(
+                    f"pools[{i}].models",
+                    f"model '{model}' is already served by pool '{served[model]}'",
                 )
             served[model] = pool.name
-        pool._flow = _pool_flow(cfg.flow_control, pool.flow_control, f"{source}: pools[{i}]")
+        pool._flow = _pool_flow(cfg.flow_control, pool.flow_control, ("pools", i), problems)
         seen: set[str] = set()
         for j, b in enumerate(pool.backends):
             if b.name is None:  # host[:port]/path; user:password@ never becomes a name
                 b.name = b.url.split("://", 1)[1].rpartition("@")[2]
             if b.name in seen:
-                raise ConfigError(
-                    f"{source}: pools[{i}].backends[{j}]: duplicate backend '{b.name}' "
-                    "(give each a distinct name or url)"
+                problems.add(
+                    f"pools[{i}].backends[{j}]",
+                    f"duplicate backend '{b.name}' (give each a distinct name or url)",
                 )
             seen.add(b.name)
         try:
             tokenizer = load_pool_tokenizer(pool)
         except Exception as e:  # the tokenizers library raises plain Exception
-            raise ConfigError(f"{source}: pools[{i}].tokenizer: cannot load: {e}") from None
+            problems.add(f"pools[{i}].tokenizer", f"cannot load: {e}")
+            continue  # the routing checks below would only repeat it
         bctx = BuildContext(pool=pool.name, tokenizer=tokenizer)
         try:
             build_router(pool.routing, bctx, seed=0)
         except PluginError as e:
-            raise ConfigError(f"{source}: pools[{i}].routing: {e}") from None
+            problems.add(f"pools[{i}].routing", str(e))
         if PRECISE_INDEX_KEY in bctx.shared and tokenizer is None:
-            raise ConfigError(
-                f"{source}: pools[{i}].tokenizer: the precise-prefix scorer needs the model's "
-                "tokenizer (a tokenizer.json path, or 'default' for simulated backends)"
+            problems.add(
+                f"pools[{i}].tokenizer",
+                "the precise-prefix scorer needs the model's tokenizer (a tokenizer.json "
+                "path, or 'default' for simulated backends)",
             )
-    _check_secrets(cfg, source)
+    _check_secrets(cfg, problems)
+    _check_observability(cfg, problems)
+    problems.raise_if_any()
 
 
-def _pool_flow(top: FlowControl, override: dict[str, Any] | None, where: str) -> FlowControl:
+def _pool_flow(
+    top: FlowControl, override: dict[str, Any] | None, where: tuple[Any, ...], problems: _Problems
+) -> FlowControl:
     """The top-level flow_control with a pool's overrides (`limit` merged key by key)."""
     if not override:
         return top
@@ -407,9 +430,8 @@ def _pool_flow(top: FlowControl, override: dict[str, Any] | None, where: str) ->
     try:
         return FlowControl.model_validate(merged)
     except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}.flow_control.{_path_str(err['loc'])}: {msg}") from None
+        problems.items += validation_problems(e, FlowControl, (*where, "flow_control"))
+        return top
 
 
 def _bad_secret(value: str) -> str | None:
@@ -420,33 +442,35 @@ def _bad_secret(value: str) -> str | None:
     return None
 
 
-def _check_secrets(cfg: Config, source: str) -> None:
+def _check_secrets(cfg: Config, problems: _Problems) -> None:
     """Keys and tokens: read the key file; reject empty ones (an unset `${VAR:-}` must
     not turn into a key that an empty Bearer header would match). Values are never
     quoted in messages."""
     auth = cfg.auth
     for i, key in enumerate(auth.api_keys):
         if problem := _bad_secret(key.get_secret_value()):
-            raise ConfigError(f"{source}: auth.api_keys[{i}]: {problem}")
+            problems.add(f"auth.api_keys[{i}]", problem)
     if auth.api_keys_file is not None:
         try:
             lines = Path(auth.api_keys_file).read_text().splitlines()
         except OSError as e:
-            raise ConfigError(f"{source}: auth.api_keys_file: cannot read: {e.strerror}") from None
+            problems.add("auth.api_keys_file", f"cannot read: {e.strerror}")
+            lines = None
         file_keys = []
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(lines or [], 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if problem := _bad_secret(line):
-                raise ConfigError(f"{source}: auth.api_keys_file: line {n}: key {problem}")
-            file_keys.append(SecretStr(line))
-        if not file_keys:
-            raise ConfigError(f"{source}: auth.api_keys_file: no keys in the file")
+                problems.add("auth.api_keys_file", f"line {n}: key {problem}")
+            else:
+                file_keys.append(SecretStr(line))
+        if lines is not None and not file_keys:
+            problems.add("auth.api_keys_file", "no keys in the file")
         auth._file_keys = file_keys
     token = cfg.admin.token
     if token is not None and (problem := _bad_secret(token.get_secret_value())):
-        raise ConfigError(f"{source}: admin.token: {problem}")
+        problems.add("admin.token", problem)
     admin = cfg.admin
     if (
         admin.separate()
@@ -454,32 +478,27 @@ def _check_secrets(cfg: Config, source: str) -> None:
         and (cfg.listen.port if admin.port is None else admin.port) == cfg.listen.port
         and cfg.listen.port != 0
     ):
-        raise ConfigError(f"{source}: admin: host/port must differ from listen's")
-    _check_observability(cfg, source)
+        problems.add("admin", "host/port must differ from listen's")
     for i, pool in enumerate(cfg.pools):
         for j, b in enumerate(pool.backends):
             if b.api_key is not None and (problem := _bad_secret(b.api_key.get_secret_value())):
-                raise ConfigError(f"{source}: pools[{i}].backends[{j}].api_key: {problem}")
+                problems.add(f"pools[{i}].backends[{j}].api_key", problem)
 
 
-def _check_observability(cfg: Config, source: str) -> None:
+def _check_observability(cfg: Config, problems: _Problems) -> None:
     obs = cfg.observability
     if obs.metrics_token is not None and (
         problem := _bad_secret(obs.metrics_token.get_secret_value())
     ):
-        raise ConfigError(f"{source}: observability.metrics_token: {problem}")
+        problems.add("observability.metrics_token", problem)
     if obs.protect == "metrics_token" and obs.metrics_token is None:
-        raise ConfigError(
-            f"{source}: observability.metrics_token: must be set when protect is metrics_token"
-        )
+        problems.add("observability.metrics_token", "must be set when protect is metrics_token")
     if obs.protect == "admin_token" and cfg.admin.token is None:
-        raise ConfigError(
-            f"{source}: observability.protect: admin_token needs admin.token to be set"
-        )
+        problems.add("observability.protect", "admin_token needs admin.token to be set")
     if obs.protect == "admin_listener" and not cfg.admin.separate():
-        raise ConfigError(
-            f"{source}: observability.protect: admin_listener needs a separate admin "
-            "listener (set admin.host or admin.port)"
+        problems.add(
+            "observability.protect",
+            "admin_listener needs a separate admin listener (set admin.host or admin.port)",
         )
 
 
@@ -495,16 +514,21 @@ def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate an already-parsed YAML tree."""
+    if data is None:
+        raise ConfigError(
+            f"{source}: the file is empty; a config needs at least a `pools:` list "
+            "(see configs/example.yaml)"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: (top level): expected a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: (top level): must be a mapping (key: value lines), "
+            f"got {type(data).__name__}"
+        )
     data = expand_env(data, source)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {_path_str(err['loc'])}: {msg}{more}") from None
+        raise ConfigError(format_problems(source, validation_problems(e, Config))) from None
     _check_semantics(cfg, source)
     return cfg
 

@@ -123,8 +123,8 @@ def test_bench_cli_through_lbproxy(proxy_url: str, tmp_path: Path) -> None:
         == 0
     )
     assert [r["label"] for r in report.load_results(cmp_dir)["runs"]] == [
-        "least-request",
-        "again",
+        "least-request [live]",
+        "again [live, least-request]",
     ]
     png_size(cmp_dir / "throughput.png")
 

@@ -311,4 +311,4 @@ def test_simulate_cli_flow_config_file(tmp_path: Path, capsys: pytest.CaptureFix
     }
     cfg.write_text("flow_control: {limit: {target_itl: -1}}\n")
     assert bench_main([*args[:-2], "--out", str(tmp_path / "bad")]) == 2
-    assert f"{cfg}: limit.target_itl: Input should be greater than 0" in capsys.readouterr().err
+    assert f"{cfg}: limit.target_itl: must be greater than 0" in capsys.readouterr().err

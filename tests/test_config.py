@@ -59,12 +59,12 @@ def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 BAD = [
-    ("pools: []", r"pools: List should have at least 1 item"),
+    ("pools: []", r"pools: must have at least 1 item, got 0"),
     ("pools: [{name: p, backends: [{url: 'ftp://x'}]}]", r"pools\[0\]\.backends\[0\]\.url: must"),
     ("pools: [{name: p, backends: [{url: 'http://x', weight: 0}]}]", r"backends\[0\]\.weight"),
     (
         "pools: [{name: p, backends: [{url: 'http://x', colour: red}]}]",
-        r"backends\[0\]\.colour: Extra",
+        r"backends\[0\]\.colour: unknown key",
     ),
     (
         "pools: [{name: p, routing: nope, backends: [{url: 'http://x'}]}]",
@@ -77,7 +77,7 @@ BAD = [
     (
         "pools: [{name: p, routing: {scorers: [{type: least-request, wieght: 1}]}, "
         "backends: [{url: 'http://x'}]}]",
-        r"scorer 'least-request': wieght: Extra",
+        r"scorer 'least-request': wieght: unknown key; did you mean 'weight'\?",
     ),
     ("pools: [{name: p, routing: 5, backends: [{url: 'http://x'}]}]", r"routing: must be"),
     ("pools: [{name: p, backends: [{url: 'http://x'}, {url: 'http://x'}]}]", r"duplicate backend"),
@@ -88,7 +88,7 @@ BAD = [
     ),
     ("listen: {port: 99999}\npools: [{name: p, backends: [{url: 'http://x'}]}]", r"listen\.port"),
     ("pools: [{name: p, backends: [{url: 'http://x'}]}]\n  bad: [", r"line \d+, column \d+"),
-    ("- just\n- a list", r"\(top level\): expected a mapping"),
+    ("- just\n- a list", r"\(top level\): must be a mapping"),
 ]
 
 
@@ -153,7 +153,10 @@ def test_flow_control_as_written_in_the_issue_and_per_pool_overrides(tmp_path: P
     [
         ("flow_control: {max_wait: 0}\n", r"flow\.yaml: flow_control\.max_wait: .*greater than 0"),
         ("flow_control: {limit: {type: magic}}\n", r"flow_control\.limit\.type: .*gradient"),
-        ("flow_control: {wait: 3}\n", r"flow_control\.wait: .*[Ee]xtra"),
+        (
+            "flow_control: {wait: 3}\n",
+            r"flow_control\.wait: unknown key; did you mean 'max_wait'\?",
+        ),
     ],
 )
 def test_flow_control_errors_name_file_and_key(tmp_path: Path, flow: str, pattern: str) -> None:
@@ -166,5 +169,7 @@ def test_flow_control_errors_name_file_and_key(tmp_path: Path, flow: str, patter
         "pools: [{name: p, models: [m], backends: [{url: 'http://127.0.0.1:9'}],"
         " flow_control: {max_queue: -1}}]\n"
     )
-    with pytest.raises(ConfigError, match=r"pools\[0\]\.flow_control\.max_queue: .*greater"):
+    with pytest.raises(
+        ConfigError, match=r"pools\[0\]\.flow_control\.max_queue: must be at least 0"
+    ):
         load_config(path)

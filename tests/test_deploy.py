@@ -38,19 +38,21 @@ PROFILES = (*BACKEND_PROFILES, "monitoring")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
 
-def defaults(value: Any) -> Any:
-    """`${VAR:-default}` -> default everywhere, as compose does with an empty environment."""
+def defaults(value: Any, env: dict[str, str] | None = None) -> Any:
+    """`${VAR:-default}` -> the variable's value in `env`, else default (empty for `${VAR}`),
+    everywhere, as compose interpolates (without `env`: an empty environment)."""
+    env = env or {}
     if isinstance(value, dict):
-        return {k: defaults(v) for k, v in value.items()}
+        return {k: defaults(v, env) for k, v in value.items()}
     if isinstance(value, list):
-        return [defaults(v) for v in value]
+        return [defaults(v, env) for v in value]
     if isinstance(value, str):
-        return _VAR.sub(lambda m: m.group(2) or "", value)
+        return _VAR.sub(lambda m: env.get(m.group(1)) or m.group(2) or "", value)
     return value
 
 
-def load_compose() -> dict[str, Any]:
-    return defaults(yaml.safe_load(COMPOSE_FILE.read_text()))
+def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    return defaults(yaml.safe_load(COMPOSE_FILE.read_text()), env)
 
 
 COMPOSE = load_compose()
@@ -231,10 +233,15 @@ def test_backends_are_services_of_the_profile(
 def test_replicas_publish_the_kv_events_lbproxy_reads(
     vendor: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With KV_EVENTS=true (the precise-routing switch), what vLLM publishes is what the
+    config's kv_events read; by default vLLM publishes nothing (cache-aware reads none)."""
     cfg = lbproxy_config(vendor, monkeypatch)
+    switched = load_compose({"KV_EVENTS": "true"})["services"]
     for b in cfg.pools[0].backends:
         host = urlsplit(b.url).hostname
-        cmd = SERVICES[host]["command"]
+        off = json.loads(option(SERVICES[host]["command"], "--kv-events-config"))
+        assert off["enable_kv_cache_events"] is False
+        cmd = switched[host]["command"]
         assert "--enable-prefix-caching" in cmd
         published = json.loads(option(cmd, "--kv-events-config"))
         assert published["enable_kv_cache_events"] is True
@@ -291,23 +298,129 @@ def test_nvidia_one_device_reservation_per_replica() -> None:
     assert len(set(ids)) == len(ids) == 4
 
 
-def test_amd_replicas_see_kfd_dri_and_one_gpu() -> None:
-    visible = []
+def test_amd_replicas_get_kfd_and_their_own_render_node() -> None:
+    """AMD's GPU isolation: /dev/kfd plus one render node each, never all of /dev/dri
+    (which would show every GPU to every replica)."""
+    nodes = []
     for r in sorted(replicas("amd")):
-        assert {"/dev/kfd", "/dev/dri"} <= set(SERVICES[r]["devices"])
-        visible.append(SERVICES[r]["environment"]["HIP_VISIBLE_DEVICES"])
+        devices = SERVICES[r]["devices"]
+        assert devices[0] == "/dev/kfd" and len(devices) == 2, devices
+        assert re.fullmatch(r"/dev/dri/renderD\d+", devices[1]), devices
+        nodes.append(devices[1])
+        assert "HIP_VISIBLE_DEVICES" not in SERVICES[r]["environment"]  # its one GPU is 0
         assert SERVICES[r]["environment"]["HF_HOME"] == "/hf-cache"  # merged, not replaced
-    assert len(set(visible)) == len(visible) == 4
+        assert {"video", "render"} <= set(SERVICES[r]["group_add"])
+    assert nodes == [f"/dev/dri/renderD{128 + i}" for i in range(4)]
+    # RENDER_N moves one replica to another node
+    moved = load_compose({"RENDER_2": "140"})["services"]["vllm-amd-2"]["devices"]
+    assert moved == ["/dev/kfd", "/dev/dri/renderD140"]
 
 
-def test_gaudi_replicas_get_one_card_each() -> None:
+def test_gaudi_replicas_use_the_habana_runtime_with_one_card_each() -> None:
+    """As Intel documents it: runtime habana, HABANA_VISIBLE_DEVICES, SYS_NICE."""
     cards = []
     for r in sorted(replicas("gaudi")):
-        devices = SERVICES[r]["devices"]
-        (card,) = (d.removeprefix("/dev/accel/accel") for d in devices if "controlD" not in d)
-        assert devices == [f"/dev/accel/accel{card}", f"/dev/accel/accel_controlD{card}"]
-        cards.append(card)
-    assert len(set(cards)) == len(cards) == 4
+        svc = SERVICES[r]
+        assert svc["runtime"] == "habana" and "devices" not in svc
+        assert "SYS_NICE" in svc["cap_add"]
+        env = svc["environment"]
+        assert env["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"
+        assert env["HF_HOME"] == "/hf-cache"  # merged, not replaced
+        cards.append(env["HABANA_VISIBLE_DEVICES"])
+    assert cards == ["0", "1", "2", "3"]
+
+
+# ------------------------------------------------------------------ pins, exposure, secrets
+
+
+def _image_pinned(image: str) -> bool:
+    """A release tag, not a moving one. Intel's vault publishes each Gaudi release under its
+    own versioned path with the tag `latest`: there the path is the pin."""
+    name, _, tag = image.rpartition(":")
+    if "/" in tag or not name:
+        return False  # no tag at all (a registry port is not a tag)
+    if image.startswith("vault.habana.ai/gaudi-docker/"):
+        return re.search(r"/gaudi-docker/\d+\.\d+\.\d+/", image) is not None
+    return tag not in ("latest", "main", "nightly") and re.search(r"\d", tag) is not None
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_images_are_pinned(profile: str) -> None:
+    for name in enabled(profile):
+        svc = SERVICES[name]
+        if svc.get("build") == ".":
+            continue  # built here: the Dockerfile pins its base (below)
+        assert _image_pinned(svc["image"]), f"{name}: {svc['image']} is not pinned"
+    base = re.search(r"^FROM\s+(\S+)", _dockerfile(), re.M)
+    assert base is not None and "latest" not in base.group(1)
+
+
+def _published(svc: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(host ip, host port, container port) of each short-syntax port."""
+    out = []
+    for p in svc.get("ports", []):
+        parts = str(p).split(":")
+        assert len(parts) == 3, f"{p}: give the host address (ip:port:port)"
+        out.append((parts[0], parts[1], int(parts[2])))
+    return out
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_published_ports_listen_on_localhost_unless_clients_need_keys(
+    profile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without client keys, whoever reaches lbproxy's port uses the GPUs: publish on
+    127.0.0.1. A config with `auth` keys may be published further (LBPROXY_BIND)."""
+    for name in sorted(enabled(profile)):
+        for host_ip, _, _ in _published(SERVICES[name]):
+            if name.startswith("lbproxy-") and lbproxy_config(profile, monkeypatch).auth.enabled():
+                continue
+            assert host_ip == "127.0.0.1", f"{name} publishes on {host_ip}"
+    exposed = load_compose({"LBPROXY_BIND": "0.0.0.0"})["services"]
+    for name in enabled(profile):
+        if name.startswith("lbproxy-"):
+            assert [p[0] for p in _published(exposed[name])] == ["0.0.0.0"]
+
+
+def test_grafana_admin_password_comes_from_the_environment() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["grafana"]
+    assert raw["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    graf = load_compose({"GRAFANA_ADMIN_PASSWORD": "s3cret"})["services"]["grafana"]
+    assert graf["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    # Unset, the container refuses to start (rather than keep Grafana's admin/admin); the
+    # guard is the entrypoint, run here by sh as the image would.
+    script = SERVICES["grafana"]["entrypoint"][2].replace("$$", "$")
+    assert script.endswith('exec /run.sh "$@"')
+    for password, code in (("", 78), ("s3cret", 0)):
+        r = subprocess.run(
+            ["sh", "-c", script.replace("exec /run.sh", "exit 0 #"), "grafana"],
+            env={"GF_SECURITY_ADMIN_PASSWORD": password, "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert r.returncode == code, r.stderr
+        assert ("set GRAFANA_ADMIN_PASSWORD" in r.stderr) == (code != 0)
+
+
+@pytest.mark.parametrize("profile", BACKEND_PROFILES)
+def test_a_profile_whose_replicas_publish_kv_events_routes_on_them(
+    profile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KV events cost the replicas work: published only where precise-cache-aware reads
+    them, and read wherever they are published."""
+    pool = lbproxy_config(profile, monkeypatch).pools[0]
+    publishing = []
+    for name in sorted(replicas(profile)):
+        cmd = SERVICES[name]["command"]
+        if cmd[0] == "sim":
+            publishing += [b.kv_events is not None for b in fleet_of(SERVICES[name]).backends]
+        else:
+            kv = json.loads(option(cmd, "--kv-events-config"))
+            publishing.append(kv["enable_kv_cache_events"])
+    assert len(set(publishing)) == 1, "every replica of a profile publishes, or none"
+    assert publishing[0] == (pool.routing == "precise-cache-aware"), (profile, pool.routing)
+    assert profile != "sim" or publishing[0]  # the sim profile shows precise routing
 
 
 # ------------------------------------------------------------------ health and ordering

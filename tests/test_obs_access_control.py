@@ -188,7 +188,11 @@ def test_a_reload_changes_protection(fake_backends, run_proxy, loop_thread) -> N
             {"token": ADMIN_TOKEN},
             "observability.protect: admin_listener needs a separate admin listener",
         ),
-        ({"protect": "everyone"}, {}, "observability.protect: Input should be"),
+        (
+            {"protect": "everyone"},
+            {},
+            "observability.protect: must be one of 'none', 'admin_token'",
+        ),
     ],
 )
 def test_config_errors_name_the_key(observability, admin, error) -> None:

@@ -2,7 +2,7 @@
 
     lbproxy bench --target http://127.0.0.1:8080 --workload shared-prefix \\
         --rates 5,10,25,50,85 --duration 60 --label cache-aware --out runs/ca
-    lbproxy bench --compare runs/rr runs/ca --out runs/compare
+    lbproxy bench --compare runs/rr runs/ca [--out runs/compare]   # default: runs/compare-rr-ca
     lbproxy simulate --fleet configs/fleets/abc-20.yaml --workload shared-prefix \\
         --profiles round-robin,cache-aware --rates 5,10,25,50,85 --out runs/sim
     lbproxy simulate --capacity --fleet configs/fleets/abc-20.yaml --workload shared-prefix \\
@@ -164,13 +164,13 @@ def _validated_flow(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
     from lbproxy.config import FlowControl
+    from lbproxy.config_errors import format_problems, validation_problems
 
     try:
         return FlowControl.model_validate(_flow_config(args))
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        raise ValueError(f"{args.flow_config or 'flow control'}: {key}: {err['msg']}") from None
+        source = args.flow_config or "flow control"
+        raise ValueError(format_problems(source, validation_problems(e, FlowControl))) from None
 
 
 def _goodput_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,7 +226,13 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_ladder_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_ladder_args(
+    p: argparse.ArgumentParser,
+    required: bool,
+    *,
+    out_required: bool = True,
+    out_help: str = "output directory",
+) -> None:
     g = p.add_argument_group("load")
     g.add_argument(
         "--rates",
@@ -247,7 +253,7 @@ def _add_ladder_args(p: argparse.ArgumentParser, required: bool) -> None:
         help="seconds after the arrivals before open requests are cut (default: --duration)",
     )
     g.add_argument("--max-requests", type=int, default=None, help="cap on requests per step")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=out_required, help=out_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
 
@@ -297,7 +303,13 @@ def configure_bench_parser(bench: argparse.ArgumentParser) -> None:
         help="draw the runs of these result directories on the same axes",
     )
     _add_workload_args(bench)
-    _add_ladder_args(bench, required=False)
+    _add_ladder_args(
+        bench,
+        required=False,
+        out_required=False,
+        out_help="output directory (required for a run; with --compare, default: "
+        "compare-<input names> next to the first input)",
+    )
     _add_goodput_args(bench, live=True)
     bench.set_defaults(func=run_bench)
 
@@ -421,15 +433,21 @@ def _fail(msg: str) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.compare:
+        out = args.out or report.default_compare_dir(args.compare)
         try:
-            results = report.compare(args.compare, args.out)
+            results = report.compare(args.compare, out)
         except ValueError as e:
             return _fail(str(e))
+        for warning in results["settings"].get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
         if not args.quiet:
             print(report.markdown(results))
+            print(f"wrote {out}")
         return 0
     if bool(args.target) == bool(args.fleet) or not args.rates:
         return _fail("bench needs --rates and one of --target or --fleet (or --compare DIR ...)")
+    if not args.out:
+        return _fail("bench needs --out DIR (where results.json, results.md and the plots go)")
     args.duration = args.duration or DEFAULT_DURATION
     try:
         tok = _tokenizer(args.tokenizer)

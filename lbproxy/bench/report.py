@@ -235,8 +235,53 @@ def load_results(path: str | Path) -> Results:
     return validate_results(data, str(p))
 
 
-def compare(paths: list[str | Path], out_dir: str | Path) -> Results:
-    """Put the runs of several result directories on the same axes (and in one table)."""
+_RUN_KINDS = {"lbproxy bench": "live", "lbproxy simulate": "sim"}
+
+
+def compare_label(run: RunResult, tool: str) -> str:
+    """`<label> [live|sim, <profile>]`: every run of a comparison says how it was measured
+    (live load against servers, or the simulator in virtual time) and which routing
+    profile it used (omitted when the label already names it)."""
+    kind = _RUN_KINDS.get(tool)
+    if kind is None:  # an earlier comparison: its runs are labelled already
+        return run["label"]
+    tags = [kind] if run["profile"] in run["label"] else [kind, run["profile"]]
+    return f"{run['label']} [{', '.join(tags)}]"
+
+
+def workload_differences(sources: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """What differs between the workloads of compared runs: `key: a (src) vs b (src)`."""
+
+    def flat(wl: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in wl.items() if k != "params"}
+        out.update({f"params.{k}": v for k, v in (wl.get("params") or {}).items()})
+        return out
+
+    (first_src, first), rest = sources[0], sources[1:]
+    base = flat(first)
+    diffs = []
+    for src, wl in rest:
+        other = flat(wl)
+        for key in sorted(base.keys() | other.keys()):
+            if base.get(key) != other.get(key):
+                diffs.append(
+                    f"{key}: {base.get(key)!r} ({first_src}) vs {other.get(key)!r} ({src})"
+                )
+    return diffs
+
+
+def default_compare_dir(paths: list[str | Path]) -> Path:
+    """Where a comparison is written without --out: next to the first input,
+    `compare-<input names>` (e.g. runs/rr + runs/ca -> runs/compare-rr-ca)."""
+    dirs = [Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
+    return dirs[0].parent / ("compare-" + "-".join(d.name for d in dirs))
+
+
+def compare(paths: list[str | Path], out_dir: str | Path | None = None) -> Results:
+    """Put the runs of several result directories on the same axes (and in one table).
+
+    Written to `out_dir` (default: `default_compare_dir`). When the inputs' workloads
+    differ, `settings.warnings` says how (the CLI prints it; results.md shows it)."""
     if not paths:
         raise ValueError("--compare needs at least one results directory")
     loaded = [(Path(p), load_results(p)) for p in paths]
@@ -244,7 +289,7 @@ def compare(paths: list[str | Path], out_dir: str | Path) -> Results:
     seen: set[str] = set()
     for p, res in loaded:
         for run in res["runs"]:
-            label = run["label"]
+            label = compare_label(run, res["tool"])
             if label in seen:
                 label = f"{p.name}: {label}"
             seen.add(label)
@@ -254,12 +299,18 @@ def compare(paths: list[str | Path], out_dir: str | Path) -> Results:
                 )
             )
     first = loaded[0][1]
-    settings = {
+    settings: dict[str, Any] = {
         "sources": [str(p) for p, _ in loaded],
         "workloads": [r["workload"] for _, r in loaded],
     }
+    diffs = workload_differences([(str(p), r["workload"]) for p, r in loaded])
+    if diffs:
+        settings["warnings"] = [
+            "the compared runs' workloads differ, so their figures are not comparable: "
+            + "; ".join(diffs)
+        ]
     results = new_results("lbproxy bench --compare", first["workload"], settings, runs)
-    write_results(out_dir, results)
+    write_results(default_compare_dir(paths) if out_dir is None else out_dir, results)
     return results
 
 
@@ -289,6 +340,8 @@ def markdown(results: Results) -> str:
         f"Workload `{wl.get('name')}` ({wl.get('api')}): {params}.",
         "",
     ]
+    for warning in results["settings"].get("warnings", []):
+        lines += [f"> **Warning**: {warning}", ""]
     for run in results["runs"]:
         lines += [
             f"## {run['label']}",

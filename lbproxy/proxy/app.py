@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from lbproxy.bind import address_in_use, probe_listen
 from lbproxy.config import Config
 from lbproxy.proxy.admin import AdminAPI, add_admin_routes
 from lbproxy.proxy.aiohttp_compat import (
@@ -361,8 +362,19 @@ class RunningProxy:
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        raise address_in_use(e, host, port) from None
     return bound_port(site, port)
+
+
+def _separate_admin_port(cfg: Config) -> int:
+    """The admin listener's own port, if it has one and it is fixed (else 0)."""
+    admin = cfg.admin
+    if not admin.separate():
+        return 0
+    return cfg.listen.port if admin.port is None else admin.port
 
 
 async def start_proxy(
@@ -392,9 +404,18 @@ async def start_proxy(
         # is a fallback (it waits up to twice this, and rounds it up to a second).
         shutdown_timeout=cfg.shutdown_grace + 1,
     )
-    await runner.setup()
     bind_host = host or cfg.listen.host
-    bound = await _listen(runner, bind_host, cfg.listen.port if port is None else port)
+    listen_port = cfg.listen.port if port is None else port
+    # A taken port fails here, before setup starts sessions, scrapes and health checks.
+    await probe_listen(bind_host, listen_port)
+    if admin_port := _separate_admin_port(cfg):
+        await probe_listen(cfg.admin.host or cfg.listen.host, admin_port)
+    await runner.setup()
+    try:
+        bound = await _listen(runner, bind_host, listen_port)
+    except BaseException:  # taken since the probe: stop what setup started
+        await runner.cleanup()
+        raise
     proxy = RunningProxy(runner, bind_host, bound, grace=cfg.shutdown_grace)
     admin = cfg.admin
     if admin.separate():

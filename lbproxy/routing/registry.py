@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from lbproxy.config_errors import validation_problems
 from lbproxy.routing.interfaces import BuildContext
 
 Kind = Literal["filter", "scorer", "picker"]
@@ -33,10 +34,7 @@ class PluginSpec:
         try:
             params = self.params.model_validate(raw)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(params)'}: {err['msg']}"
-                for err in e.errors()
-            )
+            problems = "; ".join(validation_problems(e, self.params, also_known=("type", "weight")))
             raise PluginError(f"{self.kind} '{self.type}': {problems}") from None
         return self.module.build(params, bctx)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from lbproxy.bind import AddressInUse
 from lbproxy.sim.hardware import HardwareProfile, load_profile
 from lbproxy.sim.server import SimServerHandle, start_sim_server
 from lbproxy.sim.shipped import is_bare_name, shipped_file, shipped_names
@@ -229,7 +230,9 @@ async def start_fleet(
                     )
                 )
             except (OSError, ValueError) as exc:
-                raise type(exc)(f"{spec.source}: backend {b.name!r}: {exc}") from exc
+                msg = f"{spec.source}: backend {b.name!r}: {exc}"
+                kind = AddressInUse if isinstance(exc, AddressInUse) else type(exc)
+                raise kind(msg) from exc
     except BaseException:
         for h in handles:
             await h.close()

@@ -20,6 +20,23 @@ __all__ = ["KVEventPublisher"]
 log = logging.getLogger(__name__)
 
 
+def bind_endpoint(endpoint: str) -> bool:
+    """vLLM's rule: a wildcard tcp endpoint (and ipc/inproc) is bound, any other connected."""
+    return any(s in endpoint for s in ("*", "::", "0.0.0.0")) or endpoint.startswith(
+        ("ipc://", "inproc://")
+    )
+
+
+def on_host(endpoint: str, host: str) -> str:
+    """A wildcard-host tcp endpoint (`tcp://*:5557`) bound on `host` instead, the address
+    the HTTP server listens on: a simulator on 127.0.0.1 must not publish on every
+    interface. Wildcard listeners (0.0.0.0, ::, "") keep the wildcard."""
+    if host in ("", "0.0.0.0", "::") or not endpoint.startswith("tcp://*:"):
+        return endpoint
+    url_host = f"[{host}]" if ":" in host else host
+    return f"tcp://{url_host}:{endpoint.removeprefix('tcp://*:')}"
+
+
 class KVEventPublisher:
     """vLLM's ZmqEventPublisher: PUB frames (topic, 8-byte big-endian seq, msgpack batch).
 
@@ -40,6 +57,7 @@ class KVEventPublisher:
         buffer_steps: int = 1000,
         hwm: int = 100_000,
         dp_rank: int = 0,
+        bind: bool | None = None,
     ) -> None:
         from lbproxy.signals import kv_events  # the wire format lives with its decoder
 
@@ -52,9 +70,9 @@ class KVEventPublisher:
         self._pub = zmq.Context.instance().socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        binds = any(s in endpoint for s in ("*", "::", "0.0.0.0")) or endpoint.startswith(
-            ("ipc://", "inproc://")
-        )
+        if "[" in endpoint:  # an IPv6 address
+            self._pub.setsockopt(zmq.IPV6, 1)
+        binds = bind_endpoint(endpoint) if bind is None else bind
         try:
             if binds:
                 self._pub.bind(endpoint)
@@ -70,6 +88,8 @@ class KVEventPublisher:
         if replay_endpoint:
             router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
+            if "[" in replay_endpoint:
+                router.setsockopt(zmq.IPV6, 1)
             try:
                 router.bind(replay_endpoint)
             except zmq.ZMQError as exc:

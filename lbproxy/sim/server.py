@@ -7,7 +7,8 @@ start. When the process cannot keep up, the engine's timeline stays right and to
 the clients late, several per SSE chunk.
 
 Faithful to a real vLLM (shapes from a captured 0.32 server): `/health`, `/v1/models`,
-`/v1/completions`, `/v1/chat/completions` (stream or not), `/v1/embeddings`, `/tokenize`,
+`/v1/completions`, `/v1/chat/completions` (stream or not), `/v1/responses` (text only,
+stream or not; lbproxy.sim.responses_api), `/v1/embeddings`, `/tokenize`,
 `/detokenize`, `/metrics`, `/reset_prefix_cache`, error bodies, SSE framing (with
 `stream_options.continuous_usage_stats`, the usage so far in every chunk), and KV events
 over ZMQ (PUB + optional ROUTER replay). Where it differs, on purpose:
@@ -45,9 +46,11 @@ import orjson
 from aiohttp import web
 
 from lbproxy.aio import cancel_and_wait
+from lbproxy.bind import address_in_use, probe_listen
+from lbproxy.sim import responses_api
 from lbproxy.sim.engine import Engine, EngineRequest, TokenOutput
 from lbproxy.sim.hardware import HardwareProfile, load_profile
-from lbproxy.sim.kv_publisher import KVEventPublisher
+from lbproxy.sim.kv_publisher import KVEventPublisher, bind_endpoint, on_host
 from lbproxy.sim.metrics import METRICS_CONTENT_TYPE, SimMetrics
 from lbproxy.sim.openai_api import (
     EMBEDDING_DIM,
@@ -149,6 +152,7 @@ class SimServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/detokenize", self._detokenize)
@@ -471,6 +475,109 @@ class SimServer:
             self._abort(st)  # the client went away between two chunks
         return resp
 
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """/v1/responses: the Responses API for text (see lbproxy.sim.responses_api)."""
+        body = await read_body(request, self.model)
+        chat = {k: body[k] for k in ("chat_template_kwargs",) if k in body}
+        prompt = chat_ids({**chat, "messages": responses_api.chat_messages(body)}, self.tokenizer)
+        limits = {"max_tokens": body.get("max_output_tokens"), "seed": body.get("seed")}
+        max_tokens, min_tokens, eos = generation_limits(
+            {k: v for k, v in limits.items() if v is not None},
+            prompt,
+            False,
+            self.max_model_len,
+            self.seed,
+        )
+        shape = responses_api.ResponseShape(body, self.model, body.get("max_output_tokens"))
+        stream = bool(body.get("stream"))
+        st = self._submit(prompt, max_tokens, min_tokens, stream, eos)
+        try:
+            if stream:
+                return await self._responses_stream(request, st, shape)
+            while not st.finished:
+                await self._wait(st)
+            if st.reason == "abort":
+                raise ApiError("The request was aborted.", 500, "InternalServerError")
+            message = shape.message(self._text(st, st.ids), "completed")
+            resp = shape.response(
+                responses_api.final_status(st.reason),
+                [message],
+                self._responses_usage(st),
+                st.reason,
+            )
+            return web.Response(body=orjson.dumps(resp), content_type=JSON)
+        finally:
+            if not st.finished:  # cancelled (client gone) or failed mid-way
+                self._abort(st)
+
+    def _responses_usage(self, st: _Live) -> dict[str, Any]:
+        cached = st.cached if self.prompt_details else 0
+        return responses_api.usage(len(st.req.prompt_token_ids), len(st.ids), cached)
+
+    async def _responses_stream(
+        self, request: web.Request, st: _Live, shape: responses_api.ResponseShape
+    ) -> web.StreamResponse:
+        """The Responses API's SSE events (`event: <type>` + `data: {...}`), as vLLM sends
+        them: created, in_progress, the message item and its text part added, one
+        output_text.delta per chunk, then the done events and completed (or incomplete)."""
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        seq = 0
+
+        def event(kind: str, **fields: Any) -> bytes:
+            nonlocal seq
+            data = orjson.dumps({"type": kind, **fields, "sequence_number": seq})
+            seq += 1
+            return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+        item = {"item_id": shape.msg_id, "output_index": 0, "content_index": 0}
+        running = shape.response("in_progress", [], None)
+        empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": None}
+        parts: list[str] = []
+        try:
+            await resp.write(
+                event("response.created", response=running)
+                + event("response.in_progress", response=running)
+                + event(
+                    "response.output_item.added",
+                    output_index=0,
+                    item=shape.message("", "in_progress"),
+                )
+                + event("response.content_part.added", **item, part=empty_part)
+            )
+            while True:
+                if st.sent == len(st.ids) and not st.finished:
+                    await self._wait(st)
+                    continue
+                ids = st.ids[st.sent :]
+                st.sent += len(ids)
+                text = self._text(st, ids) if st.finished else self.tokenizer.decode_fast(ids)
+                out = b""
+                if text:
+                    parts.append(text)
+                    out = event("response.output_text.delta", **item, delta=text, logprobs=[])
+                if not st.finished:
+                    await resp.write(out)
+                    continue
+                if st.reason == "abort":
+                    break
+                full = "".join(parts)
+                message = shape.message(full, "completed")
+                status = responses_api.final_status(st.reason)
+                final = shape.response(status, [message], self._responses_usage(st), st.reason)
+                await resp.write(
+                    out
+                    + event("response.output_text.done", **item, text=full, logprobs=[])
+                    + event("response.content_part.done", **item, part={**empty_part, "text": full})
+                    + event("response.output_item.done", output_index=0, item=message)
+                    + event(f"response.{status}", response=final)
+                )
+                break
+            await resp.write_eof()
+        except ConnectionResetError:
+            self._abort(st)  # the client went away between two chunks
+        return resp
+
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await read_body(request, self.model)
         inputs = body.get("input")
@@ -615,9 +722,16 @@ async def start_sim_server(
         tok = Tokenizer.from_file(tokenizer)
     if kv_events_replay and not kv_events:
         raise ValueError("kv_events_replay needs kv_events (the PUB endpoint) too")
-    publisher = (
-        KVEventPublisher(kv_events, kv_events_topic, kv_events_replay) if kv_events else None
-    )
+    # A taken port fails before the KV sockets are bound and the engine built.
+    await probe_listen(host, port)
+    publisher = None
+    if kv_events:
+        publisher = KVEventPublisher(
+            on_host(kv_events, host),
+            kv_events_topic,
+            on_host(kv_events_replay, host) if kv_events_replay else None,
+            bind=bind_endpoint(kv_events),  # vLLM's rule, on the endpoint as given
+        )
     try:
         server = SimServer(
             prof,
@@ -642,10 +756,12 @@ async def start_sim_server(
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-    except BaseException:
+    except BaseException as e:
         await runner.cleanup()
         if publisher is not None:
             await publisher.close()
+        if isinstance(e, OSError):
+            raise address_in_use(e, host, port) from None
         raise
     bound_port = runner.addresses[0][1]
     server.start()

@@ -27,8 +27,8 @@ RUN mkdir lbproxy && touch lbproxy/__init__.py \
     && pip install -e '.[fast]' \
     && rm -rf lbproxy
 
-# Editable on purpose: the simulator finds its hardware profiles in configs/ next to the
-# package (lbproxy/sim/hardware.py), which a site-packages install would not have.
+# The editable install above points at /app/lbproxy: copying the source there completes it
+# (hardware profiles and fleets ship inside the package, in lbproxy/data/).
 COPY lbproxy ./lbproxy
 COPY configs ./configs
 RUN python -c "import lbproxy.cli, lbproxy.sim.cli" \

@@ -13,10 +13,13 @@ from lbproxy.flow.controller import (
     FlowController,
     Shed,
     Thresholds,
+    thresholds_for,
 )
 from lbproxy.flow.limiter import ConcurrencyLimiter
 from lbproxy.flow.queue import CANCELLED, DISPATCHED, QUEUED, SHED, FlowQueue, Waiter
-from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot
+from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.profiles import build_router
+from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot, RequestContext
 
 
 def _w(priority: int = 0, flow: str = "", arrival: float = 0.0, tag: str = "") -> Waiter:
@@ -336,6 +339,38 @@ def test_a_freed_backend_takes_a_request_of_its_own_before_one_going_cold() -> N
     # With nothing of its own waiting for the freed backend, p takes it.
     cold.in_flight = 0
     assert fc.drain(eps, 4.5, d) == 1 and d.bound[-1] == ("p", "cold")
+
+
+def test_a_request_waits_for_its_cached_backend_over_the_kv_threshold() -> None:
+    """With the pool's own router (cache-aware, saturation filter at KV 0.8), a request
+    whose cached backend is over the threshold is held for it, not sent cold at once."""
+    router = build_router("cache-aware", BuildContext(pool="p", model="m", metrics_max_age=2.0))
+    fc = FlowController(_fixed(10, affinity_wait=1.0, max_wait=30.0), thresholds_for(router, 2.0))
+    warm, cold = _ep("warm", kv_cache_usage=0.1), _ep("cold", kv_cache_usage=0.1)
+    eps = [warm, cold]
+    prompt = ("shared " * 200).encode()
+
+    class Binder:
+        bound: list[str] = []
+
+        def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
+            return router.rank(w.payload, candidates, now, gates=False)
+
+        def bind(self, w: Waiter, decision: Decision, now: float) -> None:
+            router.commit(w.payload, decision.endpoint, now)
+            decision.endpoint.in_flight += 1
+            self.bound.append(decision.endpoint.name)
+
+    b = Binder()
+    first = Waiter(0, "", 0.0, 0.0, RequestContext(model="m", raw_prompt=prompt))
+    assert fc.admit(first, eps, 0.0, b, lambda w: None) is True
+    home = next(ep for ep in eps if ep.name == b.bound[0])
+    assert home.metrics is not None
+    home.metrics.kv_cache_usage = 0.9
+    w = Waiter(0, "", 0.1, 0.0, RequestContext(model="m", raw_prompt=prompt))
+    assert fc.admit(w, eps, 0.1, b, lambda w: None) is False and b.bound == [home.name]
+    home.metrics.kv_cache_usage = 0.5
+    assert fc.drain(eps, 0.5, b) == 1 and b.bound == [home.name, home.name]
 
 
 def test_scan_follows_service_order() -> None:

@@ -159,6 +159,21 @@ def test_cache_aware_avoids_saturated_and_queued_endpoints() -> None:
     assert route(r, RequestContext(model="m", raw_prompt=prompt), eps) is not holder
 
 
+def test_ranking_for_flow_control_keeps_a_saturated_cached_backend_first() -> None:
+    """Flow control applies the saturation thresholds itself and waits for room: ranked
+    without the load gate, a request's cached backend stays first while it is full."""
+    r = router("cache-aware", seed=2)
+    eps = endpoints(3)
+    prompt = ("shared " * 200).encode()
+    holder = route(r, RequestContext(model="m", raw_prompt=prompt), eps)
+    assert holder.metrics is not None
+    holder.metrics.kv_cache_usage = 0.9  # over the saturation filter's 0.8
+    gated = r.rank(RequestContext(model="m", raw_prompt=prompt), eps, NOW)
+    assert gated is not None and holder not in gated.candidates
+    ungated = r.rank(RequestContext(model="m", raw_prompt=prompt), eps, NOW, gates=False)
+    assert ungated is not None and ungated.endpoint is holder and len(ungated.candidates) == 3
+
+
 def test_precise_cache_aware_follows_kv_events() -> None:
     shared: dict[str, Any] = {}
     r = build_router("precise-cache-aware", bctx(shared=shared), seed=4)

@@ -281,7 +281,7 @@ class FleetSimulator:
 
     # ---------------------------------------------------------------- flow control
     def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
-        return self.router.rank(w.payload.ctx, candidates, now)
+        return self.router.rank(w.payload.ctx, candidates, now, gates=False)
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         self._waiting.pop(id(w), None)

@@ -107,6 +107,7 @@ class Thresholds:
     queue_depth: float = 5.0
     kv_cache_util: float = 0.8
     metrics_max_age: float = 2.0
+    max_in_flight: int | None = None
 
 
 def any_in_service(endpoints: Iterable[Endpoint]) -> bool:
@@ -117,7 +118,7 @@ def thresholds_for(router: Router, metrics_max_age: float) -> Thresholds:
     """The pool profile's saturation-filter thresholds, or the filter's defaults."""
     for f in router.filters:
         if isinstance(f, SaturationFilter):
-            return Thresholds(f.queue_depth, f.kv_cache_util, metrics_max_age)
+            return Thresholds(f.queue_depth, f.kv_cache_util, metrics_max_age, f.max_in_flight)
     return Thresholds(metrics_max_age=metrics_max_age)
 
 
@@ -141,7 +142,8 @@ class FlowController:
         self.max_queue = settings.max_queue
         self.max_wait = settings.max_wait
         self.shed_early = settings.shed_early
-        self.max_in_flight = settings.max_in_flight
+        caps = [c for c in (settings.max_in_flight, thresholds.max_in_flight) if c is not None]
+        self.max_in_flight = min(caps) if caps else None
         self.queue_depth = (
             thresholds.queue_depth if settings.queue_depth is None else settings.queue_depth
         )

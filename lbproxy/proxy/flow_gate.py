@@ -204,7 +204,7 @@ class FlowGate:
     # ---------------------------------------------------------------- the Binder
     def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
         held: _Held = w.payload
-        return self.pool.router.rank(held.ctx, candidates, now)
+        return self.pool.router.rank(held.ctx, candidates, now, gates=False)
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         held: _Held = w.payload

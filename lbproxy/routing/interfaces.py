@@ -32,6 +32,16 @@ class Filter(Protocol):
 
 
 @runtime_checkable
+class LoadGate(Protocol):
+    """A filter that drops endpoints only for being busy now (`load_gate = True`). Flow
+    control applies such thresholds itself and waits for room, so it ranks without them:
+    hiding a request's cached backend while it is momentarily full would send the request
+    cold elsewhere instead of letting it wait for that backend."""
+
+    load_gate: bool
+
+
+@runtime_checkable
 class Scorer(Protocol):
     name: str
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lbproxy.routing.interfaces import Filter, Picker, RoutedObserver, Scorer
+from lbproxy.routing.interfaces import Filter, LoadGate, Picker, RoutedObserver, Scorer
 from lbproxy.routing.state import Decision, Endpoint, RequestContext
 
 
@@ -41,6 +41,7 @@ class Router:
         self._observers: list[RoutedObserver] = [
             p for p in plugins if isinstance(p, RoutedObserver)
         ]
+        self._ungated = [f for f in filters if not (isinstance(f, LoadGate) and f.load_gate)]
 
     def route(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
         """Choose an endpoint for `ctx`, or None when no endpoint is available."""
@@ -49,15 +50,18 @@ class Router:
             self.commit(ctx, decision.endpoint, now)
         return decision
 
-    def rank(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
+    def rank(
+        self, ctx: RequestContext, endpoints: list[Endpoint], now: float, *, gates: bool = True
+    ) -> Decision | None:
         """The decision `route` would make, without telling learning plugins: for a caller
         (flow control) that may still send the request elsewhere, or not yet; it then
-        calls `commit` with the endpoint the request goes to."""
+        calls `commit` with the endpoint the request goes to. `gates=False` skips the
+        load gates (flow control applies their thresholds itself, and waits)."""
         candidates = [ep for ep in endpoints if ep.healthy and not ep.draining]
         if not candidates:
             return None
         reasons: list[str] = []
-        for f in self.filters:
+        for f in self.filters if gates else self._ungated:
             kept = f.filter(ctx, candidates, now)
             if kept:
                 if len(kept) != len(candidates):

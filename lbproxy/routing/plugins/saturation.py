@@ -5,8 +5,9 @@ Waiting and KV usage come from a snapshot at most `metrics_max_age` old. A check
 value is unknown (stale or never scraped, or not reported) follows `stale_as`:
 "saturated" (default, as llm-d's saturation detector: unseen load is not trusted) drops
 the endpoint, "available" keeps it. In-flight counts are exact and always checked. When
-every candidate would be dropped the pipeline keeps them all (the admission queue, not
-this filter, decides whether to wait).
+every candidate would be dropped the pipeline keeps them all. With flow control on, the
+filter is not applied (it is a load gate, see `routing.interfaces.LoadGate`): flow
+control holds a request while its backend is over these thresholds instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Params(BaseModel):
 
 class SaturationFilter:
     name = TYPE
+    load_gate = True  # flow control checks the same thresholds (`can_take`) and waits
 
     def __init__(self, params: Params, max_age: float) -> None:
         self.queue_depth = params.queue_depth

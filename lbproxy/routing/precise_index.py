@@ -10,13 +10,26 @@ simulator's dataclasses both work):
 - BlockStored(block_hashes, parent_block_hash, token_ids, block_size, ...): our keys are
   chained from the parent's key (ROOT_SEED when the parent is None, i.e. the prompt start),
   found through the backend's map engine-hash -> our key; each new block is remembered in
-  that map. Engine hashes are a multiset, as in vLLM: identical blocks are not
-  de-duplicated, so a second BlockStored of a known hash is another physical block, and
-  each is removed by its own BlockRemoved; the hash stays cached until the last one goes.
-  Exception: an event from the prompt start (no parent) whose first block is already held
-  is vLLM re-announcing reused blocks (`kv_cache_report_mode: full`); known hashes in it
-  are ignored (counted as `resent_blocks`), since no BlockRemoved will match them.
-- BlockRemoved(block_hashes): resolved through the map; unknown hashes are counted.
+  that map. Engine hashes are a multiset, as in vLLM (v1/core/block_pool.py): it does not
+  de-duplicate cached blocks (block tables stay append-only), so `cache_full_blocks` emits
+  one BlockStored per block that becomes full, even when the same hash is already cached
+  (the same greedy prompt generated twice fills a fresh block with the same tokens; with
+  no parent when the prompt is shorter than a block, as it then has no prefix hit), and
+  `_maybe_evict_cached_block` emits one BlockRemoved per evicted copy. So a BlockStored of
+  a known hash is another copy, and the hash stays cached until its last copy is removed.
+- Report modes. vLLM's default, `kv_cache_report_mode: incremental`, announces only newly
+  cached blocks: every BlockStored is a copy, as above (report_mode="incremental"). A
+  request with `vllm_xargs: {kv_cache_report_mode: full}` also gets its prefix-cache hits
+  re-announced (`emit_cached_block_events`: from the prompt start, no parent, no new copy
+  and no BlockRemoved to come), which the stream cannot tell from a real copy. With
+  report_mode="full", an event with no parent whose first block is held (or was taken for
+  a re-announcement before) is taken as one: its held hashes are not counted again
+  (`resent_blocks`). When one was a real copy after all, the hash leaves the index at its
+  first removal (under-reporting, never a phantom block); its map entry is kept, so the
+  surviving copy's children still resolve their parent and the later removal counts as
+  `resent_removed`, not unknown.
+- BlockRemoved(block_hashes): resolved through the map; unknown hashes are counted
+  (`unknown_removed`: events were missed, or the stream holds something we do not model).
 - AllBlocksCleared: the backend's entries are dropped.
 Skipped and counted: events for another medium than GPU (CPU offload tiers), for a
 non-zero KV-cache group, for a LoRA adapter (its blocks differ from the base model's with
@@ -47,7 +60,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from itertools import accumulate, filterfalse, islice, repeat, takewhile
 from operator import and_, or_
-from typing import Any
+from typing import Any, Literal
 
 from lbproxy.routing.prefix_index import ChainHasher, EndpointBits, chain_hashes, prefix_lengths
 
@@ -55,6 +68,8 @@ ROOT_SEED = 0x6C627072_6F787931  # our key chain starts here (any constant works
 _TOKEN_BYTES = 4
 assert array("I").itemsize == _TOKEN_BYTES
 _ENTRY_BYTES = 250  # rough bytes per stored block (engine map + refcount + table), for stats
+
+ReportMode = Literal["incremental", "full"]  # vLLM's per-request kv_cache_report_mode
 
 
 def token_bytes(token_ids: Sequence[int]) -> bytes:
@@ -70,14 +85,20 @@ def block_keys(token_ids: Sequence[int], block_size: int, parent: int = ROOT_SEE
 class PreciseIndex:
     """Our block keys per backend, fed by KV events; see the module docstring."""
 
-    def __init__(self, *, max_blocks_per_backend: int = 1 << 20) -> None:
+    def __init__(
+        self, *, max_blocks_per_backend: int = 1 << 20, report_mode: ReportMode = "incremental"
+    ) -> None:
         self.max_blocks_per_backend = max_blocks_per_backend
+        self.report_mode: ReportMode = report_mode
         self._bits = EndpointBits()
         # our key -> bitmask of backends holding it, confirmed or speculatively
         self._table: dict[int, int] = {}
         self._held: dict[str, dict[int, int]] = {}  # backend -> our key -> refcount
         self._engine: dict[str, dict[int, int]] = {}  # backend -> engine hash -> our key
         self._dups: dict[str, dict[int, int]] = {}  # backend -> engine hash -> copies (> 1)
+        # report_mode "full": backend -> engine hash -> our key, of blocks taken for
+        # re-announcements; kept after their removal to resolve parents and removals.
+        self._resent: dict[str, dict[int, int]] = {}
         self._block_size: dict[str, int] = {}
         # Speculative entries (not confirmed): backend -> key -> expiry, and an expiry heap.
         self._spec_by: dict[str, dict[int, float]] = {}
@@ -89,6 +110,7 @@ class PreciseIndex:
                 "stored_blocks",
                 "duplicate_blocks",
                 "resent_blocks",
+                "resent_removed",
                 "orphan_blocks",
                 "skipped_blocks",
                 "malformed_events",
@@ -150,6 +172,8 @@ class PreciseIndex:
             parent_key = ROOT_SEED
         else:
             pk = engine.get(parent)
+            if pk is None and (resent := self._resent.get(name)):
+                pk = resent.get(parent)
             if pk is None:
                 c["orphan_blocks"] += len(hashes)
                 return
@@ -159,13 +183,18 @@ class PreciseIndex:
         bit = self._bits.bit(name)
         table = self._table
         spec_by = self._spec_by.get(name)
-        # vLLM re-announces reused prefix blocks, from the prompt start (no parent), when a
-        # request asks for `kv_cache_report_mode: full`; they are not new copies and no
-        # BlockRemoved will match them. A real second copy of block 0 looks the same and is
-        # then under-reported once evicted: the safe direction.
-        resend = parent is None and hashes[0] in engine
+        # Only with report_mode "full" (see the module docstring): known blocks of an event
+        # from the prompt start are vLLM re-announcing prefix-cache hits, not new copies.
+        resent = None
+        if parent is None and self.report_mode == "full":
+            resent = self._resent.setdefault(name, {})
+            if hashes[0] not in engine and hashes[0] not in resent:
+                resent = None  # block 0 unknown: not a re-announcement of what we hold
+            elif len(resent) > self.max_blocks_per_backend:
+                resent.clear()  # only makes later removals of these hashes count as unknown
         for eh, key in zip(hashes, keys, strict=True):
-            if eh in engine and resend:
+            if resent is not None and eh in engine:
+                resent[eh] = key
                 c["resent_blocks"] += 1
                 continue
             if eh in engine:  # another physical block with the same content
@@ -204,7 +233,11 @@ class PreciseIndex:
                 continue
             key = engine.pop(eh, None)
             if key is None:
-                c["unknown_removed"] += 1
+                resent = self._resent.get(name)
+                if resent and eh in resent:  # a "re-announcement" was a real copy after all
+                    c["resent_removed"] += 1
+                else:
+                    c["unknown_removed"] += 1
                 continue
             c["removed_blocks"] += 1
             self._unref(held, key, bit)
@@ -242,6 +275,7 @@ class PreciseIndex:
         held = self._held.pop(name, None)
         self._engine.pop(name, None)
         self._dups.pop(name, None)
+        self._resent.pop(name, None)
         bit = self._bits.get(name)
         if held and bit:
             spec_by = self._spec_by.get(name, {})

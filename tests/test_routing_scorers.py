@@ -515,3 +515,27 @@ def test_precise_prefix_tokenizes_once_per_request() -> None:
     scorer.score(request, [ep("a", block_size=16), ep("b", block_size=32)], NOW)
     scorer.on_routed(request, ep("a"), NOW)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("mode", ["incremental", "full"])
+def test_precise_prefix_kv_cache_report_mode_reaches_the_index(mode: str) -> None:
+    scorer, index = precise() if mode == "incremental" else precise(kv_cache_report_mode=mode)
+    assert index.report_mode == mode
+    # A second parentless store of a held block: a copy, or (full) a re-announcement.
+    block = Stored([1], None, TOKENS[:16], 16)
+    index.apply_events("a", [block, block, Removed([1])])
+    held = 1 if mode == "incremental" else 0
+    assert scorer.score(tctx(TOKENS), [ep("a")], NOW) == [0.25 * held]
+
+
+def test_precise_prefix_rejects_an_unknown_kv_cache_report_mode() -> None:
+    with pytest.raises(Exception, match="kv_cache_report_mode"):
+        precise(kv_cache_report_mode="always")
+
+
+class Removed:
+    def __init__(self, hashes: list[int]) -> None:
+        self.block_hashes = hashes
+
+
+Removed.__name__ = "BlockRemoved"

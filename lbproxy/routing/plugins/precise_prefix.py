@@ -15,6 +15,11 @@ Speculation: `on_routed` marks the request's blocks as held by the chosen endpoi
 `speculative_ttl` seconds (0 disables), so requests that follow before the BlockStored
 event arrives already see the hit; an event confirms the entries, else they expire.
 
+KV-cache report mode: `kv_cache_report_mode` says how the pool's vLLM servers report
+(see `precise_index`): "incremental", vLLM's default, when every BlockStored is a newly
+cached block; "full" when requests carry `vllm_xargs: {"kv_cache_report_mode": "full"}`
+and vLLM also re-announces each request's prefix-cache hits.
+
 Anti-hotspot and the spread of unmatched requests: the same `HotspotRule` as
 prefix-hash, with the same parameters.
 """
@@ -29,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins.prefix_hash import HotspotRule
-from lbproxy.routing.precise_index import PreciseIndex
+from lbproxy.routing.precise_index import PreciseIndex, ReportMode
 from lbproxy.routing.state import Endpoint, RequestContext
 
 TYPE = "precise-prefix"
@@ -49,6 +54,7 @@ class Params(BaseModel):
     hotspot_factor: float = Field(2.0, ge=1)
     hotspot_discount: float = Field(0.0, ge=0, le=1)
     spread_unmatched: float = Field(0.1, ge=0, le=1)
+    kv_cache_report_mode: ReportMode = "incremental"
 
 
 class PrecisePrefixScorer:
@@ -154,4 +160,6 @@ def shared_index(bctx: BuildContext) -> PreciseIndex:
 
 
 def build(params: Params, bctx: BuildContext) -> PrecisePrefixScorer:
-    return PrecisePrefixScorer(params, shared_index(bctx), bctx.flow_control)
+    index = shared_index(bctx)
+    index.report_mode = params.kv_cache_report_mode
+    return PrecisePrefixScorer(params, index, bctx.flow_control)

@@ -349,7 +349,8 @@ class Engine:
             # Everything running was preempted: vLLM schedules again at once, and the waiting
             # head then fits, since a lone max_model_len request always fits.
             batch, duration = self._schedule(start)
-            if not batch and not self._num_loading:  # else it waits for blocks being loaded
+            # With KV being loaded or held for a remote decode, the head waits for blocks.
+            if not batch and not self._num_loading and not self._held:
                 raise RuntimeError("engine stalled with work queued")  # a bug, never expected
         if batch and self._cpu_debt:
             duration += self._cpu_debt
@@ -567,6 +568,8 @@ class Engine:
         if kv is None:
             return False
         self._kv.free(kv)
+        if self._step_end is None and self._waiting:  # the freed blocks may admit the head
+            self._start_step(self._clock)
         return True
 
     # ---- prefix cache -----------------------------------------------------------------------

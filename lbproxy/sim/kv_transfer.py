@@ -106,10 +106,11 @@ class PullError(Exception):
 
 @dataclass(slots=True)
 class HeldKV:
-    request_id: str
+    request_id: str  # the id a consumer names (remote_request_id)
     block_ids: list[int]
     num_tokens: int
     expires_at: float
+    engine_request_id: str = ""  # the engine's own id for it
     pulling: bool = False
 
 
@@ -132,8 +133,15 @@ class HoldLedger:
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int, now: float) -> HeldKV:
-        entry = HeldKV(request_id, block_ids, num_tokens, now + self.timeout_s)
+    def hold(
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        now: float,
+        engine_request_id: str = "",
+    ) -> HeldKV:
+        entry = HeldKV(request_id, block_ids, num_tokens, now + self.timeout_s, engine_request_id)
         self._held[request_id] = entry
         return entry
 

@@ -5,8 +5,12 @@ and the engine's remote-KV path in virtual time."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbproxy.sim.engine import Engine, EngineRequest
 from lbproxy.sim.fleet import parse_fleet
 from lbproxy.sim.hardware import load_profile
-from lbproxy.sim.kv_transfer import LinkTable, transfer_bytes, transfer_seconds
+from lbproxy.sim.kv_transfer import (
+    HoldLedger,
+    LinkTable,
+    PullError,
+    transfer_bytes,
+    transfer_seconds,
+)
 from lbproxy.sim.server import SimServerHandle, start_sim_server
 
 MODEL = "granite-4.1-8b"
@@ -404,3 +414,75 @@ def test_fleet_roles_links_and_side_channel_ports() -> None:
     with pytest.raises(ValueError, match=r"links\.vendor-a\.vendor-b: must be a number > 0"):
         parse_fleet({"model": "m", "links": {"vendor-a": {"vendor-b": 0}}, "backends": [
             {"name": "a", "profile": "vendor-a", "port": 1}]})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_kv_role() -> None:
+    cli = [sys.executable, "-m", "lbproxy.cli", "sim"]
+    r = subprocess.run([*cli, "--model", "m", "--kv-link-gbps", "400"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "--kv-link-gbps needs --kv-role" in r.stderr
+    port, side = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*cli, "--port", str(port), "--model", "m", "--speed", "20", "--loop", "asyncio",
+         "--kv-role", "both", "--kv-side-channel-port", str(side), "--kv-link-gbps", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert f"kv_role both, KV side channel port {side}" in banner
+
+        async def use() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as http:
+                body = {"model": "m", "prompt": "hello there", "max_tokens": 4,
+                        "kv_transfer_params": PREFILL_KV}  # fmt: skip
+                async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+                    return await r.json()
+
+        kv = asyncio.run(use())["kv_transfer_params"]
+        assert kv["remote_port"] == side and kv["remote_host"] == "127.0.0.1"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_engine_waits_for_held_blocks_instead_of_stalling() -> None:
+    """Blocks held for a remote decode can leave a waiting request without room: it waits
+    (as in vLLM) and runs once they are released."""
+    prof = dataclasses.replace(load_profile("vendor-b"), num_gpu_blocks=70, max_model_len=1024)
+    e = Engine(prof)
+    e.add_request(EngineRequest("p", token_prompt(1000), 1, hold_kv=True), 0.0)
+    while (t := e.next_event_time()) is not None:
+        e.step(t)
+    e.add_request(EngineRequest("next", token_prompt(500, seed=1), 2), 1.0)
+    assert e.next_event_time() is None and e.num_waiting == 1  # no room, no error
+    e.release_held("p", 2.0)
+    outs = []
+    while (t := e.next_event_time()) is not None:
+        outs.extend(e.step(t))
+    assert [o.request_id for o in outs] == ["next", "next"] and outs[0].time > 2.0
+
+
+def test_hold_ledger_checks_pulls() -> None:
+    ledger = HoldLedger("eng-1", timeout_s=10.0)
+    ledger.hold("r1", [4, 5, 6], 40, now=0.0, engine_request_id="7")
+    with pytest.raises(PullError, match="unknown remote engine id"):
+        ledger.begin_pull("eng-2", "r1", [[4, 5, 6]], 1.0)
+    with pytest.raises(PullError, match="block ids do not match"):
+        ledger.begin_pull("eng-1", "r1", [[4, 5]], 1.0)
+    assert ledger.begin_pull("eng-1", "r1", [[4, 5, 6]], 1.0).engine_request_id == "7"
+    with pytest.raises(PullError, match="already being pulled"):
+        ledger.begin_pull("eng-1", "r1", [4, 5, 6], 1.0)
+    ledger.abort_pull("r1")  # a failed read: pullable again
+    ledger.begin_pull("eng-1", "r1", [4, 5, 6], 2.0)
+    assert ledger.expired(9.9) == [] and ledger.expired(10.0) == ["r1"]  # reading or not
+    assert ledger.release("r1") is not None and len(ledger) == 0
+    with pytest.raises(PullError, match="unknown, already pulled or timed out"):
+        ledger.begin_pull("eng-1", "r1", [4, 5, 6], 3.0)

@@ -173,8 +173,9 @@ class HoldLedger:
         return self._held.pop(request_id, None)
 
     def expired(self, now: float) -> list[str]:
-        """Requests whose hold time has run out and that no pull is reading."""
-        return [r for r, e in self._held.items() if e.expires_at <= now and not e.pulling]
+        """Requests whose hold time has run out (a read in progress does not extend it, so
+        that a consumer that dies mid-read cannot pin the blocks)."""
+        return [r for r, e in self._held.items() if e.expires_at <= now]
 
     def next_expiry(self) -> float | None:
         return min((e.expires_at for e in self._held.values()), default=None)

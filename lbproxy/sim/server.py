@@ -194,7 +194,7 @@ class SimServer:
         self.side_channel: side_channel.SideChannelServer | None = None
         self._pd_session: aiohttp.ClientSession | None = None
         self._pd_tasks: set[asyncio.Task[None]] = set()
-        self._pd_timers: set[asyncio.TimerHandle] = set()
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self.app = self._make_app()
 
     # ---------------------------------------------------------------- lifecycle
@@ -375,9 +375,8 @@ class SimServer:
         return sc.port
 
     async def _stop_pd(self) -> None:
-        for timer in self._pd_timers:
-            timer.cancel()
-        self._pd_timers.clear()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         for task in list(self._pd_tasks):
             await cancel_and_wait(task)
         if self._pd_session is not None:
@@ -387,6 +386,9 @@ class SimServer:
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
+        if self._closing:  # stop() is closing the session: the producer's timeout frees
+            coro.close()
+            return
         task = self._loop.create_task(coro)
         self._pd_tasks.add(task)
         task.add_done_callback(self._pd_tasks.discard)
@@ -402,8 +404,7 @@ class SimServer:
         remote_id = f"{rid}-{int(eng_id):08x}"  # vLLM: the API id plus a random suffix
         n = len(st.req.prompt_token_ids)
         ledger.hold(remote_id, block_ids, n, self.now(), eng_id)
-        timer = self._loop.call_later(ledger.timeout_s / self.speed, self._expire_holds)
-        self._pd_timers.add(timer)
+        self._arm_expiry()
         # NixlConnector.request_finished's fields, in its order (0.32 adds the last two).
         return {"do_remote_prefill": True, "do_remote_decode": False,
                 "remote_block_ids": [block_ids], "remote_engine_id": self.kv_engine_id,
@@ -434,6 +435,18 @@ class SimServer:
         for remote_id in ledger.expired(self.now()):
             self._release_hold(remote_id)
             self.metrics.nixl_expired += 1
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """One timer, for the earliest hold to run out."""
+        assert self.kv_ledger is not None and self._loop is not None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        when = self.kv_ledger.next_expiry()
+        if when is not None and not self._closing:
+            delay = max(0.0, when - self.now()) / self.speed + 0.001  # past it, not on it
+            self._expiry_timer = self._loop.call_later(delay, self._expire_holds)
 
     def _session(self) -> aiohttp.ClientSession:
         if self._pd_session is None:
@@ -444,6 +457,8 @@ class SimServer:
         """Start reading a producer's blocks; None for params without the remote_* fields
         (vLLM warns and prefills locally); ApiError 500 when the read fails (vLLM's default
         kv_load_failure_policy "fail", vllm/config/kv_transfer.py)."""
+        if self._closing:
+            raise ApiError("server is shutting down", 503, "ServiceUnavailableError")
         host, port = params.get("remote_host"), params.get("remote_port")
         remote_id = params.get("remote_request_id")
         if not (isinstance(host, str) and host and type(port) is int and 0 < port < 65536
@@ -466,6 +481,9 @@ class SimServer:
             raise ApiError(
                 f"KV load failure for request {remote_id!r}: {exc}", 500, "InternalServerError"
             ) from None
+        except asyncio.CancelledError:  # the client left: the producer may have begun the read
+            self._spawn(self._release_remote(_Pull(host, port, remote_id, 0.0), False))
+            raise
         pull = _Pull(host, port, remote_id, 0.0)
         vendor = answer.get("vendor")
         pull.gbps = self.kv_links.gbps(
@@ -582,7 +600,9 @@ class SimServer:
                 self._abort(st)
             elif hold and kv_out is None and st.reason != "abort":
                 # Finished, but its answer never went out: nobody can pull these blocks.
-                self.engine.release_held(st.req.request_id, self.now())
+                now = self.now()
+                self._run_due(now)
+                self.engine.release_held(st.req.request_id, now)
             if st.pull is not None:  # ended before its first token: the read did not finish
                 self._spawn(self._release_remote(st.pull, False))
                 st.pull = None

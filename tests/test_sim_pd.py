@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.sim.engine import Engine, EngineRequest
-from lbproxy.sim.fleet import parse_fleet
+from lbproxy.sim.fleet import parse_fleet, start_fleet
 from lbproxy.sim.hardware import load_profile
 from lbproxy.sim.kv_transfer import (
     HoldLedger,
@@ -486,3 +486,34 @@ def test_hold_ledger_checks_pulls() -> None:
     assert ledger.release("r1") is not None and len(ledger) == 0
     with pytest.raises(PullError, match="unknown, already pulled or timed out"):
         ledger.begin_pull("eng-1", "r1", [4, 5, 6], 3.0)
+
+
+async def test_fleet_pull_across_vendors_uses_the_pair_link(http: aiohttp.ClientSession) -> None:
+    handles = await start_fleet(
+        parse_fleet(
+            {
+                "model": MODEL,
+                "speed": SPEED,
+                "links": {"vendor-a": {"vendor-b": 400}},
+                "kv_link_gbps": 50,
+                "backends": [
+                    {"name": "p", "profile": "vendor-a", "port": 0, "kv_role": "producer"},
+                    {"name": "d", "profile": "vendor-b", "port": 0, "kv_role": "consumer"},
+                ],
+            }
+        )
+    )
+    p, d = handles
+    try:
+        kv = (await prefill(http, p, token_prompt(PROMPT_LEN)))["kv_transfer_params"]
+        body = {"model": MODEL, "prompt": token_prompt(PROMPT_LEN), "max_tokens": 2,
+                "kv_transfer_params": kv}  # fmt: skip
+        status, raw = await post(http, d.url + "/v1/completions", body)
+        assert status == 200, raw
+        fams = await scrape(http, d)
+        xfer = transfer_seconds(KV_BYTES, 400.0)
+        assert hist(fams, "vllm:nixl_xfer_time_seconds", "sum") == pytest.approx(xfer)
+        await eventually(lambda: p.engine.num_held == 0)
+    finally:
+        for h in handles:
+            await h.close()

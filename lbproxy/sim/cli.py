@@ -3,6 +3,8 @@
 lbproxy sim --port 8001 --profile vendor-b --model granite-4.1-8b [--speed 10]
     [--stream-interval N] [--kv-events tcp://*:5557 --kv-events-topic kv-events
      --kv-events-replay tcp://*:5558] [--tokenizer PATH] [--chat-template PATH]
+    [--kv-role producer|consumer|both [--kv-side-channel-port P] [--kv-hold-timeout S]
+     [--kv-link-gbps G]]
 lbproxy sim --fleet configs/fleets/demo-3.yaml [--host H] [--port-offset K]
 """
 
@@ -15,6 +17,7 @@ import signal
 import sys
 
 from lbproxy.event_loop import run_loop
+from lbproxy.sim.kv_transfer import DEFAULT_HOLD_TIMEOUT_S, DEFAULT_LINK_GBPS, KV_ROLES
 
 # Options of the single-server form; with --fleet they come from the YAML instead.
 _SINGLE = (
@@ -29,6 +32,10 @@ _SINGLE = (
     "tokenizer",
     "chat_template",
     "seed",
+    "kv_role",
+    "kv_side_channel_port",
+    "kv_hold_timeout",
+    "kv_link_gbps",
 )
 
 
@@ -63,6 +70,32 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", help="chat template file (default: next to the tokenizer)")
     p.add_argument("--seed", type=int, help="seed of the sampled tokens (default 0)")
     p.add_argument(
+        "--kv-role",
+        choices=KV_ROLES,
+        help="prefill/decode disaggregation as vLLM's NixlConnector: producer answers "
+        "do_remote_decode requests and holds their KV, consumer pulls it for "
+        "do_remote_prefill requests, both does both (default: none)",
+    )
+    p.add_argument(
+        "--kv-side-channel-port",
+        type=int,
+        help="producer: port of the side channel consumers pull KV from, on --host "
+        "(default 0: a free port; vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT)",
+    )
+    p.add_argument(
+        "--kv-hold-timeout",
+        type=float,
+        help="producer: engine seconds held KV waits to be pulled before it is freed "
+        f"(default {DEFAULT_HOLD_TIMEOUT_S:g}: vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT)",
+    )
+    p.add_argument(
+        "--kv-link-gbps",
+        type=float,
+        help="consumer: link bandwidth for KV pulls, Gb/s; transfer time = KV bytes of the "
+        f"pulled blocks / link (default {DEFAULT_LINK_GBPS:g}: an assumed 100 Gb/s NIC "
+        "per node; RDMA fabrics reach 400)",
+    )
+    p.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -85,6 +118,14 @@ def run_sim(args: argparse.Namespace) -> int:
     elif not args.model:
         print("lbproxy sim: --model is required (or use --fleet)", file=sys.stderr)
         return 2
+    else:
+        for key in ("kv_side_channel_port", "kv_hold_timeout", "kv_link_gbps"):
+            if getattr(args, key) is not None and not args.kv_role:
+                print(f"lbproxy sim: --{key.replace('_', '-')} needs --kv-role", file=sys.stderr)
+                return 2
+        if args.kv_link_gbps is not None and not args.kv_link_gbps > 0:
+            print("lbproxy sim: --kv-link-gbps must be > 0", file=sys.stderr)
+            return 2
     try:
         run_loop(_serve(args), args.loop)
     except (ValueError, OSError) as exc:
@@ -95,6 +136,7 @@ def run_sim(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     from lbproxy.sim.fleet import start_fleet
+    from lbproxy.sim.kv_transfer import LinkTable
     from lbproxy.sim.server import start_sim_server
     from lbproxy.tokenization import Tokenizer
 
@@ -117,6 +159,10 @@ async def _serve(args: argparse.Namespace) -> None:
                 kv_events_replay=args.kv_events_replay,
                 tokenizer=tokenizer,
                 seed=args.seed or 0,
+                kv_role=args.kv_role,
+                kv_side_channel_port=args.kv_side_channel_port or 0,
+                kv_hold_timeout=args.kv_hold_timeout or DEFAULT_HOLD_TIMEOUT_S,
+                kv_links=LinkTable(args.kv_link_gbps or DEFAULT_LINK_GBPS),
             )
         ]
     stop = asyncio.Event()
@@ -132,6 +178,10 @@ async def _serve(args: argparse.Namespace) -> None:
                 line += f", KV events {h.kv_events_endpoint} topic {topic!r}"
             if h.kv_events_replay_endpoint:
                 line += f", replay {h.kv_events_replay_endpoint}"
+            if h.server.kv_role:
+                line += f", kv_role {h.server.kv_role}"
+                if h.kv_side_channel_port:
+                    line += f", KV side channel port {h.kv_side_channel_port}"
             print(line, flush=True)
         await stop.wait()
     finally:

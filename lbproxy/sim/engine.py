@@ -27,6 +27,16 @@ added to the duration of the next step the engine starts. A profile
 with ``shared_kv_read_factor`` < 1 also gets the batch's distinct KV context (the blocks in
 use) for each step, so that blocks shared by several requests can cost less than one read
 each. All default to the behaviour without them.
+
+Prefill/decode disaggregation (lbproxy.sim.kv_transfer, vLLM's NixlConnector): a request with
+``hold_kv`` (a producer's prefill) keeps its blocks when it finishes, until
+``release_held``. A request with ``remote_kv_gbps`` (a consumer's decode) is admitted with
+its prompt's KV arriving from a remote producer: blocks for the whole prompt are allocated
+at admission (local prefix hits reused, the rest counted as external hits), nothing is
+computed, and after the transfer time (bytes of the pulled blocks / link) it joins the
+running requests with only its last prompt token to compute, as vLLM recomputes it for the
+logits. While loading it counts against ``max_num_seqs`` but not as running or waiting.
+Requests without either take exactly the paths they took before.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from lbproxy.sim.kv_cache import (
     KVEvent,
     RequestBlocks,
 )
+from lbproxy.sim.kv_transfer import transfer_bytes, transfer_seconds
 
 __all__ = [
     "AllBlocksCleared",
@@ -64,6 +75,8 @@ class EngineRequest:
     max_tokens: int
     min_tokens: int = 0  # accepted for parity with vLLM; without EOS it changes nothing
     arrival_time: float = 0.0  # the caller's; the engine never reads it
+    hold_kv: bool = False  # P/D producer: keep the blocks at the end, until release_held
+    remote_kv_gbps: float | None = None  # P/D consumer: prompt KV pulled over this link
     # Filled by the engine.
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_cached_tokens: int = field(default=0, init=False)
@@ -71,12 +84,16 @@ class EngineRequest:
     finish_time: float | None = field(default=None, init=False)
     finish_reason: str | None = field(default=None, init=False)
     num_preemptions: int = field(default=0, init=False)
+    num_external_tokens: int = field(default=0, init=False)  # prompt tokens pulled remotely
+    kv_transfer_bytes: float = field(default=0.0, init=False)
+    kv_transfer_s: float | None = field(default=None, init=False)  # set when pulled
     # Engine internals.
     _kv: RequestBlocks = field(init=False, repr=False, compare=False)
     _num_computed: int = field(default=0, init=False, repr=False, compare=False)
     _scheduled_once: bool = field(default=False, init=False, repr=False, compare=False)
     _last_token_time: float = field(default=0.0, init=False, repr=False, compare=False)
     _arriving: bool = field(default=False, init=False, repr=False, compare=False)
+    _loading: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -113,7 +130,9 @@ class Engine:
         "_batch",
         "_clock",
         "_cpu_debt",
+        "_held",
         "_kv",
+        "_num_loading",
         "_outputs",
         "_rand",
         "_requests",
@@ -122,14 +141,21 @@ class Engine:
         "_step_len",
         "_vocab_size",
         "_waiting",
+        "external_prefix_cache_hits",
+        "external_prefix_cache_queries",
         "generation_tokens",
         "itl_count",
         "itl_sum",
+        "kv_transfer_bytes",
+        "kv_transfer_seconds",
+        "kv_transfers",
         "num_preemptions",
         "prefix_cache_hits",
         "prefix_cache_queries",
         "profile",
         "prompt_tokens",
+        "prompt_tokens_cached",
+        "prompt_tokens_external",
     )
 
     def __init__(
@@ -164,6 +190,16 @@ class Engine:
         self.num_preemptions = 0
         self.itl_sum = 0.0  # seconds between consecutive tokens of a request, summed
         self.itl_count = 0
+        # P/D (see the module docstring).
+        self._held: dict[str, RequestBlocks] = {}
+        self._num_loading = 0
+        self.external_prefix_cache_queries = 0
+        self.external_prefix_cache_hits = 0
+        self.prompt_tokens_cached = 0  # of prompt_tokens: local prefix-cache hits
+        self.prompt_tokens_external = 0  # of prompt_tokens: pulled from a producer
+        self.kv_transfers = 0
+        self.kv_transfer_bytes = 0.0
+        self.kv_transfer_seconds = 0.0
 
     # ---- live stats -------------------------------------------------------------------------
 
@@ -246,11 +282,14 @@ class Engine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        if req._kv.blocks:
+        if req._arriving:
+            # Not in the waiting queue yet (skipped when it gets there), or loading remote KV.
+            if req._loading:
+                self._kv.free(req._kv)
+                self._num_loading -= 1
+        elif req._kv.blocks:
             self._kv.free(req._kv)
             self._running.remove(req)
-        elif req._arriving:
-            pass  # not in the waiting queue yet: skipped when it gets there
         else:
             # Waiting (never scheduled, or preempted): holds no blocks.
             self._waiting.remove(req)
@@ -290,7 +329,12 @@ class Engine:
                 t, req = arriving.popleft()
                 req._arriving = False
                 if req.finish_reason is None:  # not aborted meanwhile
-                    self._waiting.append(req)
+                    if req._loading:  # its remote KV has arrived: compute the last token
+                        req._loading = False
+                        self._num_loading -= 1
+                        self._running.append(req)
+                    else:
+                        self._waiting.append(req)
                     if self._step_end is None:
                         self._start_step(t)
                 continue
@@ -300,12 +344,13 @@ class Engine:
             self._start_step(end)
 
     def _start_step(self, start: float) -> None:
-        batch, duration = self._schedule()
+        batch, duration = self._schedule(start)
         if not batch and (self._running or self._waiting):
             # Everything running was preempted: vLLM schedules again at once, and the waiting
             # head then fits, since a lone max_model_len request always fits.
-            batch, duration = self._schedule()
-            if not batch:
+            batch, duration = self._schedule(start)
+            # With KV being loaded or held for a remote decode, the head waits for blocks.
+            if not batch and not self._num_loading and not self._held:
                 raise RuntimeError("engine stalled with work queued")  # a bug, never expected
         if batch and self._cpu_debt:
             duration += self._cpu_debt
@@ -316,7 +361,7 @@ class Engine:
 
     # ---- scheduling -------------------------------------------------------------------------
 
-    def _schedule(self) -> tuple[list[EngineRequest], float]:
+    def _schedule(self, start: float) -> tuple[list[EngineRequest], float]:
         profile = self.profile
         kv = self._kv
         bs = profile.block_size
@@ -357,10 +402,14 @@ class Engine:
         if not preempted:
             waiting = self._waiting
             max_seqs = profile.max_num_seqs
-            while waiting and budget > 0 and len(running) < max_seqs:
+            while waiting and budget > 0 and len(running) + self._num_loading < max_seqs:
                 req = waiting[0]
                 hits = kv.get_computed_blocks(req._kv)
                 num_hit = len(hits) * bs
+                if req.remote_kv_gbps is not None:
+                    if not self._admit_remote(req, hits, num_hit, start):
+                        break
+                    continue
                 num_new = len(req._kv.token_ids) - num_hit
                 if num_new > budget:
                     num_new = budget
@@ -401,6 +450,49 @@ class Engine:
             )
         return batch, duration
 
+    def _admit_remote(
+        self, req: EngineRequest, hits: list[int], num_hit: int, start: float
+    ) -> bool:
+        """Admit a consumer's request whose prompt KV is pulled from a producer: allocate
+        blocks for the whole prompt now (False if they do not fit), start the transfer of
+        the blocks not hit locally, and park it until the transfer ends (see the module
+        docstring). vLLM counts the pulled tokens as external prefix-cache hits."""
+        kv = self._kv
+        tokens = req._kv.token_ids
+        n = len(tokens)
+        n_ext = n - num_hit
+        if not kv.allocate_slots(req._kv, 0, n_ext, hits):
+            return False
+        self._waiting.popleft()
+        req._scheduled_once = True
+        req.num_cached_tokens = num_hit
+        req.num_external_tokens = n_ext
+        self.prefix_cache_queries += n
+        self.prefix_cache_hits += num_hit
+        self.external_prefix_cache_queries += n
+        self.external_prefix_cache_hits += n_ext
+        profile = self.profile
+        pulled_blocks = len(req._kv.blocks) - len(hits)
+        nbytes = transfer_bytes(pulled_blocks, profile.block_size, profile.kv_bytes_per_token)
+        secs = transfer_seconds(nbytes, req.remote_kv_gbps or 0.0)
+        req.kv_transfer_bytes = nbytes
+        req.kv_transfer_s = secs
+        self.kv_transfers += 1
+        self.kv_transfer_bytes += nbytes
+        self.kv_transfer_seconds += secs
+        req.remote_kv_gbps = None  # pulled once: after a preemption it recomputes locally
+        # vLLM's scheduler recomputes the last prompt token when all of them were loaded.
+        req._num_computed = n - 1
+        req._arriving = req._loading = True
+        self._num_loading += 1
+        ready = start + secs
+        arriving = self._arriving
+        i = len(arriving)
+        while i and arriving[i - 1][0] > ready:  # keep the queue in time order
+            i -= 1
+        arriving.insert(i, (ready, req))
+        return True
+
     def _preempt(self, req: EngineRequest) -> None:
         self._kv.free(req._kv)
         req._num_computed = 0
@@ -428,6 +520,8 @@ class Engine:
             if req.first_token_time is None:
                 req.first_token_time = end
                 self.prompt_tokens += len(req.prompt_token_ids)
+                self.prompt_tokens_cached += req.num_cached_tokens
+                self.prompt_tokens_external += req.num_external_tokens
             else:  # vllm:inter_token_latency_seconds: each token's gap since the previous
                 self.itl_sum += end - req._last_token_time
                 self.itl_count += 1
@@ -436,7 +530,10 @@ class Engine:
             if finished:
                 req.finish_reason = "length"
                 req.finish_time = end
-                self._kv.free(req._kv)
+                if req.hold_kv:  # a P/D producer keeps the KV until it is pulled
+                    self._held[req.request_id] = req._kv
+                else:
+                    self._kv.free(req._kv)
                 del self._requests[req.request_id]
                 any_finished = True
             outputs.append(
@@ -452,6 +549,28 @@ class Engine:
         self._batch = []
         if any_finished:
             self._running = [r for r in self._running if r.finish_reason is None]
+
+    # ---- P/D producer -----------------------------------------------------------------------
+
+    def held_block_ids(self, request_id: str) -> list[int] | None:
+        """Blocks a finished ``hold_kv`` request still holds (None when not held)."""
+        kv = self._held.get(request_id)
+        return None if kv is None else list(kv.blocks)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
+    def release_held(self, request_id: str, now: float) -> bool:
+        """Free a held request's blocks (pulled, or its hold timed out); False if not held."""
+        self._advance(now)
+        kv = self._held.pop(request_id, None)
+        if kv is None:
+            return False
+        self._kv.free(kv)
+        if self._step_end is None and self._waiting:  # the freed blocks may admit the head
+            self._start_step(self._clock)
+        return True
 
     # ---- prefix cache -----------------------------------------------------------------------
 

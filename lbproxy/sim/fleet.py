@@ -7,6 +7,9 @@
     backends:
       - {name: a, profile: vendor-a, port: 8001, kv_events: "tcp://*:5601"}
       - {name: b, profile: vendor-b, port: 8002, count: 3}   # b-0, b-1, b-2 on 8002..8004
+      - {name: p, profile: vendor-c, port: 8010, kv_role: producer, kv_side_channel_port: 5610}
+    links: {vendor-a: {vendor-c: 400}}  # optional; P/D link Gb/s per vendor pair (either order)
+    kv_link_gbps: 100                   # optional; the link of pairs not in `links`
 
 A fleet is a YAML path or the name of a shipped one (`demo-3`, `abc-20`: `lbproxy/data/fleets`,
 also `configs/fleets/` in a checkout).
@@ -14,16 +17,21 @@ also `configs/fleets/` in a checkout).
 Per backend: `name`, `profile` (a shipped name or a YAML path) and `port` (0: ephemeral) are
 required; `kv_events`, `kv_events_topic` (default `kv-events-<name>`, so that one bound SUB
 can tell the backends apart), `kv_events_replay`, `seed` (default: the backend's index),
-`speed` and `stream_interval` are optional. `count: N` repeats an entry with `-i` name
-suffixes and consecutive ports; a binding KV endpoint (one with `*`) gets consecutive
-ports too, like vLLM's data-parallel ranks. Relative tokenizer paths are read from the
+`speed` and `stream_interval` are optional; so are the P/D keys `kv_role` (producer,
+consumer, both), `kv_side_channel_port` (default 0: a free port) and `kv_hold_timeout`
+(seconds, default 480). A consumer's pulls from a producer of another vendor (hardware
+profile name) run at `links[its vendor][the producer's vendor]` Gb/s, else `kv_link_gbps`
+(default 100, an assumed 100 Gb/s NIC; see lbproxy.sim.kv_transfer). `count: N` repeats an
+entry with `-i` name suffixes and consecutive ports; a binding KV endpoint (one with `*`)
+and a non-zero side-channel port get consecutive ports too, like vLLM's data-parallel
+ranks. Relative tokenizer paths are read from the
 fleet file's directory first, then from the working directory.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +39,23 @@ import yaml
 
 from lbproxy.bind import AddressInUse
 from lbproxy.sim.hardware import HardwareProfile, load_profile
+from lbproxy.sim.kv_transfer import (
+    DEFAULT_HOLD_TIMEOUT_S,
+    DEFAULT_LINK_GBPS,
+    KV_ROLES,
+    LinkTable,
+)
 from lbproxy.sim.server import SimServerHandle, start_sim_server
 from lbproxy.sim.shipped import is_bare_name, shipped_file, shipped_names
 from lbproxy.tokenization import Tokenizer, default_tokenizer
 
 __all__ = ["BackendSpec", "FleetSpec", "load_fleet", "start_fleet"]
 
-_TOP_KEYS = {"model", "tokenizer", "speed", "stream_interval", "backends"}
+_TOP_KEYS = {"model", "tokenizer", "speed", "stream_interval", "backends", "links",
+             "kv_link_gbps"}  # fmt: skip
 _BACKEND_KEYS = {"name", "profile", "port", "count", "kv_events", "kv_events_topic",
-                 "kv_events_replay", "seed", "speed", "stream_interval"}  # fmt: skip
+                 "kv_events_replay", "seed", "speed", "stream_interval", "kv_role",
+                 "kv_side_channel_port", "kv_hold_timeout"}  # fmt: skip
 _PORT = re.compile(r":(\d+)$")
 
 
@@ -54,6 +70,9 @@ class BackendSpec:
     kv_events: str | None = None
     kv_events_topic: str = "kv-events"
     kv_events_replay: str | None = None
+    kv_role: str | None = None
+    kv_side_channel_port: int = 0
+    kv_hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +81,7 @@ class FleetSpec:
     backends: tuple[BackendSpec, ...]
     tokenizer: str | None = None
     source: str = "<fleet>"
+    links: LinkTable = field(default_factory=LinkTable)
 
 
 def _shift_port(endpoint: str | None, by: int) -> str | None:
@@ -113,6 +133,8 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
     tokenizer = data.get("tokenizer")
     if tokenizer is not None:
         tokenizer = _string(src, "tokenizer", tokenizer)
+    link_default = _positive(src, "kv_link_gbps", data.get("kv_link_gbps", DEFAULT_LINK_GBPS))
+    links = LinkTable.from_mapping(data.get("links"), link_default, f"{src}: links")
     entries = data.get("backends")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{src}: backends: must be a non-empty list")
@@ -148,6 +170,17 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
         b_interval = _int(src, f"{at}.stream_interval", entry.get("stream_interval", interval), 1)
         # Engines differ in their sampled tokens by default; block hashes never depend on it.
         seed = _int(src, f"{at}.seed", entry.get("seed", len(backends)), 0)
+        role = entry.get("kv_role")
+        if role is not None and role not in KV_ROLES:
+            raise ValueError(
+                f"{src}: {at}.kv_role: must be one of {', '.join(KV_ROLES)}, got {role!r}"
+            )
+        side_port = _int(src, f"{at}.kv_side_channel_port", entry.get("kv_side_channel_port", 0), 0)
+        if side_port > 65535:
+            raise ValueError(f"{src}: {at}.kv_side_channel_port: must be <= 65535, got {side_port}")
+        hold_timeout = _positive(
+            src, f"{at}.kv_hold_timeout", entry.get("kv_hold_timeout", DEFAULT_HOLD_TIMEOUT_S)
+        )
         for k in range(count):
             bname = f"{name}-{k}" if count > 1 else name
             backends.append(
@@ -163,6 +196,9 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
                     if topic
                     else f"kv-events-{bname}",
                     kv_events_replay=_shift_port(replay, k),
+                    kv_role=role,
+                    kv_side_channel_port=side_port + k if side_port else 0,
+                    kv_hold_timeout=hold_timeout,
                 )
             )
     names = [b.name for b in backends]
@@ -173,7 +209,13 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
     if len(set(ports)) != len(ports):
         dup = next(p for p in ports if ports.count(p) > 1)
         raise ValueError(f"{src}: backends: port {dup} is used twice")
-    return FleetSpec(model=model, backends=tuple(backends), tokenizer=tokenizer, source=src)
+    sides = [b.kv_side_channel_port for b in backends if b.kv_side_channel_port]
+    if len(set(sides)) != len(sides) or set(sides) & set(ports):
+        dup = next(p for p in sides if sides.count(p) > 1 or p in ports)
+        raise ValueError(f"{src}: backends: kv_side_channel_port {dup} is used twice")
+    return FleetSpec(
+        model=model, backends=tuple(backends), tokenizer=tokenizer, source=src, links=links
+    )
 
 
 def load_fleet(path: str | Path) -> FleetSpec:
@@ -196,7 +238,7 @@ def load_fleet(path: str | Path) -> FleetSpec:
     if spec.tokenizer and not Path(spec.tokenizer).is_absolute():
         beside = p.parent / spec.tokenizer
         if beside.exists():
-            spec = FleetSpec(spec.model, spec.backends, str(beside), spec.source)
+            spec = FleetSpec(spec.model, spec.backends, str(beside), spec.source, spec.links)
     return spec
 
 
@@ -227,6 +269,12 @@ async def start_fleet(
                         kv_events_replay=_shift_port(b.kv_events_replay, port_offset),
                         tokenizer=tok,
                         seed=b.seed,
+                        kv_role=b.kv_role,
+                        kv_side_channel_port=b.kv_side_channel_port + port_offset
+                        if b.kv_side_channel_port
+                        else 0,
+                        kv_hold_timeout=b.kv_hold_timeout,
+                        kv_links=spec.links,
                     )
                 )
             except (OSError, ValueError) as exc:

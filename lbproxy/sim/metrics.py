@@ -22,6 +22,10 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# vLLM's NixlPromMetrics buckets (nixl_connector.py): transfer time, and 2 KiB to 16 GiB.
+NIXL_XFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+NIXL_BYTES_BUCKETS = tuple(float(2 ** (10 + i)) for i in range(1, 25, 2))
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # prometheus_client's
 
@@ -36,6 +40,11 @@ class SimMetrics:
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
         self.success = dict.fromkeys(FINISH_REASONS, 0)
+        # P/D: NIXL transfers seen by a consumer (engine seconds), failures, expired holds.
+        self.nixl_xfer = Histogram(NIXL_XFER_BUCKETS)
+        self.nixl_bytes = Histogram(NIXL_BYTES_BUCKETS)
+        self.nixl_failed = 0
+        self.nixl_expired = 0
 
     def render(self, eng: Engine, profile: HardwareProfile, model: str) -> str:
         """vLLM's names, HELP texts, types, labels and buckets (prometheus text 0.0.4)."""
@@ -100,6 +109,66 @@ class SimMetrics:
         _family(out, "vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig")
         out.append(f"vllm:cache_config_info{_cache_config_labels(profile)} 1.0\n")
         return "".join(out)
+
+    def render_kv_transfer(self, eng: Engine, model: str) -> str:
+        """The families a vLLM server with a KV connector adds: external prefix-cache hits,
+        prompt tokens by source (vllm/v1/metrics/loggers.py) and NIXL's (nixl_connector.py).
+        """
+        lab = _labels(engine="0", model_name=model)
+        created = self.created
+        out: list[str] = []
+        counters = (
+            ("vllm:external_prefix_cache_queries",
+             "External prefix cache queries from KV connector cross-instance cache sharing, "
+             "in terms of number of queried tokens.", eng.external_prefix_cache_queries),
+            ("vllm:external_prefix_cache_hits",
+             "External prefix cache hits from KV connector cross-instance cache sharing, "
+             "in terms of number of cached tokens.", eng.external_prefix_cache_hits),
+            ("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers.",
+             self.nixl_failed),
+            ("vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire.",
+             self.nixl_expired),
+        )  # fmt: skip
+        for name, help_, value in counters:
+            _family(out, f"{name}_total", "counter", help_)
+            out.append(f"{name}_total{lab} {floatToGoString(value)}\n")
+            _created(out, name, help_, lab, created)
+        cached, external = eng.prompt_tokens_cached, eng.prompt_tokens_external
+        by_source = (eng.prompt_tokens - cached - external, cached, external)
+        name, help_ = "vllm:prompt_tokens_by_source", "Number of prompt tokens by source."
+        _family(out, f"{name}_total", "counter", help_)
+        for source, value in zip(PROMPT_SOURCES, by_source, strict=True):
+            sl = _labels(engine="0", model_name=model, source=source)
+            out.append(f"{name}_total{sl} {floatToGoString(value)}\n")
+        _family(out, f"{name}_created", "gauge", help_)
+        for source in PROMPT_SOURCES:
+            sl = _labels(engine="0", model_name=model, source=source)
+            out.append(f"{name}_created{sl} {floatToGoString(created)}\n")
+        hists = (
+            ("vllm:nixl_xfer_time_seconds",
+             "Histogram of transfer duration for NIXL KV Cache transfers.", self.nixl_xfer),
+            ("vllm:nixl_bytes_transferred",
+             "Histogram of bytes transferred per NIXL KV Cache transfers.", self.nixl_bytes),
+        )  # fmt: skip
+        for name, help_, h in hists:
+            _histogram(out, name, help_, h, model, created)
+        return "".join(out)
+
+
+def _histogram(
+    out: list[str], name: str, help_: str, h: Histogram, model: str, created: float
+) -> None:
+    lab = _labels(engine="0", model_name=model)
+    _family(out, name, "histogram", help_)
+    cumulative = 0
+    les = [*map(floatToGoString, h.bounds), "+Inf"]
+    for le, count in zip(les, h.counts, strict=True):
+        cumulative += count
+        bl = _labels(engine="0", le=le, model_name=model)
+        out.append(f"{name}_bucket{bl} {floatToGoString(cumulative)}\n")
+    out.append(f"{name}_count{lab} {floatToGoString(cumulative)}\n")
+    out.append(f"{name}_sum{lab} {floatToGoString(h.sum)}\n")
+    _created(out, name, help_, lab, created)
 
 
 def _labels(**kv: str) -> str:

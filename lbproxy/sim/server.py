@@ -28,6 +28,21 @@ over ZMQ (PUB + optional ROUTER replay). Where it differs, on purpose:
   prefill) and return a deterministic unit vector of 384 floats derived from the token ids.
 - Block hashes are the engine's seeded xxh3 chain, not vLLM's sha256 (`cache_config_info`
   says `prefix_caching_hash_algo="xxhash"`); identical across servers with the same seed.
+
+Prefill/decode disaggregation (`kv_role`, as vLLM's NixlConnector with kv_producer /
+kv_consumer / kv_both; lbproxy.sim.kv_transfer and lbproxy.sim.side_channel). Without a role
+`kv_transfer_params` is ignored and every answer is what it was. With one:
+
+- producer/both: a non-streaming request with `kv_transfer_params.do_remote_decode` prefills,
+  generates 1 token, answers with a top-level `kv_transfer_params` (NixlConnector's fields)
+  and holds its blocks until a consumer pulls them over the side channel or
+  `kv_hold_timeout` engine seconds pass (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+- consumer/both: a request with `kv_transfer_params.do_remote_prefill` pulls the blocks from
+  remote_host:remote_port first; a refused or unreachable pull answers 500 before any byte
+  (vLLM's default kv_load_failure_policy "fail"; vLLM may have started an SSE stream). Then
+  the engine pays the transfer time and decodes without recomputing the prompt. Params
+  without the remote_* fields are served by a local prefill, as vLLM does (it warns).
+- /metrics adds vLLM's external prefix-cache, prompt-tokens-by-source and NIXL families.
 """
 
 from __future__ import annotations
@@ -37,20 +52,30 @@ import base64
 import logging
 import math
 import time
+import uuid
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from lbproxy.aio import cancel_and_wait
 from lbproxy.bind import address_in_use, probe_listen
-from lbproxy.sim import responses_api
+from lbproxy.sim import responses_api, side_channel
 from lbproxy.sim.engine import Engine, EngineRequest, TokenOutput
 from lbproxy.sim.hardware import HardwareProfile, load_profile
 from lbproxy.sim.kv_publisher import KVEventPublisher, bind_endpoint, on_host
+from lbproxy.sim.kv_transfer import (
+    DEFAULT_HOLD_TIMEOUT_S,
+    KV_ROLES,
+    HoldLedger,
+    LinkTable,
+    is_consumer,
+    is_producer,
+)
 from lbproxy.sim.metrics import METRICS_CONTENT_TYPE, SimMetrics
 from lbproxy.sim.openai_api import (
     EMBEDDING_DIM,
@@ -82,8 +107,8 @@ _DONE = b"data: [DONE]\n\n"
 class _Live:
     """One request in the engine, shared by the driver (producer) and its handler."""
 
-    __slots__ = ("arrival", "cached", "eos", "finished", "ids", "interval", "last", "reason",
-                 "req", "sent", "stream", "waiter")  # fmt: skip
+    __slots__ = ("arrival", "cached", "eos", "finished", "ids", "interval", "last", "pull",
+                 "reason", "req", "sent", "stream", "waiter")  # fmt: skip
 
     def __init__(self, req: EngineRequest, arrival: float, stream: bool, interval: int, eos: bool):
         self.req = req
@@ -98,6 +123,15 @@ class _Live:
         self.finished = False
         self.reason: str | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.pull: _Pull | None = None  # P/D consumer: blocks being read from a producer
+
+
+@dataclass(slots=True)
+class _Pull:
+    host: str
+    port: int
+    request_id: str  # the producer's remote_request_id
+    gbps: float
 
 
 def _wake(fut: asyncio.Future[None] | None) -> None:
@@ -119,7 +153,13 @@ class SimServer:
         seed: int = 0,
         publisher: KVEventPublisher | None = None,
         enable_prompt_tokens_details: bool = True,
+        kv_role: str | None = None,
+        kv_hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
+        kv_links: LinkTable | None = None,
+        kv_engine_id: str | None = None,
     ) -> None:
+        if kv_role is not None and kv_role not in KV_ROLES:
+            raise ValueError(f"kv_role must be one of {', '.join(KV_ROLES)}, got {kv_role!r}")
         if not speed > 0 or not math.isfinite(speed):
             raise ValueError(f"speed must be a positive number, got {speed!r}")
         if stream_interval < 1:
@@ -143,6 +183,18 @@ class SimServer:
         self._closing = False
         self.metrics = SimMetrics()
         self._model_json = orjson.dumps(model)
+        # P/D (see the module docstring).
+        self.kv_role = kv_role
+        self.kv_links = kv_links or LinkTable()
+        self.kv_engine_id = kv_engine_id or str(uuid.uuid4())  # vLLM: a uuid4 per engine
+        self.kv_ledger = (
+            HoldLedger(self.kv_engine_id, kv_hold_timeout) if is_producer(kv_role) else None
+        )
+        self.kv_host = "127.0.0.1"
+        self.side_channel: side_channel.SideChannelServer | None = None
+        self._pd_session: aiohttp.ClientSession | None = None
+        self._pd_tasks: set[asyncio.Task[None]] = set()
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self.app = self._make_app()
 
     # ---------------------------------------------------------------- lifecycle
@@ -172,6 +224,7 @@ class SimServer:
         for st in list(self._live.values()):
             self._finish_aborted(st)
         await cancel_and_wait(self._driver)
+        await self._stop_pd()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -239,6 +292,8 @@ class SimServer:
             if st.last < 0:
                 metrics.ttft.observe(t - st.arrival)
                 st.cached = out.num_cached_tokens
+                if st.pull is not None:  # its KV arrived before this first token
+                    self._pull_done(st)
             else:
                 metrics.itl.observe(t - st.last)
             st.last = t
@@ -258,13 +313,22 @@ class SimServer:
 
     # ---------------------------------------------------------------- engine access
     def _submit(
-        self, prompt: list[int], max_tokens: int, min_tokens: int, stream: bool, eos: bool
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        min_tokens: int,
+        stream: bool,
+        eos: bool,
+        hold_kv: bool = False,
+        remote_kv_gbps: float | None = None,
     ) -> _Live:
         if self._closing:
             raise ApiError("server is shutting down", 503, "ServiceUnavailableError")
         self._next_id += 1
         now = self.now()
-        req = EngineRequest(str(self._next_id), prompt, max_tokens, min_tokens, now)
+        req = EngineRequest(
+            str(self._next_id), prompt, max_tokens, min_tokens, now, hold_kv, remote_kv_gbps
+        )
         st = _Live(req, now, stream, self.stream_interval, eos)
         self._run_due(now)
         try:
@@ -298,6 +362,147 @@ class SimServer:
         fut = st.waiter = self._loop.create_future()
         await fut
 
+    # ---------------------------------------------------------------- P/D
+    async def start_side_channel(self, host: str, port: int) -> int:
+        """Start a producer's side channel on host:port (0: a free port)."""
+        assert self.kv_ledger is not None
+        self.kv_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        sc = side_channel.SideChannelServer(
+            self.kv_ledger, self.profile.name, self.now, self._release_hold, self._abort_pull
+        )
+        await sc.start(host, port)
+        self.side_channel = sc
+        return sc.port
+
+    async def _stop_pd(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        for task in list(self._pd_tasks):
+            await cancel_and_wait(task)
+        if self._pd_session is not None:
+            await self._pd_session.close()
+        if self.side_channel is not None:
+            await self.side_channel.close()
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._loop is not None
+        if self._closing:  # stop() is closing the session: the producer's timeout frees
+            coro.close()
+            return
+        task = self._loop.create_task(coro)
+        self._pd_tasks.add(task)
+        task.add_done_callback(self._pd_tasks.discard)
+
+    def _hold(self, st: _Live, rid: str) -> dict[str, Any] | None:
+        """Register a finished prefill's blocks for remote decode; its kv_transfer_params."""
+        ledger = self.kv_ledger
+        assert ledger is not None and self.side_channel is not None and self._loop is not None
+        eng_id = st.req.request_id
+        block_ids = self.engine.held_block_ids(eng_id)
+        if block_ids is None:
+            return None
+        remote_id = f"{rid}-{int(eng_id):08x}"  # vLLM: the API id plus a random suffix
+        n = len(st.req.prompt_token_ids)
+        ledger.hold(remote_id, block_ids, n, self.now(), eng_id)
+        self._arm_expiry()
+        # NixlConnector.request_finished's fields, in its order (0.32 adds the last two).
+        return {"do_remote_prefill": True, "do_remote_decode": False,
+                "remote_block_ids": [block_ids], "remote_engine_id": self.kv_engine_id,
+                "remote_request_id": remote_id, "remote_host": self.kv_host,
+                "remote_port": self.side_channel.port, "tp_size": 1, "remote_num_tokens": n,
+                "transfer_mode": "pull"}  # fmt: skip
+
+    def _release_hold(self, remote_id: str) -> None:
+        """Free a held request's blocks (pulled, or expired)."""
+        assert self.kv_ledger is not None
+        entry = self.kv_ledger.release(remote_id)
+        if entry is None:
+            return
+        now = self.now()
+        self._run_due(now)
+        self.engine.release_held(entry.engine_request_id, now)
+        _wake(self._driver_wake)
+
+    def _abort_pull(self, remote_id: str) -> None:
+        assert self.kv_ledger is not None
+        self.kv_ledger.abort_pull(remote_id)
+        self._expire_holds()
+
+    def _expire_holds(self) -> None:
+        ledger = self.kv_ledger
+        if ledger is None:
+            return
+        for remote_id in ledger.expired(self.now()):
+            self._release_hold(remote_id)
+            self.metrics.nixl_expired += 1
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """One timer, for the earliest hold to run out."""
+        assert self.kv_ledger is not None and self._loop is not None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        when = self.kv_ledger.next_expiry()
+        if when is not None and not self._closing:
+            delay = max(0.0, when - self.now()) / self.speed + 0.001  # past it, not on it
+            self._expiry_timer = self._loop.call_later(delay, self._expire_holds)
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._pd_session is None:
+            self._pd_session = aiohttp.ClientSession()
+        return self._pd_session
+
+    async def _begin_pull(self, params: dict[str, Any]) -> _Pull | None:
+        """Start reading a producer's blocks; None for params without the remote_* fields
+        (vLLM warns and prefills locally); ApiError 500 when the read fails (vLLM's default
+        kv_load_failure_policy "fail", vllm/config/kv_transfer.py)."""
+        if self._closing:
+            raise ApiError("server is shutting down", 503, "ServiceUnavailableError")
+        host, port = params.get("remote_host"), params.get("remote_port")
+        remote_id = params.get("remote_request_id")
+        if not (isinstance(host, str) and host and type(port) is int and 0 < port < 65536
+                and isinstance(remote_id, str) and params.get("remote_engine_id")
+                and params.get("remote_block_ids")):  # fmt: skip
+            log.warning("Got invalid KVTransferParams: %s. This request will not utilize "
+                        "KVTransfer", params)  # fmt: skip
+            return None
+        try:
+            answer = await side_channel.pull(
+                self._session(),
+                host,
+                port,
+                params.get("remote_engine_id"),
+                remote_id,
+                params.get("remote_block_ids"),
+            )
+        except side_channel.PullFailed as exc:
+            self.metrics.nixl_failed += 1
+            raise ApiError(
+                f"KV load failure for request {remote_id!r}: {exc}", 500, "InternalServerError"
+            ) from None
+        except asyncio.CancelledError:  # the client left: the producer may have begun the read
+            self._spawn(self._release_remote(_Pull(host, port, remote_id, 0.0), False))
+            raise
+        pull = _Pull(host, port, remote_id, 0.0)
+        vendor = answer.get("vendor")
+        pull.gbps = self.kv_links.gbps(
+            self.profile.name, vendor if isinstance(vendor, str) else self.profile.name
+        )
+        return pull
+
+    def _pull_done(self, st: _Live) -> None:
+        pull, st.pull = st.pull, None
+        assert pull is not None
+        req = st.req
+        if req.kv_transfer_s is not None:
+            self.metrics.nixl_xfer.observe(req.kv_transfer_s)
+            self.metrics.nixl_bytes.observe(req.kv_transfer_bytes)
+        self._spawn(self._release_remote(pull, True))
+
+    async def _release_remote(self, pull: _Pull, done: bool) -> None:
+        await side_channel.release(self._session(), pull.host, pull.port, pull.request_id, done)
+
     # ---------------------------------------------------------------- handlers
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -329,6 +534,10 @@ class SimServer:
         header_id = request.headers.get("X-Request-Id")
         rid = ("chatcmpl-" if chat else "cmpl-") + (header_id or request_id())
         headers = {"X-Request-Id": header_id} if header_id else None
+        if self.kv_role is not None and isinstance(body.get("kv_transfer_params"), dict):
+            return await self._generate_pd(
+                request, body, prompt, chat, rid, headers, max_tokens, min_tokens, eos, stream
+            )
         st = self._submit(prompt, max_tokens, min_tokens, stream, eos)
         try:
             if stream:
@@ -341,6 +550,62 @@ class SimServer:
         finally:
             if not st.finished:  # cancelled (client gone) or failed mid-way
                 self._abort(st)
+
+    async def _generate_pd(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        prompt: list[int],
+        chat: bool,
+        rid: str,
+        headers: dict[str, str] | None,
+        max_tokens: int,
+        min_tokens: int,
+        eos: bool,
+        stream: bool,
+    ) -> web.StreamResponse:
+        """A request carrying kv_transfer_params on a server with a kv_role."""
+        params = body["kv_transfer_params"]
+        opts = body.get("stream_options")
+        include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
+        continuous = include_usage and bool(opts.get("continuous_usage_stats"))
+        hold = bool(params.get("do_remote_decode")) and self.kv_ledger is not None and not stream
+        pull = None
+        if hold:
+            max_tokens, min_tokens, eos = 1, 0, False  # the prefill side generates 1 token
+        elif params.get("do_remote_prefill") and is_consumer(self.kv_role):
+            pull = await self._begin_pull(params)
+        try:
+            st = self._submit(
+                prompt, max_tokens, min_tokens, stream, eos, hold, pull.gbps if pull else None
+            )
+        except BaseException:
+            if pull is not None:
+                self._spawn(self._release_remote(pull, False))
+            raise
+        st.pull = pull
+        kv_out = None
+        try:
+            if stream:
+                return await self._stream(
+                    request, st, rid, chat, include_usage, continuous, headers
+                )
+            while not st.finished:
+                await self._wait(st)
+            if hold and st.reason != "abort":
+                kv_out = self._hold(st, rid)
+            return self._full_response(st, rid, chat, headers, kv_out)
+        finally:
+            if not st.finished:  # cancelled (client gone) or failed mid-way
+                self._abort(st)
+            elif hold and kv_out is None and st.reason != "abort":
+                # Finished, but its answer never went out: nobody can pull these blocks.
+                now = self.now()
+                self._run_due(now)
+                self.engine.release_held(st.req.request_id, now)
+            if st.pull is not None:  # ended before its first token: the read did not finish
+                self._spawn(self._release_remote(st.pull, False))
+                st.pull = None
 
     def _usage(self, st: _Live, full: bool) -> dict[str, Any]:
         p, c = len(st.req.prompt_token_ids), len(st.ids)
@@ -359,7 +624,12 @@ class SimServer:
         return self.tokenizer.decode_fast(ids)
 
     def _full_response(
-        self, st: _Live, rid: str, chat: bool, headers: dict[str, str] | None
+        self,
+        st: _Live,
+        rid: str,
+        chat: bool,
+        headers: dict[str, str] | None,
+        kv_params: dict[str, Any] | None = None,
     ) -> web.Response:
         text = self._text(st, st.ids)
         created = int(time.time())
@@ -378,8 +648,8 @@ class SimServer:
                                     "system_fingerprint": SYSTEM_FINGERPRINT,
                                     "usage": self._usage(st, True), "prompt_logprobs": None,
                                     "prompt_token_ids": None, "prompt_text": None,
-                                    "kv_transfer_params": None, "ec_transfer_params": None,
-                                    "metrics": None}  # fmt: skip
+                                    "kv_transfer_params": kv_params,
+                                    "ec_transfer_params": None, "metrics": None}  # fmt: skip
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": st.reason,
                       "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
@@ -387,7 +657,7 @@ class SimServer:
             resp = {"id": rid, "object": "text_completion", "created": created,
                     "model": self.model, "choices": [choice], "service_tier": None,
                     "system_fingerprint": SYSTEM_FINGERPRINT, "usage": self._usage(st, True),
-                    "kv_transfer_params": None, "ec_transfer_params": None,
+                    "kv_transfer_params": kv_params, "ec_transfer_params": None,
                     "metrics": None}  # fmt: skip
         return web.Response(body=orjson.dumps(resp), content_type=JSON, headers=headers)
 
@@ -655,7 +925,10 @@ class SimServer:
 
     def render_metrics(self) -> str:
         """This server's /metrics page (prometheus text 0.0.4, vLLM's families)."""
-        return self.metrics.render(self.engine, self.profile, self.model)
+        text = self.metrics.render(self.engine, self.profile, self.model)
+        if self.kv_role is None:
+            return text
+        return text + self.metrics.render_kv_transfer(self.engine, self.model)
 
 
 # ------------------------------------------------------------------------------- running
@@ -676,6 +949,11 @@ class SimServerHandle:
     @property
     def model(self) -> str:
         return self.server.model
+
+    @property
+    def kv_side_channel_port(self) -> int | None:
+        sc = self.server.side_channel
+        return sc.port if sc else None
 
     @property
     def kv_events_endpoint(self) -> str | None:
@@ -706,12 +984,21 @@ async def start_sim_server(
     tokenizer: Tokenizer | str | Path | None = None,
     seed: int = 0,
     enable_prompt_tokens_details: bool = True,
+    kv_role: str | None = None,
+    kv_side_channel_port: int = 0,
+    kv_hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S,
+    kv_links: LinkTable | None = None,
+    kv_engine_id: str | None = None,
 ) -> SimServerHandle:
     """Start one simulated vLLM server in the running loop (port 0: an ephemeral port).
 
     `profile` is a HardwareProfile, a shipped profile name or a YAML path; `tokenizer` a
     Tokenizer, a tokenizer.json path or None for the shipped one. Raises ValueError for bad
     settings and OSError when the port is taken.
+
+    `kv_role` (producer, consumer, both; None: no P/D) makes it a P/D server (see the module
+    docstring); a producer's side channel listens on `kv_side_channel_port` (0: a free port)
+    on the same host.
     """
     prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
     if tokenizer is None:
@@ -742,6 +1029,10 @@ async def start_sim_server(
             seed=seed,
             publisher=publisher,
             enable_prompt_tokens_details=enable_prompt_tokens_details,
+            kv_role=kv_role,
+            kv_hold_timeout=kv_hold_timeout,
+            kv_links=kv_links,
+            kv_engine_id=kv_engine_id,
         )
     except BaseException:
         if publisher is not None:
@@ -763,6 +1054,16 @@ async def start_sim_server(
         if isinstance(e, OSError):
             raise address_in_use(e, host, port) from None
         raise
+    if server.kv_ledger is not None:
+        try:
+            await server.start_side_channel(host, kv_side_channel_port)
+        except BaseException as e:
+            await runner.cleanup()
+            if publisher is not None:
+                await publisher.close()
+            if isinstance(e, OSError):
+                raise address_in_use(e, host, kv_side_channel_port) from None
+            raise
     bound_port = runner.addresses[0][1]
     server.start()
     url_host = f"[{host}]" if ":" in host else host

@@ -96,16 +96,7 @@ class SimMetrics:
              self.e2e),
         )  # fmt: skip
         for name, help_, h in hists:
-            _family(out, name, "histogram", help_)
-            cumulative = 0
-            les = [*map(floatToGoString, h.bounds), "+Inf"]
-            for le, count in zip(les, h.counts, strict=True):
-                cumulative += count
-                bl = _labels(engine="0", le=le, model_name=model)
-                out.append(f"{name}_bucket{bl} {floatToGoString(cumulative)}\n")
-            out.append(f"{name}_count{lab} {floatToGoString(cumulative)}\n")
-            out.append(f"{name}_sum{lab} {floatToGoString(h.sum)}\n")
-            _created(out, name, help_, lab, created)
+            _histogram(out, name, help_, h, model, created)
         _family(out, "vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig")
         out.append(f"vllm:cache_config_info{_cache_config_labels(profile)} 1.0\n")
         return "".join(out)

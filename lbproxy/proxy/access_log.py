@@ -26,7 +26,13 @@ key), no prompt, no completion. Fields (null when not known):
                        have run) | status_5xx | status_429
     client             the peer address
     scores, totals     the routing decision: each scorer's score and the weighted total
-                       per backend; reason: what the filters did
+                       per backend; reason: what the filters did (P/D pools: the
+                       decode side's)
+    pd                 P/D pools only (else null): mode (disaggregated | aggregated),
+                       reason, prompt_tokens_est, uncached_tokens_est, prefill and decode
+                       ({backend, scores, totals}: each side's ranking), and when split:
+                       prefill_backend, decode_backend, prefill_s; fallback: true when
+                       every split route failed and the request was served aggregated
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class AccessLog:
             "scores": {k: _per_backend(v) for k, v in d.scores.items()} if d else None,
             "totals": _per_backend(d.totals) if d else None,
             "reason": d.reason if d else None,
+            "pd": ex.pd,
         }
         self._buf.append(orjson.dumps(rec, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE))
         if len(self._buf) >= self.max_buffer:

@@ -28,7 +28,7 @@ key), no prompt, no completion. Fields (null when not known):
     scores, totals     the routing decision: each scorer's score and the weighted total
                        per backend; reason: what the filters did (P/D pools: the
                        decode side's)
-    pd                 P/D pools only (else null): mode (disaggregated | aggregated),
+    pd                 P/D pools only (absent otherwise): mode (disaggregated | aggregated),
                        reason, prompt_tokens_est, uncached_tokens_est, prefill and decode
                        ({backend, scores, totals}: each side's ranking), and when split:
                        prefill_backend, decode_backend, prefill_s; fallback: true when
@@ -136,8 +136,9 @@ class AccessLog:
             "scores": {k: _per_backend(v) for k, v in d.scores.items()} if d else None,
             "totals": _per_backend(d.totals) if d else None,
             "reason": d.reason if d else None,
-            "pd": ex.pd,
         }
+        if ex.pd is not None:  # a P/D pool's decision; other pools' lines stay as they were
+            rec["pd"] = ex.pd
         self._buf.append(orjson.dumps(rec, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE))
         if len(self._buf) >= self.max_buffer:
             self.flush()

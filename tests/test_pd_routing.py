@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,6 @@ def test_split_non_streaming_sends_the_protocol(sims, run_proxy, tmp_path: Path)
     assert metric(text, "lbproxy_pd_requests_total", mode="disaggregated", reason="split") == 1
     assert metric(text, "lbproxy_pd_prefill_seconds_count", prefill_backend="prefill0",
                   decode_backend="decode1") == 1  # fmt: skip
-    proxy.state  # noqa: B018 (the proxy is up until the fixture closes it)
     deadline = time.monotonic() + 5
     while not (log_path.exists() and log_path.read_text().strip()):
         assert time.monotonic() < deadline, "no access log line"
@@ -321,7 +321,8 @@ def test_split_non_streaming_sends_the_protocol(sims, run_proxy, tmp_path: Path)
     assert line["backend"] == "decode1" and line["status"] == 200
 
 
-def test_split_streaming_chat(sims, run_proxy) -> None:
+def test_split_streaming_chat(sims, run_proxy, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="lbproxy.proxy.disagg")
     pre, dec = sims("producer"), sims("consumer")
     proxy = run_proxy(pd_config([(pre.url, "prefill"), (dec.url, "decode")]))
     stream = client(proxy).chat.completions.create(
@@ -345,6 +346,10 @@ def test_split_streaming_chat(sims, run_proxy) -> None:
     text = metrics_text(proxy)
     assert metric(text, "lbproxy_pd_decode_ttft_seconds_count", prefill_backend="prefill0",
                   decode_backend="decode1") == 1  # fmt: skip
+    # The decision, both sides' scores included, in the debug log.
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pd ")]
+    assert "'mode': 'disaggregated'" in line and "'prefill': {'backend': 'prefill0'" in line
+    assert "'decode': {'backend': 'decode1'" in line and "'totals'" in line
 
 
 def test_short_prompt_stays_aggregated_and_byte_exact(sims, run_proxy, loop_thread) -> None:
@@ -460,12 +465,20 @@ def test_client_leaving_during_prefill_closes_it(sims, run_proxy, loop_thread) -
                                   timeout=aiohttp.ClientTimeout(total=0.5)) as r:  # fmt: skip
                     await r.read()
 
-    loop_thread.run(leave_early())
+    prefill_ep = proxy.state.pools.pools[0].endpoints[0]
+    task = asyncio.run_coroutine_threadsafe(leave_early(), loop_thread.loop)
+    deadline = time.monotonic() + 5
+    while not slow.posts:
+        assert time.monotonic() < deadline, "no prefill request"
+        time.sleep(0.02)
+    assert prefill_ep.in_flight == 1  # flow control sees the prefill leg
+    task.result(10)
     deadline = time.monotonic() + 5
     while slow.cancelled < 1:
         assert time.monotonic() < deadline, "the prefill request was not closed"
         time.sleep(0.05)
     time.sleep(0.3)
+    assert prefill_ep.in_flight == 0
     assert len(slow.posts) == 1 and dec.posts == []  # no decode request was ever made
     text = metrics_text(proxy)
     assert metric(text, "lbproxy_pd_requests_total", mode="disaggregated",
@@ -507,3 +520,28 @@ def test_client_leaving_during_prefill_aborts_it_on_the_producer(
         assert dec.posts == []
     finally:
         loop_thread.run(slow.close())
+
+
+def test_a_reload_applies_roles_and_keeps_the_split_routers() -> None:
+    from lbproxy.proxy.pools import PoolTable
+
+    urls = [("http://h0:8000", "prefill"), ("http://h1:8000", "decode"), ("http://h2:8000", "both")]
+    old = PoolTable(parse_config(pd_config(urls), "a.yaml"))
+    pool = old.pools[0]
+    assert [ep.name for ep in pool.serving] == ["decode1", "both2"]
+    same = PoolTable(parse_config(pd_config(urls), "a.yaml"), previous=old)
+    same.commit()
+    assert same.pools[0].disagg is pool.disagg  # unchanged: its prefix indexes carry over
+    moved = [urls[0], (urls[1][0], "prefill"), urls[2]]
+    cfg = pd_config(moved)
+    cfg["pools"][0]["backends"][1]["name"] = "decode1"  # the same backend, a new role
+    new = PoolTable(parse_config(cfg, "b.yaml"), previous=same)
+    changed = new.commit()
+    ep = new.pools[0].endpoints[1]
+    assert ep is pool.endpoints[1] and ep.role == "prefill"
+    assert changed["granite"]["changed"] == ["decode1"]
+    assert [e.name for e in new.pools[0].serving] == ["both2"]
+    cfg["pools"][0]["disaggregation"]["min_prompt_tokens"] = 100
+    rebuilt = PoolTable(parse_config(cfg, "c.yaml"), previous=new)
+    rebuilt.commit()
+    assert rebuilt.pools[0].disagg is not None and rebuilt.pools[0].disagg.min_prompt_tokens == 100

@@ -417,13 +417,15 @@ class MetricsCollector:
         retries = CounterMetricFamily(
             "lbproxy_retries",
             "Attempts given up on this backend and retried on another, by cause "
-            "(connect_error, timeout, reset_after_send, bad_response, status_5xx, status_429)",
+            "(connect_error, timeout, reset_after_send, bad_response, status_5xx, status_429; "
+            "P/D legs: the same prefixed prefill_ or decode_)",
             labels=[*_BACKEND, "cause"],
         )
         failures = CounterMetricFamily(
             "lbproxy_upstream_failures",
             "Failed attempts on a backend, retried or not, by cause (the retry causes, and "
-            "stream_disconnect / stream_timeout after the response started)",
+            "stream_disconnect / stream_timeout after the response started; P/D legs: "
+            "prefill_<cause>, decode_<cause>)",
             labels=[*_BACKEND, "cause"],
         )
         disconnects = CounterMetricFamily(

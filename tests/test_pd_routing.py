@@ -265,6 +265,11 @@ def test_decision_uses_the_prefill_side_prefix_index() -> None:
     assert again.uncached_tokens < 512 <= again.prompt_tokens
     fields = again.log_fields()
     assert fields["mode"] == "aggregated" and "prefix-hash" in fields["prefill"]["scores"]
+    # Not a generation route, or the client's own P/D: not split.
+    emb = RequestContext(model=MODEL, body={"input": LONG}, route="/v1/embeddings")
+    assert dr.plan(emb, eps, 0.0).reason == "route"
+    own = RequestContext(model=MODEL, body={"prompt": LONG, "kv_transfer_params": {}})
+    assert dr.plan(own, eps, 0.0).reason == "client_kv_params"
     # Only decode-capable endpoints left after the prefill pick: no split.
     lone = [Endpoint("b", "http://b", role="both")]
     plan = dr.plan(RequestContext(model=MODEL, body={"prompt": LONG}), lone, 0.0)
@@ -483,6 +488,7 @@ def test_client_leaving_during_prefill_closes_it(sims, run_proxy, loop_thread) -
     text = metrics_text(proxy)
     assert metric(text, "lbproxy_pd_requests_total", mode="disaggregated",
                   reason="client_left") == 1  # fmt: skip
+    assert metric(text, "lbproxy_requests_total", backend="prefill0", status="499") == 1
 
 
 def test_client_leaving_during_prefill_aborts_it_on_the_producer(

@@ -116,7 +116,6 @@ class _Split:
         self.prefill_timeout = aiohttp.ClientTimeout(
             total=dis.prefill_timeout, sock_connect=fwd.settings.connect_timeout
         )
-        self.prefill_tried: set[int] = set()
         self.prefill_s = 0.0
 
     def _headers(self, ep: Endpoint) -> CIMultiDict[str]:
@@ -144,7 +143,6 @@ class _Split:
         fwd, body = self.fwd, prefill_body(self.client)
         candidates = candidates[: fwd.settings.max_attempts]
         for i, ep in enumerate(candidates):
-            self.prefill_tried.add(id(ep))
             retried = i + 1 < len(candidates)
             ep.in_flight += 1
             self.disagg.prefill.commit(self.ctx, ep, self.now)
@@ -182,9 +180,11 @@ class _Split:
                 fwd.record_outcome(ep, True)
                 self.prefill_s = self.clock() - t_sent
                 return ep, params
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the client left: counted as a 499 on `ep`
+                t = self.clock()
                 if not answered:
-                    fwd.progress.unanswered(ep, t_sent, self.clock(), True)
+                    fwd.progress.unanswered(ep, t_sent, t, True)
+                fwd.obs.abandoned(self.ex, ep, t, self.request)
                 log.debug("request %s: the client left during the prefill", self.ex.request_id)
                 raise
             except (aiohttp.ClientError, TimeoutError) as e:
@@ -201,9 +201,9 @@ class _Split:
     async def decode(
         self, ep: Endpoint, params: Any
     ) -> tuple[web.StreamResponse | None, bool, bool]:
-        """One decode attempt: (response relayed or None, sent, answered 4xx-final).
-
-        `sent` False: the backend never got the request (its params are still good)."""
+        """One decode attempt: (response, sent, relayed). `relayed`: the response (a
+        success, or an error that is the request's own such as a 4xx) went to the client;
+        else `sent` False says the backend never read the params (they are still good)."""
         fwd, ex = self.fwd, self.ex
         ep.in_flight += 1
         self.disagg.decode.commit(self.ctx, ep, self.now)
@@ -326,9 +326,9 @@ async def _serve(split: _Split, plan: DisaggPlan) -> web.StreamResponse | None:
             if refreshed or not failed_same_params:
                 break
             refreshed = True
-            fresh = [ep for ep in split.disagg.rank_prefill(
-                split.ctx, pool.endpoints, split.now, set()) if ep is not p_ep]  # fmt: skip
-            got = await split.prefill([*fresh, p_ep])
+            # Best first, the one whose blocks went missing last.
+            ranked_p = split.disagg.rank_prefill(split.ctx, pool.endpoints, split.now)
+            got = await split.prefill([ep for ep in ranked_p if ep is not p_ep] + [p_ep])
             if got is None:
                 break
             p_ep, params = got

@@ -586,7 +586,8 @@ class MetricsCollector:
             "lbproxy_pd_requests",
             "Requests of prefill/decode pools by how they were served (disaggregated, "
             "aggregated) and why (split, re_prefill, client_left; short_prompt, "
-            "no_prefill_backend, no_decode_backend, prefill_failed, decode_failed)",
+            "no_prefill_backend, no_decode_backend, route, client_kv_params, prefill_failed, "
+            "decode_failed)",
             labels=["pool", "mode", "reason"],
         )
         for (pool, mode, reason), n in m.pd_requests.items():

@@ -4,6 +4,8 @@ Pure and synchronous like the rest of routing (no I/O, `now` passed in), so the 
 the offline simulator share it. A pool with `disaggregation` has two extra routers, one
 per side, built from `prefill_routing` and `decode_routing`. For each request:
 
+- only /v1/completions and /v1/chat/completions without a client-set
+  `kv_transfer_params` are candidates;
 - prompt tokens: `ctx.prompt_token_estimate` when the caller knows it (the simulator
   does), else ~4 prompt bytes per token (`prompt_tokens_estimate`);
 - the prefill side is ranked over prefill-capable endpoints (role prefill or both); the
@@ -28,6 +30,7 @@ from lbproxy.routing.state import Decision, Endpoint, RequestContext
 
 __all__ = [
     "BYTES_PER_TOKEN",
+    "SPLIT_ROUTES",
     "DisaggPlan",
     "DisaggRouter",
     "decode_capable",
@@ -36,6 +39,8 @@ __all__ = [
 ]
 
 BYTES_PER_TOKEN = 4  # the prefix scorers' estimate too
+# What vLLM's P/D connector serves split (its toy proxy's routes).
+SPLIT_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def prefill_capable(ep: Endpoint) -> bool:
@@ -94,7 +99,9 @@ class DisaggPlan:
     says why); `prefill` / `decode` are the two sides' rankings when they were made."""
 
     disaggregated: bool
-    reason: str  # split | short_prompt | no_prefill_backend | no_decode_backend
+    # split | short_prompt | no_prefill_backend | no_decode_backend | route (not
+    # completions or chat) | client_kv_params (the body has its own kv_transfer_params)
+    reason: str
     prompt_tokens: int
     uncached_tokens: int
     prefill: Decision | None = None
@@ -124,6 +131,10 @@ class DisaggRouter:
 
     def plan(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> DisaggPlan:
         tokens = prompt_tokens_estimate(ctx)
+        if ctx.route not in SPLIT_ROUTES:  # embeddings and the like: nothing to decode
+            return DisaggPlan(False, "route", tokens, tokens)
+        if "kv_transfer_params" in ctx.body:  # the client runs its own P/D: pass it on
+            return DisaggPlan(False, "client_kv_params", tokens, tokens)
         p_eps = [ep for ep in endpoints if prefill_capable(ep)]
         pre = self.prefill.rank(ctx, p_eps, now) if p_eps else None
         if pre is None:
@@ -140,10 +151,10 @@ class DisaggRouter:
         return DisaggPlan(True, "split", tokens, uncached, pre, dec)
 
     def rank_prefill(
-        self, ctx: RequestContext, endpoints: list[Endpoint], now: float, exclude: set[int]
+        self, ctx: RequestContext, endpoints: list[Endpoint], now: float
     ) -> list[Endpoint]:
-        """Prefill candidates best first, without the endpoints (ids) in `exclude`: for a
-        fresh prefill after the first one's KV could not be used."""
-        eps = [ep for ep in endpoints if prefill_capable(ep) and id(ep) not in exclude]
+        """Prefill candidates best first, ranked anew: for a fresh prefill after the first
+        one's KV could not be used."""
+        eps = [ep for ep in endpoints if prefill_capable(ep)]
         d = self.prefill.rank(ctx, eps, now) if eps else None
         return d.ranked if d is not None else []

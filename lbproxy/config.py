@@ -94,6 +94,9 @@ class Backend(_Strict):
     weight: float = Field(1.0, gt=0)
     kv_events: KVEvents | None = None
     api_key: SecretStr | None = None  # sent upstream as `Authorization: Bearer <key>`
+    # Prefill/decode disaggregation: what the backend serves in its pool's P/D split
+    # (prefill: only the prefill leg; decode: the decode leg and aggregated requests).
+    role: Literal["prefill", "decode", "both"] = "both"
 
     @field_validator("url")
     @classmethod
@@ -101,6 +104,31 @@ class Backend(_Strict):
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must start with http:// or https:// and name a host")
         return v.rstrip("/")
+
+
+class Disaggregation(_Strict):
+    """Prefill/decode disaggregation for a pool (see lbproxy/routing/disagg.py): a request
+    whose prompt has at least `min_prompt_tokens` uncached tokens is prefilled on a
+    prefill-capable backend and decoded on a decode-capable one, each side ranked by its
+    own routing profile."""
+
+    min_prompt_tokens: int = Field(
+        512, ge=0, description="uncached prompt tokens from which a request is split"
+    )
+    prefill_routing: str | ProfileSpec = "pd-prefill"
+    decode_routing: str | ProfileSpec = "pd-decode"
+    prefill_timeout: float = Field(
+        60.0, gt=0, description="seconds for a prefill answer (head and body); then retried"
+    )
+
+    @field_validator("prefill_routing", "decode_routing", mode="before")
+    @classmethod
+    def _routing(cls, v: Any) -> Any:
+        if not isinstance(v, str | dict | ProfileSpec):
+            raise ValueError(
+                "must be a built-in profile name or a mapping of filters, scorers and picker"
+            )
+        return v
 
 
 class Pool(_Strict):
@@ -113,6 +141,7 @@ class Pool(_Strict):
     chat_template: str | None = None  # a template file; default: next to the tokenizer
     backends: list[Backend] = Field(min_length=1)
     flow_control: dict[str, Any] | None = None  # overrides of the top-level flow_control keys
+    disaggregation: Disaggregation | None = None  # prefill/decode split; None: aggregated
     _flow: FlowControl | None = PrivateAttr(None)  # the merged settings, set by validation
 
     def flow(self) -> FlowControl:
@@ -404,6 +433,14 @@ def _check_semantics(cfg: Config, source: str) -> None:
             build_router(pool.routing, bctx, seed=0)
         except PluginError as e:
             problems.add(f"pools[{i}].routing", str(e))
+        if pool.disaggregation is not None:
+            _check_disaggregation(pool, i, bctx, problems)
+        elif roles := [b.name for b in pool.backends if b.role == "prefill"]:
+            problems.add(
+                f"pools[{i}].backends",
+                f"role prefill ({', '.join(roles)}) needs the pool's `disaggregation` "
+                "(a prefill-only backend serves no request of an aggregated pool)",
+            )
         if PRECISE_INDEX_KEY in bctx.shared and tokenizer is None:
             problems.add(
                 f"pools[{i}].tokenizer",
@@ -413,6 +450,22 @@ def _check_semantics(cfg: Config, source: str) -> None:
     _check_secrets(cfg, problems)
     _check_observability(cfg, problems)
     problems.raise_if_any()
+
+
+def _check_disaggregation(pool: Pool, i: int, bctx: BuildContext, problems: _Problems) -> None:
+    """A split needs both sides, and each side's routing profile must build."""
+    dis = pool.disaggregation
+    assert dis is not None
+    where = f"pools[{i}].disaggregation"
+    if not any(b.role != "decode" for b in pool.backends):
+        problems.add(where, "no prefill-capable backend (give one `role: prefill` or `both`)")
+    if not any(b.role != "prefill" for b in pool.backends):
+        problems.add(where, "no decode-capable backend (give one `role: decode` or `both`)")
+    for key in ("prefill_routing", "decode_routing"):
+        try:
+            build_router(getattr(dis, key), bctx, seed=0)
+        except PluginError as e:
+            problems.add(f"{where}.{key}", str(e))
 
 
 def _pool_flow(

@@ -26,7 +26,13 @@ key), no prompt, no completion. Fields (null when not known):
                        have run) | status_5xx | status_429
     client             the peer address
     scores, totals     the routing decision: each scorer's score and the weighted total
-                       per backend; reason: what the filters did
+                       per backend; reason: what the filters did (P/D pools: the
+                       decode side's)
+    pd                 P/D pools only (absent otherwise): mode (disaggregated | aggregated),
+                       reason, prompt_tokens_est, uncached_tokens_est, prefill and decode
+                       ({backend, scores, totals}: each side's ranking), and when split:
+                       prefill_backend, decode_backend, prefill_s; fallback: true when
+                       every split route failed and the request was served aggregated
 """
 
 from __future__ import annotations
@@ -131,6 +137,8 @@ class AccessLog:
             "totals": _per_backend(d.totals) if d else None,
             "reason": d.reason if d else None,
         }
+        if ex.pd is not None:  # a P/D pool's decision; other pools' lines stay as they were
+            rec["pd"] = ex.pd
         self._buf.append(orjson.dumps(rec, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE))
         if len(self._buf) >= self.max_buffer:
             self.flush()

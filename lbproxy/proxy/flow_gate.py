@@ -130,7 +130,7 @@ class FlowGate:
         w = Waiter(priority, flow, now, now, held, tokens)
         ctl = self.controller
         try:
-            if ctl.admit(w, self.pool.endpoints, now, self, self._shed):
+            if ctl.admit(w, self.pool.serving, now, self, self._shed):
                 assert held.decision is not None
                 self.waited.observe(0.0)
                 return held.decision, 0.0
@@ -177,10 +177,10 @@ class FlowGate:
         gets the 503 a new request would get."""
         ctl = self.controller
         if ctl.queue.size:
-            if not any_in_service(self.pool.endpoints):
+            if not any_in_service(self.pool.serving):
                 self.flush(NoBackend(f"no healthy backend in pool '{self.pool.name}'"))
                 return
-            ctl.drain(self.pool.endpoints, self._now(), self)
+            ctl.drain(self.pool.serving, self._now(), self)
             self._arm()
 
     def flush(self, error: ProxyError | None = None) -> None:
@@ -189,7 +189,7 @@ class FlowGate:
         `error`)."""
         ctl = self.controller
         now = self._now()
-        serving = [ep for ep in self.pool.endpoints if ep.healthy and not ep.draining]
+        serving = [ep for ep in self.pool.serving if ep.healthy and not ep.draining]
         while (w := ctl.queue.pop()) is not None:
             held: _Held = w.payload
             w.state, w.dispatched_at = DISPATCHED, now

@@ -37,6 +37,7 @@ from aiohttp import web
 from lbproxy.config import Config
 from lbproxy.proxy.aiohttp_compat import set_read_timeout
 from lbproxy.proxy.auth import Authenticator
+from lbproxy.proxy.disagg import serve_disaggregated
 from lbproxy.proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -52,23 +53,12 @@ from lbproxy.proxy.headers import downstream_headers, upstream_headers
 from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.request_id import client_request_id
+from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
 from lbproxy.routing.state import Endpoint, RequestContext
 
 log = logging.getLogger("lbproxy.proxy")
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-def _failure_cause(e: BaseException) -> tuple[str, bool]:
-    """(cause label, sent) for an exception from sending a request: `sent` when the backend
-    may have received the request (and run it)."""
-    if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return "connect_error", False  # refused, unresolvable, no TCP connection in time
-    if isinstance(e, TimeoutError):
-        return "timeout", True  # sent; no response head within first_byte
-    if isinstance(e, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return "bad_response", True  # it answered something that is not HTTP
-    return "reset_after_send", True  # closed or reset once the request was on its way
 
 
 @dataclass(slots=True)
@@ -213,9 +203,13 @@ class Forwarder:
         if self.auth is not None and not self.auth.forward_client_key:
             headers.popall("Authorization", None)  # the client's key is lbproxy's business
         now = ex.t0
+        if pool.disagg is not None:  # a P/D pool: split, unless the decision says not to
+            pd_resp = await serve_disaggregated(self, request, parsed, ctx, headers, pool, ex, now)
+            if pd_resp is not None:
+                return pd_resp
         gate = pool.gate
         if gate is None:
-            decision = pool.router.route(ctx, pool.endpoints, now)
+            decision = pool.router.route(ctx, pool.serving, now)
             if decision is None:
                 raise NoBackend(f"no healthy backend in pool '{pool.name}' for model '{model}'")
             decision.endpoint.in_flight += 1

@@ -156,6 +156,7 @@ class Exchange:
         "ended",
         "model",
         "path",
+        "pd",
         "pool",
         "prompt_tokens",
         "queue_wait",
@@ -184,6 +185,7 @@ class Exchange:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.queue_wait: float | None = None  # seconds held by flow control (None: off)
+        self.pd: dict[str, Any] | None = None  # a P/D pool's decision (routing.disagg)
 
 
 # ---------------------------------------------------------------------------- usage
@@ -236,6 +238,11 @@ class ProxyMetrics:
         self._by_key: dict[tuple[str, str], BackendStats] = {}
         # Requests no backend answered: (pool or "", route, status) -> count.
         self.unrouted: dict[tuple[str, str, int], int] = {}
+        # Prefill/decode pools: (pool, mode, reason) -> requests; per (pool, prefill
+        # backend, decode backend): the prefill leg's seconds and the decode leg's TTFT.
+        self.pd_requests: dict[tuple[str, str, str], int] = {}
+        self.pd_prefill: dict[tuple[str, str, str], Histogram] = {}
+        self.pd_decode_ttft: dict[tuple[str, str, str], Histogram] = {}
 
     def stats(self, ep: Endpoint) -> BackendStats:
         st = self._by_ep.get(ep)
@@ -281,6 +288,27 @@ class ProxyMetrics:
             ex.causes = [cause]
         else:
             ex.causes.append(cause)
+
+    def pd_request(self, pool: str, mode: str, reason: str) -> None:
+        """A request of a P/D pool was served `mode` (disaggregated | aggregated), why."""
+        key = (pool, mode, reason)
+        self.pd_requests[key] = self.pd_requests.get(key, 0) + 1
+
+    def pd_pair(
+        self, pool: str, prefill: Endpoint, decode: Endpoint, prefill_s: float, ttft: float | None
+    ) -> None:
+        """A split request's legs: prefill seconds, and the decode leg's send -> first
+        byte of a stream (None: not a stream)."""
+        key = (pool, safe_name(prefill.name), safe_name(decode.name))
+        h = self.pd_prefill.get(key)
+        if h is None:
+            h = self.pd_prefill[key] = Histogram(TTFT_BUCKETS)
+        h.observe(prefill_s)
+        if ttft is not None:
+            h = self.pd_decode_ttft.get(key)
+            if h is None:
+                h = self.pd_decode_ttft[key] = Histogram(TTFT_BUCKETS)
+            h.observe(ttft)
 
     def relayed(
         self, ex: Exchange, ep: Endpoint, last: bytes, prev: bytes, request: web.Request
@@ -389,13 +417,15 @@ class MetricsCollector:
         retries = CounterMetricFamily(
             "lbproxy_retries",
             "Attempts given up on this backend and retried on another, by cause "
-            "(connect_error, timeout, reset_after_send, bad_response, status_5xx, status_429)",
+            "(connect_error, timeout, reset_after_send, bad_response, status_5xx, status_429; "
+            "P/D legs: the same prefixed prefill_ or decode_)",
             labels=[*_BACKEND, "cause"],
         )
         failures = CounterMetricFamily(
             "lbproxy_upstream_failures",
             "Failed attempts on a backend, retried or not, by cause (the retry causes, and "
-            "stream_disconnect / stream_timeout after the response started)",
+            "stream_disconnect / stream_timeout after the response started; P/D legs: "
+            "prefill_<cause>, decode_<cause>)",
             labels=[*_BACKEND, "cause"],
         )
         disconnects = CounterMetricFamily(
@@ -544,8 +574,41 @@ class MetricsCollector:
         # -- flow control --------------------------------------------------------------------
         yield from self._flow_families(pools, rows)
 
+        # -- prefill/decode disaggregation --------------------------------------------------
+        yield from self._pd_families()
+
         # -- prefix indexes ------------------------------------------------------------------
         yield from self._prefix_families(pools)
+
+    def _pd_families(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "lbproxy_pd_requests",
+            "Requests of prefill/decode pools by how they were served (disaggregated, "
+            "aggregated) and why (split, re_prefill, client_left; short_prompt, "
+            "no_prefill_backend, no_decode_backend, route, client_kv_params, prefill_failed, "
+            "decode_failed)",
+            labels=["pool", "mode", "reason"],
+        )
+        for (pool, mode, reason), n in m.pd_requests.items():
+            requests.add_metric([pool, mode, reason], n)
+        pair = ["pool", "prefill_backend", "decode_backend"]
+        prefill = HistogramMetricFamily(
+            "lbproxy_pd_prefill_seconds",
+            "Split requests: the prefill leg, sent to answer read, by backend pair",
+            labels=pair,
+        )
+        for key, h in m.pd_prefill.items():
+            prefill.add_metric(list(key), h.buckets(), h.sum)
+        ttft = HistogramMetricFamily(
+            "lbproxy_pd_decode_ttft_seconds",
+            "Split streaming requests: the decode leg, sent to its first body bytes (KV "
+            "pull included), by backend pair",
+            labels=pair,
+        )
+        for key, h in m.pd_decode_ttft.items():
+            ttft.add_metric(list(key), h.buckets(), h.sum)
+        yield from (requests, prefill, ttft)
 
     def _flow_families(
         self, pools: PoolTable, rows: list[tuple[Endpoint, BackendStats]]

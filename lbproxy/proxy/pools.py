@@ -19,6 +19,7 @@ from lbproxy.config import Backend, Config, Pool, load_pool_tokenizer
 from lbproxy.flow.controller import thresholds_for
 from lbproxy.proxy.errors import NoBackend
 from lbproxy.proxy.flow_gate import FlowGate
+from lbproxy.routing.disagg import DisaggRouter
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
@@ -36,12 +37,14 @@ class PoolRuntime:
         "_previous",
         "bctx",
         "configured_models",
+        "disagg",
         "discovered_models",
         "endpoints",
         "gate",
         "name",
         "router",
         "router_kept",
+        "serving",
         "spec",
         "tokenize",
         "upstream_auth",
@@ -74,12 +77,20 @@ class PoolRuntime:
                     labels=dict(b.labels),
                     weight=b.weight,
                     pool=spec.name,
+                    role=b.role,
                 )
             else:
                 self._pending.append((ep, b))
                 if previous is not None and name in previous.discovered_models:
                     self.discovered_models[name] = previous.discovered_models[name]
             self.endpoints.append(ep)
+        # What aggregated requests are routed over: all but prefill-only backends.
+        roles = [b.role for b in spec.backends]
+        self.serving: list[Endpoint] = (
+            [ep for ep, r in zip(self.endpoints, roles, strict=True) if r != "prefill"]
+            if "prefill" in roles
+            else self.endpoints
+        )
         # `Authorization` values sent to the backends that have their own upstream key.
         self.upstream_auth: dict[Endpoint, str] = {
             ep: f"Bearer {b.api_key.get_secret_value()}"
@@ -97,6 +108,7 @@ class PoolRuntime:
             self.bctx = previous.bctx
             self.tokenize: PromptTokenizer | None = previous.tokenize
             self.router: Router = previous.router
+            self.disagg: DisaggRouter | None = previous.disagg
             return
         self.bctx = BuildContext(
             pool=spec.name,
@@ -113,6 +125,14 @@ class PoolRuntime:
 
             self.tokenize = PromptTokenizer(tokenizer)
         self.router = build_router(spec.routing, self.bctx, seed=seed)
+        self.disagg = None
+        dis = spec.disaggregation
+        if dis is not None:
+            self.disagg = DisaggRouter(
+                build_router(dis.prefill_routing, self.bctx, seed=seed),
+                build_router(dis.decode_routing, self.bctx, seed=seed),
+                dis.min_prompt_tokens,
+            )
         if previous is None:
             self._commit_flow()
 
@@ -122,9 +142,9 @@ class PoolRuntime:
         self._commit_flow()
         changed = []
         for ep, b in self._pending:
-            before = (ep.weight, ep.vendor, ep.labels)
-            ep.weight, ep.vendor, ep.labels = b.weight, b.vendor, dict(b.labels)
-            if (ep.weight, ep.vendor, ep.labels) != before:
+            before = (ep.weight, ep.vendor, ep.labels, ep.role)
+            ep.weight, ep.vendor, ep.labels, ep.role = b.weight, b.vendor, dict(b.labels), b.role
+            if (ep.weight, ep.vendor, ep.labels, ep.role) != before:
                 changed.append(ep.name)
         prev, self._previous, self._pending = self._previous, None, []
         kept = {id(ep) for ep in self.endpoints}
@@ -155,10 +175,14 @@ class PoolRuntime:
 
     def forget(self, backend_name: str) -> None:
         """Drop what this pool's prefix indexes hold for a backend."""
-        for ws in self.router.scorers:
-            forget = getattr(ws.scorer, "forget", None)
-            if forget is not None:
-                forget(backend_name)
+        routers = [self.router]
+        if self.disagg is not None:
+            routers += [self.disagg.prefill, self.disagg.decode]
+        for router in routers:
+            for ws in router.scorers:
+                forget = getattr(ws.scorer, "forget", None)
+                if forget is not None:
+                    forget(backend_name)
         index = self.bctx.shared.get(PRECISE_INDEX_KEY)
         if index is not None:
             index.forget(backend_name)
@@ -177,6 +201,7 @@ def _same_routing(a: Pool, b: Pool, age_a: float, age_b: float) -> bool:
         a.routing == b.routing
         and a.tokenizer == b.tokenizer
         and a.chat_template == b.chat_template
+        and a.disaggregation == b.disaggregation
         and (a.models or [""])[0] == (b.models or [""])[0]
         and age_a == age_b
         and a.flow().enabled == b.flow().enabled  # the prefix scorers' hot-spot rule

@@ -72,6 +72,28 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         ],
         "picker": "max-score",
     },
+    # The two sides of a prefill/decode split (pool `disaggregation`). Prefill: prefix
+    # affinity (a cached prefix is prefill work not done) and prefill load (waiting
+    # requests, exact in-flight counts). Decode: decode speed (measured ITL) and KV
+    # headroom for the whole context, with in-flight counts against bursts.
+    "pd-prefill": {
+        "filters": [{"type": "saturation"}],
+        "scorers": [
+            {"type": "prefix-hash", "weight": 3},
+            {"type": "queue", "weight": 2},
+            {"type": "least-request", "weight": 2},
+        ],
+        "picker": "max-score",
+    },
+    "pd-decode": {
+        "filters": [{"type": "saturation"}],
+        "scorers": [
+            {"type": "decode-latency", "weight": 2},
+            {"type": "kv-cache-util", "weight": 2},
+            {"type": "least-request", "weight": 1},
+        ],
+        "picker": "max-score",
+    },
 }
 
 

@@ -66,6 +66,7 @@ class Endpoint:
     labels: dict[str, str] = field(default_factory=dict)
     weight: float = 1.0
     pool: str = ""
+    role: str = "both"  # prefill | decode | both: its side in a P/D split (routing.disagg)
     # Live state, written by the proxy (in-flight) and by signals (metrics, health).
     healthy: bool = True
     draining: bool = False

@@ -1,0 +1,160 @@
+"""Prefill/decode disaggregation: whether to split a request, and where each leg goes.
+
+Pure and synchronous like the rest of routing (no I/O, `now` passed in), so the proxy and
+the offline simulator share it. A pool with `disaggregation` has two extra routers, one
+per side, built from `prefill_routing` and `decode_routing`. For each request:
+
+- only /v1/completions and /v1/chat/completions without a client-set
+  `kv_transfer_params` are candidates;
+- prompt tokens: `ctx.prompt_token_estimate` when the caller knows it (the simulator
+  does), else ~4 prompt bytes per token (`prompt_tokens_estimate`);
+- the prefill side is ranked over prefill-capable endpoints (role prefill or both); the
+  uncached part is the prompt minus what the chosen prefill endpoint holds by the prefill
+  profile's prefix scorer (prefix-hash or precise-prefix), or the whole prompt when the
+  profile has none;
+- uncached >= `min_prompt_tokens` and a decode-capable endpoint (role decode or both)
+  other than the prefill one: disaggregated; otherwise aggregated, served by the pool's
+  own router over the decode-capable endpoints (the caller routes it).
+
+Nothing is committed here: the caller tells each router where its leg went
+(`Router.commit`) once it is sent, so that a prefill that fails teaches no index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lbproxy.routing.pipeline import Router
+from lbproxy.routing.state import Decision, Endpoint, RequestContext
+
+__all__ = [
+    "BYTES_PER_TOKEN",
+    "SPLIT_ROUTES",
+    "DisaggPlan",
+    "DisaggRouter",
+    "decode_capable",
+    "prefill_capable",
+    "prompt_tokens_estimate",
+]
+
+BYTES_PER_TOKEN = 4  # the prefix scorers' estimate too
+# What vLLM's P/D connector serves split (its toy proxy's routes).
+SPLIT_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def prefill_capable(ep: Endpoint) -> bool:
+    return ep.role != "decode"
+
+
+def decode_capable(ep: Endpoint) -> bool:
+    return ep.role != "prefill"
+
+
+def prompt_tokens_estimate(ctx: RequestContext) -> int:
+    """The context's prompt-size estimate, filled from the prompt bytes when unset."""
+    if not ctx.prompt_token_estimate:
+        ctx.prompt_token_estimate = len(ctx.prompt_bytes()) // BYTES_PER_TOKEN
+    return ctx.prompt_token_estimate
+
+
+def _cached_tokens(scorer: Any, ctx: RequestContext, ep: Endpoint) -> int | None:
+    """Prompt tokens `ep` holds by a prefix scorer's last match (the match its `score`
+    just computed for `ctx`); None if `scorer` is not a prefix scorer.
+
+    Reads the scorers' match state: prefix-hash counts growing blocks (`_units`: units
+    of `block_size` tokens up to each block's end), precise-prefix counts the endpoint's
+    own blocks (`block_size_of`)."""
+    if not hasattr(scorer, "_counts"):
+        return None
+    counts = scorer._counts if getattr(scorer, "_counts_ctx", None) is ctx else None
+    if not counts:
+        return 0
+    c = counts.get(ep.name, 0)
+    if not c:
+        return 0
+    units = getattr(scorer, "_units", None)
+    if units is not None:
+        return int(units[c - 1] * scorer.block_size)
+    block_size_of = getattr(scorer, "block_size_of", None)
+    if block_size_of is not None:
+        return int(c * block_size_of(ep))
+    return None
+
+
+def cached_prompt_tokens(router: Router, ctx: RequestContext, ep: Endpoint) -> int | None:
+    """What the router's prefix scorers believe `ep` holds of the prompt (the best of
+    them), or None when the profile has no prefix scorer."""
+    best: int | None = None
+    for ws in router.scorers:
+        n = _cached_tokens(ws.scorer, ctx, ep)
+        if n is not None and (best is None or n > best):
+            best = n
+    return best
+
+
+@dataclass(slots=True)
+class DisaggPlan:
+    """The outcome for one request. `disaggregated` False: serve it aggregated (reason
+    says why); `prefill` / `decode` are the two sides' rankings when they were made."""
+
+    disaggregated: bool
+    # split | short_prompt | no_prefill_backend | no_decode_backend | route (not
+    # completions or chat) | client_kv_params (the body has its own kv_transfer_params)
+    reason: str
+    prompt_tokens: int
+    uncached_tokens: int
+    prefill: Decision | None = None
+    decode: Decision | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        """The decision with both sides' scores, for the access and debug logs."""
+        out: dict[str, Any] = {
+            "mode": "disaggregated" if self.disaggregated else "aggregated",
+            "reason": self.reason,
+            "prompt_tokens_est": self.prompt_tokens,
+            "uncached_tokens_est": self.uncached_tokens,
+        }
+        for side, d in (("prefill", self.prefill), ("decode", self.decode)):
+            if d is not None:
+                out[side] = {"backend": d.endpoint.name, "scores": d.scores, "totals": d.totals}
+        return out
+
+
+class DisaggRouter:
+    """The P/D decision of one pool: a prefill router, a decode router and the threshold."""
+
+    def __init__(self, prefill: Router, decode: Router, min_prompt_tokens: int) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.min_prompt_tokens = min_prompt_tokens
+
+    def plan(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> DisaggPlan:
+        tokens = prompt_tokens_estimate(ctx)
+        if ctx.route not in SPLIT_ROUTES:  # embeddings and the like: nothing to decode
+            return DisaggPlan(False, "route", tokens, tokens)
+        if "kv_transfer_params" in ctx.body:  # the client runs its own P/D: pass it on
+            return DisaggPlan(False, "client_kv_params", tokens, tokens)
+        p_eps = [ep for ep in endpoints if prefill_capable(ep)]
+        pre = self.prefill.rank(ctx, p_eps, now) if p_eps else None
+        if pre is None:
+            return DisaggPlan(False, "no_prefill_backend", tokens, tokens)
+        cached = cached_prompt_tokens(self.prefill, ctx, pre.endpoint) or 0
+        uncached = max(0, tokens - cached)
+        if uncached < self.min_prompt_tokens:
+            return DisaggPlan(False, "short_prompt", tokens, uncached, pre)
+        # A role-both endpoint never decodes its own prefill: that is an aggregated request.
+        d_eps = [ep for ep in endpoints if decode_capable(ep) and ep is not pre.endpoint]
+        dec = self.decode.rank(ctx, d_eps, now) if d_eps else None
+        if dec is None:
+            return DisaggPlan(False, "no_decode_backend", tokens, uncached, pre)
+        return DisaggPlan(True, "split", tokens, uncached, pre, dec)
+
+    def rank_prefill(
+        self, ctx: RequestContext, endpoints: list[Endpoint], now: float
+    ) -> list[Endpoint]:
+        """Prefill candidates best first, ranked anew: for a fresh prefill after the first
+        one's KV could not be used."""
+        eps = [ep for ep in endpoints if prefill_capable(ep)]
+        d = self.prefill.rank(ctx, eps, now) if eps else None
+        return d.ranked if d is not None else []

@@ -399,10 +399,6 @@ class PrefixIndex:
         """The weight `name` holds (its hash count when every weight is 1)."""
         return self._used.get(name, 0)
 
-    def sizes(self, names: Iterable[str]) -> list[int]:
-        """`size` of each name, in one C-level pass."""
-        return list(map(self._used.get, names, repeat(0)))
-
     def stats(self) -> dict[str, int]:
         entries = sum(len(lru) for lru in self._lrus.values())
         return {

@@ -50,13 +50,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import compress, repeat
-from operator import add, attrgetter, is_, sub
+from operator import add, attrgetter, is_
 
 from pydantic import BaseModel, ConfigDict, Field
 from xxhash import xxh64_intdigest
 
 from lbproxy.routing.interfaces import BuildContext
-from lbproxy.routing.plugins.least_request import normalise_low_is_good
 from lbproxy.routing.prefix_index import ChainHasher, PrefixIndex, block_ends
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -135,7 +134,7 @@ class HotspotRule:
         if self.spread and max(scores) < self.spread:
             tie = self.tie_break(endpoints, free_room() if free_room else None)
             if tie is not None:
-                return list(map(add, scores, tie))
+                return list(map(add, scores, tie)) if any(scores) else tie
         return scores
 
     def tie_break(
@@ -149,16 +148,23 @@ class HotspotRule:
         the next scrape), while a group's worth of cache does. Room counts double: it
         decides where the group's later requests hit, and the load scorers weigh load.
         """
-        loads = [float(ep.in_flight) for ep in endpoints]
-        if not free or max(free) <= 0.0 or min(free) == max(free):
-            if min(loads) == max(loads):
-                return None  # nothing to break ties with
-            rooms = [1.0] * len(loads)
-        else:
-            inv = 1.0 / max(free)
-            rooms = [f * inv if f > 0.0 else 0.0 for f in free]
+        # One comprehension per case (faster than chains of maps): this runs for every
+        # unmatched request, over every candidate. A negative room (a capacity that shrank
+        # below the working set) is left negative: the pipeline clamps the score.
+        loads = list(map(_in_flight, endpoints))
+        lo, hi = min(loads), max(loads)
         w = self.spread / 3.0
-        return [w * (ld + r + r) for ld, r in zip(normalise_low_is_good(loads), rooms, strict=True)]
+        top = max(free) if free else 0.0
+        if not (free and top > 0.0 and min(free) < top):  # rooms equal or unknown
+            if lo == hi:
+                return None  # nothing to break ties with
+            k = w / (hi - lo)
+            return [k * (hi - ld) + 2.0 * w for ld in loads]
+        r = 2.0 * w / top
+        if lo == hi:  # least-in-flight 1 for all
+            return [w + r * f for f in free]
+        k = w / (hi - lo)
+        return [k * (hi - ld) + r * f for ld, f in zip(loads, free, strict=True)]
 
 
 class PrefixHashScorer:
@@ -183,8 +189,10 @@ class PrefixHashScorer:
             params.spread_unmatched,
         )
         self._seed_of: tuple[str, int] = ("", xxh64_intdigest(b""))
-        self._capacities: dict[str, int] = {}  # by endpoint name, for free_room()
-        self._capacities_at = float("-inf")
+        # Endpoint name -> capacity minus the units its LRU holds, for free_room(); kept
+        # current by on_routed, read afresh every CAPACITY_TTL.
+        self._free: dict[str, int] = {}
+        self._free_at = float("-inf")
         # Routing is sequential: the hashes computed in score() serve the on_routed() that
         # follows. Holding the ctx keeps `is` identity meaningful.
         self._last_ctx: RequestContext | None = None
@@ -226,16 +234,18 @@ class PrefixHashScorer:
 
     def free_room(self, endpoints: Sequence[Endpoint], now: float) -> list[float]:
         """Each endpoint's capacity minus the units its LRU holds (both in our units)."""
-        caps = self._capacities
-        if not 0.0 <= now - self._capacities_at <= CAPACITY_TTL:
-            caps.clear()
-            self._capacities_at = now
+        free = self._free
+        if not 0.0 <= now - self._free_at <= CAPACITY_TTL:
+            free.clear()
+            self._free_at = now
         names = list(map(_name, endpoints))
-        known = list(map(caps.get, names))
-        if None in known:
-            for i in compress(range(len(names)), map(is_, known, repeat(None))):
-                known[i] = caps[names[i]] = self.capacity(endpoints[i])
-        return list(map(sub, known, self.index.sizes(names)))  # type: ignore[arg-type]
+        out = list(map(free.get, names))
+        if None in out:
+            size = self.index.size
+            for i in compress(range(len(out)), map(is_, out, repeat(None))):
+                name = names[i]
+                out[i] = free[name] = self.capacity(endpoints[i]) - size(name)
+        return out  # type: ignore[return-value]
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         hashes = self.hashes(ctx)
@@ -246,8 +256,9 @@ class PrefixHashScorer:
             if self._counts and ctx is self._counts_ctx:
                 c = self._counts.get(name, 0)
                 self.hit_blocks[name] = self.hit_blocks.get(name, 0) + (units[c - 1] if c else 0)
-            cap = self._capacities[name] = self.capacity(endpoint)
+            cap = self.capacity(endpoint)
             self.index.insert(name, hashes, cap, self._weights)
+            self._free[name] = cap - self.index.size(name)
 
     def capacity(self, ep: Endpoint) -> int:
         """The endpoint's KV capacity in our blocks, bounded by max_lru_capacity."""
@@ -261,6 +272,7 @@ class PrefixHashScorer:
 
     def forget(self, endpoint_name: str) -> None:
         self.index.forget(endpoint_name)
+        self._free.pop(endpoint_name, None)
 
 
 def build(params: Params, bctx: BuildContext) -> PrefixHashScorer:

@@ -63,9 +63,10 @@ TYPE = "prefix-hash"
 KIND = "scorer"
 
 BYTES_PER_TOKEN = 4
-# How long a capacity computed for the free-room tie-break is reused (routing's clock):
-# geometry changes only when a server restarts, and computing it for every candidate of
-# every unmatched request would cost more than the rest of the decision at 256 backends.
+# How long an endpoint's free room (capacity minus working set) is kept before its
+# capacity is read again (routing's clock): on_routed keeps the working set current, and
+# geometry changes only when a server restarts; computing capacities for every candidate
+# of every unmatched request would double the prefix scorer's cost at 256 backends.
 CAPACITY_TTL = 10.0
 _name = attrgetter("name")
 _in_flight = attrgetter("in_flight")

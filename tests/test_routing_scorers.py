@@ -213,7 +213,7 @@ PROMPT = bytes(range(256)) * 3  # 12 blocks
 
 
 def test_prefix_hash_full_partial_and_no_match() -> None:
-    scorer = build("scorer", "prefix-hash")
+    scorer = build("scorer", "prefix-hash", spread_unmatched=0)  # the match alone
     a, b = ep("a"), ep("b")
     first = ctx(PROMPT)
     assert scorer.score(first, [a, b], NOW) == [0.0, 0.0]
@@ -308,7 +308,9 @@ def test_prefix_hash_long_prompts_match_their_shared_prefix_to_within_one_eighth
     diverge: int,
 ) -> None:
     shared = random.Random(1).randbytes(diverge)
-    growing, fixed = build("scorer", "prefix-hash"), build("scorer", "prefix-hash", block_growth=0)
+    # The match alone: no tie-break for matches under spread_unmatched.
+    growing = build("scorer", "prefix-hash", spread_unmatched=0)
+    fixed = build("scorer", "prefix-hash", block_growth=0, spread_unmatched=0)
     a, b = ep("a"), ep("b")
     for scorer in (growing, fixed):
         scorer.on_routed(ctx(_long(shared, 2)), a, NOW)
@@ -337,7 +339,7 @@ def test_prefix_hash_counts_blocks_in_units_for_the_metrics() -> None:
 
 
 def test_prefix_hash_unique_long_prompts_keep_each_endpoint_within_capacity() -> None:
-    scorer = build("scorer", "prefix-hash", lru_capacity=1000)
+    scorer = build("scorer", "prefix-hash", lru_capacity=1000, spread_unmatched=0)
     a, b = ep("a"), ep("b")
     for i in range(60):
         scorer.on_routed(ctx(_long(i.to_bytes(4, "big"), i)), a, NOW)
@@ -350,15 +352,23 @@ def test_prefix_hash_unique_long_prompts_keep_each_endpoint_within_capacity() ->
     assert scorer.score(ctx(_long((0).to_bytes(4, "big"), 0)), [a, b], NOW) == [0.0, 0.0]
 
 
+def tie(load: float, room: float = 1.0, spread: float = 0.1) -> float:
+    """The tie-break of a prompt matched nowhere: in-flight and free-room scores in [0, 1]."""
+    return spread * (load + 2 * room) / 3
+
+
+R0 = 1 - 12 / 31_250  # room left after PROMPT's 12 blocks, of the default lru_capacity
+
+
 @pytest.mark.parametrize(
     ("loads", "params", "expected"),
     [
         ([0, 0, 0], {}, [1.0, 0.0, 0.0]),
         ([32, 0, 0], {}, [1.0, 0.0, 0.0]),  # 32 more than the least busy: not over the margin
-        ([33, 0, 0], {}, [0.0, 0.1, 0.1]),  # hot: discounted, then the spread of unmatched
-        ([50, 10, 12], {}, [0.0, 0.1, 0.1 * 38 / 40]),  # 50 > max(10 + 32, 10 * 2)
+        ([33, 0, 0], {}, [tie(0, R0), tie(1), tie(1)]),  # hot: discounted, then the tie-break
+        ([50, 10, 12], {}, [tie(0, R0), tie(1), tie(38 / 40)]),  # 50 > max(10 + 32, 10 * 2)
         ([40, 10, 12], {}, [1.0, 0.0, 0.0]),
-        ([150, 70, 80], {}, [0.0, 0.1, 0.1 * 70 / 80]),  # 150 > max(70 + 32, 70 * 2)
+        ([150, 70, 80], {}, [tie(0, R0), tie(1), tie(70 / 80)]),  # 150 > max(70 + 32, 140)
         ([130, 70, 80], {}, [1.0, 0.0, 0.0]),  # far apart, but not twice as busy
         ([33, 0, 0], {"hotspot_discount": 0.5}, [0.5, 0.0, 0.0]),
         ([33, 0, 0], {"hotspot_margin": 40}, [1.0, 0.0, 0.0]),
@@ -388,8 +398,8 @@ def test_prefix_hash_hotspot_discounts_every_hot_holder() -> None:
     ("loads", "expected"),
     [
         ([0, 0, 0], [0.0, 0.0, 0.0]),
-        ([4, 0, 2], [0.0, 0.1, 0.05]),
-        ([1, 3], [0.1, 0.0]),
+        ([4, 0, 2], [tie(0), tie(1), tie(0.5)]),
+        ([1, 3], [tie(1), tie(0)]),
     ],
 )
 def test_prefix_hash_spreads_unmatched_requests_by_load(
@@ -399,6 +409,36 @@ def test_prefix_hash_spreads_unmatched_requests_by_load(
     eps = [ep(f"e{i}", in_flight=n) for i, n in enumerate(loads)]
     assert scorer.score(ctx(PROMPT), eps, NOW) == pytest.approx(expected)
     assert scorer.score(ctx(b"short"), eps, NOW) == pytest.approx(expected)
+
+
+def test_prefix_hash_breaks_ties_by_free_cache_room() -> None:
+    # a's cache: 12 blocks of 32 tokens = 24 of our 16-token units; PROMPT fills 12.
+    scorer = build("scorer", "prefix-hash")
+    a, b = ep("a", num_gpu_blocks=12, block_size=32), ep("b", num_gpu_blocks=12, block_size=32)
+    scorer.on_routed(ctx(PROMPT), a, NOW)
+    new = ctx(b"n" * len(PROMPT))
+    assert scorer.score(new, [a, b], NOW) == pytest.approx([tie(1, 0.5), tie(1)])
+    # A request in flight weighs as much as half the cache.
+    b.in_flight = 1
+    assert scorer.score(new, [a, b], NOW) == pytest.approx([tie(1, 0.5), tie(0)])
+    # A match under spread_unmatched (1 of 12 blocks) gets the tie-break on top.
+    head = ctx(PROMPT[:BLOCK] + b"n" * (len(PROMPT) - BLOCK))
+    assert scorer.score(head, [a, b], NOW) == pytest.approx([1 / 12 + tie(1, 0.5), tie(0)])
+    # A larger match is left alone.
+    two = ctx(PROMPT[: 2 * BLOCK] + b"n" * (len(PROMPT) - 2 * BLOCK))
+    assert scorer.score(two, [a, b], NOW) == pytest.approx([2 / 12, 0.0])
+
+
+def test_prefix_hash_free_room_follows_capacity_changes() -> None:
+    # Capacities are reused for CAPACITY_TTL seconds of routing's clock, then read again.
+    from lbproxy.routing.plugins.prefix_hash import CAPACITY_TTL
+
+    scorer = build("scorer", "prefix-hash")
+    a, b = ep("a", num_gpu_blocks=24), ep("b", num_gpu_blocks=24)
+    scorer.on_routed(ctx(PROMPT), a, NOW)
+    assert scorer.free_room([a, b], NOW) == [12, 24]
+    b.num_gpu_blocks = 48  # b restarted with more memory
+    assert scorer.free_room([a, b], NOW + CAPACITY_TTL + 1) == [12, 48]
 
 
 # ---- precise-prefix ----------------------------------------------------------------------------
@@ -497,10 +537,22 @@ def test_precise_prefix_hotspot_rule() -> None:
     scorer, index = precise()
     a, b = ep("a", in_flight=40), ep("b", in_flight=1)
     index.apply_events("a", [Stored([1, 2, 3, 4], None, TOKENS, 16)])
-    assert scorer.score(tctx(TOKENS), [a, b], NOW) == [0.0, 0.1]  # hot, then spread
+    hot_then_spread = pytest.approx([tie(0), tie(1)])  # no num_gpu_blocks: in-flight alone
+    assert scorer.score(tctx(TOKENS), [a, b], NOW) == hot_then_spread
     a.in_flight = 10
     assert scorer.score(tctx(TOKENS), [a, b], NOW) == [1.0, 0.0]
-    assert scorer.score(tctx(list(range(64))), [a, b], NOW) == [0.0, 0.1]  # no match
+    assert scorer.score(tctx(list(range(64))), [a, b], NOW) == hot_then_spread  # no match
+
+
+def test_precise_prefix_breaks_ties_by_free_cache_room() -> None:
+    # a holds 4 of its 8 blocks of 16 tokens (64 tokens free); b has 8 of 32 (256 free).
+    scorer, index = precise()
+    a, b = ep("a", num_gpu_blocks=8), ep("b", num_gpu_blocks=8, block_size=32)
+    index.apply_events("a", [Stored([1, 2, 3, 4], None, TOKENS, 16)])
+    new = list(range(5000, 5064))
+    assert scorer.score(tctx(new), [a, b], NOW) == pytest.approx([tie(1, 0.25), tie(1)])
+    b.num_gpu_blocks = None  # unknown: in-flight counts alone, equal here
+    assert scorer.score(tctx(new), [a, b], NOW) == [0.0, 0.0]
 
 
 def test_precise_prefix_tokenizes_once_per_request() -> None:

@@ -383,6 +383,12 @@ class PreciseIndex:
     def block_sizes(self, backend_names: Iterable[str]) -> list[int | None]:
         return list(map(self._block_size.get, backend_names))
 
+    def held_counts(self, backend_names: Iterable[str]) -> list[int]:
+        """Blocks each backend's cache holds per its events (duplicates included), plus
+        its live speculative ones: its cache working set, in its own blocks."""
+        engine, spec = self._engine, self._spec_by
+        return [len(engine.get(n, ())) + len(spec.get(n, ())) for n in backend_names]
+
     def blocks_of(self, backend_name: str) -> set[int]:
         """Our keys the backend holds (confirmed by events; speculation excluded)."""
         return set(self._held.get(backend_name, ()))

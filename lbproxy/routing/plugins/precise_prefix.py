@@ -20,12 +20,16 @@ KV-cache report mode: `kv_cache_report_mode` says how the pool's vLLM servers re
 cached block; "full" when requests carry `vllm_xargs: {"kv_cache_report_mode": "full"}`
 and vLLM also re-announces each request's prefix-cache hits.
 
-Anti-hotspot and the spread of unmatched requests: the same `HotspotRule` as
-prefix-hash, with the same parameters.
+Anti-hotspot and the placement of new prefix groups: the same `HotspotRule` as
+prefix-hash, with the same parameters. Free room = (num_gpu_blocks - blocks the events say
+the endpoint holds) x its block size, when every candidate's num_gpu_blocks is known
+(else in-flight counts alone break the tie).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from itertools import compress, repeat
 from operator import attrgetter, eq, is_
 from typing import cast
@@ -102,8 +106,9 @@ class PrecisePrefixScorer:
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
         n = len(endpoints)
         scores = [0.0] * n
+        room = partial(self.free_room, endpoints)
         if not ctx.token_ids():
-            return self.hotspot.adjust(scores, endpoints)
+            return self.hotspot.adjust(scores, endpoints, room)
         names = list(map(_name, endpoints))
         known = self.index.block_sizes(names)  # from events
         if None in known:  # then the endpoint's geometry, its metrics, the parameter
@@ -133,7 +138,21 @@ class PrecisePrefixScorer:
                 pos = {name: i for i, name in enumerate(names)}
                 for name, c in counts.items():
                     scores[pos[name]] = c * inv
-        return self.hotspot.adjust(scores, endpoints)
+        return self.hotspot.adjust(scores, endpoints, room)
+
+    def free_room(self, endpoints: Sequence[Endpoint]) -> list[float] | None:
+        """Free KV tokens per endpoint, or None if any endpoint's num_gpu_blocks is unknown."""
+        names = list(map(_name, endpoints))
+        held = self.index.held_counts(names)
+        out: list[float] = []
+        for ep, n in zip(endpoints, held, strict=True):
+            blocks = ep.num_gpu_blocks
+            if blocks is None and ep.metrics is not None:
+                blocks = ep.metrics.num_gpu_blocks
+            if not blocks:
+                return None
+            out.append(float((blocks - n) * self.block_size_of(ep)))
+        return out
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         if not ctx.token_ids():

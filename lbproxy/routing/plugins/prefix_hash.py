@@ -33,23 +33,29 @@ Bytes-per-token is an estimate anyway, so block boundaries cannot line up with v
 Anti-hotspot (`HotspotRule`, below): an endpoint whose in-flight count exceeds the least
 busy candidate's by more than `hotspot_margin` and is over `hotspot_factor` times it has
 its score multiplied by `hotspot_discount` (default 0), so a burst on one hot prefix
-spills to idle backends before the next metrics scrape shows the queue. When no candidate
-matches, scores are `spread_unmatched` x the normalised least-in-flight score, so that new
-prefix groups do not collide by coin-flip.
+spills to idle backends before the next metrics scrape shows the queue.
+
+Placing new prefix groups (`HotspotRule.tie_break`): when no candidate matches more than
+`spread_unmatched` of the prompt (nothing, or only a short common head), each candidate
+gets `spread_unmatched` x (least-in-flight + 2 x free room) / 3 added to its score. Free
+room is the endpoint's capacity minus the units its LRU holds (the cache working set the
+index believes it has), relative to the roomiest candidate. At low concurrency in-flight
+counts tie and vLLM's KV usage ignores cached idle blocks, so without it new groups land
+by coin-flip and one backend can be filled past its cache while another stays empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import compress, repeat
-from operator import attrgetter
+from operator import add, attrgetter, is_
 
 from pydantic import BaseModel, ConfigDict, Field
 from xxhash import xxh64_intdigest
 
 from lbproxy.routing.interfaces import BuildContext
-from lbproxy.routing.plugins.least_request import normalise_low_is_good
 from lbproxy.routing.prefix_index import ChainHasher, PrefixIndex, block_ends
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -57,6 +63,11 @@ TYPE = "prefix-hash"
 KIND = "scorer"
 
 BYTES_PER_TOKEN = 4
+# How long an endpoint's free room (capacity minus working set) is kept before its
+# capacity is read again (routing's clock): on_routed keeps the working set current, and
+# geometry changes only when a server restarts; computing capacities for every candidate
+# of every unmatched request would double the prefix scorer's cost at 256 backends.
+CAPACITY_TTL = 10.0
 _name = attrgetter("name")
 _in_flight = attrgetter("in_flight")
 
@@ -91,10 +102,11 @@ class HotspotRule:
     The defaults (32, 2.0) leave random imbalance at moderate load alone: a spill makes
     a prefix group permanently two-homed, so it must not happen by chance.
 
-    When no candidate matches (a new prefix, or every holder is hot), the scores are
-    `spread` x (max_load - load) / (max_load - min_load) instead of all 0: a small
-    tie-breaker so that new prefix groups land on idle endpoints rather than collide by
-    coin-flip while the metrics are still equal. It is small next to the load scorers.
+    When no candidate matches more than `spread` of the prompt (a new prefix, a short
+    common head, or every holder is hot), `tie_break` is added to the scores: a small term
+    so that new prefix groups land where the cache has room and on idle endpoints rather
+    than collide by coin-flip while the metrics are still equal. It is small next to the
+    load scorers, and a match worth more than it is left alone.
     """
 
     margin: float = 32.0
@@ -102,8 +114,16 @@ class HotspotRule:
     discount: float = 0.0
     spread: float = 0.1
 
-    def adjust(self, scores: list[float], endpoints: Sequence[Endpoint]) -> list[float]:
-        """Apply the rule to a scorer's prefix scores (in place when possible)."""
+    def adjust(
+        self,
+        scores: list[float],
+        endpoints: Sequence[Endpoint],
+        free_room: Callable[[], list[float]] | None = None,
+    ) -> list[float]:
+        """Apply the rule to a scorer's prefix scores (in place when possible).
+
+        `free_room()` gives each endpoint's free cache room (any unit, the same for all),
+        asked only when a tie is to be broken; None when the scorer cannot tell."""
         if len(endpoints) < 2:
             return scores
         if self.discount < 1.0 and any(scores):
@@ -112,12 +132,40 @@ class HotspotRule:
             for i in compress(range(len(scores)), scores):  # the matched ones only
                 if endpoints[i].in_flight > limit:
                     scores[i] *= self.discount
-        if self.spread and not any(scores):
-            loads = [float(ep.in_flight) for ep in endpoints]
-            if min(loads) < max(loads):  # equal loads: nothing to break ties with
-                w = self.spread
-                return [w * s for s in normalise_low_is_good(loads)]
+        if self.spread and max(scores) < self.spread:
+            tie = self.tie_break(endpoints, free_room() if free_room else None)
+            if tie is not None:
+                return list(map(add, scores, tie)) if any(scores) else tie
         return scores
+
+    def tie_break(
+        self, endpoints: Sequence[Endpoint], free: list[float] | None
+    ) -> list[float] | None:
+        """spread x (least-in-flight + 2 x room) / 3 per endpoint, None when all are equal.
+
+        room = free / the most free among the candidates (1 when unknown or all equal):
+        proportional, so that the few units a short prompt takes do not outweigh a
+        request in flight (which would herd unmatched requests onto one endpoint until
+        the next scrape), while a group's worth of cache does. Room counts double: it
+        decides where the group's later requests hit, and the load scorers weigh load.
+        """
+        # One comprehension per case (faster than chains of maps): this runs for every
+        # unmatched request, over every candidate. A negative room (a capacity that shrank
+        # below the working set) is left negative: the pipeline clamps the score.
+        loads = list(map(_in_flight, endpoints))
+        lo, hi = min(loads), max(loads)
+        w = self.spread / 3.0
+        top = max(free) if free else 0.0
+        if not (free and top > 0.0 and min(free) < top):  # rooms equal or unknown
+            if lo == hi:
+                return None  # nothing to break ties with
+            k = w / (hi - lo)
+            return [k * (hi - ld) + 2.0 * w for ld in loads]
+        r = 2.0 * w / top
+        if lo == hi:  # least-in-flight 1 for all
+            return [w + r * f for f in free]
+        k = w / (hi - lo)
+        return [k * (hi - ld) + r * f for ld, f in zip(loads, free, strict=True)]
 
 
 class PrefixHashScorer:
@@ -142,6 +190,10 @@ class PrefixHashScorer:
             params.spread_unmatched,
         )
         self._seed_of: tuple[str, int] = ("", xxh64_intdigest(b""))
+        # Endpoint name -> capacity minus the units its LRU holds, for free_room(); kept
+        # current by on_routed, read afresh every CAPACITY_TTL.
+        self._free: dict[str, int] = {}
+        self._free_at = float("-inf")
         # Routing is sequential: the hashes computed in score() serve the on_routed() that
         # follows. Holding the ctx keeps `is` identity meaningful.
         self._last_ctx: RequestContext | None = None
@@ -179,7 +231,22 @@ class PrefixHashScorer:
             else:
                 held = map(counts.get, map(_name, endpoints), repeat(0))
                 scores = [units[c - 1] * inv if c else 0.0 for c in held]
-        return self.hotspot.adjust(scores, endpoints)
+        return self.hotspot.adjust(scores, endpoints, partial(self.free_room, endpoints, now))
+
+    def free_room(self, endpoints: Sequence[Endpoint], now: float) -> list[float]:
+        """Each endpoint's capacity minus the units its LRU holds (both in our units)."""
+        free = self._free
+        if not 0.0 <= now - self._free_at <= CAPACITY_TTL:
+            free.clear()
+            self._free_at = now
+        names = list(map(_name, endpoints))
+        out = list(map(free.get, names))
+        if None in out:
+            size = self.index.size
+            for i in compress(range(len(out)), map(is_, out, repeat(None))):
+                name = names[i]
+                out[i] = free[name] = self.capacity(endpoints[i]) - size(name)
+        return out  # type: ignore[return-value]
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         hashes = self.hashes(ctx)
@@ -190,7 +257,9 @@ class PrefixHashScorer:
             if self._counts and ctx is self._counts_ctx:
                 c = self._counts.get(name, 0)
                 self.hit_blocks[name] = self.hit_blocks.get(name, 0) + (units[c - 1] if c else 0)
-            self.index.insert(name, hashes, self.capacity(endpoint), self._weights)
+            cap = self.capacity(endpoint)
+            self.index.insert(name, hashes, cap, self._weights)
+            self._free[name] = cap - self.index.size(name)
 
     def capacity(self, ep: Endpoint) -> int:
         """The endpoint's KV capacity in our blocks, bounded by max_lru_capacity."""
@@ -204,6 +273,7 @@ class PrefixHashScorer:
 
     def forget(self, endpoint_name: str) -> None:
         self.index.forget(endpoint_name)
+        self._free.pop(endpoint_name, None)
 
 
 def build(params: Params, bctx: BuildContext) -> PrefixHashScorer:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lbproxy.routing.interfaces import PrefixMatcher
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.state import Decision, Endpoint, RequestContext
 
@@ -58,38 +59,15 @@ def prompt_tokens_estimate(ctx: RequestContext) -> int:
     return ctx.prompt_token_estimate
 
 
-def _cached_tokens(scorer: Any, ctx: RequestContext, ep: Endpoint) -> int | None:
-    """Prompt tokens `ep` holds by a prefix scorer's last match (the match its `score`
-    just computed for `ctx`); None if `scorer` is not a prefix scorer.
-
-    Reads the scorers' match state: prefix-hash counts growing blocks (`_units`: units
-    of `block_size` tokens up to each block's end), precise-prefix counts the endpoint's
-    own blocks (`block_size_of`)."""
-    if not hasattr(scorer, "_counts"):
-        return None
-    counts = scorer._counts if getattr(scorer, "_counts_ctx", None) is ctx else None
-    if not counts:
-        return 0
-    c = counts.get(ep.name, 0)
-    if not c:
-        return 0
-    units = getattr(scorer, "_units", None)
-    if units is not None:
-        return int(units[c - 1] * scorer.block_size)
-    block_size_of = getattr(scorer, "block_size_of", None)
-    if block_size_of is not None:
-        return int(c * block_size_of(ep))
-    return None
-
-
 def cached_prompt_tokens(router: Router, ctx: RequestContext, ep: Endpoint) -> int | None:
     """What the router's prefix scorers believe `ep` holds of the prompt (the best of
     them), or None when the profile has no prefix scorer."""
     best: int | None = None
     for ws in router.scorers:
-        n = _cached_tokens(ws.scorer, ctx, ep)
-        if n is not None and (best is None or n > best):
-            best = n
+        if isinstance(ws.scorer, PrefixMatcher):
+            n = ws.scorer.cached_tokens(ctx, ep)
+            if best is None or n > best:
+                best = n
     return best
 
 

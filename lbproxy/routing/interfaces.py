@@ -66,6 +66,17 @@ class RoutedObserver(Protocol):
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None: ...
 
 
+@runtime_checkable
+class PrefixMatcher(Protocol):
+    """A scorer that knows how much of a prompt each backend caches (P/D routing asks it
+    for the uncached part of a prompt on the chosen prefill backend)."""
+
+    def cached_tokens(self, ctx: RequestContext, endpoint: Endpoint) -> int:
+        """Prompt tokens `endpoint` holds by the match `score` last computed for `ctx`
+        (0 if `score` has not seen `ctx`)."""
+        ...
+
+
 @dataclass(slots=True)
 class BuildContext:
     """What a plugin factory may use besides its own parameters.

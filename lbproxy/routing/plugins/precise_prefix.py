@@ -140,6 +140,11 @@ class PrecisePrefixScorer:
                     scores[pos[name]] = c * inv
         return self.hotspot.adjust(scores, endpoints, room)
 
+    def cached_tokens(self, ctx: RequestContext, endpoint: Endpoint) -> int:
+        if ctx is not self._counts_ctx:
+            return 0
+        return self._counts.get(endpoint.name, 0) * self.block_size_of(endpoint)
+
     def free_room(self, endpoints: Sequence[Endpoint]) -> list[float] | None:
         """Free KV tokens per endpoint, or None if any endpoint's num_gpu_blocks is unknown."""
         names = list(map(_name, endpoints))

@@ -248,6 +248,12 @@ class PrefixHashScorer:
                 out[i] = free[name] = self.capacity(endpoints[i]) - size(name)
         return out  # type: ignore[return-value]
 
+    def cached_tokens(self, ctx: RequestContext, endpoint: Endpoint) -> int:
+        if ctx is not self._counts_ctx or not self._counts:
+            return 0
+        c = self._counts.get(endpoint.name, 0)
+        return self._units[c - 1] * self.block_size if c else 0
+
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         hashes = self.hashes(ctx)
         if hashes:

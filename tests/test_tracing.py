@@ -31,6 +31,8 @@ from lbproxy.config import ConfigError, parse_config
 from lbproxy.proxy.app import RunningProxy
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
+from tests.test_pd_routing import LONG, pd_config, sims  # noqa: F401 (sims: a fixture)
+from tests.test_pd_routing import MODEL as PD_MODEL
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 TRACING = {"enabled": True, "exporter": "none", "service_name": "lbproxy-test"}
@@ -147,6 +149,26 @@ def test_stream_span_ends_with_the_stream(fake_backends, run_proxy) -> None:
     duration = (span.end_time - span.start_time) / 1e9
     assert 0.25 < duration <= elapsed + 1
     assert 0 < a["lbproxy.ttft_s"] < duration  # type: ignore[operator]
+
+
+def test_backend_dying_mid_stream_is_an_error_span(fake_backends, run_proxy) -> None:
+    (backend,) = fake_backends(1, die_after_chunks=2)
+    proxy, exporter = _traced_proxy(run_proxy, proxy_config([backend], tracing=TRACING))
+    body = {**CHAT, "stream": True, "max_tokens": 20}
+    with (
+        httpx.Client(timeout=10) as c,
+        c.stream("POST", proxy.url + "/v1/chat/completions", json=body) as r,
+    ):
+        text = r.read().decode()
+    assert "upstream_disconnected" in text  # the SSE error event lbproxy wrote
+    (span,) = _request_spans(exporter)
+    assert span.attributes is not None
+    assert span.attributes["lbproxy.ended"] == "stream_disconnect"
+    assert span.status.status_code == StatusCode.ERROR
+    (attempt,) = _children(exporter, span)
+    assert attempt.attributes is not None
+    assert attempt.attributes["lbproxy.outcome"] == "stream_disconnect"
+    assert attempt.status.status_code == StatusCode.ERROR
 
 
 def test_retry_is_two_attempt_spans(fake_backends, run_proxy) -> None:
@@ -306,10 +328,36 @@ def test_off_imports_no_opentelemetry_and_adds_no_traceparent() -> None:
             first = {k.lower(): v for k, v in backend.received[0].headers.items()}
             second = {k.lower(): v for k, v in backend.received[1].headers.items()}
             print("traceparent" in first, second.get("traceparent") == tp)
-            print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+            otel = ("opentelemetry", "lbproxy.proxy.tracing")
+            loaded = [m for m in sys.modules if m.startswith(otel)]
+            print(sorted(loaded))
 
         asyncio.run(main())
         """
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["False True", "[]"]
+
+
+def test_pd_legs_are_attempt_spans(sims, run_proxy) -> None:  # noqa: F811
+    pre, dec = sims("producer"), sims("consumer")
+    cfg = pd_config([(pre.url, "prefill"), (dec.url, "decode")])
+    proxy, exporter = _traced_proxy(run_proxy, {**cfg, "tracing": TRACING})
+    body = {"model": PD_MODEL, "prompt": LONG, "max_tokens": 3}
+    r = httpx.post(proxy.url + "/v1/completions", json=body, timeout=20)
+    assert r.status_code == 200
+    (span,) = _request_spans(exporter)
+    a = span.attributes
+    assert a is not None
+    assert a["lbproxy.pd.mode"] == "disaggregated"
+    assert a["lbproxy.pd.prefill.backend"] == "prefill0"
+    assert a["lbproxy.pd.decode.backend"] == "decode1"
+    assert a["lbproxy.attempts"] == 2
+    prefill, decode = _children(exporter, span)
+    assert prefill.attributes is not None and decode.attributes is not None
+    assert prefill.attributes["lbproxy.pd.leg"] == "prefill"
+    assert prefill.attributes["lbproxy.backend"] == "prefill0"
+    assert prefill.attributes["lbproxy.outcome"] == "ok"
+    assert decode.attributes["lbproxy.pd.leg"] == "decode"
+    assert decode.attributes["lbproxy.outcome"] == "ok"
+    assert decode.attributes["http.response.status_code"] == 200

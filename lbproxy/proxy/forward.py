@@ -155,7 +155,6 @@ class Forwarder:
         slot = None
         tracer = self.tracer
         rs = None if tracer is None else tracer.start(request, ex)
-        error: BaseException | None = None
         try:
             if auth is not None:
                 slot = auth.admit(request)
@@ -166,13 +165,14 @@ class Forwarder:
             self.obs.rejected(ex, e.status, e.code, request)
             return e.response(id_header)
         except BaseException as e:  # for the span only (costs nothing unless raised)
-            error = e
+            if rs is not None:
+                rs.failed(e)
             raise
         finally:
             if slot is not None and auth is not None:
                 auth.release(slot)
             if rs is not None:
-                rs.finish(ex, self.pools, error)
+                rs.finish(ex, self.pools)
 
     async def _handle(
         self, request: web.Request, request_id: str, ex: Exchange, rs: RequestSpan | None

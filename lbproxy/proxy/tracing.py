@@ -82,12 +82,13 @@ class RequestTracer:
 class RequestSpan:
     """One client request's span: its attempts are children, it ends with `finish`."""
 
-    __slots__ = ("attempts", "span", "tracer")
+    __slots__ = ("attempts", "errored", "span", "tracer")
 
     def __init__(self, tracer: RequestTracer, span: Span) -> None:
         self.tracer = tracer
         self.span = span
         self.attempts = 0
+        self.errored = False
 
     def attempt(
         self,
@@ -121,15 +122,18 @@ class RequestSpan:
         t.propagator.inject(h, context=trace.set_span_in_context(span))
         return AttemptSpan(span, len(ex.causes) if ex.causes else 0, t_sent), h
 
-    def finish(self, ex: Exchange, pools: PoolTable, error: BaseException | None) -> None:
+    def failed(self, error: BaseException) -> None:
+        """The request ended in an exception (the client leaving cancels it, for one)."""
+        self.span.record_exception(error)
+        self.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        self.errored = True
+
+    def finish(self, ex: Exchange, pools: PoolTable) -> None:
         """End the span (the response has been relayed, or lbproxy answered itself)."""
         span = self.span
         if span.is_recording():
             _request_attributes(span, self.attempts, ex, pools)
-            if error is not None:
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            elif ex.status >= 500 or ex.ended in _FAILED_ENDINGS:
+            if not self.errored and (ex.status >= 500 or ex.ended in _FAILED_ENDINGS):
                 span.set_status(Status(StatusCode.ERROR, ex.ended or f"HTTP {ex.status}"))
         span.end()
 

@@ -7,6 +7,8 @@ collected by the SDK's in-memory exporter added to the proxy's own TracerProvide
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -28,9 +30,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from opentelemetry.trace import SpanKind, StatusCode
 
 from lbproxy.config import ConfigError, parse_config
-from lbproxy.proxy.app import RunningProxy
+from lbproxy.proxy.app import RunningProxy, start_proxy
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
+from tests.ops_helpers import RawServer
 from tests.test_pd_routing import LONG, pd_config, sims  # noqa: F401 (sims: a fixture)
 from tests.test_pd_routing import MODEL as PD_MODEL
 
@@ -263,6 +266,46 @@ def test_lbproxy_errors_end_the_span_with_their_status(fake_backends, run_proxy)
     assert missing.status.status_code == StatusCode.UNSET  # a client error is not ours
     assert missing.attributes is not None and missing.attributes["lbproxy.attempts"] == 0
     assert failed.status.status_code == StatusCode.ERROR
+
+
+class HangingCollector(RawServer):
+    """An OTLP endpoint that reads the export and never answers."""
+
+    writers: list[asyncio.StreamWriter]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers = [*getattr(self, "writers", []), writer]
+        with contextlib.suppress(Exception):
+            while await reader.read(1 << 20):
+                pass  # never answered: the exporter gives up and closes
+        writer.close()
+
+    async def close(self) -> None:
+        for w in getattr(self, "writers", []):
+            w.close()
+        await super().close()
+
+
+def test_otlp_export_and_a_hanging_collector_do_not_hold_up_shutdown(
+    fake_backends, loop_thread
+) -> None:
+    (backend,) = fake_backends(1)
+    collector = loop_thread.run(HangingCollector().start())
+    tracing = {"enabled": True, "endpoint": collector.url + "/v1/traces"}  # exporter: otlp
+    cfg = proxy_config([backend], tracing=tracing)
+    proxy = loop_thread.run(start_proxy(parse_config(cfg, "t.yaml"), seed=0))
+    try:
+        r = httpx.post(proxy.url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200  # the request does not wait for the export
+        t0 = time.monotonic()
+        loop_thread.run(proxy.close(), timeout=60)
+        closed_in = time.monotonic() - t0
+    finally:
+        loop_thread.run(collector.close())
+    assert collector.connections >= 1  # the span went out over OTLP/HTTP at shutdown
+    # The SDK alone would wait 30 s (its exporter: 10 s); lbproxy waits 5 s at most.
+    assert closed_in < 9
 
 
 def test_bad_tracing_endpoint_is_a_config_error(fake_backends) -> None:

@@ -285,8 +285,7 @@ async def _cleanup(app: web.Application) -> None:
         if session is not None:
             await session.close()
     if st.forwarder is not None and st.forwarder.tracer is not None:
-        # Flushes buffered spans (an unreachable collector: the exporter's own timeout).
-        await asyncio.to_thread(st.forwarder.tracer.shutdown)
+        await st.forwarder.tracer.close()  # exports buffered spans, waits 5 s at most
 
 
 def _signals_session() -> aiohttp.ClientSession:

@@ -16,6 +16,9 @@ path does no extra bookkeeping for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,11 @@ from multidict import CIMultiDict
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -40,6 +47,19 @@ if TYPE_CHECKING:
 _FAILED_ENDINGS = frozenset({"stream_disconnect", "stream_timeout"})
 
 
+log = logging.getLogger("lbproxy.tracing")
+
+# Seconds one export may take, and at most what shutdown waits for the last spans (the
+# SDK's own wait, 30 s, would hold up lbproxy's exit when the collector is unreachable).
+EXPORT_TIMEOUT = 5.0
+
+
+def _batch(exporter: SpanExporter) -> BatchSpanProcessor:
+    """Spans are exported from the SDK's thread, in batches, never on the event loop; when
+    the collector falls behind, its queue (2048 spans) drops the newest."""
+    return BatchSpanProcessor(exporter)
+
+
 class RequestTracer:
     """Spans for the data path (Forwarder), with their own TracerProvider: lbproxy does not
     touch OpenTelemetry's global provider, so embedding code keeps its own."""
@@ -48,21 +68,42 @@ class RequestTracer:
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": cfg.service_name}),
             sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
+            shutdown_on_exit=False,  # `close` does it, with a bounded wait
         )
         if cfg.exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(endpoint=cfg.endpoint)
-            self.provider.add_span_processor(BatchSpanProcessor(exporter))
+            # Headers (auth), certificates, compression: OTEL_EXPORTER_OTLP_* variables.
+            exporter = OTLPSpanExporter(endpoint=cfg.endpoint, timeout=EXPORT_TIMEOUT)
+            self.provider.add_span_processor(_batch(exporter))
         elif cfg.exporter == "console":
-            self.provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            self.provider.add_span_processor(_batch(ConsoleSpanExporter()))
         # (none: spans are made, e.g. for a processor added by embedding code or a test)
         self.tracer = self.provider.get_tracer("lbproxy")
         self.propagator = TraceContextTextMapPropagator()
 
-    def shutdown(self) -> None:
-        """Export what is buffered and stop (blocking: run it off the event loop)."""
-        self.provider.shutdown()
+    async def close(self, timeout: float = EXPORT_TIMEOUT) -> None:
+        """Export what is buffered and stop, waiting `timeout` s at most (the SDK's
+        shutdown blocks: it runs in a daemon thread that is left behind if it hangs)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def shutdown() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=shutdown, name="lbproxy-tracing-close", daemon=True).start()
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            log.warning("tracing: spans not exported within %.0f s of shutdown are lost", timeout)
 
     def start(self, request: web.Request, ex: Exchange) -> RequestSpan:
         """A client request's span, continuing the client's trace if it sent one."""

@@ -187,6 +187,7 @@ def test_retry_is_two_attempt_spans(fake_backends, run_proxy) -> None:
     assert retried.attributes is not None
     assert retried.attributes["lbproxy.failures"] == ("status_5xx",)
     assert retried.attributes["http.response.status_code"] == 200
+    assert retried.attributes["lbproxy.backend"] == "be1"  # the one that answered
     first, second = _children(exporter, retried)
     assert first.attributes is not None and second.attributes is not None
     assert first.attributes["lbproxy.backend"] == "be0"

@@ -123,12 +123,13 @@ class RequestTracer:
 class RequestSpan:
     """One client request's span: its attempts are children, it ends with `finish`."""
 
-    __slots__ = ("attempts", "errored", "span", "tracer")
+    __slots__ = ("attempts", "backend", "errored", "span", "tracer")
 
     def __init__(self, tracer: RequestTracer, span: Span) -> None:
         self.tracer = tracer
         self.span = span
         self.attempts = 0
+        self.backend = ""  # the last attempt's: the one that answered, if any did
         self.errored = False
 
     def attempt(
@@ -143,6 +144,7 @@ class RequestSpan:
         its traceparent (a client's own traceparent/tracestate give way to the span's, which
         continues the client's trace). `leg`: prefill or decode, in a P/D split."""
         self.attempts += 1
+        self.backend = ep.name
         attrs: dict[str, str | int] = {
             "lbproxy.backend": ep.name,
             "url.full": ep.url,
@@ -173,7 +175,7 @@ class RequestSpan:
         """End the span (the response has been relayed, or lbproxy answered itself)."""
         span = self.span
         if span.is_recording():
-            _request_attributes(span, self.attempts, ex, pools)
+            _request_attributes(span, self, ex, pools)
             if not self.errored and (ex.status >= 500 or ex.ended in _FAILED_ENDINGS):
                 span.set_status(Status(StatusCode.ERROR, ex.ended or f"HTTP {ex.status}"))
         span.end()
@@ -217,11 +219,13 @@ class AttemptSpan:
         span.end()
 
 
-def _request_attributes(span: Span, attempts: int, ex: Exchange, pools: PoolTable) -> None:
+def _request_attributes(span: Span, rs: RequestSpan, ex: Exchange, pools: PoolTable) -> None:
     attrs: dict[str, str | bool | int | float | list[str] | list[float]] = {
         "http.response.status_code": ex.status,
-        "lbproxy.attempts": attempts,
+        "lbproxy.attempts": rs.attempts,
     }
+    if rs.backend:
+        attrs["lbproxy.backend"] = rs.backend
     if ex.model:
         attrs["lbproxy.model"] = ex.model
     if ex.pool:

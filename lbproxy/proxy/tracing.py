@@ -43,21 +43,14 @@ if TYPE_CHECKING:
     from lbproxy.proxy.pools import PoolTable
     from lbproxy.routing.state import Endpoint
 
+log = logging.getLogger("lbproxy.tracing")
+
 # How a relayed response ended (Exchange.ended) that is the backend's failure.
 _FAILED_ENDINGS = frozenset({"stream_disconnect", "stream_timeout"})
-
-
-log = logging.getLogger("lbproxy.tracing")
 
 # Seconds one export may take, and at most what shutdown waits for the last spans (the
 # SDK's own wait, 30 s, would hold up lbproxy's exit when the collector is unreachable).
 EXPORT_TIMEOUT = 5.0
-
-
-def _batch(exporter: SpanExporter) -> BatchSpanProcessor:
-    """Spans are exported from the SDK's thread, in batches, never on the event loop; when
-    the collector falls behind, its queue (2048 spans) drops the newest."""
-    return BatchSpanProcessor(exporter)
 
 
 class RequestTracer:
@@ -70,14 +63,18 @@ class RequestTracer:
             sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
             shutdown_on_exit=False,  # `close` does it, with a bounded wait
         )
+        # Batches go out from the SDK's thread, never from the event loop; when the
+        # collector falls behind, its queue (2048 spans) drops new spans.
+        exporter: SpanExporter | None = None
         if cfg.exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             # Headers (auth), certificates, compression: OTEL_EXPORTER_OTLP_* variables.
             exporter = OTLPSpanExporter(endpoint=cfg.endpoint, timeout=EXPORT_TIMEOUT)
-            self.provider.add_span_processor(_batch(exporter))
         elif cfg.exporter == "console":
-            self.provider.add_span_processor(_batch(ConsoleSpanExporter()))
+            exporter = ConsoleSpanExporter()
+        if exporter is not None:
+            self.provider.add_span_processor(BatchSpanProcessor(exporter))
         # (none: spans are made, e.g. for a processor added by embedding code or a test)
         self.tracer = self.provider.get_tracer("lbproxy")
         self.propagator = TraceContextTextMapPropagator()

@@ -9,6 +9,7 @@ problem of a stage is reported at once (see lbproxy/config_errors.py for the wor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -340,6 +341,26 @@ class Observability(_Strict):
     metrics_token: SecretStr | None = None
 
 
+class Tracing(_Strict):
+    """OpenTelemetry traces, one span per request (lbproxy/proxy/tracing.py); needs the
+    `tracing` extra. `exporter: none` records spans but sends them nowhere."""
+
+    enabled: bool = False
+    service_name: str = Field("lbproxy", min_length=1)
+    exporter: Literal["otlp", "console", "none"] = "otlp"
+    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces URL")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces kept; a client's traceparent decides"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must start with http:// or https:// and name a host")
+        return v
+
+
 class Config(_Strict):
     listen: Listen = Field(default_factory=Listen)
     pools: list[Pool] = Field(min_length=1)
@@ -353,6 +374,7 @@ class Config(_Strict):
     flow_control: FlowControl = Field(default_factory=FlowControl)
     auth: Auth = Field(default_factory=Auth)
     admin: Admin = Field(default_factory=Admin)
+    tracing: Tracing = Field(default_factory=Tracing)
     shutdown_grace: float = Field(
         30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM"
     )
@@ -449,7 +471,20 @@ def _check_semantics(cfg: Config, source: str) -> None:
             )
     _check_secrets(cfg, problems)
     _check_observability(cfg, problems)
+    if cfg.tracing.enabled and not _installed("opentelemetry.sdk"):
+        problems.add(
+            "tracing.enabled",
+            "needs OpenTelemetry, which is not installed: pip install 'lbproxy[tracing]'",
+        )
     problems.raise_if_any()
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (only its parents)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def _check_disaggregation(pool: Pool, i: int, bctx: BuildContext, problems: _Problems) -> None:

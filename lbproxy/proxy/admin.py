@@ -68,6 +68,7 @@ _RESTART_ONLY = (
     ("limits", "client_keepalive_timeout"),
     ("limits", "max_client_connections"),
     ("shutdown_grace",),
+    ("tracing",),
     ("discovery",),
 )
 

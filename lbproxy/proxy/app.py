@@ -215,6 +215,10 @@ async def _startup(app: web.Application) -> None:
         metrics=app[OBS].metrics,
     )
     st.forwarder.auth = build_authenticator(cfg.auth)
+    if cfg.tracing.enabled:  # only then is OpenTelemetry imported
+        from lbproxy.proxy.tracing import RequestTracer
+
+        st.forwarder.tracer = RequestTracer(cfg.tracing)
     # Providers read st.pools on every round, so they follow a hot reload's swap (the
     # scraper's from the signals thread: reading the table from there is safe, the swap is
     # one assignment).
@@ -280,6 +284,8 @@ async def _cleanup(app: web.Application) -> None:
     for session in (st.session, st.signals_session):
         if session is not None:
             await session.close()
+    if st.forwarder is not None and st.forwarder.tracer is not None:
+        await st.forwarder.tracer.close()  # exports buffered spans, waits 5 s at most
 
 
 def _signals_session() -> aiohttp.ClientSession:

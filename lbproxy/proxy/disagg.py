@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from lbproxy.proxy.forward import Forwarder
     from lbproxy.proxy.metrics import Exchange
     from lbproxy.proxy.pools import PoolRuntime
+    from lbproxy.proxy.tracing import AttemptSpan, RequestSpan
 
 log = logging.getLogger("lbproxy.proxy.disagg")
 
@@ -99,8 +100,10 @@ class _Split:
         pool: PoolRuntime,
         ex: Exchange,
         now: float,
+        rs: RequestSpan | None,
     ) -> None:
         self.fwd = fwd
+        self.rs = rs  # tracing: each leg's attempt is a child span
         self.request = request
         self.client = client
         self.ctx = ctx
@@ -126,6 +129,14 @@ class _Split:
             return h
         return self.headers
 
+    def _traced(
+        self, ep: Endpoint, t_sent: float, leg: str
+    ) -> tuple[AttemptSpan | None, CIMultiDict[str]]:
+        """The leg's headers, with its span's traceparent when tracing is on."""
+        if self.rs is None:
+            return None, self._headers(ep)
+        return self.rs.attempt(ep, self.ex, self._headers(ep), t_sent, leg)
+
     def _failed(self, ep: Endpoint, cause: str, retried: bool, detail: str) -> None:
         self.fwd.obs.attempt_failed(self.ex, ep, cause, retried)
         log.info("request %s: P/D leg on %s failed: %s", self.ex.request_id, ep.name, detail)
@@ -148,13 +159,14 @@ class _Split:
             self.disagg.prefill.commit(self.ctx, ep, self.now)
             ok = overloaded = False
             t_sent = self.clock()
+            span, headers = self._traced(ep, t_sent, "prefill")
             fwd.progress.sent(ep, t_sent)
             answered = False
             try:
                 async with fwd.session.post(
                     ep.url + self.url_tail,
                     data=body,
-                    headers=self._headers(ep),
+                    headers=headers,
                     timeout=self.prefill_timeout,
                 ) as r:
                     answered = True
@@ -195,6 +207,8 @@ class _Split:
                 self._failed(ep, f"prefill_{cause}", retried, f"{type(e).__name__}: {e}")
             finally:
                 self._leg_done(ep, ok, overloaded)
+                if span is not None:
+                    span.done(self.ex, 200 if ok else 0)
         return None
 
     # ------------------------------------------------------------------------- decode
@@ -209,6 +223,7 @@ class _Split:
         self.disagg.decode.commit(self.ctx, ep, self.now)
         ok = overloaded = False
         t_sent = self.clock()
+        span, headers = self._traced(ep, t_sent, "decode")
         fwd.progress.sent(ep, t_sent)
         told = False
         try:
@@ -216,7 +231,7 @@ class _Split:
                 upstream = await fwd.session.post(
                     ep.url + self.url_tail,
                     data=decode_body(self.client, params),
-                    headers=self._headers(ep),
+                    headers=headers,
                     timeout=fwd._timeout,
                 )
             except asyncio.CancelledError:
@@ -252,6 +267,8 @@ class _Split:
             if not told:
                 fwd.progress.unanswered(ep, t_sent, self.clock(), False)
             self._leg_done(ep, ok, overloaded)
+            if span is not None:
+                span.done(self.ex)
 
 
 def _kv_params(raw: bytes) -> Any:
@@ -273,6 +290,7 @@ async def serve_disaggregated(
     pool: PoolRuntime,
     ex: Exchange,
     now: float,
+    rs: RequestSpan | None = None,
 ) -> web.StreamResponse | None:
     """Serve the request split if the pool's P/D decision says so; None: serve it
     aggregated (a short prompt, no route for a side, or every split route failed)."""
@@ -287,7 +305,7 @@ async def serve_disaggregated(
         obs.pd_request(pool.name, "aggregated", plan.reason)
         return None
     assert plan.prefill is not None and plan.decode is not None
-    split = _Split(fwd, request, client, ctx, headers, pool, ex, now)
+    split = _Split(fwd, request, client, ctx, headers, pool, ex, now, rs)
     ex.decision = plan.decode  # the access log's scores/totals: the decode side's
     try:
         resp = await _serve(split, plan)

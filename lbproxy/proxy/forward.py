@@ -29,6 +29,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -55,6 +56,9 @@ from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.request_id import client_request_id
 from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
 from lbproxy.routing.state import Endpoint, RequestContext
+
+if TYPE_CHECKING:  # imported only when tracing is on (it loads OpenTelemetry)
+    from lbproxy.proxy.tracing import AttemptSpan, RequestSpan, RequestTracer
 
 log = logging.getLogger("lbproxy.proxy")
 
@@ -129,6 +133,8 @@ class Forwarder:
         # The circuit breaker's `record(ep, ok)`, told the outcome of every attempt.
         self.record_outcome: Callable[[Endpoint, bool], None] = _no_breaker
         self.progress: ProgressHooks = ProgressHooks()
+        # OpenTelemetry spans (lbproxy/proxy/tracing.py); None: tracing is off.
+        self.tracer: RequestTracer | None = None
 
     def configure(self, settings: ForwardSettings) -> None:
         """Apply settings (at start and on a hot reload)."""
@@ -147,21 +153,29 @@ class Forwarder:
         id_header = {s.request_id_header: request_id}
         auth = self.auth
         slot = None
+        tracer = self.tracer
+        rs = None if tracer is None else tracer.start(request, ex)
         try:
             if auth is not None:
                 slot = auth.admit(request)
-            return await self._handle(request, request_id, ex)
+            return await self._handle(request, request_id, ex, rs)
         except ProxyError as e:
             if isinstance(e, Overloaded):
                 ex.queue_wait = e.waited
             self.obs.rejected(ex, e.status, e.code, request)
             return e.response(id_header)
+        except BaseException as e:  # for the span only (costs nothing unless raised)
+            if rs is not None:
+                rs.failed(e)
+            raise
         finally:
             if slot is not None and auth is not None:
                 auth.release(slot)
+            if rs is not None:
+                rs.finish(ex, self.pools)
 
     async def _handle(
-        self, request: web.Request, request_id: str, ex: Exchange
+        self, request: web.Request, request_id: str, ex: Exchange, rs: RequestSpan | None
     ) -> web.StreamResponse:
         s = self.settings
         if "/." in request.path and _dot_segment(request.path):
@@ -204,7 +218,9 @@ class Forwarder:
             headers.popall("Authorization", None)  # the client's key is lbproxy's business
         now = ex.t0
         if pool.disagg is not None:  # a P/D pool: split, unless the decision says not to
-            pd_resp = await serve_disaggregated(self, request, parsed, ctx, headers, pool, ex, now)
+            pd_resp = await serve_disaggregated(
+                self, request, parsed, ctx, headers, pool, ex, now, rs
+            )
             if pd_resp is not None:
                 return pd_resp
         gate = pool.gate
@@ -254,6 +270,9 @@ class Forwarder:
                 h["Authorization"] = upstream_auth[ep]
             ok = overloaded = False  # this attempt's outcome, for flow control's limit
             t_sent = clock()
+            span: AttemptSpan | None = None
+            if rs is not None:  # a child span, whose traceparent goes upstream
+                span, h = rs.attempt(ep, ex, h, t_sent)
             progress.sent(ep, t_sent)
             told = False  # progress heard how this attempt ended (or _relay will tell it)
             try:
@@ -331,6 +350,8 @@ class Forwarder:
                 ep.in_flight -= 1
                 if not told:  # an unexpected error: never leave the attempt waiting
                     progress.unanswered(ep, t_sent, clock(), False)
+                if span is not None:
+                    span.done(ex)
                 if gate is not None:
                     gate.release(ep, ok, overloaded)
 

@@ -107,6 +107,15 @@ class Backend(_Strict):
         return v.rstrip("/")
 
 
+def _routing_spec(v: Any) -> Any:
+    """A pool's (or a P/D side's) `routing`: a profile name or an inline profile."""
+    if not isinstance(v, str | dict | ProfileSpec):
+        raise ValueError(
+            "must be a built-in profile name or a mapping of filters, scorers and picker"
+        )
+    return v
+
+
 class Disaggregation(_Strict):
     """Prefill/decode disaggregation for a pool (see lbproxy/routing/disagg.py): a request
     whose prompt has at least `min_prompt_tokens` uncached tokens is prefilled on a
@@ -125,11 +134,7 @@ class Disaggregation(_Strict):
     @field_validator("prefill_routing", "decode_routing", mode="before")
     @classmethod
     def _routing(cls, v: Any) -> Any:
-        if not isinstance(v, str | dict | ProfileSpec):
-            raise ValueError(
-                "must be a built-in profile name or a mapping of filters, scorers and picker"
-            )
-        return v
+        return _routing_spec(v)
 
 
 class Pool(_Strict):
@@ -153,11 +158,7 @@ class Pool(_Strict):
     @field_validator("routing", mode="before")
     @classmethod
     def _routing(cls, v: Any) -> Any:
-        if not isinstance(v, str | dict | ProfileSpec):
-            raise ValueError(
-                "must be a built-in profile name or a mapping of filters, scorers and picker"
-            )
-        return v
+        return _routing_spec(v)
 
 
 class ConcurrencyLimit(_Strict):

@@ -534,11 +534,13 @@ class SimServer:
         header_id = request.headers.get("X-Request-Id")
         rid = ("chatcmpl-" if chat else "cmpl-") + (header_id or request_id())
         headers = {"X-Request-Id": header_id} if header_id else None
+        hold = False
         if self.kv_role is not None and isinstance(body.get("kv_transfer_params"), dict):
-            return await self._generate_pd(
-                request, body, prompt, chat, rid, headers, max_tokens, min_tokens, eos, stream
+            st, hold = await self._submit_pd(
+                body["kv_transfer_params"], prompt, max_tokens, min_tokens, eos, stream
             )
-        st = self._submit(prompt, max_tokens, min_tokens, stream, eos)
+        else:
+            st = self._submit(prompt, max_tokens, min_tokens, stream, eos)
         try:
             if stream:
                 return await self._stream(
@@ -546,29 +548,24 @@ class SimServer:
                 )
             while not st.finished:
                 await self._wait(st)
-            return self._full_response(st, rid, chat, headers)
+            kv_out = self._hold(st, rid) if hold and st.reason != "abort" else None
+            return self._full_response(st, rid, chat, headers, kv_out)
         finally:
             if not st.finished:  # cancelled (client gone) or failed mid-way
                 self._abort(st)
 
-    async def _generate_pd(
+    async def _submit_pd(
         self,
-        request: web.Request,
-        body: dict[str, Any],
+        params: dict[str, Any],
         prompt: list[int],
-        chat: bool,
-        rid: str,
-        headers: dict[str, str] | None,
         max_tokens: int,
         min_tokens: int,
         eos: bool,
         stream: bool,
-    ) -> web.StreamResponse:
-        """A request carrying kv_transfer_params on a server with a kv_role."""
-        params = body["kv_transfer_params"]
-        opts = body.get("stream_options")
-        include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
-        continuous = include_usage and bool(opts.get("continuous_usage_stats"))
+    ) -> tuple[_Live, bool]:
+        """Submit a request carrying kv_transfer_params on a server with a kv_role: a
+        prefill whose blocks are held for a consumer (then True), or a decode that pulls
+        them first."""
         hold = bool(params.get("do_remote_decode")) and self.kv_ledger is not None and not stream
         pull = None
         if hold:
@@ -584,28 +581,7 @@ class SimServer:
                 self._spawn(self._release_remote(pull, False))
             raise
         st.pull = pull
-        kv_out = None
-        try:
-            if stream:
-                return await self._stream(
-                    request, st, rid, chat, include_usage, continuous, headers
-                )
-            while not st.finished:
-                await self._wait(st)
-            if hold and st.reason != "abort":
-                kv_out = self._hold(st, rid)
-            return self._full_response(st, rid, chat, headers, kv_out)
-        finally:
-            if not st.finished:  # cancelled (client gone) or failed mid-way
-                self._abort(st)
-            elif hold and kv_out is None and st.reason != "abort":
-                # Finished, but its answer never went out: nobody can pull these blocks.
-                now = self.now()
-                self._run_due(now)
-                self.engine.release_held(st.req.request_id, now)
-            if st.pull is not None:  # ended before its first token: the read did not finish
-                self._spawn(self._release_remote(st.pull, False))
-                st.pull = None
+        return st, hold
 
     def _usage(self, st: _Live, full: bool) -> dict[str, Any]:
         p, c = len(st.req.prompt_token_ids), len(st.ids)

@@ -261,6 +261,46 @@ def test_gradient_limit_shrinks_when_latency_climbs_and_grows_only_when_used() -
     assert lim.value() == low  # an unused limit says nothing about more load
 
 
+def _fill(lim: ConcurrencyLimiter, seconds: float, ramp: float | None) -> list[int]:
+    """A backend that always has as many requests as allowed; its limit each second."""
+    t, generated, limits = 0.0, 0.0, []
+    for k in range(int(seconds * 4)):
+        running = float(lim.value())
+        t += 0.25
+        generated += 0.25 * running / _engine_itl(running)
+        lim.on_metrics(_snap(t, generated, running), in_flight=lim.value(), ramp=ramp)
+        if k % 4 == 3:
+            limits.append(lim.value())
+    return limits
+
+
+def test_gradient_growth_is_paced_over_the_ramp_so_an_empty_backend_fills_gradually() -> None:
+    params = ConcurrencyLimit(initial=8, target_itl=0.08)
+    unpaced = _fill(ConcurrencyLimiter(params), 60, None)
+    paced = _fill(ConcurrencyLimiter(params), 60, ramp=30.0)
+    assert unpaced[4] >= 60  # filled within 5 s: every request would end together
+    # Paced: about a request's lifetime (30 s) to fill, with room added every few seconds.
+    assert paced[4] < 30 and 15 <= paced[14] < 60
+    assert paced[-1] >= 60
+    steps = [b - a for a, b in zip(paced, paced[1:30], strict=False)]
+    assert max(steps) <= 6
+
+
+def test_the_ramp_follows_the_output_tokens_requests_ask_for() -> None:
+    fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=4, target_itl=0.05)))
+    eps = [_ep("x")]
+    d = Driver()
+    assert fc.ramp_time() is None  # nobody said: growth unpaced
+    w = _w(tag="1")
+    w.max_tokens = 1000
+    assert fc.admit(w, eps, 0.0, d, d.on_shed) is True
+    assert fc.ramp_time() == pytest.approx(50.0)  # 1,000 tokens x 50 ms
+    w = _w(tag="2")
+    w.max_tokens = 100_000
+    fc.admit(w, eps, 0.0, d, d.on_shed)
+    assert fc.ramp_time() == pytest.approx(120.0)  # capped
+
+
 def test_limit_without_metrics_ramps_by_completions_and_backs_off_on_429() -> None:
     lim = ConcurrencyLimiter(ConcurrencyLimit(initial=4, max=10))
     for _ in range(20):

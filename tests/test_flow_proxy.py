@@ -374,6 +374,7 @@ def test_flow_control_is_observable_in_metrics_admin_dashboard_and_access_log(
     flow = dash["pools"][0]["flow"]
     assert flow["waiting"] == 0 and flow["dispatched_queued"] == 2
     assert flow["shed"]["queue_full"] == 1
+    assert flow["ramp_s"] == 5.0  # max_tokens 2 x target_itl 90 ms, raised to the 5 s floor
     proxy.runner.app[OBS].access_log.flush()  # type: ignore[union-attr]
     lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines()]
     waits = sorted(x["queue_wait_s"] for x in lines if x["route"] == "/v1/completions")

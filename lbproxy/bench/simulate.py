@@ -255,6 +255,7 @@ class FleetSimulator:
             deadline=t,
             payload=a,
             tokens=len(a.ids),
+            max_tokens=a.max_tokens,
         )
         try:
             if not self.flow.admit(w, self.endpoints, t, self, self._shed) and w.state == QUEUED:

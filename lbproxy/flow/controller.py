@@ -44,6 +44,12 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
 - Deadlines (`expire`): a request still waiting `max_wait` after its arrival is shed.
 - `cancel`: a client that left is taken out and never dispatched.
 
+- Ramp: while requests wait, a backend's limit grows no faster than over one expected
+  request lifetime (`flow.limiter`), the lifetime taken as the output tokens requests
+  ask for (`max_tokens`, averaged over recent dispatches) x the limiter's `target_itl`,
+  within [5 s, 120 s]. Requests that say nothing leave growth unpaced, and so does an
+  empty queue (new room then fills only as fast as requests arrive).
+
 The expected wait is (requests that would be served first) / (dispatch rate), the rate
 measured only while requests were waiting (an exponentially weighted count over 10 s of
 backlog), and not used before it has 2 s and 5 dispatches behind it.
@@ -79,6 +85,11 @@ _RATE_MIN_COUNT = 5.0
 # enough that one whose prefix the freed backend holds is usually among them (with 20
 # backends, 64 find one 96% of the time; 16 only 56%, and the rest then go cold).
 _SCAN = 64
+
+# Bounds of the ramp (see `_ramp_time`): seconds over which an empty backend fills.
+_RAMP_MIN = 5.0
+_RAMP_MAX = 120.0
+_RAMP_WEIGHT = 0.02  # weight of each dispatched request in the average asked length
 
 ShedFn = Callable[[Waiter], None]
 
@@ -134,6 +145,7 @@ class FlowController:
         self._t_last = 0.0
         self._backlog_count = 0.0  # decayed dispatches while requests waited
         self._backlog_time = 0.0  # decayed seconds of backlog
+        self._asked_tokens: float | None = None  # average max_tokens of recent dispatches
         self.configure(settings, thresholds or Thresholds())
 
     def configure(self, settings: FlowControl, thresholds: Thresholds) -> None:
@@ -208,7 +220,17 @@ class FlowController:
     def on_metrics(self, ep: Endpoint) -> None:
         """A fresh scrape of `ep` landed: update its limit (then `drain`)."""
         if ep.metrics is not None:
-            self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth)
+            # Paced only while requests wait: new room is then filled at once, all in one
+            # cohort; with nobody waiting it fills as requests arrive.
+            ramp = self.ramp_time() if self.queue.size else None
+            self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
+
+    def ramp_time(self) -> float | None:
+        """Seconds over which an empty backend may fill: one expected request lifetime."""
+        if self._asked_tokens is None:
+            return None
+        t = self._asked_tokens * self._limit_params.target_itl
+        return min(max(t, _RAMP_MIN), _RAMP_MAX)
 
     def on_done(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
         """A request on `ep` ended (its in_flight already decremented; then `drain`)."""
@@ -360,6 +382,11 @@ class FlowController:
         w.state, w.dispatched_at = DISPATCHED, now
         binder.bind(w, decision, now)
         self.limiter(decision.endpoint).sent_tokens += w.tokens
+        if w.max_tokens > 0:
+            a = self._asked_tokens
+            self._asked_tokens = (
+                float(w.max_tokens) if a is None else a + _RAMP_WEIGHT * (w.max_tokens - a)
+            )
 
     def _privileged(self, w: Waiter) -> bool:
         """A waiting request of a higher band than the lowest one waiting, or of a flow with

@@ -31,6 +31,13 @@ where itl = target_itl from either side.
   limit moves toward running + 2, so that what lbproxy holds back waits in lbproxy, in
   order, where it can still go to another backend, rather than in the engine for blocks.
 - A backend answering 429/503 (overloaded) has its limit cut by a tenth.
+- Growth is also paced by the requests' expected duration (`ramp`, seconds, given by the
+  controller from the output tokens they ask for): the limit rises by at most its
+  estimate x (time since the last snapshot) / ramp, so an empty backend fills over about
+  one request's lifetime rather than in a second. Filled at once, a backend's requests
+  (of similar lengths) would all end together, free every slot at once and be replaced
+  at once, cycle after cycle: under overload, a minute of 429s to everyone, then a burst
+  of dispatches. Freed slots are refilled at once as before; only new room is paced.
 - `sent_tokens` counts the prompt tokens sent to the backend since its last scrape, for
   the controller's KV check (see `flow.controller`).
 
@@ -64,6 +71,7 @@ class ConcurrencyLimiter:
         "preemptions",
         "sent_tokens",
         "smoothing",
+        "t_snapshot",
         "target_itl",
     )
 
@@ -79,14 +87,24 @@ class ConcurrencyLimiter:
         self.metered = False  # the backend has reported decode counters
         self.preemptions: float | None = None  # vllm:num_preemptions_total, last seen
         self.sent_tokens = 0  # prompt tokens dispatched since its last fresh snapshot
+        self.t_snapshot: float | None = None  # time of the last snapshot folded in
 
     def value(self) -> int:
         return int(self.limit)
 
-    def on_metrics(self, m: MetricsSnapshot, in_flight: int, queue_depth: float = 5.0) -> bool:
-        """Fold in a fresh snapshot; True if the limit changed."""
+    def on_metrics(
+        self,
+        m: MetricsSnapshot,
+        in_flight: int,
+        queue_depth: float = 5.0,
+        ramp: float | None = None,
+    ) -> bool:
+        """Fold in a fresh snapshot; True if the limit changed. `ramp`: the seconds over
+        which an empty backend may fill (None: growth is not paced)."""
         if not self.decode.observe(m, in_flight):
             return False
+        dt = 0.0 if self.t_snapshot is None else max(0.0, m.time - self.t_snapshot)
+        self.t_snapshot = m.time
         self.metered = True
         self.sent_tokens = 0
         itl = self.itl = self.decode.itl()
@@ -119,6 +137,8 @@ class ConcurrencyLimiter:
             new = old + self.smoothing * (estimate - old)
         elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * old:
             new = old + self.smoothing * (min(estimate, old * self.max_growth) - old)
+            if ramp:
+                new = min(new, old + estimate * dt / ramp)
         else:
             return False
         self.limit = min(max(new, self.lo), self.hi)

@@ -28,6 +28,7 @@ class Waiter:
     deadline: float
     payload: Any = None
     tokens: int = 0  # estimated prompt tokens (the KV blocks it will take at once)
+    max_tokens: int = 0  # output tokens it asks for at most (0: not said)
     state: int = QUEUED
     shed_reason: str = ""
     dispatched_at: float | None = None

@@ -127,7 +127,7 @@ class FlowGate:
         waited. `tokens`: an estimate of its prompt tokens. Raises Overloaded (shed) or
         NoBackend."""
         held = _Held(ctx)
-        w = Waiter(priority, flow, now, now, held, tokens)
+        w = Waiter(priority, flow, now, now, held, tokens, _asked_tokens(ctx.body))
         ctl = self.controller
         try:
             if ctl.admit(w, self.pool.serving, now, self, self._shed):
@@ -225,6 +225,7 @@ class FlowGate:
             "shed": dict(ctl.shed_counts),
             "max_queue": ctl.max_queue,
             "max_wait_s": ctl.max_wait,
+            "ramp_s": ctl.ramp_time(),
         }
 
     def backend_json(self, ep: Endpoint) -> dict[str, object]:
@@ -272,3 +273,12 @@ class FlowGate:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._timer_at = None
+
+
+def _asked_tokens(body: Mapping[str, object]) -> int:
+    """The output tokens a request asks for at most (0: not said), for flow control's ramp."""
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return 0

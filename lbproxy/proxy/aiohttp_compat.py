@@ -50,9 +50,10 @@ Routing (aiohttp.web_urldispatcher):
 Sites (aiohttp.web_runner):
 - `TCPSite._server`: the port a site listening on port 0 got.
 
-Client side (aiohttp.client_proto):
-- `ClientResponse.connection.protocol.read_timeout`: the longest gap between two body
-  chunks of one upstream response, set once its headers are in.
+Response bodies (aiohttp.http_writer):
+- `StreamWriter._headers_buf`, `._headers_written`, `._send_headers_with_payload`,
+  `._write_chunked_payload`, `._write`, `.length`: write a body piece from a protocol
+  callback, without `write`'s await (`write_now`: the upstream relay, lbproxy/proxy/upstream.py).
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ TESTED_RANGE = ">=3.14.4,<4"
 _TESTED = f"lbproxy is tested with aiohttp{TESTED_RANGE}"
 
 try:
-    from aiohttp.client_proto import ResponseHandler
     from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
     from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
     from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -104,23 +104,34 @@ __all__ = [
     "payload_writer",
     "replace_default_expect_handlers",
     "send_100_continue",
-    "set_read_timeout",
+    "write_now",
     "writer_ended",
 ]
 
 
-# --- Client side -------------------------------------------------------------------
+# --- Response bodies ------------------------------------------------------------------
 
 
-def set_read_timeout(upstream: aiohttp.ClientResponse, seconds: float | None) -> None:
-    """Bound the gap between two chunks of `upstream`'s body (its headers are in).
-
-    aiohttp re-arms its read timer when data arrives, so this bounds the gaps from the
-    next chunk on; the gap running now keeps the timeout it started with (lbproxy's
-    first-byte timeout)."""
-    conn = upstream.connection
-    if conn is not None and conn.protocol is not None:
-        conn.protocol.read_timeout = seconds
+def write_now(writer: AbstractStreamWriter, chunk: bytes) -> None:
+    """`StreamWriter.write(chunk)` without its await, for a prepared response of lbproxy
+    (no compression, no chunk-sent signal): the buffered head goes with the first piece,
+    chunked framing when the response is chunked. Raises ConnectionResetError when the
+    client's transport is closing. Backpressure is the caller's (see forward._BodyRelay)."""
+    w: Any = writer
+    if w.length is not None:  # a sized body: never past the declared length
+        if w.length >= len(chunk):
+            w.length -= len(chunk)
+        else:
+            chunk = chunk[: w.length]
+            w.length = 0
+            if not chunk:
+                return
+    if w._headers_buf and not w._headers_written:
+        w._send_headers_with_payload(chunk, False)
+    elif w.chunked:
+        w._write_chunked_payload(chunk)
+    else:
+        w._write(chunk)
 
 
 # --- Sites and routes ----------------------------------------------------------------
@@ -339,9 +350,13 @@ def check() -> None:
     attrs = web.Request.ATTRS
     missing.extend(f"Request.{n}" for n in ("_read_bytes", "_payload_writer") if n not in attrs)
     need(web.TCPSite, "TCPSite", "_server")
-    read_timeout = getattr(ResponseHandler, "read_timeout", None)
-    if not isinstance(read_timeout, property) or read_timeout.fset is None:
-        missing.append("client_proto.ResponseHandler.read_timeout (settable)")
+    need(
+        StreamWriter,
+        "StreamWriter",
+        "_send_headers_with_payload",
+        "_write_chunked_payload",
+        "_write",
+    )
     # Instance state: build the real objects on a loop that never runs.
     loop = asyncio.new_event_loop()
     try:
@@ -388,7 +403,8 @@ def check() -> None:
         except TypeError as e:
             missing.append(f"web_protocol._ErrInfo(status, exc, message) ({e})")
         writer = StreamWriter(conn, loop)
-        need(writer, "StreamWriter", "_eof", "output_size")
+        need(writer, "StreamWriter", "_eof", "output_size", "_headers_buf", "_headers_written")
+        need(writer, "StreamWriter", "length", "chunked")
         route = web.Application().router.add_get("/", handler)
         if getattr(route, "_expect_handler", None) is not _default_expect_handler:
             missing.append("ResourceRoute._expect_handler (the default one)")

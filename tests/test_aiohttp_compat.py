@@ -178,6 +178,33 @@ async def test_write_now_frames_as_write_does(runners: list) -> None:
     assert len(raised) == 1
 
 
+async def test_hold_head_sends_the_head_with_the_first_body_bytes(runners: list) -> None:
+    async def held(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 2
+        compat.hold_head(resp)
+        await resp.prepare(request)
+        await asyncio.sleep(0.5)
+        writer = compat.payload_writer(request)
+        assert writer is not None
+        compat.write_now(writer, b"ok")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", held)
+    runner = web.AppRunner(app)
+    runners.append(runner)
+    _, port = await serve(runner)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(TimeoutError):  # prepared, but nothing sent yet
+        async with asyncio.timeout(0.2):
+            await reader.read(1)
+    assert await read_response(reader) == (200, b"ok")
+    writer.close()
+
+
 # --- Sites and routes -------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ Response bodies (aiohttp.http_writer):
 - `StreamWriter._headers_buf`, `._headers_written`, `._send_headers_with_payload`,
   `._write_chunked_payload`, `._write`, `.length`: write a body piece from a protocol
   callback, without `write`'s await (`write_now`: the upstream relay, lbproxy/proxy/upstream.py).
+- `StreamResponse._send_headers_immediately`: keep a prepared response's head back until
+  its first body bytes, to send both in one write (`hold_head`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ __all__ = [
     "StreamReader",
     "bound_port",
     "check",
+    "hold_head",
     "new_request",
     "no_lingering_close",
     "parse_error_message",
@@ -110,6 +113,12 @@ __all__ = [
 
 
 # --- Response bodies ------------------------------------------------------------------
+
+
+def hold_head(resp: web.StreamResponse) -> None:
+    """Before `prepare`: the head waits for the first body bytes (one write for both),
+    as `web.Response`'s does."""
+    resp._send_headers_immediately = False  # type: ignore[attr-defined]
 
 
 def write_now(writer: AbstractStreamWriter, chunk: bytes) -> None:
@@ -347,6 +356,7 @@ def check() -> None:
     need(web.Application, "Application", "_make_request")
     need(RequestHandler, "RequestHandler", "_handle_request")
     need(web.Request, "Request", "_prepare_hook")
+    need(web.StreamResponse, "StreamResponse", "_send_headers_immediately")
     attrs = web.Request.ATTRS
     missing.extend(f"Request.{n}" for n in ("_read_bytes", "_payload_writer") if n not in attrs)
     need(web.TCPSite, "TCPSite", "_server")

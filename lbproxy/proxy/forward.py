@@ -36,7 +36,7 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
-from lbproxy.proxy.aiohttp_compat import payload_writer, write_now
+from lbproxy.proxy.aiohttp_compat import hold_head, payload_writer, write_now
 from lbproxy.proxy.auth import Authenticator
 from lbproxy.proxy.disagg import serve_disaggregated
 from lbproxy.proxy.errors import (
@@ -378,7 +378,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         s = self.settings
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
-        resp.headers.extend(downstream_headers(upstream.headers))
+        resp.headers.extend(downstream_headers(upstream.raw_headers))
         resp.headers[s.request_id_header] = request_id
         if s.expose_backend_header:
             resp.headers["x-lbproxy-backend"] = ep.name
@@ -395,6 +395,8 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         body = _BodyRelay(self.progress, ep, t_sent, loop.time)
         ex.ended = "client_disconnect"  # unless the body ends or the backend fails first
+        if upstream.buffered or upstream.ended:  # the body (or its start) is here already
+            hold_head(resp)
         try:
             await resp.prepare(request)
             writer = payload_writer(request)

@@ -111,6 +111,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
+        self.used = False  # a request went out on it (so it is a kept-alive one)
+        self.received = False  # a byte came back for the request in progress
         self.idle_since = 0.0
         self.resp: UpstreamResponse | None = None
 
@@ -124,12 +126,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         r.last_read = self.loop.time()
+        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             r.fail(BadUpstreamResponse("the backend switched protocols"))
         except httptools.HttpParserError as e:
             r.fail(BadUpstreamResponse(f"the backend's answer is not HTTP/1.1: {e}"))
+        finally:
+            # The body pieces of one read go on as one write (a burst of small chunks
+            # is one write to the client, not one each).
+            if r.buffered and r.sink is not None:
+                r.flush()
 
     def eof_received(self) -> bool:
         return False  # close our end too
@@ -176,10 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not r.got_body:  # from now on the idle timeout bounds the gaps
             r.got_body = True
             r.rearm()
-        if r.sink is not None:
-            r.sink(body)
-        else:
-            r.buffered.append(body)
+        r.buffered.append(body)
 
     def on_message_complete(self) -> None:
         r = self.resp
@@ -350,12 +355,17 @@ class UpstreamResponse:
 
     # -- the body
     def relay_to(self, sink: Callable[[bytes], None]) -> None:
-        """From now on each body piece goes to `sink` as it arrives (and those already
-        here, at once). The idle timeout starts counting body gaps from the first piece."""
+        """From now on the body bytes of each read from the backend go to `sink` at once
+        (and those already here, now)."""
         self.sink = sink
-        buffered, self.buffered = self.buffered, []
-        for b in buffered:
-            sink(b)
+        if self.buffered:
+            self.flush()
+
+    def flush(self) -> None:
+        b = self.buffered
+        self.buffered = []
+        assert self.sink is not None
+        self.sink(b[0] if len(b) == 1 else b"".join(b))
 
     def pause(self) -> None:
         """The sink's other side is full: stop reading from the backend."""
@@ -462,9 +472,9 @@ class UpstreamClient:
             o = self._origins[base] = _Origin(base)
         return o
 
-    async def _connection(self, o: _Origin) -> UpstreamConnection:
+    async def _connection(self, o: _Origin, reuse: bool = True) -> UpstreamConnection:
         idle = self._idle.get(o.key)
-        while idle:
+        while idle and reuse:
             conn = idle.pop()  # the most recently used: the others may idle out
             if not conn.lost:
                 return conn
@@ -500,7 +510,6 @@ class UpstreamClient:
             # Percent-encoding normalised as aiohttp's client (yarl) did: `/%76%31/x` goes
             # up as `/v1/x`, a `"` as `%22`.
             target = URL(target).raw_path_qs
-        conn = await self._connection(o)
         head = [f"POST {o.prefix}{target} HTTP/1.1\r\nHost: {o.host_header}\r\n"]
         auth = o.auth
         for k, v in headers.items():
@@ -511,17 +520,30 @@ class UpstreamClient:
         head.append(f"Content-Length: {len(body)}\r\n\r\n")
         data = "".join(head).encode("utf-8", "surrogateescape") + body
         fb = self.first_byte_timeout if first_byte_timeout is None else first_byte_timeout
-        r = conn.resp = UpstreamResponse(conn, fb, self.idle_timeout)
-        if total_timeout is not None:
-            r.set_total_timeout(total_timeout)
-        assert conn.transport is not None
-        conn.transport.write(data)
-        try:
-            await r.start()
-        except BaseException:
-            r.release()  # not ended: the connection closes (vLLM aborts the request)
-            raise
-        return r
+        conn = await self._connection(o)
+        reused = conn.used
+        while True:
+            conn.used = True
+            conn.received = False
+            r = conn.resp = UpstreamResponse(conn, fb, self.idle_timeout)
+            if total_timeout is not None:
+                r.set_total_timeout(total_timeout)
+            assert conn.transport is not None
+            conn.transport.write(data)
+            try:
+                await r.start()
+                return r
+            except UpstreamDisconnected:
+                r.release()
+                if not reused or conn.received:
+                    raise
+                # A kept-alive connection the backend closed as we reused it (its idle
+                # timeout): it never read the request. Once more, on a new connection.
+                conn = await self._connection(o, reuse=False)
+                reused = False
+            except BaseException:
+                r.release()  # not ended: the connection closes (vLLM aborts the request)
+                raise
 
     def post(
         self, url: str, *, data: bytes, headers: CIMultiDict[str], timeout: Any = None

@@ -258,3 +258,43 @@ async def test_a_kept_alive_connection_closed_by_the_backend_is_not_a_failure(
         r = await client.request(base, "/v1/x", b"{}", _h())
         assert await r.read() == b"ok"
     assert len(backend.requests) == 3 and backend.connections >= 3
+
+
+def test_nothing_follows_a_stream_cut_at_the_shutdown_deadline(
+    loop_thread: Any, fake_backends: Any, run_proxy: Any
+) -> None:
+    """The shutdown's cut ends a stream (error event, [DONE], last chunk) from outside the
+    relay, while the backend keeps sending: no byte of it may follow the end."""
+    (backend,) = fake_backends(1, chunk_delay=0.0005)
+    proxy = run_proxy(proxy_config([backend]))
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = b'{"model": "fake-model", "prompt": "x", "max_tokens": 20000, "stream": true}'
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    sock.settimeout(10)
+    raw = b""
+    while raw.count(b"data: ") < 20:
+        raw += sock.recv(65536)
+
+    async def cut() -> int:
+        return proxy.runner.cut_in_flight()
+
+    assert loop_thread.run(cut()) == 1
+    while chunk := sock.recv(65536):
+        raw += chunk
+    sock.close()
+    rest = raw.partition(b"\r\n\r\n")[2]
+    decoded = b""
+    while True:  # chunked framing, strictly: a stray byte after the end is a failure
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n", rest[:200]
+            break
+        decoded += rest[:size]
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+    assert decoded.endswith(b"data: [DONE]\n\n")
+    assert b"server_shutting_down" in decoded

@@ -125,8 +125,12 @@ def write_now(writer: AbstractStreamWriter, chunk: bytes) -> None:
     """`StreamWriter.write(chunk)` without its await, for a prepared response of lbproxy
     (no compression, no chunk-sent signal): the buffered head goes with the first piece,
     chunked framing when the response is chunked. Raises ConnectionResetError when the
-    client's transport is closing. Backpressure is the caller's (see forward._BodyRelay)."""
+    client's transport is closing, or when the response was ended by someone else (the
+    shutdown's cut, see lifecycle._end_response): nothing may follow its end. Backpressure
+    is the caller's (see forward._BodyRelay)."""
     w: Any = writer
+    if w._eof:
+        raise ConnectionResetError("the response has ended")
     if w.length is not None:  # a sized body: never past the declared length
         if w.length >= len(chunk):
             w.length -= len(chunk)

@@ -13,6 +13,7 @@ import pytest
 from multidict import CIMultiDict
 
 from lbproxy.proxy.upstream import (
+    BadUpstreamResponse,
     UpstreamClient,
     UpstreamConnectError,
     UpstreamDisconnected,
@@ -298,3 +299,23 @@ def test_nothing_follows_a_stream_cut_at_the_shutdown_deadline(
         rest = rest[size + 2 :]
     assert decoded.endswith(b"data: [DONE]\n\n")
     assert b"server_shutting_down" in decoded
+
+
+async def test_a_head_too_large_or_not_http_is_a_bad_response(
+    raw_backend: Any, client: UpstreamClient
+) -> None:
+    answers = [
+        b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await backend.read_request(reader)
+        writer.write(answers[len(backend.requests) - 1])
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    backend = await raw_backend(handler)
+    for _ in answers:
+        with pytest.raises(BadUpstreamResponse):
+            await client.request(f"http://127.0.0.1:{backend.port}", "/v1/x", b"{}", _h())

@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 __all__ = [
@@ -68,6 +68,9 @@ class BadUpstreamResponse(aiohttp.ClientPayloadError):
 
 
 _SSL: ssl.SSLContext | None = None
+# The most header bytes a backend's response may have (aiohttp's client allowed 8190 per
+# line): a bound on what a broken backend can make lbproxy hold.
+MAX_HEAD_BYTES = 65536
 # A request target that needs no normalisation (the usual `/v1/chat/completions`).
 _PLAIN_TARGET = re.compile(r"[A-Za-z0-9/_.~?=&-]*")
 
@@ -131,6 +134,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             r.fail(BadUpstreamResponse("the backend switched protocols"))
+        except httptools.HttpParserCallbackError as e:  # ours (the head bound)
+            r.fail(BadUpstreamResponse(f"the backend's answer is refused: {e.__context__}"))
         except httptools.HttpParserError as e:
             r.fail(BadUpstreamResponse(f"the backend's answer is not HTTP/1.1: {e}"))
         finally:
@@ -163,8 +168,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.resp.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.resp is not None
-        self.resp.raw_headers.append((name, value))
+        r = self.resp
+        assert r is not None
+        r.head_bytes += len(name) + len(value)
+        if r.head_bytes > MAX_HEAD_BYTES:  # raising here makes feed_data raise
+            raise BadUpstreamResponse(f"response head over {MAX_HEAD_BYTES} bytes")
+        r.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         r = self.resp
@@ -203,7 +212,6 @@ class UpstreamResponse:
 
     __slots__ = (
         "_deadline",
-        "_headers",
         "_timer",
         "_waiter",
         "buffered",
@@ -212,6 +220,7 @@ class UpstreamResponse:
         "error",
         "first_byte_timeout",
         "got_body",
+        "head_bytes",
         "head_done",
         "idle_timeout",
         "keep_alive",
@@ -231,7 +240,7 @@ class UpstreamResponse:
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self._headers: CIMultiDictProxy[str] | None = None
+        self.head_bytes = 0
         self.keep_alive = False
         self.until_close = False
         self.head_done = False
@@ -331,15 +340,6 @@ class UpstreamResponse:
         if not self.head_done:
             assert self.error is not None
             raise self.error
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        if self._headers is None:
-            h: CIMultiDict[str] = CIMultiDict()
-            for k, v in self.raw_headers:
-                h.add(k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
-            self._headers = CIMultiDictProxy(h)
-        return self._headers
 
     def header(self, name: bytes) -> bytes | None:
         """One header's raw value (name in lower case), without building the multidict."""

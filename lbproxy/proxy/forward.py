@@ -7,6 +7,11 @@ retried on the next one in the decision's ranking; after it, a failure ends an S
 stream with an error event (any other body is cut by closing the connection, so the
 client sees a truncated body rather than a complete-looking one).
 
+The upstream leg is lbproxy/proxy/upstream.py (asyncio.Protocol, httptools, keep-alive
+pools): the body bytes of each read from a backend are written to the client's transport
+from the protocol's callback (`_BodyRelay`), with no coroutine per chunk; while the
+client's write buffer is over its high-water mark, reading from the backend is paused.
+
 With client keys configured (`auth`), a request is admitted before its body is read (one
 constant-time check, and a per-key in-flight count when limited). Every attempt's outcome
 goes to the circuit breaker (`record_outcome`, see `signals.health`), and when it got its
@@ -443,7 +448,8 @@ class Forwarder:
             return resp
         except ConnectionError:  # the client left while lbproxy wrote to it
             log.debug("request %s: the client left mid-response", request_id)
-            ex.ended = "client_disconnect"
+            if upstream.ended and upstream.error is None:  # a backend failure stays one
+                ex.ended = "client_disconnect"
             return resp
         finally:
             clean = upstream.ended and upstream.error is None

@@ -257,7 +257,14 @@ def main() -> int:
     ap.add_argument("--base", help="another lbproxy checkout, measured in turns with this one")
     ap.add_argument("--base-label", default="base")
     ap.add_argument("--out", help="write the raw results as JSON to this file")
+    ap.add_argument("--table", help="print the table of a results file, run nothing")
     args = ap.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        labels = {k.split(" | ")[1] for k in saved["results"]} - {"direct"}
+        base = args.base_label if args.base_label in labels else None
+        print_table(saved["results"], args, base)
+        return 0
 
     checkouts = [(args.label, ROOT)]
     if args.base:
@@ -297,15 +304,31 @@ def main() -> int:
         Path(args.out).write_text(
             json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
         )
+    print_table(results, args, args.base_label if args.base else None)
+    return 0
+
+
+def print_table(results: dict, args: argparse.Namespace, base: str | None) -> None:
+    """Medians; with a base checkout also the median of the per-repeat CPU ratios (each
+    repeat measured both in turns, so a busy spell of the machine weighs on both)."""
     print(f"\nlbproxy data-path cost, {args.concurrency} connections, median of {args.repeat}")
-    print("| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk "
+        "| CPU vs base |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         case, via = key.split(" | ")
         cpu = f"{r['cpu_ms_per_request']:.3f}" if "cpu_ms_per_request" in r else ""
         chunk = f"{r['cpu_us_per_chunk']:.1f}" if "cpu_us_per_chunk" in r else ""
-        print(f"| {case} | {via} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {cpu} | {chunk} |")
-    return 0
+        ratio = ""
+        if base and via not in (base, "direct") and f"{case} | {base}" in results:
+            pairs = zip(r["runs"], results[f"{case} | {base}"]["runs"], strict=True)
+            ratios = [a["cpu_ms_per_request"] / b["cpu_ms_per_request"] for a, b in pairs]
+            ratio = f"{statistics.median(ratios):.2f}x"
+        print(
+            f"| {case} | {via} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {cpu} | {chunk} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

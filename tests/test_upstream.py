@@ -319,3 +319,22 @@ async def test_a_head_too_large_or_not_http_is_a_bad_response(
     for _ in answers:
         with pytest.raises(BadUpstreamResponse):
             await client.request(f"http://127.0.0.1:{backend.port}", "/v1/x", b"{}", _h())
+
+
+async def test_a_backend_by_name_is_reached_and_its_addresses_kept(
+    raw_backend: Any, client: UpstreamClient
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await backend.read_request(reader)
+        await asyncio.sleep(0.2)  # all requests in flight at once: one connection each
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    backend = await raw_backend(handler)
+    base = f"http://localhost:{backend.port}"  # ::1 may come first: refused, then 127.0.0.1
+    answers = await asyncio.gather(*(client.request(base, "/v1/x", b"{}", _h()) for _ in range(5)))
+    assert [await r.read() for r in answers] == [b"ok"] * 5
+    assert backend.connections == 5
+    origin = client._origins[base]
+    assert "127.0.0.1" in origin.addresses and origin.resolved_at > 0
+    assert f"Host: localhost:{backend.port}\r\n".encode() in backend.requests[0]

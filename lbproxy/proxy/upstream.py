@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +70,8 @@ class BadUpstreamResponse(aiohttp.ClientPayloadError):
 
 
 _SSL: ssl.SSLContext | None = None
+# How long a backend name's resolved address is used for new connections (seconds).
+DNS_TTL = 10.0
 # The most header bytes a backend's response may have (aiohttp's client allowed 8190 per
 # line): a bound on what a broken backend can make lbproxy hold.
 MAX_HEAD_BYTES = 65536
@@ -85,7 +89,18 @@ def _ssl_context() -> ssl.SSLContext:
 class _Origin:
     """Where a backend URL points: address, TLS, Host header and path prefix."""
 
-    __slots__ = ("auth", "host", "host_header", "key", "port", "prefix", "tls")
+    __slots__ = (
+        "addresses",
+        "auth",
+        "host",
+        "host_header",
+        "key",
+        "literal",
+        "port",
+        "prefix",
+        "resolved_at",
+        "tls",
+    )
 
     def __init__(self, url: str) -> None:
         u = urlsplit(url)
@@ -97,6 +112,13 @@ class _Origin:
         self.host_header = host if self.port == default else f"{host}:{self.port}"
         self.prefix = u.path.rstrip("/")
         self.key = (self.host, self.port, self.tls)
+        try:
+            ipaddress.ip_address(self.host)
+            self.literal = True
+        except ValueError:
+            self.literal = False
+        self.addresses = [self.host]  # a name's, once resolved (UpstreamClient._addresses)
+        self.resolved_at = -DNS_TTL
         # Credentials in the URL: sent as Basic auth (they are the backend's own).
         self.auth: str | None = None
         if u.username is not None:
@@ -480,19 +502,39 @@ class UpstreamClient:
                 return conn
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self, o.key),
-                    o.host,
-                    o.port,
-                    ssl=_ssl_context() if o.tls else None,
-                )
+                addresses = await self._addresses(o)
+                for i, address in enumerate(addresses):  # each address of the name in turn
+                    try:
+                        _, conn = await self.loop.create_connection(
+                            lambda: UpstreamConnection(self, o.key),
+                            address,
+                            o.port,
+                            ssl=_ssl_context() if o.tls else None,
+                            server_hostname=o.host if o.tls else None,
+                        )
+                        break
+                    except OSError:
+                        if i == len(addresses) - 1:
+                            raise
         except TimeoutError:
+            o.resolved_at = -DNS_TTL  # resolve again next time
             raise UpstreamConnectTimeout(
                 f"no connection to {o.host}:{o.port} within {self.connect_timeout:g}s"
             ) from None
         except OSError as e:
+            o.resolved_at = -DNS_TTL
             raise UpstreamConnectError(f"cannot connect to {o.host}:{o.port}: {e}") from e
         return conn
+
+    async def _addresses(self, o: _Origin) -> list[str]:
+        """The backend's addresses: a name is resolved at most every DNS_TTL seconds (as
+        aiohttp's client did), not for each new connection of a burst."""
+        now = self.loop.time()
+        if not o.literal and now - o.resolved_at >= DNS_TTL:
+            infos = await self.loop.getaddrinfo(o.host, o.port, type=socket.SOCK_STREAM)
+            o.addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            o.resolved_at = now
+        return o.addresses
 
     async def request(
         self,

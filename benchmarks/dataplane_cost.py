@@ -258,6 +258,7 @@ def main() -> int:
     ap.add_argument("--base-label", default="base")
     ap.add_argument("--out", help="write the raw results as JSON to this file")
     ap.add_argument("--table", help="print the table of a results file, run nothing")
+    ap.add_argument("--only", help="run only the cases of these names (comma-separated)")
     args = ap.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
@@ -266,6 +267,9 @@ def main() -> int:
         print_table(saved["results"], args, base)
         return 0
 
+    if args.only:
+        global CASES
+        CASES = tuple(c for c in CASES if c.name in args.only.split(","))
     checkouts = [(args.label, ROOT)]
     if args.base:
         checkouts.append((args.base_label, Path(args.base).resolve()))

@@ -129,9 +129,17 @@ async def test_write_now_frames_as_write_does(runners: list) -> None:
         await resp.prepare(request)
         writer = compat.payload_writer(request)
         assert writer is not None
+        assert request.transport is not None
+        assert compat.chunk_sender(writer, request.transport) is None  # the head is not out
         compat.write_now(writer, b"data: 1\n\n")
-        compat.write_now(writer, b"data: 2\n\n")
+        send = compat.chunk_sender(writer, request.transport)
+        assert send is not None
+        send(b"data: 2\n\n")
         await resp.write_eof()
+        try:  # nothing after the end, this way either
+            send(b"data: 3\n\n")
+        except ConnectionResetError as e:
+            raised.append(e)
         try:  # nothing after the end (a shutdown's cut ends a stream from outside)
             compat.write_now(writer, b"data: 3\n\n")
         except ConnectionResetError as e:
@@ -145,6 +153,8 @@ async def test_write_now_frames_as_write_does(runners: list) -> None:
         writer = compat.payload_writer(request)
         assert writer is not None
         compat.write_now(writer, b"abc")
+        assert request.transport is not None
+        assert compat.chunk_sender(writer, request.transport) is None  # sized: write_now
         compat.write_now(writer, b"defgh")  # past the length: clipped
         compat.write_now(writer, b"ij")  # nothing left: dropped
         await resp.write_eof()
@@ -179,7 +189,7 @@ async def test_write_now_frames_as_write_does(runners: list) -> None:
     writer.write(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
     assert await closed_within(reader, 5)
     writer.close()
-    assert len(raised) == 2
+    assert len(raised) == 3
 
 
 async def test_hold_head_sends_the_head_with_the_first_body_bytes(runners: list) -> None:

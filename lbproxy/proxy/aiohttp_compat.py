@@ -100,6 +100,7 @@ __all__ = [
     "StreamReader",
     "bound_port",
     "check",
+    "chunk_sender",
     "hold_head",
     "new_request",
     "no_lingering_close",
@@ -113,6 +114,23 @@ __all__ = [
 
 
 # --- Response bodies ------------------------------------------------------------------
+
+
+def chunk_sender(writer: AbstractStreamWriter, transport: Any) -> Callable[[bytes], None] | None:
+    """For a chunked response whose head is out: a function that writes one body piece as
+    one chunk, as `write_now` would but with less on the way (the per-chunk path of a
+    stream); None when `writer` is anything else (use `write_now`)."""
+    w: Any = writer
+    if not w.chunked or w._headers_buf or not w._headers_written or w._compress is not None:
+        return None
+
+    def send(chunk: bytes) -> None:
+        if w._eof or transport.is_closing():
+            raise ConnectionResetError("the response has ended or its client left")
+        w.output_size += len(chunk)
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+    return send
 
 
 def hold_head(resp: web.StreamResponse) -> None:
@@ -418,7 +436,7 @@ def check() -> None:
             missing.append(f"web_protocol._ErrInfo(status, exc, message) ({e})")
         writer = StreamWriter(conn, loop)
         need(writer, "StreamWriter", "_eof", "output_size", "_headers_buf", "_headers_written")
-        need(writer, "StreamWriter", "length", "chunked")
+        need(writer, "StreamWriter", "length", "chunked", "_compress")
         route = web.Application().router.add_get("/", handler)
         if getattr(route, "_expect_handler", None) is not _default_expect_handler:
             missing.append("ResourceRoute._expect_handler (the default one)")

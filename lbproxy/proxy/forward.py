@@ -41,7 +41,7 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
-from lbproxy.proxy.aiohttp_compat import hold_head, payload_writer, write_now
+from lbproxy.proxy.aiohttp_compat import chunk_sender, hold_head, payload_writer, write_now
 from lbproxy.proxy.auth import Authenticator
 from lbproxy.proxy.disagg import serve_disaggregated
 from lbproxy.proxy.errors import (
@@ -482,6 +482,7 @@ class _BodyRelay:
         "last",
         "prev",
         "progress",
+        "send",
         "t_first",
         "t_sent",
         "transport",
@@ -502,6 +503,7 @@ class _BodyRelay:
     def start(self, upstream: UpstreamResponse, writer: Any, transport: Any) -> None:
         self.upstream, self.writer, self.transport = upstream, writer, transport
         self.high = transport.get_write_buffer_limits()[1]
+        self.send: Callable[[bytes], None] | None = None  # once the head is out, if chunked
         upstream.relay_to(self)
 
     def __call__(self, chunk: bytes) -> None:
@@ -511,7 +513,11 @@ class _BodyRelay:
         self.chunks += 1
         self.prev, self.last = self.last, chunk
         try:
-            write_now(self.writer, chunk)
+            if self.send is not None:
+                self.send(chunk)
+            else:
+                write_now(self.writer, chunk)  # the first piece takes the head along
+                self.send = chunk_sender(self.writer, self.transport)
         except ConnectionError:  # the client is gone: so is the upstream request
             self.client_left = True
             self.upstream.close()

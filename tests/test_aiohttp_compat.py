@@ -126,6 +126,7 @@ async def test_write_now_frames_as_write_does(runners: list) -> None:
 
     async def chunked(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        compat.hold_head(resp)
         await resp.prepare(request)
         writer = compat.payload_writer(request)
         assert writer is not None

@@ -35,7 +35,7 @@ PROXY_PORT_OFF = 18902  # the second proxy of --flow-control both
 MODEL = "bench-model"
 
 BACKEND_CODE = r"""
-import sys, orjson
+import asyncio, sys, orjson
 from aiohttp import web
 N_STREAM = int(sys.argv[2])
 CHUNK = b"data: " + orjson.dumps({"id": "c", "object": "text_completion", "created": 1,
@@ -47,9 +47,14 @@ FULL = orjson.dumps({"id": "c", "object": "text_completion", "created": 1, "mode
 async def completions(request):
     body = await request.read()
     if b'"stream": true' in body or b'"stream":true' in body:
+        # x-chunks / x-pace-ms (benchmarks/dataplane_cost.py): chunk count, pause per chunk
+        n = int(request.headers.get("x-chunks", N_STREAM))
+        pace = float(request.headers.get("x-pace-ms", 0)) / 1e3
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        for _ in range(N_STREAM):
+        for _ in range(n):
+            if pace:
+                await asyncio.sleep(pace)
             await resp.write(CHUNK)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

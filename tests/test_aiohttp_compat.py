@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_writer import StreamWriter
 
 from lbproxy.proxy import aiohttp_compat as compat
 from lbproxy.proxy.aiohttp_compat import (
@@ -48,9 +47,9 @@ def test_check_names_a_missing_method(monkeypatch: pytest.MonkeyPatch) -> None:
     assert aiohttp.__version__ in str(e.value)
 
 
-def test_check_names_a_read_only_read_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ResponseHandler, "read_timeout", property(lambda self: None))
-    with pytest.raises(RuntimeError, match=r"ResponseHandler\.read_timeout"):
+def test_check_names_a_missing_writer_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(StreamWriter, "_write_chunked_payload")
+    with pytest.raises(RuntimeError, match=r"StreamWriter\._write_chunked_payload"):
         compat.check()
 
 
@@ -117,52 +116,108 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     return True
 
 
-# --- Client side ------------------------------------------------------------------------
+# --- Response bodies --------------------------------------------------------------------
 
 
-@pytest.fixture
-async def pausing_backend() -> AsyncIterator[int]:
-    """Sends headers and 2 bytes of its body, pauses 0.3 s, sends 3, pauses 1.5 s, then
-    sends the rest."""
+async def test_write_now_frames_as_write_does(runners: list) -> None:
+    """Pieces written from a callback: head with the first, chunked framing when chunked,
+    a sized body clipped at its length; a closed client raises ConnectionResetError."""
+    raised: list[BaseException] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        compat.hold_head(resp)
+        await resp.prepare(request)
+        writer = compat.payload_writer(request)
+        assert writer is not None
+        assert request.transport is not None
+        assert compat.chunk_sender(writer, request.transport) is None  # the head is not out
+        compat.write_now(writer, b"data: 1\n\n")
+        send = compat.chunk_sender(writer, request.transport)
+        assert send is not None
+        send(b"data: 2\n\n")
+        await resp.write_eof()
+        try:  # nothing after the end, this way either
+            send(b"data: 3\n\n")
+        except ConnectionResetError as e:
+            raised.append(e)
+        try:  # nothing after the end (a shutdown's cut ends a stream from outside)
+            compat.write_now(writer, b"data: 3\n\n")
+        except ConnectionResetError as e:
+            raised.append(e)
+        return resp
+
+    async def sized(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 5
+        await resp.prepare(request)
+        writer = compat.payload_writer(request)
+        assert writer is not None
+        compat.write_now(writer, b"abc")
+        assert request.transport is not None
+        assert compat.chunk_sender(writer, request.transport) is None  # sized: write_now
+        compat.write_now(writer, b"defgh")  # past the length: clipped
+        compat.write_now(writer, b"ij")  # nothing left: dropped
+        await resp.write_eof()
+        return resp
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        writer = compat.payload_writer(request)
+        assert writer is not None and request.transport is not None
+        request.transport.close()
         try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01")
-            await writer.drain()
-            await asyncio.sleep(0.3)
-            writer.write(b"234")
-            await writer.drain()
-            await asyncio.sleep(1.5)
-            writer.write(b"56789")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+            compat.write_now(writer, b"x")
+        except ConnectionResetError as e:
+            raised.append(e)
+        return resp
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
+    app = web.Application()
+    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/sized", sized)
+    app.router.add_get("/cut", cut)
+    runner = web.AppRunner(app)
+    runners.append(runner)
+    _, port = await serve(runner)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+    assert raw.endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n")
+    writer.write(b"GET /sized HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = await read_response(reader)
+    assert (status, body) == (200, b"abcde")
+    writer.write(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await closed_within(reader, 5)
+    writer.close()
+    assert len(raised) == 3
 
 
-async def test_set_read_timeout_cuts_an_upstream_body_that_pauses(pausing_backend: int) -> None:
-    url = f"http://127.0.0.1:{pausing_backend}/"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        # Control: without it, the pause is waited out.
-        async with session.get(url) as resp:
-            assert await resp.read() == b"0123456789"
-        async with session.get(url) as resp:
-            t0 = time.monotonic()
-            compat.set_read_timeout(resp, 0.2)
-            received = b""
-            with pytest.raises(aiohttp.ServerTimeoutError):
-                while chunk := await resp.content.readany():
-                    received += chunk
-            assert time.monotonic() - t0 < 1.7  # before the long pause ends
-        # It bounds the gaps from the next chunk on: the gap running when it is set keeps
-        # the session's timeout (none here; lbproxy's is the first-byte timeout).
-        assert received == b"01234"
+async def test_hold_head_sends_the_head_with_the_first_body_bytes(runners: list) -> None:
+    async def held(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 2
+        compat.hold_head(resp)
+        await resp.prepare(request)
+        await asyncio.sleep(0.5)
+        writer = compat.payload_writer(request)
+        assert writer is not None
+        compat.write_now(writer, b"ok")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", held)
+    runner = web.AppRunner(app)
+    runners.append(runner)
+    _, port = await serve(runner)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(TimeoutError):  # prepared, but nothing sent yet
+        async with asyncio.timeout(0.2):
+            await reader.read(1)
+    assert await read_response(reader) == (200, b"ok")
+    writer.close()
 
 
 # --- Sites and routes -------------------------------------------------------------------

@@ -50,9 +50,12 @@ Routing (aiohttp.web_urldispatcher):
 Sites (aiohttp.web_runner):
 - `TCPSite._server`: the port a site listening on port 0 got.
 
-Client side (aiohttp.client_proto):
-- `ClientResponse.connection.protocol.read_timeout`: the longest gap between two body
-  chunks of one upstream response, set once its headers are in.
+Response bodies (aiohttp.http_writer):
+- `StreamWriter._headers_buf`, `._headers_written`, `._send_headers_with_payload`,
+  `._write_chunked_payload`, `._write`, `.length`: write a body piece from a protocol
+  callback, without `write`'s await (`write_now`: the upstream relay, lbproxy/proxy/upstream.py).
+- `StreamResponse._send_headers_immediately`: keep a prepared response's head back until
+  its first body bytes, to send both in one write (`hold_head`).
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ TESTED_RANGE = ">=3.14.4,<4"
 _TESTED = f"lbproxy is tested with aiohttp{TESTED_RANGE}"
 
 try:
-    from aiohttp.client_proto import ResponseHandler
     from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
     from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
     from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -98,29 +100,69 @@ __all__ = [
     "StreamReader",
     "bound_port",
     "check",
+    "chunk_sender",
+    "hold_head",
     "new_request",
     "no_lingering_close",
     "parse_error_message",
     "payload_writer",
     "replace_default_expect_handlers",
     "send_100_continue",
-    "set_read_timeout",
+    "write_now",
     "writer_ended",
 ]
 
 
-# --- Client side -------------------------------------------------------------------
+# --- Response bodies ------------------------------------------------------------------
 
 
-def set_read_timeout(upstream: aiohttp.ClientResponse, seconds: float | None) -> None:
-    """Bound the gap between two chunks of `upstream`'s body (its headers are in).
+def chunk_sender(writer: AbstractStreamWriter, transport: Any) -> Callable[[bytes], None] | None:
+    """For a chunked response whose head is out: a function that writes one body piece as
+    one chunk, as `write_now` would but with less on the way (the per-chunk path of a
+    stream); None when `writer` is anything else (use `write_now`)."""
+    w: Any = writer
+    if not w.chunked or w._headers_buf or not w._headers_written or w._compress is not None:
+        return None
 
-    aiohttp re-arms its read timer when data arrives, so this bounds the gaps from the
-    next chunk on; the gap running now keeps the timeout it started with (lbproxy's
-    first-byte timeout)."""
-    conn = upstream.connection
-    if conn is not None and conn.protocol is not None:
-        conn.protocol.read_timeout = seconds
+    def send(chunk: bytes) -> None:
+        if w._eof or transport.is_closing():
+            raise ConnectionResetError("the response has ended or its client left")
+        w.output_size += len(chunk)
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+    return send
+
+
+def hold_head(resp: web.StreamResponse) -> None:
+    """Before `prepare`: the head waits for the first body bytes (one write for both),
+    as `web.Response`'s does."""
+    resp._send_headers_immediately = False  # type: ignore[attr-defined]
+
+
+def write_now(writer: AbstractStreamWriter, chunk: bytes) -> None:
+    """`StreamWriter.write(chunk)` without its await, for a prepared response of lbproxy
+    (no compression, no chunk-sent signal): the buffered head goes with the first piece,
+    chunked framing when the response is chunked. Raises ConnectionResetError when the
+    client's transport is closing, or when the response was ended by someone else (the
+    shutdown's cut, see lifecycle._end_response): nothing may follow its end. Backpressure
+    is the caller's (see forward._BodyRelay)."""
+    w: Any = writer
+    if w._eof:
+        raise ConnectionResetError("the response has ended")
+    if w.length is not None:  # a sized body: never past the declared length
+        if w.length >= len(chunk):
+            w.length -= len(chunk)
+        else:
+            chunk = chunk[: w.length]
+            w.length = 0
+            if not chunk:
+                return
+    if w._headers_buf and not w._headers_written:
+        w._send_headers_with_payload(chunk, False)
+    elif w.chunked:
+        w._write_chunked_payload(chunk)
+    else:
+        w._write(chunk)
 
 
 # --- Sites and routes ----------------------------------------------------------------
@@ -336,12 +378,17 @@ def check() -> None:
     need(web.Application, "Application", "_make_request")
     need(RequestHandler, "RequestHandler", "_handle_request")
     need(web.Request, "Request", "_prepare_hook")
+    need(web.StreamResponse, "StreamResponse", "_send_headers_immediately")
     attrs = web.Request.ATTRS
     missing.extend(f"Request.{n}" for n in ("_read_bytes", "_payload_writer") if n not in attrs)
     need(web.TCPSite, "TCPSite", "_server")
-    read_timeout = getattr(ResponseHandler, "read_timeout", None)
-    if not isinstance(read_timeout, property) or read_timeout.fset is None:
-        missing.append("client_proto.ResponseHandler.read_timeout (settable)")
+    need(
+        StreamWriter,
+        "StreamWriter",
+        "_send_headers_with_payload",
+        "_write_chunked_payload",
+        "_write",
+    )
     # Instance state: build the real objects on a loop that never runs.
     loop = asyncio.new_event_loop()
     try:
@@ -388,7 +435,8 @@ def check() -> None:
         except TypeError as e:
             missing.append(f"web_protocol._ErrInfo(status, exc, message) ({e})")
         writer = StreamWriter(conn, loop)
-        need(writer, "StreamWriter", "_eof", "output_size")
+        need(writer, "StreamWriter", "_eof", "output_size", "_headers_buf", "_headers_written")
+        need(writer, "StreamWriter", "length", "chunked", "_compress")
         route = web.Application().router.add_get("/", handler)
         if getattr(route, "_expect_handler", None) is not _default_expect_handler:
             missing.append("ResourceRoute._expect_handler (the default one)")

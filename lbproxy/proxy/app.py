@@ -32,6 +32,7 @@ from lbproxy.proxy.observability import install as install_observability
 from lbproxy.proxy.observability import install_on_admin as install_admin_observability
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.request_id import client_request_id
+from lbproxy.proxy.upstream import UpstreamClient
 from lbproxy.routing.state import Endpoint
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
@@ -46,7 +47,7 @@ log = logging.getLogger("lbproxy")
 class ProxyState:
     config: Config
     pools: PoolTable
-    session: aiohttp.ClientSession | None = None  # requests to backends
+    session: UpstreamClient | None = None  # requests to backends (lbproxy/proxy/upstream.py)
     signals_session: aiohttp.ClientSession | None = None  # discovery
     signals_thread: SignalsThread | None = None  # scrapes and health checks, own session
     forwarder: Forwarder | None = None
@@ -184,20 +185,10 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 async def _startup(app: web.Application) -> None:
     st = app[STATE]
     cfg = st.config
-    connector = aiohttp.TCPConnector(
-        limit=0,  # no global cap: thousands of long streams must not queue behind each other
-        limit_per_host=0,
-        # The pool reuses its oldest idle connection first: only traffic of its own (not the
-        # 4 Hz scrapes, see below) keeps it warm, so a burst's connections close after this.
-        keepalive_timeout=cfg.timeouts.upstream_keepalive,
-        enable_cleanup_closed=False,
-    )
-    st.session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # relay bytes exactly as the backend sent them
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
+    # No cap on connections: thousands of long streams must not queue behind each other.
+    # Only traffic of its own (not the 4 Hz scrapes, see below) keeps a connection warm, so
+    # a burst's connections close after upstream_keepalive.
+    st.session = UpstreamClient(keepalive=cfg.timeouts.upstream_keepalive)
     # Background requests on a pool of their own: in the request pool they would rotate
     # through every idle connection of a burst and keep all of them open. Scraper, health
     # checker and discovery each have at most one request per backend in flight, so these

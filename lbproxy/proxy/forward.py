@@ -7,6 +7,11 @@ retried on the next one in the decision's ranking; after it, a failure ends an S
 stream with an error event (any other body is cut by closing the connection, so the
 client sees a truncated body rather than a complete-looking one).
 
+The upstream leg is lbproxy/proxy/upstream.py (asyncio.Protocol, httptools, keep-alive
+pools): the body bytes of each read from a backend are written to the client's transport
+from the protocol's callback (`_BodyRelay`), with no coroutine per chunk; while the
+client's write buffer is over its high-water mark, reading from the backend is paused.
+
 With client keys configured (`auth`), a request is admitted before its body is read (one
 constant-time check, and a per-key in-flight count when limited). Every attempt's outcome
 goes to the circuit breaker (`record_outcome`, see `signals.health`), and when it got its
@@ -29,14 +34,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
-from lbproxy.proxy.aiohttp_compat import set_read_timeout
+from lbproxy.proxy.aiohttp_compat import chunk_sender, hold_head, payload_writer, write_now
 from lbproxy.proxy.auth import Authenticator
 from lbproxy.proxy.disagg import serve_disaggregated
 from lbproxy.proxy.errors import (
@@ -54,6 +59,7 @@ from lbproxy.proxy.headers import downstream_headers, upstream_headers
 from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.request_id import client_request_id
+from lbproxy.proxy.upstream import UpstreamClient, UpstreamResponse
 from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -120,12 +126,14 @@ class Forwarder:
     def __init__(
         self,
         pools: PoolTable,
-        session: aiohttp.ClientSession,
+        session: UpstreamClient,
         settings: ForwardSettings,
         metrics: ProxyMetrics | None = None,
     ) -> None:
         self.pools = pools
         self.obs = metrics if metrics is not None else ProxyMetrics()
+        # The upstream client (lbproxy/proxy/upstream.py); `session.post` has aiohttp's
+        # shape for the P/D legs (disagg.py).
         self.session = session
         self.configure(settings)
         self.retries = 0  # attempts beyond the first, all requests
@@ -139,11 +147,15 @@ class Forwarder:
     def configure(self, settings: ForwardSettings) -> None:
         """Apply settings (at start and on a hot reload)."""
         self.settings = settings
-        self._timeout = aiohttp.ClientTimeout(
+        self._timeout = aiohttp.ClientTimeout(  # the P/D decode leg's (disagg.py)
             total=None,
             sock_connect=settings.connect_timeout,
             sock_read=settings.first_byte_timeout,
         )
+        up = self.session
+        up.connect_timeout = settings.connect_timeout
+        up.first_byte_timeout = settings.first_byte_timeout
+        up.idle_timeout = settings.idle_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         s = self.settings
@@ -277,9 +289,7 @@ class Forwarder:
             told = False  # progress heard how this attempt ended (or _relay will tell it)
             try:
                 try:
-                    upstream = await self.session.post(
-                        ep.url + url_tail, data=body, headers=h, timeout=self._timeout
-                    )
+                    upstream = await self.session.request(ep.url, url_tail, body, h)
                 except asyncio.CancelledError:  # the client left before any answer
                     t = clock()
                     told = True
@@ -365,64 +375,67 @@ class Forwarder:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         ep: Endpoint,
         request_id: str,
         ex: Exchange,
         t_sent: float,
     ) -> web.StreamResponse:
         s = self.settings
-        # Headers are in: from now on the gap between body chunks is what is bounded.
-        set_read_timeout(upstream, s.idle_timeout)
-
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        resp.headers.extend(downstream_headers(upstream.headers))
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        resp.headers.extend(downstream_headers(upstream.raw_headers))
         resp.headers[s.request_id_header] = request_id
         if s.expose_backend_header:
             resp.headers["x-lbproxy-backend"] = ep.name
         if ex.queue_wait is not None:
             resp.headers["x-lbproxy-queue-wait"] = f"{ex.queue_wait:.3f}"
         length = upstream.content_length
-        if length is not None and "chunked" not in upstream.headers.get("transfer-encoding", ""):
+        te = upstream.header(b"transfer-encoding")
+        if length is not None and (te is None or b"chunked" not in te.lower()):
             resp.content_length = length
-        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        ctype = upstream.header(b"content-type")
+        is_sse = ctype is not None and ctype.startswith(b"text/event-stream")
         ex.stream = is_sse
 
         loop = asyncio.get_running_loop()
-        clean = False  # the upstream body was read to its end
-        last_chunk = b"\n\n"
-        prev_chunk = b""  # with last_chunk: where a response's usage is, read at the end
-        t_first = 0.0
-        chunks = 0  # body reads, for the inter-token estimate (counting events cost 1 ns/byte)
+        body = _BodyRelay(self.progress, ep, t_sent, loop.time)
         ex.ended = "client_disconnect"  # unless the body ends or the backend fails first
+        if upstream.buffered or upstream.ended:  # the body (or its start) is here already
+            hold_head(resp)
         try:
             await resp.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    if not t_first:
-                        t_first = loop.time()
-                        self.progress.first_byte(ep, t_sent, t_first)
-                    await resp.write(chunk)
-                    chunks += 1
-                    prev_chunk, last_chunk = last_chunk, chunk
-                clean = True
+            writer = payload_writer(request)
+            transport = request.transport
+            if writer is None or transport is None:  # the client left before the head
+                return resp
+            body.start(upstream, writer, transport)
+            while True:
+                await upstream.wait()
+                if upstream.ended:
+                    break
+                # Paused: the client's buffer is full; resume once it drained.
+                await writer.drain()
+                upstream.resume()
+            if body.client_left:
+                log.debug("request %s: the client left mid-response", request_id)
+                return resp
+            if upstream.error is None:
                 ex.ended = "ok"
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
-                if request.transport is None or request.transport.is_closing():
-                    # The client left (a write to it failed): an ordinary event.
+            else:
+                if transport.is_closing():
                     log.debug("request %s: the client left mid-response", request_id)
                     return resp
-                reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+                timeout = isinstance(upstream.error, TimeoutError)
                 self.record_outcome(ep, False)
-                ex.ended = "stream_timeout" if reason == "timed out" else "stream_disconnect"
+                ex.ended = "stream_timeout" if timeout else "stream_disconnect"
                 log.warning(
-                    "request %s: backend %s failed mid-response (%s)", request_id, ep.name, reason
-                )
+                    "request %s: backend %s failed mid-response (%s)",
+                    request_id, ep.name, "timed out" if timeout else type(upstream.error).__name__,
+                )  # fmt: skip
                 if not is_sse:
-                    request.transport.close()  # a cut body, never a complete-looking one
+                    transport.close()  # a cut body, never a complete-looking one
                     return resp
-                sep = b"" if last_chunk.endswith(b"\n\n") else b"\n\n"
-                timeout = reason == "timed out"
+                sep = b"" if body.last.endswith(b"\n\n") else b"\n\n"
                 what = "stopped answering" if timeout else "failed"
                 await resp.write(
                     sep
@@ -435,13 +448,14 @@ class Forwarder:
             return resp
         except ConnectionError:  # the client left while lbproxy wrote to it
             log.debug("request %s: the client left mid-response", request_id)
-            if clean:
+            if upstream.ended and upstream.error is None:  # a backend failure stays one
                 ex.ended = "client_disconnect"
             return resp
         finally:
+            clean = upstream.ended and upstream.error is None
             ex.t_end = loop.time()
-            ex.t_first = t_first
-            ex.chunks = chunks
+            ex.t_first = t_first = body.t_first
+            ex.chunks = body.chunks
             ex.status = resp.status
             if not t_first:  # no body byte: an empty body is an answer, a cut one is not
                 if clean:
@@ -449,9 +463,64 @@ class Forwarder:
                 else:
                     abandoned = ex.ended == "client_disconnect"
                     self.progress.unanswered(ep, t_sent, ex.t_end, abandoned)
-            if clean:
-                upstream.release()
+            # A complete body gives the connection back; anything else closes it, which
+            # is what makes vLLM abort the request.
+            upstream.release()
+            self.obs.relayed(ex, ep, body.last, body.prev, request)
+
+
+class _BodyRelay:
+    """The sink of an upstream body: each piece goes to the client's transport as it
+    arrives, from the upstream protocol's callback (no coroutine per chunk)."""
+
+    __slots__ = (
+        "chunks",
+        "client_left",
+        "clock",
+        "ep",
+        "high",
+        "last",
+        "prev",
+        "progress",
+        "send",
+        "t_first",
+        "t_sent",
+        "transport",
+        "upstream",
+        "writer",
+    )  # fmt: skip
+
+    def __init__(
+        self, progress: ProgressHooks, ep: Endpoint, t_sent: float, clock: Callable[[], float]
+    ) -> None:
+        self.progress, self.ep, self.t_sent, self.clock = progress, ep, t_sent, clock
+        self.t_first = 0.0
+        self.chunks = 0  # body pieces, for the inter-token estimate
+        self.last = b"\n\n"  # with prev: where a response's usage is, read at the end
+        self.prev = b""
+        self.client_left = False
+
+    def start(self, upstream: UpstreamResponse, writer: Any, transport: Any) -> None:
+        self.upstream, self.writer, self.transport = upstream, writer, transport
+        self.high = transport.get_write_buffer_limits()[1]
+        self.send: Callable[[bytes], None] | None = None  # once the head is out, if chunked
+        upstream.relay_to(self)
+
+    def __call__(self, chunk: bytes) -> None:
+        if not self.t_first:
+            self.t_first = self.clock()
+            self.progress.first_byte(self.ep, self.t_sent, self.t_first)
+        self.chunks += 1
+        self.prev, self.last = self.last, chunk
+        try:
+            if self.send is not None:
+                self.send(chunk)
             else:
-                # Closing the connection is what makes vLLM abort the request.
-                upstream.close()
-            self.obs.relayed(ex, ep, last_chunk, prev_chunk, request)
+                write_now(self.writer, chunk)  # the first piece takes the head along
+                self.send = chunk_sender(self.writer, self.transport)
+        except ConnectionError:  # the client is gone: so is the upstream request
+            self.client_left = True
+            self.upstream.close()
+            return
+        if self.transport.get_write_buffer_size() > self.high:
+            self.upstream.pause()

@@ -58,14 +58,18 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = (
-        _NOT_RELAYED_DOWN | _connection_named(upstream)
-        if "connection" in upstream
-        else (_NOT_RELAYED_DOWN)
-    )
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in upstream.items():
-        if k.lower() not in drop:
-            out.add(k, v)
+def downstream_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The headers of a backend's response (as parsed, lbproxy/proxy/upstream.py) that go
+    on to the client; values decoded as aiohttp decodes a request's (bytes that are not
+    UTF-8 kept)."""
+    drop = _NOT_RELAYED_DOWN
+    for k, v in raw:
+        if k.lower() == b"connection":
+            named = {t.strip().lower() for t in v.decode("latin-1").split(",") if t.strip()}
+            drop = drop | named
+    out = []
+    for k, v in raw:
+        name = k.decode("latin-1")
+        if name.lower() not in drop:
+            out.append((name, v.decode("utf-8", "surrogateescape")))
     return out

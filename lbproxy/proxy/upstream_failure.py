@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import aiohttp
 
+from lbproxy.proxy.upstream import UpstreamConnectError
+
 __all__ = ["failure_cause"]
 
 
 def failure_cause(e: BaseException) -> tuple[str, bool]:
     """(cause label, sent) for an exception from sending a request: `sent` when the backend
     may have received the request (and run it)."""
-    if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(
+        e, UpstreamConnectError | aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+    ):
         return "connect_error", False  # refused, unresolvable, no TCP connection in time
     if isinstance(e, TimeoutError):
         return "timeout", True  # sent; no response head within first_byte

@@ -1,0 +1,339 @@
+"""lbproxy's CPU time per request and per chunk, next to the same load sent direct.
+
+Two backends (overhead.py's minimal OpenAI-style backend, each its own process) answer at
+once; lbproxy processes (a round-robin and a cache-aware pool over both backends, for each
+checkout measured) run in their own processes. A load generator (this process, raw
+asyncio protocol on uvloop, httptools parser) keeps 32 keep-alive connections busy with
+a bounded number of requests (and a time bound per run). For each case and repeat, the
+load runs direct (to the backends, half the connections each), then through each lbproxy
+in turn (interleaved), and lbproxy's CPU time (user + system from /proc) is divided by the
+completed requests, and for streams by the chunks relayed. Medians of the repeats.
+
+Cases (the issue 15 table):
+- small: a short non-stream completion (round-robin and cache-aware)
+- stream8: a stream of 8 chunks (+ [DONE]) (round-robin and cache-aware)
+- unique7k: a ~7,000-token prompt (~28 KB), unique each time, non-stream, cache-aware
+- paced500: a 500-chunk stream paced 2 ms per chunk (CPU per chunk)
+- burst500: 500 chunks back to back (CPU per chunk)
+
+    python benchmarks/dataplane_cost.py --repeat 3 --out benchmarks/results/dataplane/x.json
+    python benchmarks/dataplane_cost.py --base ../base-checkout   # this code and a base, in turns
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httptools
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import BACKEND_CODE, MODEL, cpu_seconds, pct, wait_up
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND_PORTS = (18911, 18912)
+FIRST_PROXY_PORT = 18920
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    profile: str
+    requests: int
+    stream: bool = False
+    chunks: int = 0  # stream events before [DONE]
+    pace_ms: float = 0.0
+    prompt_bytes: int = 200
+    unique: bool = False  # a new prompt for every request
+
+
+CASES = (
+    Case("small", "round-robin", 4000),
+    Case("small", "cache-aware", 4000),
+    Case("stream8", "round-robin", 3000, stream=True, chunks=8),
+    Case("stream8", "cache-aware", 3000, stream=True, chunks=8),
+    Case("unique7k", "cache-aware", 1500, prompt_bytes=28_000, unique=True),
+    Case("paced500", "round-robin", 64, stream=True, chunks=500, pace_ms=2.0),
+    Case("burst500", "round-robin", 200, stream=True, chunks=500),
+)
+
+
+def prompt(n: int, rng: random.Random) -> str:
+    words: list[str] = []
+    size = 0
+    while size < n:
+        w = rng.choice(WORDS) + str(rng.randrange(1000))
+        words.append(w)
+        size += len(w) + 1
+    return " ".join(words)
+
+
+def request_bytes(case: Case, port: int, rng: random.Random) -> bytes:
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "prompt": prompt(case.prompt_bytes, rng),
+            "max_tokens": max(case.chunks, 16),
+            "stream": case.stream,
+        }
+    ).encode()
+    extra = b""
+    if case.stream:
+        extra = b"x-chunks: %d\r\nx-pace-ms: %g\r\n" % (case.chunks, case.pace_ms)
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (port, extra, len(body), body)
+    )
+
+
+class LoadConnection(asyncio.Protocol):
+    """One keep-alive connection: post, read the whole answer, post again."""
+
+    def __init__(self, run: LoadRun, port: int) -> None:
+        self.run, self.port = run, port
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.t0 = 0.0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        req = self.run.next_request(self.port)
+        if req is None:
+            self.transport.close()
+            return
+        self.t0 = time.perf_counter()
+        self.transport.write(req)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.run.completed(self.parser.get_status_code(), time.perf_counter() - self.t0)
+        self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class LoadRun:
+    def __init__(self, case: Case, requests: int, seconds: float) -> None:
+        self.case, self.left, self.end = case, requests, time.monotonic() + seconds
+        self.rng = random.Random(1)
+        self.fixed: dict[int, bytes] = {}
+        self.latencies: list[float] = []
+        self.failed = 0
+
+    def next_request(self, port: int) -> bytes | None:
+        if self.left <= 0 or time.monotonic() > self.end:
+            return None
+        self.left -= 1
+        if self.case.unique:
+            return request_bytes(self.case, port, self.rng)
+        if port not in self.fixed:
+            self.fixed[port] = request_bytes(self.case, port, self.rng)
+        return self.fixed[port]
+
+    def completed(self, status: int, latency: float) -> None:
+        if status == 200:
+            self.latencies.append(latency)
+        else:
+            self.failed += 1
+
+
+async def load(case: Case, ports: list[int], requests: int, conns: int, seconds: float) -> dict:
+    loop = asyncio.get_running_loop()
+    run = LoadRun(case, requests, seconds)
+    t0 = time.perf_counter()
+    protos = []
+    for i in range(conns):
+        port = ports[i % len(ports)]
+        _, p = await loop.create_connection(
+            lambda port=port: LoadConnection(run, port), "127.0.0.1", port
+        )
+        protos.append(p)
+    await asyncio.wait_for(asyncio.gather(*(p.closed for p in protos)), seconds + 60)
+    elapsed = time.perf_counter() - t0
+    done = len(run.latencies)
+    return {
+        "done": done,
+        "failed": run.failed,
+        "rps": done / elapsed,
+        "p50_ms": pct(run.latencies, 50) * 1e3 if done > 1 else 0.0,
+        "p99_ms": pct(run.latencies, 99) * 1e3 if done > 1 else 0.0,
+    }
+
+
+def write_config(port: int, profile: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
+        backends = "".join(f"      - {{url: 'http://127.0.0.1:{p}'}}\n" for p in BACKEND_PORTS)
+        cfg.write(
+            f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+            f"pools:\n  - name: bench\n    models: [{MODEL}]\n    routing: {profile}\n"
+            f"    backends:\n{backends}"
+        )
+    return cfg.name
+
+
+async def measure(
+    args: argparse.Namespace, proxies: dict[tuple[str, str], tuple[int, int]]
+) -> dict:
+    """proxies: (checkout label, profile) -> (port, pid)."""
+    labels = sorted({label for label, _ in proxies})
+    rows: dict[str, list[dict]] = {}
+    for case in CASES:  # warm-up: connections, caches
+        for label in labels:
+            port, _ = proxies[(label, case.profile)]
+            await load(case, [port], min(case.requests, 100), args.concurrency, args.seconds)
+    for rep in range(args.repeat):
+        for case in CASES:
+            key = f"{case.name} {case.profile}"
+            n = max(1, int(case.requests * args.scale))
+            direct = await load(case, list(BACKEND_PORTS), n, args.concurrency, args.seconds)
+            rows.setdefault(f"{key} | direct", []).append(direct)
+            for label in labels:
+                port, pid = proxies[(label, case.profile)]
+                cpu0 = cpu_seconds(pid)
+                r = await load(case, [port], n, args.concurrency, args.seconds)
+                cpu = cpu_seconds(pid) - cpu0
+                r["cpu_ms_per_request"] = cpu / max(r["done"], 1) * 1e3
+                if case.stream:
+                    r["cpu_us_per_chunk"] = cpu / max(r["done"] * (case.chunks + 1), 1) * 1e6
+                rows.setdefault(f"{key} | {label}", []).append(r)
+                print(f"repeat {rep + 1} {key} {label}: {json.dumps(r)}", flush=True)
+    return {
+        k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} | {"runs": rs}
+        for k, rs in rows.items()
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every case's request count")
+    ap.add_argument("--seconds", type=float, default=30.0, help="time bound of one load run")
+    ap.add_argument("--label", default="this", help="name of this checkout in the results")
+    ap.add_argument("--base", help="another lbproxy checkout, measured in turns with this one")
+    ap.add_argument("--base-label", default="base")
+    ap.add_argument("--out", help="write the raw results as JSON to this file")
+    ap.add_argument("--table", help="print the table of a results file, run nothing")
+    ap.add_argument("--only", help="run only the cases of these names (comma-separated)")
+    args = ap.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        labels = {k.split(" | ")[1] for k in saved["results"]} - {"direct"}
+        base = args.base_label if args.base_label in labels else None
+        print_table(saved["results"], args, base)
+        return 0
+
+    if args.only:
+        global CASES
+        CASES = tuple(c for c in CASES if c.name in args.only.split(","))
+    checkouts = [(args.label, ROOT)]
+    if args.base:
+        checkouts.append((args.base_label, Path(args.base).resolve()))
+    backends = [
+        subprocess.Popen([sys.executable, "-c", BACKEND_CODE, str(p), "8"]) for p in BACKEND_PORTS
+    ]
+    procs: list[subprocess.Popen] = []
+    configs: list[str] = []
+    proxies: dict[tuple[str, str], tuple[int, int]] = {}
+    port = FIRST_PROXY_PORT
+    try:
+        for label, root in checkouts:
+            for profile in sorted({c.profile for c in CASES}):
+                cfg = write_config(port, profile)
+                configs.append(cfg)
+                env = {**os.environ, "PYTHONPATH": str(root)}
+                cmd = [sys.executable, "-m", "lbproxy.cli", "--log-level", "warning", "serve"]
+                p = subprocess.Popen([*cmd, "--config", cfg, "--loop", "uvloop"], cwd=root, env=env)
+                procs.append(p)
+                proxies[(label, profile)] = (port, p.pid)
+                port += 1
+        for p in BACKEND_PORTS:
+            asyncio.run(wait_up(f"http://127.0.0.1:{p}/health"))
+        for port, _ in proxies.values():
+            asyncio.run(wait_up(f"http://127.0.0.1:{port}/health"))
+        results = uvloop.run(measure(args, proxies))
+    finally:
+        for p in (*procs, *backends):
+            p.terminate()
+        for p in (*procs, *backends):
+            p.wait(10)
+        for c in configs:
+            os.unlink(c)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
+        )
+    print_table(results, args, args.base_label if args.base else None)
+    return 0
+
+
+def print_table(results: dict, args: argparse.Namespace, base: str | None) -> None:
+    """Medians; with a base checkout also the median of the per-repeat CPU ratios (each
+    repeat measured both in turns, so a busy spell of the machine weighs on both)."""
+    print(f"\nlbproxy data-path cost, {args.concurrency} connections, median of {args.repeat}")
+    print(
+        "| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk "
+        "| CPU vs base |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        case, via = key.split(" | ")
+        cpu = f"{r['cpu_ms_per_request']:.3f}" if "cpu_ms_per_request" in r else ""
+        chunk = f"{r['cpu_us_per_chunk']:.1f}" if "cpu_us_per_chunk" in r else ""
+        ratio = ""
+        if base and via not in (base, "direct") and f"{case} | {base}" in results:
+            pairs = zip(r["runs"], results[f"{case} | {base}"]["runs"], strict=True)
+            ratios = [a["cpu_ms_per_request"] / b["cpu_ms_per_request"] for a, b in pairs]
+            ratio = f"{statistics.median(ratios):.2f}x"
+        print(
+            f"| {case} | {via} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {cpu} | {chunk} | {ratio} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@ shared state only with `state.redis` in the config.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -15,16 +17,20 @@ from lbproxy.proxy.observability import OBS
 from lbproxy.replicas.worker_metrics import WorkerMetrics
 from lbproxy.replicas.workers import worker_dir, worker_index
 
-_WORKER_METRICS = web.AppKey("lbproxy_worker_metrics", WorkerMetrics)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def install(app: web.Application, state: Callable[[], Any]) -> None:
-    """Add the startup and cleanup hooks (call after observability is installed).
-    `state()` is the app's ProxyState once it starts."""
+    """Add the startup and cleanup hooks (call after observability is installed, before
+    the app starts). `state()` is the app's ProxyState."""
+    obs = app[OBS]
+    local = obs.registry  # this process's metrics, whatever serves /metrics
+    cfg = state().config
+    if cfg.state is not None:
+        _install_shared_state(app, state, local)
     index, directory = worker_index(), worker_dir()
     if index is not None and directory is not None:
-        obs = app[OBS]
-        wm = app[_WORKER_METRICS] = WorkerMetrics(obs.registry, directory, index)
+        wm = WorkerMetrics(local, directory, index)
         obs.registry = wm.host  # /metrics serves the whole host
 
         async def start_metrics(app: web.Application) -> None:
@@ -35,3 +41,34 @@ def install(app: web.Application, state: Callable[[], Any]) -> None:
 
         app.on_startup.append(start_metrics)
         app.on_cleanup.append(stop_metrics)
+
+
+def _install_shared_state(app: web.Application, state: Callable[[], Any], registry: Any) -> None:
+    from lbproxy.replicas.flow_share import FlowShare
+    from lbproxy.replicas.shared_state import SharedState
+
+    st = state()
+    shared = SharedState(st.config.state, lambda: st.pools, time.monotonic)
+    flow = FlowShare(shared, lambda: st.pools)
+    registry.register(shared)
+
+    @web.middleware
+    async def read_before_routing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Only the requests that are routed (POST /v1/*) wait for the shared state.
+        if request.method == "POST" and request.path.startswith("/v1/"):
+            await shared.before_route()
+        return await handler(request)
+
+    app.middlewares.append(read_before_routing)
+
+    async def start(app: web.Application) -> None:
+        shared.clock = asyncio.get_running_loop().time  # routing's clock
+        await shared.start()
+        await flow.start()
+
+    async def stop(app: web.Application) -> None:
+        await flow.stop()
+        await shared.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)

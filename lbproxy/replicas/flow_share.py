@@ -1,0 +1,99 @@
+"""Flow control across replicas: each live replica takes its share of every backend's
+concurrency limit.
+
+Each replica beats every `state.heartbeat` seconds into a Redis sorted set
+(`<key_prefix>:replicas`, member = replica id, score = time); members older than three
+beats are dropped, and the set's size is the number of live replicas n. One pipelined
+round trip per beat, in the background: nothing on the request path. Each flow gate then
+lets this replica keep at most ceil(limit x 1/n) requests in flight on a backend, where
+limit is what flow control would allow a single lbproxy (the adaptive limiter learns it
+from the backend's own running count and latency, which include every replica's
+requests, so it is the backend's total). A replica that stops beating (killed) drops out
+of n within three beats, and the others' shares grow back.
+
+Redis unreachable: the last known n stays (the other replicas most likely still run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lbproxy.replicas.shared_state import SharedState
+
+log = logging.getLogger("lbproxy.shared_state")
+
+
+class FlowShare:
+    def __init__(self, shared: SharedState, pools: Callable[[], Any]) -> None:
+        self.shared = shared
+        self.pools = pools
+        self.key = f"{shared.settings.key_prefix}:replicas"
+        self.interval = shared.settings.heartbeat
+        self.live = 1
+        self.share = 1.0
+        self._task: asyncio.Task[None] | None = None
+
+    def _install(self) -> None:
+        """Cap each flow gate's limits at this replica's share (gates of a new table too)."""
+        for pool in self.pools().pools:
+            gate = pool.gate
+            if gate is None:
+                continue
+            controller = gate.controller
+            if getattr(controller, "_lb_flow_share", None) is self:
+                continue
+            base = type(controller).limit_of
+
+            def limit_of(ep: Any, _c: Any = controller, _base: Any = base) -> int:
+                return max(1, math.ceil(_base(_c, ep) * self.share))
+
+            # FlowController.limit_of is the one place every limit is read (admission,
+            # dispatch, metrics): this instance's reads now give its share.
+            controller.limit_of = limit_of
+            controller._lb_flow_share = self
+
+    async def beat(self) -> None:
+        r = self.shared.redis
+        now = time.time()
+        pipe = r.pipeline(transaction=False)
+        pipe.zadd(self.key, {self.shared.replica: now})
+        pipe.zremrangebyscore(self.key, "-inf", now - 3 * self.interval)
+        pipe.zcard(self.key)
+        try:
+            live = max(1, int((await pipe.execute())[-1]))
+        except Exception as e:  # any failure: keep the last known count
+            self.shared._failed("heartbeat", e)
+            return
+        self.shared._ok()
+        self._install()
+        if live != self.live:
+            log.info("flow control: %d live replicas; this one takes 1/%d of limits", live, live)
+            grew = live < self.live
+            self.live, self.share = live, 1.0 / live
+            if grew:  # more room here: whoever waits may go
+                for pool in self.pools().pools:
+                    if pool.gate is not None:
+                        pool.gate.wake()
+
+    async def _run(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(self.interval)
+
+    async def start(self) -> None:
+        await self.beat()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.shared.redis.zrem(self.key, self.shared.replica), 1.0)

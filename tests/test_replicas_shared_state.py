@@ -140,3 +140,26 @@ def test_redis_slow_then_gone_then_back(fake_backends, replicas, redis_server):
     assert _alternate(urls, 4, first_group=200) == [200] * 4 * GROUPS
     served = _served_by(backends)
     assert all(len(names) == 1 for names in served.values()), served
+
+
+def test_a_restarted_replica_rejoins_with_the_shared_index(
+    fake_backends, replicas, redis_server, loop_thread
+):
+    backends = fake_backends(4)
+    urls = replicas(backends, redis_server.url)
+    assert _alternate(urls, 2) == [200] * 2 * GROUPS
+    before = _served_by(backends)
+    assert all(len(names) == 1 for names in before.values()), before
+    # A new replica (as after a restart) reads the stream when it starts.
+    cfg = proxy_config(backends, routing="cache-aware", state={"redis": redis_server.url})
+    fresh = loop_thread.run(start_proxy(parse_config(cfg, "test-config"), seed=3))
+    try:
+        for b in backends:
+            b.received.clear()
+        with httpx.Client(base_url=fresh.url, timeout=30) as c:
+            for g in range(GROUPS):
+                body = {"model": "fake-model", "prompt": _prompt(g, 9), "max_tokens": 1}
+                assert c.post("/v1/completions", json=body).status_code == 200
+        assert _served_by(backends) == before
+    finally:
+        loop_thread.run(fresh.close())

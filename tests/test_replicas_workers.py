@@ -120,3 +120,14 @@ def test_sigterm_drains_every_worker(fake_backends, workers) -> None:
         t.join(10)
     assert statuses == [200] * 10
     assert proc.count(r"SIGTERM: shutting down; [1-9]\d* requests in flight") == 2
+
+
+def test_workers_without_redis_split_each_backend_limit(fake_backends, workers) -> None:
+    (b0,) = fake_backends(1)
+    proc = workers(proxy_config([b0], flow_control={"limit": {"type": "fixed", "initial": 4}}))
+
+    def limits() -> dict[str, float] | None:
+        by_worker = per_worker(proc.url, "lbproxy_backend_concurrency_limit")
+        return by_worker if len(by_worker) == 2 else None
+
+    assert _until(limits) == {"0": 2.0, "1": 2.0}  # 4 / 2 workers each

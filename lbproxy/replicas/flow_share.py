@@ -12,6 +12,9 @@ requests, so it is the backend's total). A replica that stops beating (killed) d
 of n within three beats, and the others' shares grow back.
 
 Redis unreachable: the last known n stays (the other replicas most likely still run).
+
+`serve --workers N` without `state.redis`: each worker takes 1/N of each limit
+(`StaticShare`), so that N flow controllers do not each fill a backend to its limit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,42 @@ from lbproxy.replicas.shared_state import SharedState
 log = logging.getLogger("lbproxy.shared_state")
 
 
+def install_share(pools: Any, owner: Any) -> None:
+    """Cap each flow gate's limits at `owner.share` (gates of a new table too)."""
+    for pool in pools.pools:
+        gate = pool.gate
+        if gate is None:
+            continue
+        controller = gate.controller
+        if getattr(controller, "_lb_flow_share", None) is owner:
+            continue
+        base = type(controller).limit_of
+
+        def limit_of(ep: Any, _c: Any = controller, _base: Any = base) -> int:
+            return max(1, math.ceil(_base(_c, ep) * owner.share))
+
+        # FlowController.limit_of is the one place every limit is read (admission,
+        # dispatch, metrics): this instance's reads now give its share.
+        controller.limit_of = limit_of
+        controller._lb_flow_share = owner
+
+
+class StaticShare:
+    """1/n of every limit, n fixed (the workers of one host without Redis)."""
+
+    def __init__(self, n: int, pools: Callable[[], Any]) -> None:
+        self.share = 1.0 / n
+        self.pools = pools
+        self._table: Any = None
+
+    def before_route(self) -> None:
+        """Cheap: only a reload's new table needs installing."""
+        table = self.pools()
+        if table is not self._table:
+            self._table = table
+            install_share(table, self)
+
+
 class FlowShare:
     def __init__(self, shared: SharedState, pools: Callable[[], Any]) -> None:
         self.shared = shared
@@ -40,23 +79,7 @@ class FlowShare:
         self._task: asyncio.Task[None] | None = None
 
     def _install(self) -> None:
-        """Cap each flow gate's limits at this replica's share (gates of a new table too)."""
-        for pool in self.pools().pools:
-            gate = pool.gate
-            if gate is None:
-                continue
-            controller = gate.controller
-            if getattr(controller, "_lb_flow_share", None) is self:
-                continue
-            base = type(controller).limit_of
-
-            def limit_of(ep: Any, _c: Any = controller, _base: Any = base) -> int:
-                return max(1, math.ceil(_base(_c, ep) * self.share))
-
-            # FlowController.limit_of is the one place every limit is read (admission,
-            # dispatch, metrics): this instance's reads now give its share.
-            controller.limit_of = limit_of
-            controller._lb_flow_share = self
+        install_share(self.pools(), self)
 
     async def beat(self) -> None:
         r = self.shared.redis

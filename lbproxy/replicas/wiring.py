@@ -15,7 +15,7 @@ from aiohttp import web
 
 from lbproxy.proxy.observability import OBS
 from lbproxy.replicas.worker_metrics import WorkerMetrics
-from lbproxy.replicas.workers import worker_dir, worker_index
+from lbproxy.replicas.workers import worker_count, worker_dir, worker_index
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -28,6 +28,8 @@ def install(app: web.Application, state: Callable[[], Any]) -> None:
     cfg = state().config
     if cfg.state is not None:
         _install_shared_state(app, state, local)
+    elif worker_count() > 1:
+        _install_static_share(app, state, worker_count())
     index, directory = worker_index(), worker_dir()
     if index is not None and directory is not None:
         wm = WorkerMetrics(local, directory, index)
@@ -41,6 +43,30 @@ def install(app: web.Application, state: Callable[[], Any]) -> None:
 
         app.on_startup.append(start_metrics)
         app.on_cleanup.append(stop_metrics)
+
+
+def _install_static_share(app: web.Application, state: Callable[[], Any], n: int) -> None:
+    """Workers without Redis: each takes 1/n of every flow-control limit."""
+    from lbproxy.replicas.flow_share import StaticShare
+
+    share = StaticShare(n, lambda: state().pools)
+    task: list[asyncio.Task[None]] = []
+
+    async def keep() -> None:
+        while True:  # a reload may bring new gates
+            share.before_route()
+            await asyncio.sleep(1.0)
+
+    async def start(app: web.Application) -> None:
+        share.before_route()
+        task.append(asyncio.get_running_loop().create_task(keep()))
+
+    async def stop(app: web.Application) -> None:
+        for t in task:
+            t.cancel()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
 
 
 def _install_shared_state(app: web.Application, state: Callable[[], Any], registry: Any) -> None:

@@ -47,6 +47,7 @@ log = logging.getLogger("lbproxy")
 # Set in each worker's environment.
 WORKER_INDEX_ENV = "LBPROXY_WORKER_INDEX"
 WORKER_DIR_ENV = "LBPROXY_WORKER_DIR"
+WORKERS_ENV = "LBPROXY_WORKERS"  # how many
 _PR_SET_PDEATHSIG = 1
 RESTART_AFTER = 10.0  # seconds a worker must have run to be restarted when it dies
 
@@ -55,6 +56,11 @@ def worker_index() -> int | None:
     """This process's worker index, or None when it is not a worker of `--workers`."""
     value = os.environ.get(WORKER_INDEX_ENV)
     return int(value) if value else None
+
+
+def worker_count() -> int:
+    """N of `serve --workers N` in a worker, else 1."""
+    return int(os.environ.get(WORKERS_ENV) or 1)
 
 
 def worker_dir() -> Path | None:
@@ -109,7 +115,12 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, index: int) -> None:
-        env = {**os.environ, WORKER_INDEX_ENV: str(index), WORKER_DIR_ENV: str(self.dir)}
+        env = {
+            **os.environ,
+            WORKER_INDEX_ENV: str(index),
+            WORKER_DIR_ENV: str(self.dir),
+            WORKERS_ENV: str(self.n),
+        }
         proc = subprocess.Popen(self.argv, env=env, preexec_fn=_end_with_parent)
         self.workers[index] = _Worker(index, proc)
         log.info("worker %d started (pid %d)", index, proc.pid)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,24 +31,11 @@ from lbproxy.replicas.shared_state import SharedState
 log = logging.getLogger("lbproxy.shared_state")
 
 
-def install_share(pools: Any, owner: Any) -> None:
-    """Cap each flow gate's limits at `owner.share` (gates of a new table too)."""
+def install_share(pools: Any, share: float) -> None:
+    """Cap each flow gate's limits at `share` of what one lbproxy would allow."""
     for pool in pools.pools:
-        gate = pool.gate
-        if gate is None:
-            continue
-        controller = gate.controller
-        if getattr(controller, "_lb_flow_share", None) is owner:
-            continue
-        base = type(controller).limit_of
-
-        def limit_of(ep: Any, _c: Any = controller, _base: Any = base) -> int:
-            return max(1, math.ceil(_base(_c, ep) * owner.share))
-
-        # FlowController.limit_of is the one place every limit is read (admission,
-        # dispatch, metrics): this instance's reads now give its share.
-        controller.limit_of = limit_of
-        controller._lb_flow_share = owner
+        if pool.gate is not None:
+            pool.gate.controller.share = share
 
 
 class StaticShare:
@@ -65,7 +51,7 @@ class StaticShare:
         table = self.pools()
         if table is not self._table:
             self._table = table
-            install_share(table, self)
+            install_share(table, self.share)
 
 
 class FlowShare:
@@ -79,7 +65,7 @@ class FlowShare:
         self._task: asyncio.Task[None] | None = None
 
     def _install(self) -> None:
-        install_share(self.pools(), self)
+        install_share(self.pools(), self.share)
 
     async def beat(self) -> None:
         r = self.shared.redis
@@ -94,15 +80,15 @@ class FlowShare:
             self.shared._failed("heartbeat", e)
             return
         self.shared._ok()
-        self._install()
+        grew = live < self.live
         if live != self.live:
             log.info("flow control: %d live replicas; this one takes 1/%d of limits", live, live)
-            grew = live < self.live
             self.live, self.share = live, 1.0 / live
-            if grew:  # more room here: whoever waits may go
-                for pool in self.pools().pools:
-                    if pool.gate is not None:
-                        pool.gate.wake()
+        self._install()  # (also the gates of a table a reload built since the last beat)
+        if grew:  # more room here: whoever waits may go
+            for pool in self.pools().pools:
+                if pool.gate is not None:
+                    pool.gate.wake()
 
     async def _run(self) -> None:
         while True:

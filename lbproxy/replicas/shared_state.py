@@ -97,7 +97,6 @@ class _RouterShare:
         ep = self.endpoints.get(fields[b"e"].decode())
         if ep is None:
             return False
-        name = ep.name
         for i, scorer in enumerate(self.prefix):
             raw = fields.get(b"h%d" % i)
             if not raw or len(raw) % 8:
@@ -106,10 +105,7 @@ class _RouterShare:
             weights = self.weights[i]
             if weights is not None and len(hashes) > len(weights):
                 continue  # another geometry (the key should have said so)
-            scorer.index.insert(name, hashes, scorer.capacity(ep), weights)
-            # Its free room (the tie-break of unmatched prompts) is recomputed from the
-            # index when next needed, rather than CAPACITY_TTL later.
-            scorer._free.pop(name, None)
+            scorer.learn(ep, hashes, weights)
         session = fields.get(b"s")
         if session is not None:
             ctx = RequestContext(model="", session_key=session.decode())
@@ -182,11 +178,7 @@ class SharedState:
                 share = _RouterShare(self, key, router, pool.endpoints)
                 if not share.prefix and not share.sessions:
                     continue
-                # A kept router (unchanged by a reload) still has the previous observer.
-                router._observers[:] = [
-                    o for o in router._observers if not isinstance(o, _RouterShare)
-                ]
-                router._observers.append(share)
+                router.add_observer(share)  # (replacing a kept router's previous one)
                 routers[key] = share
         self._routers = routers
 

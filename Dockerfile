@@ -24,7 +24,7 @@ RUN python -m venv /opt/venv
 # them. Every dependency ships manylinux wheels: no compiler in the image.
 COPY pyproject.toml README.md ./
 RUN mkdir lbproxy && touch lbproxy/__init__.py \
-    && pip install -e '.[fast]' \
+    && pip install -e '.[fast,replicas]' \
     && rm -rf lbproxy
 
 # The editable install above points at /app/lbproxy: copying the source there completes it

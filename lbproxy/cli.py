@@ -100,15 +100,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from lbproxy import startup_hup
 
     startup_hup.hold()  # before the slow part (config, imports): a SIGHUP must not kill us
-    from lbproxy.proxy.app import serve_forever
-
     cfg = load_config(args.config)
+    if args.workers > 1:
+        return _serve_workers(args, cfg)
+    from lbproxy.proxy.app import serve_forever
+    from lbproxy.replicas.workers import announce_sighup_held
+
+    announce_sighup_held()  # a worker of --workers: SIGHUP may now be sent to it
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(
             serve_forever(cfg, host=args.host, port=args.port, config_path=args.config),
             args.loop,
         )
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, cfg: Any) -> int:
+    """`serve --workers N`: this process supervises N `serve` processes (replicas/workers)."""
+    from lbproxy.replicas.workers import run_workers, worker_command
+
+    level, fmt = args.log_settings
+    argv = worker_command(args.config, args.loop, level, fmt)
+    host = args.host or cfg.listen.host
+    port = cfg.listen.port if args.port is None else args.port
+    return run_workers(args.workers, argv, host, port)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -148,6 +163,13 @@ def _global_options() -> argparse.ArgumentParser:
     return common
 
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options()
     parser = argparse.ArgumentParser(
@@ -174,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
         help="event loop (auto: uvloop when installed)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N proxy processes sharing the port (SO_REUSEPORT), supervised by this one; "
+        "signals are passed on to all (default 1: this process serves)",
     )
     serve.set_defaults(func=_cmd_serve, subparser=serve)
 
@@ -215,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("serve", "check-config"):
         args.config = _config_path(args)
-    configure_logging(
+    args.log_settings = (
         _setting(args, parser, "log_level", LOG_LEVEL_ENV, LOG_LEVELS, "info"),
         _setting(args, parser, "log_format", LOG_FORMAT_ENV, LOG_FORMATS, "text"),
     )
+    configure_logging(*args.log_settings)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

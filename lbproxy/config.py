@@ -362,6 +362,27 @@ class Tracing(_Strict):
         return v
 
 
+class SharedState(_Strict):
+    """State shared through Redis (or Valkey) by the replicas and workers of one fleet
+    (lbproxy/replicas/): the prefix-hash index, session affinity, and each replica's
+    share of the backends' concurrency limits. Read at start; a change needs a restart."""
+
+    redis: str = Field(description="redis://[:password@]host:port/db, rediss://, or unix://")
+    key_prefix: str = Field("lbproxy", min_length=1, description="one fleet's keys")
+    timeout: float = Field(
+        0.005, gt=0, le=1, description="seconds a routing decision waits for Redis"
+    )
+    max_entries: int = Field(100_000, ge=100, description="routing decisions kept in Redis")
+    heartbeat: float = Field(1.0, gt=0, le=60, description="seconds between liveness beats")
+
+    @field_validator("redis")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^(rediss?://[^/\s]*|unix:///\S+)", v):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
 class Config(_Strict):
     listen: Listen = Field(default_factory=Listen)
     pools: list[Pool] = Field(min_length=1)
@@ -382,6 +403,7 @@ class Config(_Strict):
     request_id_header: str = "x-request-id"
     session_header: str = "x-session-id"
     expose_backend_header: bool = False
+    state: SharedState | None = None  # None: all state stays in this process
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -30,10 +30,12 @@ from lbproxy.tokenization import DEFAULT_TOKENIZER
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
 CONFIG_PATH = "/etc/lbproxy/config.yaml"  # documented in the Dockerfile and README
 HARDWARE = ("nvidia", "amd", "gaudi")
 BACKEND_PROFILES = (*HARDWARE, "sim")
 PROFILES = (*BACKEND_PROFILES, "monitoring")
+REPLICA_SERVICES = ("lbproxy-replica-a", "lbproxy-replica-b")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
@@ -159,7 +161,9 @@ def compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict[st
 
 
 @needs_compose
-@pytest.mark.parametrize("profiles", [(p,) for p in PROFILES] + [("sim", "monitoring")])
+@pytest.mark.parametrize(
+    "profiles", [(p,) for p in PROFILES] + [("sim", "monitoring"), ("replicas",)]
+)
 def test_compose_config_passes(profiles: tuple[str, ...]) -> None:
     resolved = compose_config(*profiles)
     want = set().union(*(enabled(p) for p in profiles))
@@ -190,7 +194,28 @@ def test_deploy_configs_load(path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_every_deploy_config_is_mounted() -> None:
     used = {host_file(SERVICES[f"lbproxy-{p}"], CONFIG_PATH) for p in BACKEND_PROFILES}
+    used |= {host_file(SERVICES[name], CONFIG_PATH) for name in REPLICA_SERVICES}
     assert used == set((ROOT / "deploy").glob("lbproxy-*.yaml"))
+
+
+def test_replicas_profile_shares_one_redis_and_one_fleet() -> None:
+    """Two lbproxy replicas on their own ports, one config whose state.redis and backends
+    are services of the profile, and an image that has the Redis client."""
+    assert {n for n in enabled("replicas") if n.startswith("lbproxy")} == set(REPLICA_SERVICES)
+    paths = {host_file(SERVICES[n], CONFIG_PATH) for n in REPLICA_SERVICES}
+    assert len(paths) == 1
+    cfg = load_config(paths.pop())
+    assert cfg.state is not None
+    redis_host = urlsplit(cfg.state.redis).hostname
+    assert redis_host in enabled("replicas") and redis_host not in enabled("sim")
+    published = [_published(SERVICES[n]) for n in REPLICA_SERVICES]
+    assert all(host_ip == "127.0.0.1" for p in published for host_ip, _, _ in p)  # no keys
+    assert len({p[0][1] for p in published}) == 2, published  # a port each
+    for b in (b for p in cfg.pools for b in p.backends):
+        url = urlsplit(b.url)
+        assert url.hostname in replicas("replicas"), f"{b.url}: not a service of the profile"
+        assert url.port in listen(url.hostname)[1]
+    assert "replicas" in re.search(r"pip install -e '\.\[([^]]*)\]'", DOCKERFILE).group(1)
 
 
 @pytest.mark.parametrize("vendor", HARDWARE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from lbproxy.config import ConcurrencyLimit, FlowControl
@@ -282,7 +284,7 @@ def test_gradient_growth_is_paced_over_the_ramp_so_an_empty_backend_fills_gradua
     # Paced: about a request's lifetime (30 s) to fill, with room added every few seconds.
     assert paced[4] < 30 and 15 <= paced[14] < 60
     assert paced[-1] >= 60
-    steps = [b - a for a, b in zip(paced, paced[1:30], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(paced[:30])]
     assert max(steps) <= 6
 
 

@@ -146,6 +146,9 @@ class FlowController:
         self._backlog_count = 0.0  # decayed dispatches while requests waited
         self._backlog_time = 0.0  # decayed seconds of backlog
         self._asked_tokens: float | None = None  # average max_tokens of recent dispatches
+        # This process's share of each backend's limit (several replicas or workers
+        # sending to the same backends each keep their share: `lbproxy.replicas`).
+        self.share = 1.0
         self.configure(settings, thresholds or Thresholds())
 
     def configure(self, settings: FlowControl, thresholds: Thresholds) -> None:
@@ -181,7 +184,9 @@ class FlowController:
     def limit_of(self, ep: Endpoint) -> int:
         cap = self.limiter(ep).value()
         if self.max_in_flight is not None and self.max_in_flight < cap:
-            return self.max_in_flight
+            cap = self.max_in_flight
+        if self.share < 1.0:
+            cap = max(1, math.ceil(cap * self.share))
         return cap
 
     def can_take(self, ep: Endpoint, now: float, privileged: bool = False) -> bool:

@@ -33,6 +33,8 @@ from lbproxy.proxy.observability import install_on_admin as install_admin_observ
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.request_id import client_request_id
 from lbproxy.proxy.upstream import UpstreamClient
+from lbproxy.replicas.wiring import install as install_replicas
+from lbproxy.replicas.workers import worker_index
 from lbproxy.routing.state import Endpoint
 from lbproxy.signals.discovery import ModelDiscovery
 from lbproxy.signals.health import HealthChecker
@@ -309,6 +311,8 @@ def build_app(
     _replace_default_expect_handlers(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
+    # ---- several processes (serve --workers, state.redis): lbproxy/replicas ----------------
+    install_replicas(app, lambda: app[STATE])
     return app
 
 
@@ -358,7 +362,8 @@ class RunningProxy:
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
-    site = web.TCPSite(runner, host, port)
+    # A worker of `serve --workers` shares its port with the others (replicas/workers.py).
+    site = web.TCPSite(runner, host, port, reuse_port=worker_index() is not None or None)
     try:
         await site.start()
     except OSError as e:
@@ -404,8 +409,9 @@ async def start_proxy(
     bind_host = host or cfg.listen.host
     listen_port = cfg.listen.port if port is None else port
     # A taken port fails here, before setup starts sessions, scrapes and health checks.
-    await probe_listen(bind_host, listen_port)
-    if admin_port := _separate_admin_port(cfg):
+    if worker_index() is None:  # a worker's port is held by its supervisor: no probe
+        await probe_listen(bind_host, listen_port)
+    if (admin_port := _separate_admin_port(cfg)) and worker_index() is None:
         await probe_listen(cfg.admin.host or cfg.listen.host, admin_port)
     await runner.setup()
     try:

@@ -92,6 +92,13 @@ class Router:
             reason="; ".join(reasons),
         )
 
+    def add_observer(self, obs: RoutedObserver) -> None:
+        """Also tell `obs` where each request went (one observer per type: a new one
+        replaces an earlier one of its type, so a router kept over a reload is not told
+        twice)."""
+        self._observers = [o for o in self._observers if type(o) is not type(obs)]
+        self._observers.append(obs)
+
     def commit(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         """Tell learning plugins (round-robin, prefix indexes) where the request went."""
         for obs in self._observers:

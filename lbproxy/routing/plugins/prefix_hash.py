@@ -277,6 +277,12 @@ class PrefixHashScorer:
         cap = blocks * (size or bs) // bs if blocks else self.lru_capacity
         return max(1, min(cap, self.max_lru_capacity))
 
+    def learn(self, ep: Endpoint, hashes: list[int], weights: Sequence[int] | None = None) -> None:
+        """Record that `ep` holds this block chain, learnt elsewhere (another replica's
+        decision); its free room is recomputed when next needed."""
+        self.index.insert(ep.name, hashes, self.capacity(ep), weights)
+        self._free.pop(ep.name, None)
+
     def forget(self, endpoint_name: str) -> None:
         self.index.forget(endpoint_name)
         self._free.pop(endpoint_name, None)

@@ -303,6 +303,25 @@ def test_the_ramp_follows_the_output_tokens_requests_ask_for() -> None:
     assert fc.ramp_time() == pytest.approx(120.0)  # capped
 
 
+
+def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
+    fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
+    eps = [_ep("x")]
+    d = Driver()
+    for i in range(10):  # they ask for 2,000 tokens: 100 s
+        w = _w(tag=str(i))
+        w.max_tokens = 2000
+        fc.admit(w, eps, 0.0, d, d.on_shed)
+    assert fc.ramp_time() == pytest.approx(100.0)
+    # ...but 10 in flight end at 1 a second: they live ~10 s (Little's law).
+    for k in range(60):
+        eps[0].in_flight -= 1
+        fc.on_done(eps[0], ok=True, now=float(k))
+        eps[0].in_flight += 1
+    ramp = fc.ramp_time()
+    assert ramp is not None and 8.0 <= ramp <= 13.0
+
+
 def test_limit_without_metrics_ramps_by_completions_and_backs_off_on_429() -> None:
     lim = ConcurrencyLimiter(ConcurrencyLimit(initial=4, max=10))
     for _ in range(20):

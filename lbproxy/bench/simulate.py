@@ -231,7 +231,7 @@ class FleetSimulator:
                 ep = self.endpoints[st.ep]
                 ep.in_flight -= 1
                 if self.flow is not None:
-                    self.flow.on_done(ep, True)
+                    self.flow.on_done(ep, True, now=t)
                 self.finished += 1
                 del live[out.request_id]
         self._drain_kv(i, t)

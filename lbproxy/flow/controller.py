@@ -47,7 +47,9 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
 - Ramp: while requests wait, a backend's limit grows no faster than over one expected
   request lifetime (`flow.limiter`), the lifetime taken as the output tokens requests
   ask for (`max_tokens`, averaged over recent dispatches) x the limiter's `target_itl`,
-  within [5 s, 120 s]. Requests that say nothing leave growth unpaced, and so does an
+  within [5 s, 120 s], or the lifetime seen (requests in flight / requests ending per
+  second, over the last ~30 s) when shorter: requests that stop well before `max_tokens`
+  must not slow the ramp. Requests that say nothing leave growth unpaced, and so does an
   empty queue (new room then fills only as fast as requests arrive).
 
 The expected wait is (requests that would be served first) / (dispatch rate), the rate
@@ -90,6 +92,9 @@ _SCAN = 64
 _RAMP_MIN = 5.0
 _RAMP_MAX = 120.0
 _RAMP_WEIGHT = 0.02  # weight of each dispatched request in the average asked length
+_ENDED_TAU = 30.0  # seconds the rate of requests ending is averaged over
+_ENDED_MIN_TIME = 5.0
+_ENDED_MIN_COUNT = 20.0
 
 ShedFn = Callable[[Waiter], None]
 
@@ -146,6 +151,9 @@ class FlowController:
         self._backlog_count = 0.0  # decayed dispatches while requests waited
         self._backlog_time = 0.0  # decayed seconds of backlog
         self._asked_tokens: float | None = None  # average max_tokens of recent dispatches
+        self._t_ended = 0.0
+        self._ended_count = 0.0  # decayed requests ended (with a time), for the ramp
+        self._ended_time = 0.0  # decayed seconds they were counted over
         # This process's share of each backend's limit (several replicas or workers
         # sending to the same backends each keep their share: `lbproxy.replicas`).
         self.share = 1.0
@@ -231,14 +239,30 @@ class FlowController:
             self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
 
     def ramp_time(self) -> float | None:
-        """Seconds over which an empty backend may fill: one expected request lifetime."""
+        """Seconds over which an empty backend may fill: one expected request lifetime,
+        from what requests ask for, or shorter when they are seen to end sooner (by
+        Little's law: requests in flight / requests ending per second)."""
         if self._asked_tokens is None:
             return None
         t = self._asked_tokens * self._limit_params.target_itl
+        if self._ended_time >= _ENDED_MIN_TIME and self._ended_count >= _ENDED_MIN_COUNT:
+            in_flight = sum(ep.in_flight for ep in self.limiters)
+            t = min(t, in_flight * self._ended_time / self._ended_count)
         return min(max(t, _RAMP_MIN), _RAMP_MAX)
 
-    def on_done(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
-        """A request on `ep` ended (its in_flight already decremented; then `drain`)."""
+    def on_done(
+        self, ep: Endpoint, ok: bool, overloaded: bool = False, now: float | None = None
+    ) -> None:
+        """A request on `ep` ended (its in_flight already decremented; then `drain`).
+        `now`, when given, measures how fast requests end (for the ramp)."""
+        if now is not None:
+            dt = now - self._t_ended
+            if dt > 0:
+                self._t_ended = now
+                d = math.exp(-dt / _ENDED_TAU)
+                self._ended_count *= d
+                self._ended_time = self._ended_time * d + _ENDED_TAU * (1.0 - d)
+            self._ended_count += 1.0
         self.limiter(ep).on_done(ok, overloaded, ep.in_flight)
 
     def prune(self, endpoints: Iterable[Endpoint]) -> None:

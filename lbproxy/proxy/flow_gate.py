@@ -162,7 +162,7 @@ class FlowGate:
 
     def release(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
         """A request on `ep` ended (its in_flight already decremented)."""
-        self.controller.on_done(ep, ok, overloaded)
+        self.controller.on_done(ep, ok, overloaded, self._now())
         if self.controller.queue.size:
             self.wake()
 

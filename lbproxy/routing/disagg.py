@@ -22,6 +22,7 @@ Nothing is committed here: the caller tells each router where its leg went
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,30 @@ class DisaggRouter:
         if dec is None:
             return DisaggPlan(False, "no_decode_backend", tokens, uncached, pre)
         return DisaggPlan(True, "split", tokens, uncached, pre, dec)
+
+    def rank_pair(
+        self,
+        ctx: RequestContext,
+        endpoints: list[Endpoint],
+        now: float,
+        can_take: Callable[[Endpoint], bool],
+    ) -> tuple[Decision, Decision] | None:
+        """Both sides of a split that flow control holds as one request: the best prefill
+        endpoint that `can_take` a request and, other than it, the decode side's ranking
+        (flow control checks that side's room itself). None: wait. Load gates are left
+        to flow control, as for aggregated requests."""
+        p_eps = [ep for ep in endpoints if prefill_capable(ep) and can_take(ep)]
+        pre = self.prefill.rank(ctx, p_eps, now, gates=False) if p_eps else None
+        if pre is None:
+            return None
+        for p_ep in pre.ranked:  # a role-both prefill side may leave no decode side
+            d_eps = [ep for ep in endpoints if decode_capable(ep) and ep is not p_ep]
+            dec = self.decode.rank(ctx, d_eps, now, gates=False) if d_eps else None
+            if dec is not None:
+                if p_ep is not pre.endpoint:
+                    pre.choose(p_ep)
+                return pre, dec
+        return None
 
     def rank_prefill(
         self, ctx: RequestContext, endpoints: list[Endpoint], now: float

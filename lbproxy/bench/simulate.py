@@ -59,7 +59,7 @@ from lbproxy.bench.workloads import Workload
 from lbproxy.config import Disaggregation, FlowControl, Signals
 from lbproxy.flow.controller import FlowController, NoServer, Shed, thresholds_for
 from lbproxy.flow.queue import QUEUED, Waiter
-from lbproxy.routing.disagg import DisaggRouter, decode_capable
+from lbproxy.routing.disagg import DisaggPlan, DisaggRouter, decode_capable
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.profiles import ProfileSpec, build_router
@@ -116,6 +116,7 @@ class _Arrival:
     t0: float  # its step's start (records are relative to it)
     split: bool = False  # the P/D decision at arrival: serve it as a pair
     pre: Decision | None = None  # flow control: the prefill side of its last ranking
+    plan: DisaggPlan | None = None  # its split plan at arrival, for flow control's first try
 
 
 @dataclass(slots=True)
@@ -310,7 +311,7 @@ class FleetSimulator:
                 if self.flow is None:
                     self._start_split(a, t, plan.prefill.endpoint, plan.decode.endpoint, False)
                     return
-                a.split = True
+                a.split, a.plan = True, plan
             else:
                 candidates = self.serving
         if self.flow is None:
@@ -413,7 +414,10 @@ class FleetSimulator:
             return self.router.rank(a.ctx, eps, now, gates=False)
         flow = self.flow
         assert flow is not None
-        pair = self.disagg.rank_pair(a.ctx, candidates, now, lambda ep: flow.can_take(ep, now))
+        plan, a.plan = a.plan, None
+        pair = self.disagg.rank_pair(
+            a.ctx, candidates, now, lambda ep: flow.can_take(ep, now), plan
+        )
         if pair is None:
             return None
         a.pre = pair[0]

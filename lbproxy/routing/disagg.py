@@ -135,11 +135,21 @@ class DisaggRouter:
         endpoints: list[Endpoint],
         now: float,
         can_take: Callable[[Endpoint], bool],
+        plan: DisaggPlan | None = None,
     ) -> tuple[Decision, Decision] | None:
         """Both sides of a split that flow control holds as one request: the best prefill
         endpoint that `can_take` a request and, other than it, the decode side's ranking
         (flow control checks that side's room itself). None: wait. Load gates are left
-        to flow control, as for aggregated requests."""
+        to flow control, as for aggregated requests. `plan`: the request's split plan, made
+        just now; its two sides are taken as they are when its prefill side can take it
+        (ranking again would cost time, and move stateful pickers such as round-robin)."""
+        if (
+            plan is not None
+            and plan.prefill is not None
+            and plan.decode is not None
+            and can_take(plan.prefill.endpoint)
+        ):
+            return plan.prefill, plan.decode
         p_eps = [ep for ep in endpoints if prefill_capable(ep) and can_take(ep)]
         pre = self.prefill.rank(ctx, p_eps, now, gates=False) if p_eps else None
         if pre is None:

@@ -68,3 +68,24 @@ def test_a_pair_waits_for_a_free_decode_side() -> None:
     assert a.queue_wait == 0.0 and b.queue_wait > 0.5  # b waited for a's whole decode
     assert b.start + b.queue_wait >= a.end - 1e-9  # dispatched once a's decode ended
     assert sim.peak_legs == [1, 1]
+
+
+def test_a_prefill_backends_limit_ignores_its_decode_latency() -> None:
+    """A prefill-only backend generates one token per request: the decode-latency gradient
+    would read a huge latency and cut its limit to the minimum. Its limit stays; the
+    prompt tokens sent since its last scrape are still reset by a fresh one."""
+    from lbproxy.flow.controller import FlowController
+    from lbproxy.routing.state import Endpoint, MetricsSnapshot
+
+    ctl = FlowController(FlowControl())
+    pre = Endpoint(name="p", url="http://p", role="prefill")
+    both = Endpoint(name="b", url="http://b")
+    for t, generated in ((0.0, 0.0), (1.0, 2.0), (2.0, 4.0), (3.0, 6.0)):
+        for ep in (pre, both):  # 8 running, ~2 tokens/s: 4 s per token each
+            ep.in_flight = 8
+            ep.metrics = MetricsSnapshot(time=t, num_running=8, num_waiting=0,
+                                         generation_tokens=generated)  # fmt: skip
+            ctl.limiter(ep).sent_tokens = 100
+            ctl.on_metrics(ep)
+    assert ctl.limit_of(both) < 16  # the gradient at work on a decoding backend
+    assert ctl.limit_of(pre) == 16 and ctl.limiter(pre).sent_tokens == 0

@@ -208,6 +208,11 @@ class FlowController:
     def on_metrics(self, ep: Endpoint) -> None:
         """A fresh scrape of `ep` landed: update its limit (then `drain`)."""
         if ep.metrics is not None:
+            if ep.role == "prefill":
+                # A P/D prefill backend decodes nothing: its decode latency says nothing
+                # of its room, which its queue and KV checks judge; its limit only ramps.
+                self.limiter(ep).sent_tokens = 0
+                return
             self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth)
 
     def on_done(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:

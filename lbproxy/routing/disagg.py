@@ -137,26 +137,32 @@ class DisaggRouter:
         can_take: Callable[[Endpoint], bool],
         plan: DisaggPlan | None = None,
     ) -> tuple[Decision, Decision] | None:
-        """Both sides of a split that flow control holds as one request: the best prefill
-        endpoint that `can_take` a request and, other than it, the decode side's ranking
-        (flow control checks that side's room itself). None: wait. Load gates are left
-        to flow control, as for aggregated requests. `plan`: the request's split plan, made
-        just now; its two sides are taken as they are when its prefill side can take it
-        (ranking again would cost time, and move stateful pickers such as round-robin)."""
+        """Both sides of a split that flow control holds as one request, each the best of
+        its side's endpoints that `can_take` a request (the decode side other than the
+        prefill one); None: wait. Neither side holds out for a busy favourite: flow
+        control's affinity wait is for prefix caches, and a split request's decode side
+        gets its KV over the link. Load gates are left to flow control. `plan`: the
+        request's split plan, made just now; its two sides are taken as they are when
+        both can take it (ranking again costs time, and moves stateful pickers such as
+        round-robin)."""
         if (
             plan is not None
             and plan.prefill is not None
             and plan.decode is not None
             and can_take(plan.prefill.endpoint)
+            and can_take(plan.decode.endpoint)
         ):
             return plan.prefill, plan.decode
         p_eps = [ep for ep in endpoints if prefill_capable(ep) and can_take(ep)]
-        pre = self.prefill.rank(ctx, p_eps, now, gates=False) if p_eps else None
+        d_eps = [ep for ep in endpoints if decode_capable(ep) and can_take(ep)]
+        if not p_eps or not d_eps:
+            return None
+        pre = self.prefill.rank(ctx, p_eps, now, gates=False)
         if pre is None:
             return None
         for p_ep in pre.ranked:  # a role-both prefill side may leave no decode side
-            d_eps = [ep for ep in endpoints if decode_capable(ep) and ep is not p_ep]
-            dec = self.decode.rank(ctx, d_eps, now, gates=False) if d_eps else None
+            eps = [ep for ep in d_eps if ep is not p_ep]
+            dec = self.decode.rank(ctx, eps, now, gates=False) if eps else None
             if dec is not None:
                 if p_ep is not pre.endpoint:
                     pre.choose(p_ep)

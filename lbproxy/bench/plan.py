@@ -158,11 +158,16 @@ def _fleet_with(fleet: FleetSpec, layout: Layout, opts: PlanOptions) -> FleetSpe
     if all(r == "both" for r in layout):  # the baseline: aggregated
         backends = tuple(replace(b, role="both") for b in fleet.backends)
         return replace(fleet, backends=backends, disaggregation=None)
+    backends = tuple(replace(b, role=r) for b, r in zip(fleet.backends, layout, strict=True))
+    return replace(fleet, backends=backends, disaggregation=_disaggregation(fleet, opts))
+
+
+def _disaggregation(fleet: FleetSpec, opts: PlanOptions) -> Disaggregation:
+    """The P/D settings of the split candidates: the fleet's, else the pool defaults."""
     dis = fleet.disaggregation or Disaggregation()
     if opts.min_prompt_tokens is not None:
         dis = dis.model_copy(update={"min_prompt_tokens": opts.min_prompt_tokens})
-    backends = tuple(replace(b, role=r) for b, r in zip(fleet.backends, layout, strict=True))
-    return replace(fleet, backends=backends, disaggregation=dis)
+    return dis
 
 
 _FIGURES = (
@@ -274,11 +279,7 @@ def plan(
             "warmup_s": opts.warmup,
             "seed": opts.seed,
             "routing": opts.profile,
-            "disaggregation": _fleet_with(
-                fleet, layouts_by_type(fleet)[0], opts
-            ).disaggregation.model_dump(mode="json")  # type: ignore[union-attr]
-            if layouts_by_type(fleet)
-            else None,
+            "disaggregation": _disaggregation(fleet, opts).model_dump(mode="json"),
             "flow_control": opts.flow.model_dump(mode="json") if opts.flow else None,
             "slo_ttft_s": opts.slo_ttft,
             "slo_itl_s": opts.slo_itl,

@@ -19,10 +19,10 @@ def _s(v: float | None) -> str:
 
 
 def main(paths: list[Path]) -> None:
-    print("| fleet | workload | rate | all-aggregated goodput | best layout | its goodput "
+    print("| fleet | workload | rate | SLO ITL | all-aggregated goodput | best layout | its goodput "
           "| gain | TTFT p50 (agg -> best) | best P/D layout | its gain "
           "| candidates, wall |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in paths:
         plan = json.loads(p.read_text())
         s = plan["settings"]
@@ -32,7 +32,8 @@ def main(paths: list[Path]) -> None:
         gain = best.get("goodput_vs_baseline")
         lgain = local.get("goodput_vs_baseline") if local else None
         print(
-            f"| {Path(s['fleet']).stem} | {s['workload']['name']} | {s['rate']:g} | {_g(b)} "
+            f"| {Path(s['fleet']).stem} | {s['workload']['name']} | {s['rate']:g} "
+            f"| {s['slo_itl_s'] * 1000:g} ms | {_g(b)} "
             f"| {best['layout']}{' (cross-vendor KV)' if best['cross_vendor_kv'] else ''} "
             f"| {_g(best['goodput_output_tokens_per_s'])} "
             f"| {'-' if gain is None else f'x{gain:.2f}'} "

@@ -19,8 +19,8 @@ def _s(v: float | None) -> str:
 
 
 def main(paths: list[Path]) -> None:
-    print("| fleet | workload | rate | SLO ITL | all-aggregated goodput | best layout | its goodput "
-          "| gain | TTFT p50 (agg -> best) | best P/D layout | its gain "
+    print("| fleet | workload | rate | SLO ITL | all-aggregated goodput | best layout "
+          "| its goodput | gain | TTFT p50 (agg -> best) | best P/D layout | its gain "
           "| candidates, wall |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in paths:

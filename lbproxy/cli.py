@@ -1,7 +1,7 @@
 """The `lbproxy` command line.
 
 Only `serve` and `check-config` are defined here. The other subcommands (demo, sim, bench,
-simulate) live with the code they run and are imported only when one of them is parsed
+simulate, plan) live with the code they run and are imported only when one of them is parsed
 or its help printed, so `lbproxy serve` never loads the simulator, the benchmark tools
 or their numpy/matplotlib/rich.
 """
@@ -42,6 +42,11 @@ _LAZY_SUBCOMMANDS = (
         "simulate",
         "offline fleet simulator in virtual time",
         "lbproxy.bench.cli:configure_simulate_parser",
+    ),
+    (
+        "plan",
+        "what-if planner: prefill/decode role layouts of a fleet, by simulation",
+        "lbproxy.bench.plan_cli:configure_plan_parser",
     ),
 )
 

@@ -163,9 +163,7 @@ def compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict[st
 
 
 @needs_compose
-@pytest.mark.parametrize(
-    "profiles", [(p,) for p in PROFILES] + [("sim", "monitoring")]
-)
+@pytest.mark.parametrize("profiles", [(p,) for p in PROFILES] + [("sim", "monitoring")])
 def test_compose_config_passes(profiles: tuple[str, ...]) -> None:
     resolved = compose_config(*profiles)
     want = set().union(*(enabled(p) for p in profiles))

@@ -303,7 +303,6 @@ def test_the_ramp_follows_the_output_tokens_requests_ask_for() -> None:
     assert fc.ramp_time() == pytest.approx(120.0)  # capped
 
 
-
 def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
     fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
     eps = [_ep("x")]

@@ -22,6 +22,19 @@ deliveries, merged with the sorted Poisson arrivals):
   ends or a scrape lands, shed with "429" (`rejected`) when the queue is full or a
   request waited `max_wait`; each record keeps its queue wait.
 
+- Prefill/decode disaggregation (a fleet with backend `role`s or `disaggregation:`): each
+  arrival gets the pool's P/D decision from `lbproxy.routing.disagg`, the proxy's own. A
+  split request is a prefill on the prefill backend (max_tokens 1, its KV held: the
+  engine's `hold_kv`), then, when that answer lands, the decode on the decode backend,
+  whose engine pulls the prompt's KV over the fleet's link for the vendor pair
+  (`remote_kv_gbps`: bytes / bandwidth) and decodes without recomputing it; the
+  producer's blocks are freed when the pull completes. Otherwise the request is routed
+  aggregated among the decode-capable backends. With flow control a split request is
+  held and dispatched as a pair (a prefill backend and a decode backend that can both
+  take it, both slots counted at once, each freed when its leg ends) and shed as one.
+  Each step's `pd` entry counts the decisions and gives prefill time, decode TTFT and
+  transfer time, as the proxy's P/D metrics do.
+
 A rate step ends when every request finished, or at its deadline (`duration + drain`),
 where the rest (waiting in the flow queue or running) are aborted and recorded as
 incomplete; the next step starts there, on the same warm fleet, as a live `lbproxy bench`
@@ -39,25 +52,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lbproxy.bench.mix import TrafficClass, class_sequence
+from lbproxy.bench.pd_stats import PDStats
 from lbproxy.bench.report import RunResult, StepResult
 from lbproxy.bench.stats import RequestRecord, poisson_arrivals, summarize_step
 from lbproxy.bench.workloads import Workload
-from lbproxy.config import FlowControl, Signals
+from lbproxy.config import Disaggregation, FlowControl, Signals
 from lbproxy.flow.controller import FlowController, NoServer, Shed, thresholds_for
 from lbproxy.flow.queue import QUEUED, Waiter
+from lbproxy.routing.disagg import DisaggPlan, DisaggRouter, decode_capable
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot, RequestContext
 from lbproxy.sim.engine import Engine, EngineRequest
-from lbproxy.sim.fleet import FleetSpec
+from lbproxy.sim.fleet import FleetSpec, check_roles
 from lbproxy.tokenization import Tokenizer
 
 _DEFAULT_SIGNALS = Signals()
 
 # Heap entry kinds; at equal times engines finish their steps first, then scrapes see the
 # result, then KV events land, then flow-control deadlines pass.
-_STEP, _SCRAPE, _KV, _DEADLINE = 0, 1, 2, 3
+_STEP, _SCRAPE, _KV, _DEADLINE, _RELEASE = 0, 1, 2, 3, 4
 
 
 @dataclass(slots=True)
@@ -87,6 +102,7 @@ class _Live:
     last: float = -1.0  # time of the last chunk
     pending: int = 0  # tokens not yet sent in a chunk
     itl: list[float] = field(default_factory=list)
+    pd: _Split | None = None  # the decode leg of a split request
 
 
 @dataclass(slots=True)
@@ -98,6 +114,22 @@ class _Arrival:
     max_tokens: int
     rec: RequestRecord
     t0: float  # its step's start (records are relative to it)
+    split: bool = False  # the P/D decision at arrival: serve it as a pair
+    pre: Decision | None = None  # flow control: the prefill side of its last ranking
+    plan: DisaggPlan | None = None  # its split plan at arrival, for flow control's first try
+
+
+@dataclass(slots=True)
+class _Split:
+    """A split request between its legs."""
+
+    a: _Arrival
+    p: int  # the prefill engine
+    d: Endpoint  # where the decode goes
+    t_sent: float  # prefill sent
+    reserved: bool  # flow control counted the decode slot at dispatch
+    prefill_id: str = ""  # the prefill's engine request id (its held blocks)
+    t_decode: float = 0.0  # decode sent
 
 
 class FleetSimulator:
@@ -127,9 +159,12 @@ class FleetSimulator:
                 url=f"http://127.0.0.1:{b.port}",
                 vendor=b.profile.name,
                 pool=pool,
+                role=b.role,
             )
             for b in fleet.backends
         ]
+        # What aggregated requests are routed over (the proxy's `serving`).
+        self.serving = [ep for ep in self.endpoints if decode_capable(ep)]
         self.bctx = BuildContext(
             pool=pool,
             model=fleet.model,
@@ -140,6 +175,18 @@ class FleetSimulator:
         )
         self.router: Router = build_router(profile, self.bctx, seed=opts.seed)
         self.profile_name = self.router.profile_name
+        self.disagg: DisaggRouter | None = None
+        if fleet.disaggregated:
+            check_roles(fleet)
+            dis = fleet.disaggregation or Disaggregation()
+            self.disagg = DisaggRouter(
+                build_router(dis.prefill_routing, self.bctx, seed=opts.seed),
+                build_router(dis.decode_routing, self.bctx, seed=opts.seed),
+                dis.min_prompt_tokens,
+            )
+        self._prefills: dict[str, _Split] = {}  # prefill legs running, by engine request id
+        self._holds: dict[str, tuple[int, str]] = {}  # decode id -> producer, prefill id
+        self.pd = PDStats()  # this step's P/D figures
         self.precise = self.bctx.shared.get("precise_index")
         self.flow: FlowController | None = None
         if flow is not None and flow.enabled:
@@ -174,9 +221,17 @@ class FleetSimulator:
             self._push(t, _STEP, i)
 
     def _drain_kv(self, i: int, t: float) -> None:
-        events = self.engines[i].drain_kv_events()
+        """After every engine call: its KV events, and the remote-KV pulls it started."""
+        e = self.engines[i]
+        events = e.drain_kv_events()
         if events and self.precise is not None:
             self._push(t + self.options.kv_event_delay, _KV, (self.endpoints[i].name, events))
+        if self.disagg is not None:
+            for rid, done, secs in e.drain_pulls():
+                held = self._holds.pop(rid, None)
+                if held is not None:  # the producer frees its blocks once they are read
+                    self._push(done, _RELEASE, held)
+                    self.pd.kv_transfer_s.append(secs)
 
     def _scrape(self, i: int, t: float) -> None:
         e = self.engines[i]
@@ -209,6 +264,9 @@ class FleetSimulator:
         for out in outputs:
             st = live.get(out.request_id)
             if st is None:
+                pd = self._prefills.pop(out.request_id, None) if self._prefills else None
+                if pd is not None:  # max_tokens 1: the prefill answered
+                    self._prefilled(pd, out.num_cached_tokens, t)
                 continue
             rec = st.rec
             rel = t - st.t0
@@ -218,7 +276,10 @@ class FleetSimulator:
             # `interval` tokens and at the end; ITL is the gap between chunks.
             if st.last < 0:
                 rec.first_token = st.last = rel
-                rec.cached_tokens = out.num_cached_tokens
+                if st.pd is None:
+                    rec.cached_tokens = out.num_cached_tokens
+                else:
+                    self.pd.decode_ttft_s.append(t - st.pd.t_decode)
             else:
                 st.pending += n
                 if st.pending >= st.interval or out.finished:
@@ -241,8 +302,20 @@ class FleetSimulator:
 
     def _arrive(self, a: _Arrival, t: float, klass: TrafficClass | None = None) -> None:
         rec = a.rec
+        candidates = self.endpoints
+        if self.disagg is not None:
+            plan = self.disagg.plan(a.ctx, self.endpoints, t)
+            self.pd.reasons[plan.reason] += 1
+            if plan.disaggregated:
+                assert plan.prefill is not None and plan.decode is not None
+                if self.flow is None:
+                    self._start_split(a, t, plan.prefill.endpoint, plan.decode.endpoint, False)
+                    return
+                a.split, a.plan = True, plan
+            else:
+                candidates = self.serving
         if self.flow is None:
-            decision = self.router.route(a.ctx, self.endpoints, t)
+            decision = self.router.route(a.ctx, candidates, t)
             if decision is None:
                 rec.status, rec.error, rec.end = "error", "no backend", t - a.t0
                 return
@@ -267,6 +340,58 @@ class FleetSimulator:
         except NoServer:
             rec.status, rec.error, rec.end = "error", "no backend", t - a.t0
 
+    def _start_split(
+        self, a: _Arrival, t: float, p_ep: Endpoint, d_ep: Endpoint, reserved: bool
+    ) -> None:
+        """Send the prefill leg (its KV held for the decode) to `p_ep`'s engine."""
+        assert self.disagg is not None
+        i = self._index[id(p_ep)]
+        p_ep.in_flight += 1
+        self.routed[i] += 1
+        self.disagg.prefill.commit(a.ctx, p_ep, t)
+        self._next_id += 1
+        rid = str(self._next_id)
+        req = EngineRequest(rid, a.ids, 1, arrival_time=t, hold_kv=True)
+        self.engines[i].add_request(req, t)
+        self._prefills[rid] = _Split(a, i, d_ep, t, reserved, rid)
+        self._drain_kv(i, t)
+        self._reschedule(i)
+
+    def _prefilled(self, pd: _Split, cached: int, t: float) -> None:
+        """The prefill answered: free its slot and send the decode, which pulls the KV."""
+        assert self.disagg is not None
+        p_ep = self.endpoints[pd.p]
+        p_ep.in_flight -= 1
+        if self.flow is not None:
+            self.flow.on_done(p_ep, True, now=t)
+        a, d_ep = pd.a, pd.d
+        a.rec.cached_tokens = cached  # what the prefill reused of its prefix cache
+        self.pd.prefill_s.append(t - pd.t_sent)
+        j = self._index[id(d_ep)]
+        if not pd.reserved:
+            d_ep.in_flight += 1
+        self.routed[j] += 1
+        self.disagg.decode.commit(a.ctx, d_ep, t)
+        self.pd.pairs[f"{p_ep.name}->{d_ep.name}"] += 1
+        a.rec.backend = d_ep.name
+        gbps = self.fleet.links.gbps(d_ep.vendor, p_ep.vendor)
+        self._next_id += 1
+        rid = str(self._next_id)
+        pd.t_decode = t
+        self._holds[rid] = (pd.p, pd.prefill_id)
+        req = EngineRequest(rid, a.ids, a.max_tokens, arrival_time=t, remote_kv_gbps=gbps)
+        self._live[rid] = _Live(a.rec, j, a.t0, self.fleet.backends[j].stream_interval, pd=pd)
+        self.engines[j].add_request(req, t)
+        self._drain_kv(j, t)
+        self._reschedule(j)
+
+    def _release(self, i: int, prefill_id: str, t: float) -> None:
+        if self.engines[i].release_held(prefill_id, t):
+            self._drain_kv(i, t)
+            self._reschedule(i)
+            if self.flow is not None:
+                self._flow_drain(t)
+
     def _start(self, a: _Arrival, t: float, ep: Endpoint) -> None:
         """Hand the request to `ep`'s engine (counted in its in_flight until it ends)."""
         i = self._index[id(ep)]
@@ -282,14 +407,44 @@ class FleetSimulator:
 
     # ---------------------------------------------------------------- flow control
     def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
-        return self.router.rank(w.payload.ctx, candidates, now, gates=False)
+        a: _Arrival = w.payload
+        if self.disagg is None:
+            return self.router.rank(a.ctx, candidates, now, gates=False)
+        if not a.split:
+            eps = [ep for ep in candidates if decode_capable(ep)]
+            return self.router.rank(a.ctx, eps, now, gates=False)
+        flow = self.flow
+        assert flow is not None
+        plan, a.plan = a.plan, None
+        pair = self.disagg.rank_pair(
+            a.ctx, candidates, now, lambda ep: flow.can_take(ep, now), plan
+        )
+        if pair is None:
+            return None
+        a.pre = pair[0]
+        return pair[1]  # flow control checks the decode side's room and binds by it
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         self._waiting.pop(id(w), None)
         a: _Arrival = w.payload
         a.rec.queue_wait = now - w.arrival
+        if a.split:
+            self._bind_pair(w, a, decision.endpoint, now)
+            return
         self.router.commit(a.ctx, decision.endpoint, now)
         self._start(a, now, decision.endpoint)
+
+    def _bind_pair(self, w: Waiter, a: _Arrival, d_ep: Endpoint, now: float) -> None:
+        """Dispatch a split request as one: both slots counted now (the prefill's by its
+        leg, the decode's reserved until its leg ends), never one side alone."""
+        flow = self.flow
+        assert flow is not None and a.pre is not None
+        # Its ranking may be from earlier in this dispatch round: the best that still can.
+        ranked = [ep for ep in a.pre.ranked if ep is not d_ep]
+        p_ep = next((ep for ep in ranked if flow.can_take(ep, now)), ranked[0])
+        flow.limiter(p_ep).sent_tokens += w.tokens
+        d_ep.in_flight += 1
+        self._start_split(a, now, p_ep, d_ep, True)
 
     def _shed(self, w: Waiter) -> None:
         self._waiting.pop(id(w), None)
@@ -364,7 +519,7 @@ class FleetSimulator:
         reported = self.finished + self.rejected
         while True:
             next_arrival = t0 + arrivals[a] if a < n_arr else float("inf")
-            if a >= n_arr and not live and not waiting:
+            if a >= n_arr and not live and not waiting and not self._prefills:
                 break
             t_heap = heap[0][0] if heap else float("inf")
             if min(next_arrival, t_heap) >= end:
@@ -406,6 +561,8 @@ class FleetSimulator:
                 if self.flow is not None:
                     self.flow.on_metrics(self.endpoints[payload])
                     self._flow_drain(t)
+            elif kind == _RELEASE:
+                self._release(payload[0], payload[1], t)
             elif kind == _DEADLINE:
                 if payload == self._armed:
                     self._armed = None
@@ -424,6 +581,17 @@ class FleetSimulator:
             if on_done is not None:
                 on_done(len(waiting))
             waiting.clear()
+        if self._prefills:  # split requests still in their prefill: both legs go
+            self.now = max(self.now, end)
+            for rid, pd in list(self._prefills.items()):
+                self.engines[pd.p].abort(rid, end)
+                self.endpoints[pd.p].in_flight -= 1
+                if pd.reserved:
+                    pd.d.in_flight -= 1
+                pd.a.rec.status, pd.a.rec.end = "incomplete", end - t0
+            if on_done is not None:
+                on_done(len(self._prefills))
+            self._prefills.clear()
         if live:  # the deadline: abort what is left, as the client's disconnect would
             self.now = max(self.now, end)
             for rid, st in list(live.items()):
@@ -434,6 +602,9 @@ class FleetSimulator:
                 st.rec.itl = st.itl
                 st.rec.output_tokens -= st.pending  # generated, not yet sent in a chunk
                 self.endpoints[i].in_flight -= 1
+                held = self._holds.pop(rid, None)
+                if held is not None:  # never pulled: the producer's hold ends
+                    self.engines[held[0]].release_held(held[1], end)
             if on_done is not None:
                 on_done(len(live))
             live.clear()
@@ -503,5 +674,8 @@ def simulate_run(
         step["backends"] = {
             ep.name: sim.routed[i] - before[i] for i, ep in enumerate(sim.endpoints)
         }
+        if sim.disagg is not None:
+            step["pd"] = sim.pd.summary()
+        sim.pd = PDStats()
         steps.append(step)  # type: ignore[arg-type]
     return RunResult(profile=name, label=label, target=target, steps=steps)

@@ -233,6 +233,11 @@ class FlowController:
     def on_metrics(self, ep: Endpoint) -> None:
         """A fresh scrape of `ep` landed: update its limit (then `drain`)."""
         if ep.metrics is not None:
+            if ep.role == "prefill":
+                # A P/D prefill backend decodes nothing: its decode latency says nothing
+                # of its room, which its queue and KV checks judge; its limit only ramps.
+                self.limiter(ep).sent_tokens = 0
+                return
             # Paced only while requests wait: new room is then filled at once, all in one
             # cohort; with nobody waiting it fills as requests arrive.
             ramp = self.ramp_time() if self.queue.size else None

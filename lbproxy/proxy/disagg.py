@@ -25,9 +25,15 @@ Failures, none of them visible to the client while a route remains:
 - the client leaves: the open upstream request is closed (a prefill in progress is
   aborted by vLLM), and no decode request is sent.
 
-Flow control: each leg counts in its backend's `in_flight` while it runs, and its end is
-reported to the pool's gate (`FlowGate.release`) so that waiting requests see the room;
-a split request itself does not wait in the gate's queue.
+Flow control (the pool's gate, when on): a split request waits in the gate's queue as one
+request and is dispatched as a pair (`FlowGate.acquire_pair`: a prefill backend and a
+decode backend that can both take it, both slots counted at once), or shed as one (one
+429); it is never sent half. The prefill leg uses the prefill slot, the decode leg the
+decode slot, each freed when its leg ends (`FlowGate.release`); a slot a leg did not use
+(the prefill failed over to another backend, the request fell back to aggregated, the
+client left) is freed when the split ends. Retries and failovers to other backends count
+there while they run, as aggregated retries do. Without flow control each leg counts in
+its backend's `in_flight` while it runs.
 """
 
 from __future__ import annotations
@@ -120,6 +126,21 @@ class _Split:
             total=dis.prefill_timeout, sock_connect=fwd.settings.connect_timeout
         )
         self.prefill_s = 0.0
+        self.reserved: list[Endpoint] = []  # slots flow control counted for this split
+
+    def _take(self, ep: Endpoint) -> None:
+        """Count a leg on `ep`: in the slot reserved for it, if any."""
+        for i, r in enumerate(self.reserved):
+            if r is ep:
+                del self.reserved[i]
+                return
+        ep.in_flight += 1
+
+    def free_reserved(self) -> None:
+        """Give back the slots no leg used."""
+        for ep in self.reserved:
+            self._leg_done(ep, False)
+        self.reserved.clear()
 
     def _headers(self, ep: Endpoint) -> CIMultiDict[str]:
         auth = self.pool.upstream_auth
@@ -155,7 +176,7 @@ class _Split:
         candidates = candidates[: fwd.settings.max_attempts]
         for i, ep in enumerate(candidates):
             retried = i + 1 < len(candidates)
-            ep.in_flight += 1
+            self._take(ep)
             self.disagg.prefill.commit(self.ctx, ep, self.now)
             ok = overloaded = False
             t_sent = self.clock()
@@ -219,7 +240,7 @@ class _Split:
         success, or an error that is the request's own such as a 4xx) went to the client;
         else `sent` False says the backend never read the params (they are still good)."""
         fwd, ex = self.fwd, self.ex
-        ep.in_flight += 1
+        self._take(ep)
         self.disagg.decode.commit(self.ctx, ep, self.now)
         ok = overloaded = False
         t_sent = self.clock()
@@ -305,13 +326,28 @@ async def serve_disaggregated(
         obs.pd_request(pool.name, "aggregated", plan.reason)
         return None
     assert plan.prefill is not None and plan.decode is not None
+    gate = pool.gate
+    reserved: list[Endpoint] = []
+    if gate is not None:  # held and dispatched as a pair, or shed as one (Overloaded)
+        priority, flow = gate.classify(request.headers)
+        try:
+            pre, dec, ex.queue_wait = await gate.acquire_pair(ctx, plan, priority, flow, now)
+        except asyncio.CancelledError:
+            obs.pd_request(pool.name, "disaggregated", "client_left")
+            raise
+        plan.prefill, plan.decode = pre, dec
+        reserved = [pre.endpoint, dec.endpoint]
+        now += ex.queue_wait
     split = _Split(fwd, request, client, ctx, headers, pool, ex, now, rs)
+    split.reserved = reserved
     ex.decision = plan.decode  # the access log's scores/totals: the decode side's
     try:
         resp = await _serve(split, plan)
     except asyncio.CancelledError:
         obs.pd_request(pool.name, "disaggregated", "client_left")
         raise
+    finally:
+        split.free_reserved()
     if resp is None:
         log.warning(
             "request %s: no P/D route served it (%s); serving it aggregated",

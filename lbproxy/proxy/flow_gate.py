@@ -10,6 +10,13 @@ a request ending on a backend (`release`), a fresh scrape (`on_metrics`), a back
 health changing, a reload. One timer per pool, set for the earliest `max_wait` deadline,
 sheds requests that waited too long; there is no polling loop. A client that disconnects
 while waiting cancels its handler, which takes it out of the queue at once.
+
+A P/D split request (`acquire_pair`) waits in the same queue as one request: it is
+dispatched when a prefill backend and a decode backend can both take it (the prefill
+side's best that can, by the pool's prefill routing; the decode side by the controller's
+usual rule), with both slots counted at once, and shed with one 429. In a P/D pool the
+queue is drained over every backend; aggregated requests are still routed only among
+the decode-capable ones.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from lbproxy.flow.controller import (
 from lbproxy.flow.queue import DISPATCHED, Waiter
 from lbproxy.proxy.errors import BadRequest, NoBackend, ProxyError
 from lbproxy.proxy.metrics import Histogram
+from lbproxy.routing.disagg import DisaggPlan, decode_capable
 from lbproxy.routing.state import Decision, Endpoint, RequestContext
 
 if TYPE_CHECKING:
@@ -63,13 +71,17 @@ class Overloaded(ProxyError):
 class _Held:
     """A waiting request's side of the handshake with `bind` / `_shed`."""
 
-    __slots__ = ("ctx", "decision", "error", "fut")
+    __slots__ = ("ctx", "decision", "error", "fut", "pair", "plan", "prefill", "waited")
 
-    def __init__(self, ctx: RequestContext) -> None:
+    def __init__(self, ctx: RequestContext, plan: DisaggPlan | None = None) -> None:
         self.ctx = ctx
         self.decision: Decision | None = None
         self.error: ProxyError | None = None
         self.fut: asyncio.Future[None] | None = None
+        self.pair = plan is not None  # a P/D split: `decision` the decode side, `prefill` the other
+        self.plan = plan  # its split plan at arrival, for the first try
+        self.prefill: Decision | None = None
+        self.waited = 0.0
 
 
 class FlowGate:
@@ -81,6 +93,7 @@ class FlowGate:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._flushing = False
 
     def configure(self, pool: PoolRuntime, settings: FlowControl, thresholds: Thresholds) -> None:
         """A reload: follow the new runtime (endpoints, router) and settings; whoever
@@ -127,13 +140,40 @@ class FlowGate:
         waited. `tokens`: an estimate of its prompt tokens. Raises Overloaded (shed) or
         NoBackend."""
         held = _Held(ctx)
-        w = Waiter(priority, flow, now, now, held, tokens, _asked_tokens(ctx.body))
+        asked = _asked_tokens(ctx.body)
+        await self._wait(held, Waiter(priority, flow, now, now, held, tokens, asked))
+        assert held.decision is not None
+        return held.decision, held.waited
+
+    async def acquire_pair(
+        self, ctx: RequestContext, plan: DisaggPlan, priority: int, flow: str, now: float
+    ) -> tuple[Decision, Decision, float]:
+        """`acquire` for a P/D split planned at arrival: (prefill decision, decode
+        decision, seconds waited), both endpoints already counted in `in_flight`; each
+        leg's end is `release`d."""
+        held = _Held(ctx, plan)
+        tokens = plan.prompt_tokens
+        asked = _asked_tokens(ctx.body)
+        await self._wait(held, Waiter(priority, flow, now, now, held, tokens, asked))
+        assert held.decision is not None and held.prefill is not None
+        return held.prefill, held.decision, held.waited
+
+    def _endpoints(self) -> list[Endpoint]:
+        """What the queue is drained over: a P/D pool's prefill backends too."""
+        pool = self.pool
+        return pool.endpoints if pool.disagg is not None else pool.serving
+
+    async def _wait(self, held: _Held, w: Waiter) -> None:
+        """Admit `w` and wait until it is dispatched (held.decision set, held.waited the
+        seconds it waited); raises Overloaded (shed) or NoBackend."""
+        now = w.arrival
         ctl = self.controller
         try:
-            if ctl.admit(w, self.pool.serving, now, self, self._shed):
+            if ctl.admit(w, self._endpoints(), now, self, self._shed):
                 assert held.decision is not None
                 self.waited.observe(0.0)
-                return held.decision, 0.0
+                held.waited = 0.0
+                return
         except Shed as e:
             self.waited.observe(0.0)
             raise Overloaded(e.reason, e.retry_after, str(e)) from None
@@ -148,17 +188,17 @@ class FlowGate:
                 await held.fut
             except asyncio.CancelledError:
                 if not ctl.cancel(w, loop.time()) and held.decision is not None:
-                    # Dispatched in the same instant the client left: give the slot back.
-                    ep = held.decision.endpoint
-                    ep.in_flight -= 1
-                    self.release(ep, ok=False)
+                    # Dispatched in the same instant the client left: give the slots back.
+                    for d in (held.decision, held.prefill):
+                        if d is not None:
+                            d.endpoint.in_flight -= 1
+                            self.release(d.endpoint, ok=False)
                 raise
         if held.error is not None:
             raise held.error
         assert held.decision is not None and w.dispatched_at is not None
-        waited = w.dispatched_at - w.arrival
-        self.waited.observe(waited)
-        return held.decision, waited
+        held.waited = w.dispatched_at - w.arrival
+        self.waited.observe(held.waited)
 
     def release(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
         """A request on `ep` ended (its in_flight already decremented)."""
@@ -180,7 +220,7 @@ class FlowGate:
             if not any_in_service(self.pool.serving):
                 self.flush(NoBackend(f"no healthy backend in pool '{self.pool.name}'"))
                 return
-            ctl.drain(self.pool.serving, self._now(), self)
+            ctl.drain(self._endpoints(), self._now(), self)
             self._arm()
 
     def flush(self, error: ProxyError | None = None) -> None:
@@ -189,11 +229,15 @@ class FlowGate:
         `error`)."""
         ctl = self.controller
         now = self._now()
-        serving = [ep for ep in self.pool.serving if ep.healthy and not ep.draining]
+        serving = [ep for ep in self._endpoints() if ep.healthy and not ep.draining]
         while (w := ctl.queue.pop()) is not None:
             held: _Held = w.payload
             w.state, w.dispatched_at = DISPATCHED, now
-            decision = self.rank(w, serving, now) if error is None else None
+            self._flushing = True  # whatever their load
+            try:
+                decision = self.rank(w, serving, now) if error is None else None
+            finally:
+                self._flushing = False
             if decision is not None:
                 self.bind(w, decision, now)
                 continue
@@ -204,14 +248,45 @@ class FlowGate:
     # ---------------------------------------------------------------- the Binder
     def rank(self, w: Waiter, candidates: list[Endpoint], now: float) -> Decision | None:
         held: _Held = w.payload
-        return self.pool.router.rank(held.ctx, candidates, now, gates=False)
+        pool = self.pool
+        if pool.disagg is None:
+            return pool.router.rank(held.ctx, candidates, now, gates=False)
+        if not held.pair:  # aggregated in a P/D pool: never on a prefill-only backend
+            eps = [ep for ep in candidates if decode_capable(ep)]
+            return pool.router.rank(held.ctx, eps, now, gates=False)
+        ctl = self.controller
+        can_take = (lambda ep: True) if self._flushing else (lambda ep: ctl.can_take(ep, now))
+        plan, held.plan = held.plan, None
+        pair = pool.disagg.rank_pair(held.ctx, candidates, now, can_take, plan)
+        if pair is None:
+            return None
+        held.prefill = pair[0]
+        return pair[1]  # the controller checks the decode side's room and binds by it
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         held: _Held = w.payload
-        self.pool.router.commit(held.ctx, decision.endpoint, now)
+        if held.pair:
+            self._bind_pair(w, held, decision)
+        else:
+            self.pool.router.commit(held.ctx, decision.endpoint, now)
         decision.endpoint.in_flight += 1
         held.decision = decision
         self._settle(held)
+
+    def _bind_pair(self, w: Waiter, held: _Held, decision: Decision) -> None:
+        """Count the prefill side's slot with the decode side's (never one alone). Each
+        leg's router learns where it went when the leg is sent (proxy/disagg.py)."""
+        pre = held.prefill
+        assert pre is not None
+        ctl = self.controller
+        now = w.dispatched_at or 0.0
+        # Its ranking may be from earlier in this dispatch round: the best that still can.
+        ranked = [ep for ep in pre.ranked if ep is not decision.endpoint]
+        p_ep = next((ep for ep in ranked if self._flushing or ctl.can_take(ep, now)), ranked[0])
+        if p_ep is not pre.endpoint:
+            pre.choose(p_ep)
+        p_ep.in_flight += 1
+        ctl.limiter(p_ep).sent_tokens += w.tokens
 
     # ---------------------------------------------------------------- state for people
     def pool_json(self) -> dict[str, object]:

@@ -22,6 +22,7 @@ Nothing is committed here: the caller tells each router where its leg went
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,46 @@ class DisaggRouter:
         if dec is None:
             return DisaggPlan(False, "no_decode_backend", tokens, uncached, pre)
         return DisaggPlan(True, "split", tokens, uncached, pre, dec)
+
+    def rank_pair(
+        self,
+        ctx: RequestContext,
+        endpoints: list[Endpoint],
+        now: float,
+        can_take: Callable[[Endpoint], bool],
+        plan: DisaggPlan | None = None,
+    ) -> tuple[Decision, Decision] | None:
+        """Both sides of a split that flow control holds as one request, each the best of
+        its side's endpoints that `can_take` a request (the decode side other than the
+        prefill one); None: wait. Neither side holds out for a busy favourite: flow
+        control's affinity wait is for prefix caches, and a split request's decode side
+        gets its KV over the link. Load gates are left to flow control. `plan`: the
+        request's split plan, made just now; its two sides are taken as they are when
+        both can take it (ranking again costs time, and moves stateful pickers such as
+        round-robin)."""
+        if (
+            plan is not None
+            and plan.prefill is not None
+            and plan.decode is not None
+            and can_take(plan.prefill.endpoint)
+            and can_take(plan.decode.endpoint)
+        ):
+            return plan.prefill, plan.decode
+        p_eps = [ep for ep in endpoints if prefill_capable(ep) and can_take(ep)]
+        d_eps = [ep for ep in endpoints if decode_capable(ep) and can_take(ep)]
+        if not p_eps or not d_eps:
+            return None
+        pre = self.prefill.rank(ctx, p_eps, now, gates=False)
+        if pre is None:
+            return None
+        for p_ep in pre.ranked:  # a role-both prefill side may leave no decode side
+            eps = [ep for ep in d_eps if ep is not p_ep]
+            dec = self.decode.rank(ctx, eps, now, gates=False) if eps else None
+            if dec is not None:
+                if p_ep is not pre.endpoint:
+                    pre.choose(p_ep)
+                return pre, dec
+        return None
 
     def rank_prefill(
         self, ctx: RequestContext, endpoints: list[Endpoint], now: float

@@ -134,6 +134,7 @@ class Engine:
         "_kv",
         "_num_loading",
         "_outputs",
+        "_pulls",
         "_rand",
         "_requests",
         "_running",
@@ -193,6 +194,7 @@ class Engine:
         # P/D (see the module docstring).
         self._held: dict[str, RequestBlocks] = {}
         self._num_loading = 0
+        self._pulls: list[tuple[str, float, float]] = []  # (request id, pulled at, seconds)
         self.external_prefix_cache_queries = 0
         self.external_prefix_cache_hits = 0
         self.prompt_tokens_cached = 0  # of prompt_tokens: local prefix-cache hits
@@ -486,6 +488,7 @@ class Engine:
         req._arriving = req._loading = True
         self._num_loading += 1
         ready = start + secs
+        self._pulls.append((req.request_id, ready, secs))
         arriving = self._arriving
         i = len(arriving)
         while i and arriving[i - 1][0] > ready:  # keep the queue in time order
@@ -556,6 +559,13 @@ class Engine:
         """Blocks a finished ``hold_kv`` request still holds (None when not held)."""
         kv = self._held.get(request_id)
         return None if kv is None else list(kv.blocks)
+
+    def drain_pulls(self) -> list[tuple[str, float, float]]:
+        """Remote-KV transfers started since the last drain (a consumer's side): (request
+        id, time the pull completes, its seconds), so an offline driver can free the
+        producer's blocks then, as the producer does once the read is done."""
+        out, self._pulls = self._pulls, []
+        return out
 
     @property
     def num_held(self) -> int:

@@ -10,6 +10,7 @@
       - {name: p, profile: vendor-c, port: 8010, kv_role: producer, kv_side_channel_port: 5610}
     links: {vendor-a: {vendor-c: 400}}  # optional; P/D link Gb/s per vendor pair (either order)
     kv_link_gbps: 100                   # optional; the link of pairs not in `links`
+    disaggregation: {min_prompt_tokens: 512}  # optional; `lbproxy simulate`'s P/D settings
 
 A fleet is a YAML path or the name of a shipped one (`demo-3`, `abc-20`: `lbproxy/data/fleets`,
 also `configs/fleets/` in a checkout).
@@ -21,7 +22,11 @@ can tell the backends apart), `kv_events_replay`, `seed` (default: the backend's
 consumer, both), `kv_side_channel_port` (default 0: a free port) and `kv_hold_timeout`
 (seconds, default 480). A consumer's pulls from a producer of another vendor (hardware
 profile name) run at `links[its vendor][the producer's vendor]` Gb/s, else `kv_link_gbps`
-(default 100, an assumed 100 Gb/s NIC; see lbproxy.sim.kv_transfer). `count: N` repeats an
+(default 100, an assumed 100 Gb/s NIC; see lbproxy.sim.kv_transfer). `role` (prefill,
+decode, both) is the backend's side in `lbproxy simulate`'s P/D routing (the proxy's
+`role`); by default producer -> prefill, consumer -> decode, else both. A fleet with a
+prefill or decode role, or with `disaggregation:` (the pool key of that name, same
+fields and defaults), is simulated disaggregated. `count: N` repeats an
 entry with `-i` name suffixes and consecutive ports; a binding KV endpoint (one with `*`)
 and a non-zero side-channel port get consecutive ports too, like vLLM's data-parallel
 ranks. Relative tokenizer paths are read from the
@@ -31,13 +36,15 @@ fleet file's directory first, then from the working directory.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError as PydanticValidationError
 
 from lbproxy.bind import AddressInUse
+from lbproxy.config import Disaggregation
 from lbproxy.sim.hardware import HardwareProfile, load_profile
 from lbproxy.sim.kv_transfer import (
     DEFAULT_HOLD_TIMEOUT_S,
@@ -52,10 +59,13 @@ from lbproxy.tokenization import Tokenizer, default_tokenizer
 __all__ = ["BackendSpec", "FleetSpec", "load_fleet", "start_fleet"]
 
 _TOP_KEYS = {"model", "tokenizer", "speed", "stream_interval", "backends", "links",
-             "kv_link_gbps"}  # fmt: skip
+             "kv_link_gbps", "disaggregation"}  # fmt: skip
 _BACKEND_KEYS = {"name", "profile", "port", "count", "kv_events", "kv_events_topic",
                  "kv_events_replay", "seed", "speed", "stream_interval", "kv_role",
-                 "kv_side_channel_port", "kv_hold_timeout"}  # fmt: skip
+                 "kv_side_channel_port", "kv_hold_timeout", "role"}  # fmt: skip
+ROLES = ("prefill", "decode", "both")
+# The proxy-side role a kv_role implies when the fleet gives none.
+_ROLE_OF_KV = {"producer": "prefill", "consumer": "decode"}
 _PORT = re.compile(r":(\d+)$")
 
 
@@ -73,6 +83,7 @@ class BackendSpec:
     kv_role: str | None = None
     kv_side_channel_port: int = 0
     kv_hold_timeout: float = DEFAULT_HOLD_TIMEOUT_S
+    role: str = "both"  # prefill | decode | both: its side in simulated P/D routing
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,12 @@ class FleetSpec:
     tokenizer: str | None = None
     source: str = "<fleet>"
     links: LinkTable = field(default_factory=LinkTable)
+    disaggregation: Disaggregation | None = None
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether `lbproxy simulate` routes this fleet prefill/decode split."""
+        return self.disaggregation is not None or any(b.role != "both" for b in self.backends)
 
 
 def _shift_port(endpoint: str | None, by: int) -> str | None:
@@ -135,6 +152,7 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
         tokenizer = _string(src, "tokenizer", tokenizer)
     link_default = _positive(src, "kv_link_gbps", data.get("kv_link_gbps", DEFAULT_LINK_GBPS))
     links = LinkTable.from_mapping(data.get("links"), link_default, f"{src}: links")
+    disagg = _disaggregation(src, data.get("disaggregation"))
     entries = data.get("backends")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{src}: backends: must be a non-empty list")
@@ -178,6 +196,9 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
         side_port = _int(src, f"{at}.kv_side_channel_port", entry.get("kv_side_channel_port", 0), 0)
         if side_port > 65535:
             raise ValueError(f"{src}: {at}.kv_side_channel_port: must be <= 65535, got {side_port}")
+        b_role = entry.get("role", _ROLE_OF_KV.get(role or "", "both"))
+        if b_role not in ROLES:
+            raise ValueError(f"{src}: {at}.role: must be one of {', '.join(ROLES)}, got {b_role!r}")
         hold_timeout = _positive(
             src, f"{at}.kv_hold_timeout", entry.get("kv_hold_timeout", DEFAULT_HOLD_TIMEOUT_S)
         )
@@ -199,6 +220,7 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
                     kv_role=role,
                     kv_side_channel_port=side_port + k if side_port else 0,
                     kv_hold_timeout=hold_timeout,
+                    role=b_role,
                 )
             )
     names = [b.name for b in backends]
@@ -213,9 +235,33 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> FleetSpec:
     if len(set(sides)) != len(sides) or set(sides) & set(ports):
         dup = next(p for p in sides if sides.count(p) > 1 or p in ports)
         raise ValueError(f"{src}: backends: kv_side_channel_port {dup} is used twice")
-    return FleetSpec(
-        model=model, backends=tuple(backends), tokenizer=tokenizer, source=src, links=links
-    )
+    return FleetSpec(model, tuple(backends), tokenizer, src, links, disagg)
+
+
+def check_roles(fleet: FleetSpec) -> None:
+    """A fleet simulated P/D needs a prefill-capable and a decode-capable backend
+    (ValueError); a live `lbproxy sim` fleet may hold one side only."""
+    if all(b.role == "decode" for b in fleet.backends):
+        raise ValueError(
+            f"{fleet.source}: backends: no prefill-capable backend (role prefill or both)"
+        )
+    if all(b.role == "prefill" for b in fleet.backends):
+        raise ValueError(
+            f"{fleet.source}: backends: no decode-capable backend (role decode or both)"
+        )
+
+
+def _disaggregation(src: str, data: Any) -> Disaggregation | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"{src}: disaggregation: must be a mapping, got {data!r}")
+    try:
+        return Disaggregation.model_validate(data)
+    except PydanticValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"{src}: disaggregation.{where}: {err['msg']}") from None
 
 
 def load_fleet(path: str | Path) -> FleetSpec:
@@ -238,7 +284,7 @@ def load_fleet(path: str | Path) -> FleetSpec:
     if spec.tokenizer and not Path(spec.tokenizer).is_absolute():
         beside = p.parent / spec.tokenizer
         if beside.exists():
-            spec = FleetSpec(spec.model, spec.backends, str(beside), spec.source, spec.links)
+            spec = replace(spec, tokenizer=str(beside))
     return spec
 
 

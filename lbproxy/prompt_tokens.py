@@ -59,6 +59,7 @@ splices (~40 µs a request at 1 in 256 for 7k-token prompts).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -291,6 +292,8 @@ class PromptTokenizer:
         )
         # What add_special_tokens=True puts around the content (None: not a plain wrap).
         self._wrap = self._find_wrap()
+        with contextlib.suppress(ChatTemplateError):  # an invalid one fails each request
+            tokenizer.compile_chat_template()
 
     # ------------------------------------------------------------------ public API
     def __call__(self, ctx: RequestContext) -> list[int]:

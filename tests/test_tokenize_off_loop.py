@@ -17,7 +17,7 @@ import aiohttp
 from lbproxy.prompt_tokens import INLINE_FRESH_BYTES, PromptTokenizer
 from lbproxy.proxy import prompt_ids
 from lbproxy.proxy.app import RunningProxy
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization import Tokenizer, default_tokenizer
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
 
@@ -202,3 +202,15 @@ def test_pools_without_precise_prefix_pay_nothing(fake_backends, run_proxy) -> N
     assert pool.tokenize is not None  # a tokenizer is configured ...
     assert pool.routing_tokenizer is None  # ... but no scorer reads token ids
     assert prompt_ids.TOKENIZE_THREADS <= 2
+
+
+def test_chat_template_is_compiled_with_the_pool_not_on_the_first_request() -> None:
+    """Compiling a chat template takes ~10 ms: at build time, not on the event loop."""
+    tok = Tokenizer.from_file()  # a fresh one: default_tokenizer() is shared
+    assert tok._compiled is None
+    PromptTokenizer(tok)
+    assert tok._compiled is not None
+    # an invalid template still fails per request (no ids), not at build time
+    bad = Tokenizer(tok.tokenizer, chat_template="{% if %}")
+    pt = PromptTokenizer(bad)
+    assert pt.array_or_prompt({"messages": [{"role": "user", "content": "hi"}]}) == array("I")

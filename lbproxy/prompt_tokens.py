@@ -2,8 +2,9 @@
 
 `PromptTokenizer(tokenizer)` turns an OpenAI request body into the token ids vLLM would
 feed the model (chat: rendered with the chat template, then encoded without special
-tokens; completions: the prompt encoded with them; token-id prompts as they are), and
-is set as `RequestContext._tokenize` for the precise-prefix scorer.
+tokens; completions: the prompt encoded with them; token-id prompts as they are), for
+the precise-prefix scorer: the proxy computes them before routing (`proxy.prompt_ids`);
+offline callers may set it as `RequestContext._tokenize` instead.
 
 Encoding a 7,200-token prompt costs ~10 ms; most of it is usually a system prompt shared
 with earlier requests. The cache keeps the token ids of recent prompts and splices:

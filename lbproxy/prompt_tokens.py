@@ -2,8 +2,9 @@
 
 `PromptTokenizer(tokenizer)` turns an OpenAI request body into the token ids vLLM would
 feed the model (chat: rendered with the chat template, then encoded without special
-tokens; completions: the prompt encoded with them; token-id prompts as they are), and
-is set as `RequestContext._tokenize` for the precise-prefix scorer.
+tokens; completions: the prompt encoded with them; token-id prompts as they are), for
+the precise-prefix scorer: the proxy computes them before routing (`proxy.prompt_ids`);
+offline callers may set it as `RequestContext._tokenize` instead.
 
 Encoding a 7,200-token prompt costs ~10 ms; most of it is usually a system prompt shared
 with earlier requests. The cache keeps the token ids of recent prompts and splices:
@@ -41,6 +42,13 @@ prompt probes its own boundaries (top-down, then a binary search), compares the 
 rest. Spliced results are cached in turn (the next turn of a conversation extends them);
 ids are kept as `array('I')` in an LRU bounded by their total count.
 
+Off the event loop: `array_or_prompt(body)` gives the ids when they are cheap (a cached
+prompt, a cached prefix with at most `INLINE_FRESH_BYTES` of fresh text, a short prompt,
+no verification due), else the (text, add_special_tokens) that `encode_off_loop` turns
+into ids in a worker thread, where every encode goes through `encode_batch`: unlike
+`encode` (tokenizers 0.23), it releases the GIL while Rust works. The cache is shared:
+lookups and insertions hold `_lock`; entries are never changed once built.
+
 Self-check: the first `verify_first` splices of each kind, and every `verify_every`-th
 after that, are compared with a full encode. A mismatch is logged once, disables that
 kind of cut for this tokenizer (a space mismatch leaves special cuts on) and clears the
@@ -52,6 +60,7 @@ splices (~40 µs a request at 1 in 256 for 7k-token prompts).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -78,6 +87,8 @@ _STARTS = bytes(range(0x80)) + bytes(range(0xC0, 0x100))
 _MIN_MARGIN = 16  # bytes kept clear of the shared prefix's end (look-ahead room)
 _MAX_SPACE_TRIES = 4  # space candidates tried per chunk before giving up on it
 _TOP_DOWN_PROBES = 8  # boundaries probed from the top before the binary search
+# Fresh text encoded on the event loop at most (~1 ms): more goes to a worker thread.
+INLINE_FRESH_BYTES = 4096
 
 _hash = xxhash.xxh3_64_intdigest
 
@@ -85,6 +96,10 @@ if TYPE_CHECKING:
     Ids: TypeAlias = list[int] | array[int]
 # What vLLM tokenises: (text, add_special_tokens), token ids as given, or None.
 Prompt: TypeAlias = "tuple[str, bool] | list[int] | None"
+
+
+class _NotInline(Exception):
+    """Raised by `_encode(max_fresh=...)`: the ids cost more than the event loop may pay."""
 
 
 class _Entry:
@@ -278,6 +293,8 @@ class PromptTokenizer:
         )
         # What add_special_tokens=True puts around the content (None: not a plain wrap).
         self._wrap = self._find_wrap()
+        with contextlib.suppress(ChatTemplateError):  # an invalid one fails each request
+            tokenizer.compile_chat_template()
 
     # ------------------------------------------------------------------ public API
     def __call__(self, ctx: RequestContext) -> list[int]:
@@ -309,6 +326,36 @@ class PromptTokenizer:
 
     def encode_array(self, text: str, add_special_tokens: bool = True) -> array[int]:
         out = self._encode(text, add_special_tokens, True)
+        return out if isinstance(out, array) else array("I", out)
+
+    def array_or_prompt(
+        self, body: dict[str, Any], route: str | None = None, max_fresh: int = INLINE_FRESH_BYTES
+    ) -> array[int] | tuple[str, bool]:
+        """`array_for_body` when it is cheap enough for the event loop (at most `max_fresh`
+        bytes to encode, no verification due); else the (text, add_special_tokens) to
+        finish with `encode_off_loop` in a worker thread. Never raises."""
+        try:
+            prompt = self.prompt_of(body, route)
+            if prompt is None:
+                return array("I")
+            if isinstance(prompt, list):
+                return array("I", prompt)
+            try:
+                out = self._encode(prompt[0], prompt[1], True, max_fresh=max_fresh)
+            except _NotInline:
+                return prompt
+        except Exception:  # a bad body must never break routing: it just gets no ids
+            log.debug("cannot tokenise the request body", exc_info=True)
+            return array("I")
+        return out if isinstance(out, array) else array("I", out)
+
+    def encode_off_loop(self, text: str, add_special_tokens: bool) -> array[int]:
+        """`encode_array` for a worker thread: its encodes release the GIL. Never raises."""
+        try:
+            out = self._encode(text, add_special_tokens, True, off_loop=True)
+        except Exception:
+            log.debug("cannot tokenise the request body", exc_info=True)
+            return array("I")
         return out if isinstance(out, array) else array("I", out)
 
     def prompt_of(self, body: dict[str, Any], route: str | None = None) -> Prompt:
@@ -446,27 +493,50 @@ class PromptTokenizer:
             wraps.add((tuple(full[:at]), tuple(full[at + len(bare) :])))
         return wraps.pop() if len(wraps) == 1 else None
 
-    def _encode(self, text: str, add_special_tokens: bool, as_array: bool) -> Ids:
+    def _encoding(self, text: str, add_special_tokens: bool, off_loop: bool) -> tokenizers.Encoding:
+        if off_loop:  # the same result, but the GIL is released while Rust works
+            return self._tk.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return self._tk.encode(text, add_special_tokens=add_special_tokens)
+
+    def _encode(
+        self,
+        text: str,
+        add_special_tokens: bool,
+        as_array: bool,
+        *,
+        max_fresh: int | None = None,
+        off_loop: bool = False,
+    ) -> Ids:
+        """The ids of `text`, reusing cached prefixes. With `max_fresh`, raises _NotInline
+        rather than encode more than that many bytes or verify a splice."""
         wrap = self._wrap if add_special_tokens else ((), ())
         if wrap is None or not (self._kind_ok[SPACE] or self._kind_ok[SPECIAL]):
+            if max_fresh is not None and len(text) > max_fresh:
+                raise _NotInline
             self.misses += 1
-            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._encoding(text, add_special_tokens, off_loop).ids
         raw = text.encode()
         head, tail = wrap
         with self._lock:
             found = self._lookup(raw)
         if found is None:
-            return self._encode_cold(text, raw, add_special_tokens, head, tail, as_array)
+            if max_fresh is not None and len(raw) > max_fresh:
+                raise _NotInline
+            return self._encode_cold(text, raw, add_special_tokens, head, tail, as_array, off_loop)
         entry, i, p, k, kind = found
+        if max_fresh is not None and (
+            (i != 0 and len(raw) - p > max_fresh) or self._verify_due(kind)
+        ):
+            raise _NotInline
         if i == 0:  # the whole prompt is cached
             out = _join(head, entry.ids[:] if as_array else self._list(entry, -1), None, tail)
-            return self._checked(out, text, add_special_tokens, kind, len(entry.ids))
+            return self._checked(out, text, add_special_tokens, kind, len(entry.ids), off_loop)
 
         rest = text[p:] if len(raw) == len(text) else raw[p:].decode()
-        enc = self._tk.encode(rest, add_special_tokens=False)
+        enc = self._encoding(rest, False, off_loop)
         rest_ids = enc.ids
         out = _join(head, entry.ids[:k] if as_array else self._list(entry, k), rest_ids, tail)
-        out = self._checked(out, text, add_special_tokens, kind, k)
+        out = self._checked(out, text, add_special_tokens, kind, k, off_loop)
         if kind is not None and self._kind_ok[kind] and len(raw) >= (i + 1) * self.chunk:
             self._insert_spliced(entry, i, p, k, kind, raw, enc, rest_ids)
         return out
@@ -479,10 +549,11 @@ class PromptTokenizer:
         head: tuple[int, ...],
         tail: tuple[int, ...],
         as_array: bool,
+        off_loop: bool = False,
     ) -> Ids:
         """A full encode (exact by definition), cached if the prompt spans a chunk."""
         self.misses += 1
-        enc = self._tk.encode(text, add_special_tokens=add_special_tokens)
+        enc = self._encoding(text, add_special_tokens, off_loop)
         ids = enc.ids
         n = len(raw) // self.chunk
         h, t = len(head), len(tail)
@@ -506,16 +577,29 @@ class PromptTokenizer:
             return ids
         return _join(head, content[:], None, tail)  # a copy: the cache keeps content
 
+    def _verify_due(self, kind: int | None) -> bool:
+        """Whether the next splice of this kind is to be compared with a full encode."""
+        if kind is None:
+            return False
+        n = self._spliced[kind]
+        return n < self.verify_first or bool(self.verify_every and (n + 1) % self.verify_every == 0)
+
     def _checked(
-        self, out: Ids, text: str, add_special_tokens: bool, kind: int | None, reused: int
+        self,
+        out: Ids,
+        text: str,
+        add_special_tokens: bool,
+        kind: int | None,
+        reused: int,
+        off_loop: bool = False,
     ) -> Ids:
         """Count a hit, or, when the schedule says so, compare with a full encode."""
         if kind is not None:
-            n = self._spliced[kind]
-            self._spliced[kind] = n + 1
-            if n < self.verify_first or (self.verify_every and (n + 1) % self.verify_every == 0):
+            due = self._verify_due(kind)
+            self._spliced[kind] += 1
+            if due:
                 self.verifications += 1
-                full = self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+                full = self._encoding(text, add_special_tokens, off_loop).ids
                 if (out if isinstance(out, list) else out.tolist()) != full:
                     self._distrust(kind, text)
                     self.misses += 1
@@ -621,6 +705,8 @@ class PromptTokenizer:
         least recently used entries past the token budget. Called with the lock held."""
         if not (self._kind_ok[SPACE] or self._kind_ok[SPECIAL]):
             return
+        if entry.kind is not None and not self._kind_ok[entry.kind]:
+            return  # spliced in another thread while that kind was found wrong
         self._lru[entry] = None
         self.cached_tokens += len(entry.ids)
         index = self._index

@@ -58,6 +58,7 @@ from lbproxy.proxy.flow_gate import Overloaded
 from lbproxy.proxy.headers import downstream_headers, upstream_headers
 from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.pools import PoolTable
+from lbproxy.proxy.prompt_ids import prepare_token_ids
 from lbproxy.proxy.request_id import client_request_id
 from lbproxy.proxy.upstream import UpstreamClient, UpstreamResponse
 from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
@@ -223,8 +224,9 @@ class Forwarder:
             route=request.path,
             session_key=request.headers.get(s.session_header),
             request_id=request_id,
-            _tokenize=pool.tokenize,
         )
+        if pool.routing_tokenizer is not None:  # precise-prefix: token ids, off the loop
+            await prepare_token_ids(pool.routing_tokenizer, ctx)
         headers = upstream_headers(request.headers, s.request_id_header, request_id)
         if self.auth is not None and not self.auth.forward_client_key:
             headers.popall("Authorization", None)  # the client's key is lbproxy's business

@@ -44,6 +44,7 @@ class PoolRuntime:
         "name",
         "router",
         "router_kept",
+        "routing_tokenizer",
         "serving",
         "spec",
         "tokenize",
@@ -107,6 +108,7 @@ class PoolRuntime:
         if previous is not None and self.router_kept:
             self.bctx = previous.bctx
             self.tokenize: PromptTokenizer | None = previous.tokenize
+            self.routing_tokenizer: PromptTokenizer | None = previous.routing_tokenizer
             self.router: Router = previous.router
             self.disagg: DisaggRouter | None = previous.disagg
             return
@@ -118,7 +120,6 @@ class PoolRuntime:
         )
         tokenizer = load_pool_tokenizer(spec)
         self.bctx.tokenizer = tokenizer
-        # Token ids are computed only if a precise scorer asks, and cached across requests.
         self.tokenize = None
         if tokenizer is not None:
             from lbproxy.prompt_tokens import PromptTokenizer  # tokenizers: only when needed
@@ -133,6 +134,9 @@ class PoolRuntime:
                 build_router(dis.decode_routing, self.bctx, seed=seed),
                 dis.min_prompt_tokens,
             )
+        # Token ids, computed before routing (`proxy.prompt_ids`) only for a pool whose
+        # scorers read them (precise-prefix, in any of its routers); cached across requests.
+        self.routing_tokenizer = self.tokenize if PRECISE_INDEX_KEY in self.bctx.shared else None
         if previous is None:
             self._commit_flow()
 

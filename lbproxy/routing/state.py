@@ -7,7 +7,7 @@ offline simulator); routing code only reads endpoint state and never performs I/
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +92,9 @@ class RequestContext:
 
     `prompt_bytes()` is the raw text used by approximate prefix hashing (completions:
     the prompt; chat: a canonical rendering of the messages), derived from the body on
-    first use unless the caller set `raw_prompt`. Token ids are computed only when a
-    precise scorer asks, through `token_ids()`, and then cached.
+    first use unless the caller set `raw_prompt`. Token ids are given by the caller
+    before routing (`set_token_ids`: the proxy computes them off the event loop when the
+    pool's scorers read them), or computed on first use by `_tokenize` (tests, tools).
     """
 
     model: str
@@ -104,19 +105,22 @@ class RequestContext:
     request_id: str = ""
     max_tokens: int | None = None
     prompt_token_estimate: int = 0
-    _tokenize: Callable[[RequestContext], list[int]] | None = None
-    _token_ids: list[int] | None = None
+    _tokenize: Callable[[RequestContext], Sequence[int]] | None = None
+    _token_ids: Sequence[int] | None = None
 
     def prompt_bytes(self) -> bytes:
         if self.raw_prompt is None:
             self.raw_prompt = prompt_bytes_from_body(self.body)
         return self.raw_prompt
 
-    def token_ids(self) -> list[int] | None:
-        """Token ids of the prompt, computed once, or None if no tokenizer is set."""
+    def token_ids(self) -> Sequence[int] | None:
+        """Token ids of the prompt (a list or an `array('I')`), or None if unknown."""
         if self._token_ids is None and self._tokenize is not None:
             self._token_ids = self._tokenize(self)
         return self._token_ids
+
+    def set_token_ids(self, ids: Sequence[int]) -> None:
+        self._token_ids = ids
 
 
 @dataclass(slots=True)

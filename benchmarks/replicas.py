@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,50 +38,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's lbproxy, in-process as in the workers
 import overhead  # noqa: E402  (benchmarks/overhead.py: the mock backend and load loop)
 
+from tests.replicas_support import RedisServer as Redis  # noqa: E402  (one way to run it)
+
 MODEL = "granite-4.1-8b"
-
-
-# ------------------------------------------------------------------------------ redis
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Redis:
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not found: apt-get install redis-server")
-        self.exe = exe
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
 
 
 # ------------------------------------------------------------------------------- hits

@@ -181,7 +181,10 @@ def _replace_default_expect_handlers(app: web.Application) -> None:
 async def _forward(request: web.Request) -> web.StreamResponse:
     forwarder = request.app[STATE].forwarder
     assert forwarder is not None
-    return await forwarder.handle(request)
+    assert isinstance(request, ProxyRequest)
+    resp = await forwarder.handle(request)
+    # None: the client left before the response's head (nothing more to write).
+    return resp if resp is not None else web.StreamResponse()
 
 
 async def _startup(app: web.Application) -> None:

@@ -65,10 +65,10 @@ def check_before_body(request: web.BaseRequest, limits: ClientLimits) -> None:
     if length > request.client_max_size:
         raise BodyTooLarge(f"request body exceeds the limit of {request.client_max_size} bytes")
     if not limits.budget.room_for(length):
-        raise _buffer_full()
+        raise buffer_full()
 
 
-def _buffer_full() -> BodyBufferFull:
+def buffer_full() -> BodyBufferFull:
     return BodyBufferFull(
         "lbproxy is holding as many request bodies as its memory budget allows; retry shortly"
     )
@@ -114,7 +114,7 @@ class ProxyRequest(HookedRequest):
 
     def _hold(self, n: int) -> None:
         if not self._lb_limits.budget.take(n):
-            raise _buffer_full()
+            raise buffer_full()
         self._lb_held += n
 
     async def _read_bounded(self) -> bytes:

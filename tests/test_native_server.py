@@ -128,9 +128,7 @@ def test_keep_alive_requests_are_native_and_byte_exact(fake_backends, run_proxy)
             assert resp.status == 200
             assert resp.headers["content-length"] == str(len(resp.body))
             assert "x-request-id" in resp.headers
-    assert [r.digest for r in backend.received] == [
-        hashlib.sha256(b).hexdigest() for b in bodies
-    ]
+    assert [r.digest for r in backend.received] == [hashlib.sha256(b).hexdigest() for b in bodies]
     assert native.served == 3 and native.handed_over == 0
 
 

@@ -22,7 +22,9 @@ cancelling its handler (which closes the upstream request), and the shutdown's c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
@@ -67,7 +69,8 @@ def build_head(
     length: int | None,
     close: bool = False,
 ) -> bytes:
-    """A response head: `headers` (minus those `extra` replaces), `extra`, the framing."""
+    """A response head: `headers` (minus those `extra` replaces), `extra`, the framing
+    (Content-Length, chunked when `length` is None, none for a status without a body)."""
     lines = [f"HTTP/1.1 {status} {reason or _PHRASES.get(status, '')}\r\n"]
     skip = {k.lower() for k in extra}
     typed = False
@@ -81,7 +84,9 @@ def build_head(
         lines.append(f"{k}: {v}\r\n")
     if not typed:  # as aiohttp does
         lines.append("Content-Type: application/octet-stream\r\n")
-    if length is None:
+    if status in _BODYLESS or status < 200:
+        pass
+    elif length is None:
         lines.append("Transfer-Encoding: chunked\r\n")
     else:
         lines.append(f"Content-Length: {length}\r\n")
@@ -92,6 +97,7 @@ def build_head(
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
+_BODYLESS = frozenset({204, 304})
 _NOT_COPIED = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 
 
@@ -308,7 +314,8 @@ class NativeRequest:
         t = self.conn.transport
         if t is not None and t.is_closing():
             t = None
-        sink = self.sink = NativeSink(self.conn, t, status, length is None, sse)
+        chunked = length is None and status not in _BODYLESS and status >= 200
+        sink = self.sink = NativeSink(self.conn, t, status, chunked, sse)
         if t is not None:
             head = build_head(status, reason, headers, extra, length)
             if hold:
@@ -427,6 +434,10 @@ class NativeConnection(asyncio.Protocol):
             self.transport = None
             return
         server.connections.add(self)
+        sock = t.get_extra_info("socket")
+        if sock is not None:  # as aiohttp: dead peers are noticed
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._arm(server.limits.header_timeout, self._header_timeout)
 
     def data_received(self, data: bytes) -> None:

@@ -26,6 +26,11 @@ Signals (installed by `run_until_signalled`):
   closed after `limits.client_keepalive_timeout`.
 - Requests are `ProxyRequest`s (client_body.py): bodies are never decompressed, read
   within a time and memory budget, and given back to the budget when the request ends.
+
+On the main listener, connections start with the native server (native_server.py), which
+serves plain `POST /v1/*` requests itself under the same limits and hands any other
+request's connection to this runner (`adopt_connection`, not counted twice against the
+cap). The shutdown waits for and cuts both kinds of request alike (`in_flight`).
 """
 
 from __future__ import annotations

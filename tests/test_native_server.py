@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import orjson
+from aiohttp import web
 
 from lbproxy.proxy.native_head import parse_head
 from tests import raw_http
@@ -252,3 +253,45 @@ def test_a_native_connection_idle_past_keepalive_is_closed(fake_backends, run_pr
         t0 = time.monotonic()
         assert raw_http.closed_within(s, 5)
         assert time.monotonic() - t0 > 0.5
+
+
+def test_a_bodyless_status_gets_no_body_framing(loop_thread, run_proxy) -> None:
+    """A backend's 204 is relayed without Content-Length or chunked framing (no stray
+    bytes a keep-alive client would read as the next response)."""
+
+    async def no_content(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=204)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake-model"}]})
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/v1/{tail:.*}", no_content)
+        app.router.add_get("/v1/models", models)
+        app.router.add_get("/health", models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = loop_thread.run(start())
+    try:
+        proxy = run_proxy(proxy_config([f"http://127.0.0.1:{runner.addresses[0][1]}"]))
+        with raw_http.connect(proxy.port) as s:
+            s.sendall(_post(_body(1)))
+            s.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 204")
+            assert b"transfer-encoding" not in head.lower()
+            s.sendall(_post(_body(1)))  # the same connection goes on
+            time.sleep(0.5)
+            s.settimeout(5)
+            rest += s.recv(65536)
+            assert rest.startswith(b"HTTP/1.1 204"), rest[:40]
+    finally:
+        loop_thread.run(runner.cleanup())

@@ -37,11 +37,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from lbproxy.proxy.aiohttp_compat import server_connection_count
 from lbproxy.proxy.client_body import buffer_full
 from lbproxy.proxy.errors import RequestTimeout, error_body, sse_error_event
+from lbproxy.proxy.lifecycle import SHUTTING_DOWN_RESPONSE, ProxyRunner, refuse_connection
 from lbproxy.proxy.native_head import HEAD_END, parse_head, plausible_head_start
 
 if TYPE_CHECKING:
     from lbproxy.proxy.forward import Forwarder
-    from lbproxy.proxy.lifecycle import ProxyRunner
 
 log = logging.getLogger("lbproxy")
 
@@ -331,8 +331,6 @@ class NativeRequest:
         if t is None or t.is_closing():
             return
         if self.sink is None:
-            from lbproxy.proxy.lifecycle import SHUTTING_DOWN_RESPONSE
-
             t.write(SHUTTING_DOWN_RESPONSE)
         else:
             self.sink.cut()
@@ -428,8 +426,6 @@ class NativeConnection(asyncio.Protocol):
         self.transport = t = transport  # type: ignore[assignment]
         server = self.server
         if server.open_connections() >= server.limits.max_connections:
-            from lbproxy.proxy.lifecycle import refuse_connection
-
             refuse_connection(server.runner, t, server.open_connections())
             self.transport = None
             return

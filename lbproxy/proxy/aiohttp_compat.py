@@ -19,8 +19,8 @@ Server side (aiohttp.web_protocol, aiohttp.web_server, aiohttp.web_runner):
 - `RequestHandler._handle_request`: wraps each request's handling, to know the requests
   in flight (the shutdown cuts them) and to release their body budget (`request_started`
   / `request_ended` of `ConnectionHandler`).
-- `RequestHandler._manager._connections`: how many client connections are open (the
-  connection cap).
+- `RequestHandler._manager._connections`, `Server._connections`: how many client
+  connections are open (the connection cap).
 - `RequestHandler._loop`, `._request_in_progress`, `._messages`, `._waiter`,
   `._request_count`: whether a connection has a request (the header timeout).
 - `RequestHandler._parser`, `._upgraded`, `._read_bufsize`: swap the parser for one
@@ -108,6 +108,7 @@ __all__ = [
     "payload_writer",
     "replace_default_expect_handlers",
     "send_100_continue",
+    "server_connection_count",
     "write_now",
     "writer_ended",
 ]
@@ -253,6 +254,11 @@ def new_request(
 
 
 # --- Connections ---------------------------------------------------------------------
+
+
+def server_connection_count(server: web.Server) -> int:
+    """Client connections `server` has open (without copying its list of them)."""
+    return len(server._connections)
 
 
 class ConnectionHandler(RequestHandler):

@@ -27,6 +27,7 @@ from lbproxy.proxy.errors import ExpectationFailed, ProxyError, error_body
 from lbproxy.proxy.forward import Forwarder, ForwardSettings
 from lbproxy.proxy.kv_feed import start_subscriber
 from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
+from lbproxy.proxy.native_server import NativeServer
 from lbproxy.proxy.observability import OBS
 from lbproxy.proxy.observability import install as install_observability
 from lbproxy.proxy.observability import install_on_admin as install_admin_observability
@@ -181,7 +182,10 @@ def _replace_default_expect_handlers(app: web.Application) -> None:
 async def _forward(request: web.Request) -> web.StreamResponse:
     forwarder = request.app[STATE].forwarder
     assert forwarder is not None
-    return await forwarder.handle(request)
+    assert isinstance(request, ProxyRequest)
+    resp = await forwarder.handle(request)
+    # None: the client left before the response's head (nothing more to write).
+    return resp if resp is not None else web.StreamResponse()
 
 
 async def _startup(app: web.Application) -> None:
@@ -325,6 +329,7 @@ class RunningProxy:
     admin_runner: ProxyRunner | None = None  # when the admin API has its own listener
     admin_host: str | None = None
     admin_port: int | None = None
+    native: NativeServer | None = None  # the main listener's server (native_server.py)
 
     @property
     def url(self) -> str:
@@ -347,6 +352,8 @@ class RunningProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self.grace, self._cut)
         try:
+            if self.native is not None:
+                self.native.stop_listening()
             if self.admin_runner is not None:
                 await self.admin_runner.cleanup()
             await self.runner.cleanup()
@@ -361,14 +368,34 @@ class RunningProxy:
             log.warning("shutdown grace period over: cut %d requests still in flight", n)
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, native: NativeServer | None = None
+) -> int:
     # A worker of `serve --workers` shares its port with the others (replicas/workers.py).
-    site = web.TCPSite(runner, host, port, reuse_port=worker_index() is not None or None)
+    reuse_port = worker_index() is not None or None
     try:
+        if native is not None:
+            return await native.listen(host, port, reuse_port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
         await site.start()
     except OSError as e:
         raise address_in_use(e, host, port) from None
     return bound_port(site, port)
+
+
+def _native_server(app: web.Application, runner: ProxyRunner, cfg: Config) -> NativeServer | None:
+    """The native server for the main listener; None when the app has middlewares (the
+    shared state's, with state.redis), which only aiohttp's side runs."""
+    if app.middlewares:
+        return None
+    native = NativeServer(
+        runner,
+        lambda: app[STATE].forwarder,
+        max_head=cfg.limits.max_header_bytes,
+        max_body=cfg.limits.max_body_bytes,
+    )
+    runner.native = native
+    return native
 
 
 def _separate_admin_port(cfg: Config) -> int:
@@ -414,12 +441,13 @@ async def start_proxy(
     if (admin_port := _separate_admin_port(cfg)) and worker_index() is None:
         await probe_listen(cfg.admin.host or cfg.listen.host, admin_port)
     await runner.setup()
+    native = _native_server(app, runner, cfg)
     try:
-        bound = await _listen(runner, bind_host, listen_port)
+        bound = await _listen(runner, bind_host, listen_port, native)
     except BaseException:  # taken since the probe: stop what setup started
         await runner.cleanup()
         raise
-    proxy = RunningProxy(runner, bind_host, bound, grace=cfg.shutdown_grace)
+    proxy = RunningProxy(runner, bind_host, bound, grace=cfg.shutdown_grace, native=native)
     admin = cfg.admin
     if admin.separate():
         # Its own application on its own listener: /admin/* is then absent from the main one.

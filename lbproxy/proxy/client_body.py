@@ -25,10 +25,12 @@ Errors that leave the body unread close the connection after the answer.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from aiohttp import web
 
 from lbproxy.proxy.aiohttp_compat import HookedRequest, no_lingering_close
+from lbproxy.proxy.client_io import AiohttpSink, start_aiohttp_response
 from lbproxy.proxy.client_limits import ClientLimits
 from lbproxy.proxy.errors import (
     BadRequest,
@@ -63,10 +65,10 @@ def check_before_body(request: web.BaseRequest, limits: ClientLimits) -> None:
     if length > request.client_max_size:
         raise BodyTooLarge(f"request body exceeds the limit of {request.client_max_size} bytes")
     if not limits.budget.room_for(length):
-        raise _buffer_full()
+        raise buffer_full()
 
 
-def _buffer_full() -> BodyBufferFull:
+def buffer_full() -> BodyBufferFull:
     return BodyBufferFull(
         "lbproxy is holding as many request bodies as its memory budget allows; retry shortly"
     )
@@ -83,6 +85,24 @@ class ProxyRequest(HookedRequest):
     def response_prepared(self, response: web.StreamResponse) -> None:
         self._lb_response = response
 
+    # --- client_io.ClientRequest (what the data path reads and writes) ---
+
+    @property
+    def raw_target(self) -> str:
+        return self.rel_url.raw_path_qs
+
+    async def start_response(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        extra: Mapping[str, str],
+        length: int | None,
+        hold: bool,
+        sse: bool,
+    ) -> AiohttpSink:
+        return await start_aiohttp_response(self, status, reason, headers, extra, length, hold)
+
     async def read_body(self) -> bytes:
         return await self._read_bounded()
 
@@ -94,7 +114,7 @@ class ProxyRequest(HookedRequest):
 
     def _hold(self, n: int) -> None:
         if not self._lb_limits.budget.take(n):
-            raise _buffer_full()
+            raise buffer_full()
         self._lb_held += n
 
     async def _read_bounded(self) -> bytes:

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from lbproxy.proxy.upstream_failure import failure_cause
 from lbproxy.routing.disagg import DisaggPlan
@@ -53,6 +52,7 @@ from lbproxy.routing.state import Endpoint, RequestContext
 if TYPE_CHECKING:
     from multidict import CIMultiDict
 
+    from lbproxy.proxy.client_io import ClientRequest
     from lbproxy.proxy.forward import Forwarder
     from lbproxy.proxy.metrics import Exchange
     from lbproxy.proxy.pools import PoolRuntime
@@ -99,7 +99,7 @@ class _Split:
     def __init__(
         self,
         fwd: Forwarder,
-        request: web.Request,
+        request: ClientRequest,
         client: dict[str, Any],
         ctx: RequestContext,
         headers: CIMultiDict[str],
@@ -117,7 +117,7 @@ class _Split:
         self.pool = pool
         self.ex = ex
         self.now = now
-        self.url_tail = request.rel_url.raw_path_qs
+        self.url_tail = request.raw_target
         self.clock = asyncio.get_running_loop().time
         dis = pool.spec.disaggregation
         assert dis is not None and pool.disagg is not None
@@ -233,9 +233,7 @@ class _Split:
         return None
 
     # ------------------------------------------------------------------------- decode
-    async def decode(
-        self, ep: Endpoint, params: Any
-    ) -> tuple[web.StreamResponse | None, bool, bool]:
+    async def decode(self, ep: Endpoint, params: Any) -> tuple[Any, bool, bool]:
         """One decode attempt: (response, sent, relayed). `relayed`: the response (a
         success, or an error that is the request's own such as a 4xx) went to the client;
         else `sent` False says the backend never read the params (they are still good)."""
@@ -304,7 +302,7 @@ def _kv_params(raw: bytes) -> Any:
 
 async def serve_disaggregated(
     fwd: Forwarder,
-    request: web.Request,
+    request: ClientRequest,
     client: dict[str, Any],
     ctx: RequestContext,
     headers: CIMultiDict[str],
@@ -312,7 +310,7 @@ async def serve_disaggregated(
     ex: Exchange,
     now: float,
     rs: RequestSpan | None = None,
-) -> web.StreamResponse | None:
+) -> Any:
     """Serve the request split if the pool's P/D decision says so; None: serve it
     aggregated (a short prompt, no route for a side, or every split route failed)."""
     disagg = pool.disagg
@@ -357,7 +355,7 @@ async def serve_disaggregated(
     return resp
 
 
-async def _serve(split: _Split, plan: DisaggPlan) -> web.StreamResponse | None:
+async def _serve(split: _Split, plan: DisaggPlan) -> Any:
     assert plan.prefill is not None and plan.decode is not None
     fwd, pool, ex = split.fwd, split.pool, split.ex
     obs = fwd.obs

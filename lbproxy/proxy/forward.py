@@ -41,8 +41,8 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
-from lbproxy.proxy.aiohttp_compat import chunk_sender, hold_head, payload_writer, write_now
 from lbproxy.proxy.auth import Authenticator
+from lbproxy.proxy.client_io import ClientRequest, ResponseSink
 from lbproxy.proxy.disagg import serve_disaggregated
 from lbproxy.proxy.errors import (
     BadRequest,
@@ -122,7 +122,8 @@ def _dot_segment(path: str) -> bool:
 
 
 class Forwarder:
-    """Holds what the data path needs; `handle` is the aiohttp handler for /v1/* POSTs."""
+    """Holds what the data path needs; `handle` serves a /v1/* POST, read by either
+    server (client_io.ClientRequest)."""
 
     def __init__(
         self,
@@ -158,7 +159,9 @@ class Forwarder:
         up.first_byte_timeout = settings.first_byte_timeout
         up.idle_timeout = settings.idle_timeout
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: ClientRequest) -> Any:
+        """Serve `request`; returns an unsent web.Response (an error lbproxy answers) or
+        the result of the response sink the body went through."""
         s = self.settings
         request_id = client_request_id(request.headers.get(s.request_id_header))
         # The request's one clock read before its response: latency origin and routing's now.
@@ -188,8 +191,8 @@ class Forwarder:
                 rs.finish(ex, self.pools)
 
     async def _handle(
-        self, request: web.Request, request_id: str, ex: Exchange, rs: RequestSpan | None
-    ) -> web.StreamResponse:
+        self, request: ClientRequest, request_id: str, ex: Exchange, rs: RequestSpan | None
+    ) -> Any:
         s = self.settings
         if "/." in request.path and _dot_segment(request.path):
             raise BadRequest("the request path must not contain '.' or '..' segments")
@@ -263,7 +266,7 @@ class Forwarder:
             )
 
         upstream_auth = pool.upstream_auth  # per-backend keys, usually none
-        url_tail = request.rel_url.raw_path_qs
+        url_tail = request.raw_target
         failures: list[str] = []  # for the log only, never for the client
         timed_out = False
         progress = self.progress
@@ -376,25 +379,23 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: ClientRequest,
         upstream: UpstreamResponse,
         ep: Endpoint,
         request_id: str,
         ex: Exchange,
         t_sent: float,
-    ) -> web.StreamResponse:
+    ) -> Any:
         s = self.settings
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
-        resp.headers.extend(downstream_headers(upstream.raw_headers))
-        resp.headers[s.request_id_header] = request_id
+        extra = {s.request_id_header: request_id}
         if s.expose_backend_header:
-            resp.headers["x-lbproxy-backend"] = ep.name
+            extra["x-lbproxy-backend"] = ep.name
         if ex.queue_wait is not None:
-            resp.headers["x-lbproxy-queue-wait"] = f"{ex.queue_wait:.3f}"
+            extra["x-lbproxy-queue-wait"] = f"{ex.queue_wait:.3f}"
         length = upstream.content_length
         te = upstream.header(b"transfer-encoding")
-        if length is not None and (te is None or b"chunked" not in te.lower()):
-            resp.content_length = length
+        if length is not None and te is not None and b"chunked" in te.lower():
+            length = None
         ctype = upstream.header(b"content-type")
         is_sse = ctype is not None and ctype.startswith(b"text/event-stream")
         ex.stream = is_sse
@@ -402,31 +403,39 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         body = _BodyRelay(self.progress, ep, t_sent, loop.time)
         ex.ended = "client_disconnect"  # unless the body ends or the backend fails first
-        if upstream.buffered or upstream.ended:  # the body (or its start) is here already
-            hold_head(resp)
+        status = upstream.status
+        out: ResponseSink | None = None
         try:
-            await resp.prepare(request)
-            writer = payload_writer(request)
-            transport = request.transport
-            if writer is None or transport is None:  # the client left before the head
-                return resp
-            body.start(upstream, writer, transport)
+            # Held when the body (or its start) is here already: one write for both.
+            out = await request.start_response(
+                status,
+                upstream.reason,
+                downstream_headers(upstream.raw_headers),
+                extra,
+                length,
+                upstream.buffered or upstream.ended,
+                is_sse,
+            )
+            transport = out.transport
+            if transport is None:  # the client left before the head
+                return out.result()
+            body.start(upstream, out, transport)
             while True:
                 await upstream.wait()
                 if upstream.ended:
                     break
                 # Paused: the client's buffer is full; resume once it drained.
-                await writer.drain()
+                await out.drain()
                 upstream.resume()
             if body.client_left:
                 log.debug("request %s: the client left mid-response", request_id)
-                return resp
+                return out.result()
             if upstream.error is None:
                 ex.ended = "ok"
             else:
                 if transport.is_closing():
                     log.debug("request %s: the client left mid-response", request_id)
-                    return resp
+                    return out.result()
                 timeout = isinstance(upstream.error, TimeoutError)
                 self.record_outcome(ep, False)
                 ex.ended = "stream_timeout" if timeout else "stream_disconnect"
@@ -436,29 +445,29 @@ class Forwarder:
                 )  # fmt: skip
                 if not is_sse:
                     transport.close()  # a cut body, never a complete-looking one
-                    return resp
+                    return out.result()
                 sep = b"" if body.last.endswith(b"\n\n") else b"\n\n"
                 what = "stopped answering" if timeout else "failed"
-                await resp.write(
+                await out.write(
                     sep
                     + sse_error_event(
                         f"the backend {what} mid-stream (request id {request_id})",
                         "upstream_timeout" if timeout else "upstream_disconnected",
                     )
                 )
-            await resp.write_eof()
-            return resp
+            await out.write_eof()
+            return out.result()
         except ConnectionError:  # the client left while lbproxy wrote to it
             log.debug("request %s: the client left mid-response", request_id)
             if upstream.ended and upstream.error is None:  # a backend failure stays one
                 ex.ended = "client_disconnect"
-            return resp
+            return None if out is None else out.result()
         finally:
             clean = upstream.ended and upstream.error is None
             ex.t_end = loop.time()
             ex.t_first = t_first = body.t_first
             ex.chunks = body.chunks
-            ex.status = resp.status
+            ex.status = status
             if not t_first:  # no body byte: an empty body is an answer, a cut one is not
                 if clean:
                     self.progress.first_byte(ep, t_sent, ex.t_end)
@@ -482,6 +491,7 @@ class _BodyRelay:
         "ep",
         "high",
         "last",
+        "out",
         "prev",
         "progress",
         "send",
@@ -489,7 +499,6 @@ class _BodyRelay:
         "t_sent",
         "transport",
         "upstream",
-        "writer",
     )  # fmt: skip
 
     def __init__(
@@ -502,8 +511,8 @@ class _BodyRelay:
         self.prev = b""
         self.client_left = False
 
-    def start(self, upstream: UpstreamResponse, writer: Any, transport: Any) -> None:
-        self.upstream, self.writer, self.transport = upstream, writer, transport
+    def start(self, upstream: UpstreamResponse, out: ResponseSink, transport: Any) -> None:
+        self.upstream, self.out, self.transport = upstream, out, transport
         self.high = transport.get_write_buffer_limits()[1]
         self.send: Callable[[bytes], None] | None = None  # once the head is out, if chunked
         upstream.relay_to(self)
@@ -518,8 +527,8 @@ class _BodyRelay:
             if self.send is not None:
                 self.send(chunk)
             else:
-                write_now(self.writer, chunk)  # the first piece takes the head along
-                self.send = chunk_sender(self.writer, self.transport)
+                self.out.write_first(chunk)  # the first piece takes the head along
+                self.send = self.out.sender()
         except ConnectionError:  # the client is gone: so is the upstream request
             self.client_left = True
             self.upstream.close()

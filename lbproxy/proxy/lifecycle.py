@@ -26,6 +26,11 @@ Signals (installed by `run_until_signalled`):
   closed after `limits.client_keepalive_timeout`.
 - Requests are `ProxyRequest`s (client_body.py): bodies are never decompressed, read
   within a time and memory budget, and given back to the budget when the request ends.
+
+On the main listener, connections start with the native server (native_server.py), which
+serves plain `POST /v1/*` requests itself under the same limits and hands any other
+request's connection to this runner (`adopt_connection`, not counted twice against the
+cap). The shutdown waits for and cuts both kinds of request alike (`in_flight`).
 """
 
 from __future__ import annotations
@@ -60,29 +65,35 @@ from lbproxy.proxy.errors import error_body, sse_error_event
 log = logging.getLogger("lbproxy")
 
 
+def refuse_connection(runner: ProxyRunner, transport: asyncio.BaseTransport, n_open: int) -> None:
+    """Over the cap: answer at once and close, so that the connections already open (and
+    the process's file descriptors) keep working."""
+    runner.refused_connections += 1
+    refused = runner.refused_connections
+    if refused in (1, 10, 100) or refused % 1000 == 0:  # a flood logs a few lines
+        log.warning(
+            "refused a connection: %d client connections are open "
+            "(limits.max_client_connections); %d refused so far",
+            n_open,
+            refused,
+        )
+    cast(asyncio.Transport, transport).write(_FULL)
+    transport.close()
+
+
 class _RequestHandler(ConnectionHandler):
-    __slots__ = ("_lb_header_timer", "_lb_runner", "_lb_seen_data")
+    __slots__ = ("_lb_admitted", "_lb_header_timer", "_lb_runner", "_lb_seen_data")
 
     _lb_runner: ProxyRunner
+    # A connection the native server hands over was counted against the cap when it opened.
+    _lb_admitted: bool
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._lb_header_timer: asyncio.TimerHandle | None = None
         self._lb_seen_data = False
         runner = self._lb_runner
-        if self.open_connections() >= runner.limits.max_connections:
-            # Over the cap: answer at once and close, so that the connections already
-            # open (and the process's file descriptors) keep working.
-            runner.refused_connections += 1
-            refused = runner.refused_connections
-            if refused in (1, 10, 100) or refused % 1000 == 0:  # a flood logs a few lines
-                log.warning(
-                    "refused a connection: %d client connections are open "
-                    "(limits.max_client_connections); %d refused so far",
-                    self.open_connections(),
-                    refused,
-                )
-            cast(asyncio.Transport, transport).write(_FULL)
-            transport.close()
+        if not self._lb_admitted and self.open_connections() >= runner.limits.max_connections:
+            refuse_connection(runner, transport, self.open_connections())
             return
         super().connection_made(transport)
         # A new connection must send its request headers within the header timeout.
@@ -247,8 +258,13 @@ class ProxyRunner(HookedRunner):
         super().__init__(app, **kwargs)
         self.limits = limits
         self.refused_connections = 0
-        # Requests being handled, with their tasks: what a shutdown cuts at its deadline.
-        self.in_flight: dict[asyncio.Task[Any], web.BaseRequest] = {}
+        # Requests being handled (aiohttp's and the native server's), with their tasks:
+        # what a shutdown cuts at its deadline.
+        self.in_flight: dict[asyncio.Task[Any], Any] = {}
+        # The native server in front of this runner's app (native_server.py), if any:
+        # the shutdown waits for its requests too.
+        self.native: Any = None
+        self._native_grace = float(kwargs.get("shutdown_timeout", 60.0))
 
     # aiohttp has no public hook for parse errors (they bypass the app and its
     # middlewares), so connections get a handler that answers them; test_ops_auth checks
@@ -256,7 +272,24 @@ class ProxyRunner(HookedRunner):
     def connection_handler(self, server: web.Server, **kwargs: Any) -> RequestHandler:
         handler = _RequestHandler(server, **kwargs)
         handler._lb_runner = self
+        handler._lb_admitted = False
         return handler
+
+    def adopt_connection(self) -> asyncio.Protocol:
+        """A handler for a connection the native server hands over (already counted
+        against the cap); the caller gives it the transport and the bytes read."""
+        server = self.server
+        assert server is not None
+        handler = server()
+        handler._lb_admitted = True  # type: ignore[attr-defined]
+        return handler
+
+    async def shutdown(self) -> None:
+        # Between aiohttp closing its idle connections and waiting for its handlers:
+        # the native server's requests get the same grace.
+        await super().shutdown()
+        if self.native is not None:
+            await self.native.drain(self._native_grace)
 
     def make_request(
         self,
@@ -282,6 +315,8 @@ class ProxyRunner(HookedRunner):
             n += 1
             if isinstance(request, ProxyRequest):
                 _end_response(request)
+            elif hasattr(request, "end_for_shutdown"):  # native_server.NativeRequest
+                request.end_for_shutdown()
             task.cancel()
         return n
 
@@ -298,7 +333,7 @@ _SHUTTING_DOWN_BODY = error_body(
     "service_unavailable",
     "server_shutting_down",
 )
-_SHUTTING_DOWN = (
+SHUTTING_DOWN_RESPONSE = _SHUTTING_DOWN = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
     % (len(_SHUTTING_DOWN_BODY), _SHUTTING_DOWN_BODY)

@@ -31,13 +31,13 @@ where itl = target_itl from either side.
   limit moves toward running + 2, so that what lbproxy holds back waits in lbproxy, in
   order, where it can still go to another backend, rather than in the engine for blocks.
 - A backend answering 429/503 (overloaded) has its limit cut by a tenth.
-- Growth is also paced by the requests' expected duration (`ramp`, seconds, given by the
-  controller from the output tokens they ask for): the limit rises by at most its
-  estimate x (time since the last snapshot) / ramp, so an empty backend fills over about
-  one request's lifetime rather than in a second. Filled at once, a backend's requests
-  (of similar lengths) would all end together, free every slot at once and be replaced
-  at once, cycle after cycle: under overload, a minute of 429s to everyone, then a burst
-  of dispatches. Freed slots are refilled at once as before; only new room is paced.
+- A backend's first fill can be paced by the requests' expected duration (`ramp`,
+  seconds, given by the controller): the limit rises by at most its estimate x (time
+  since the last snapshot) / ramp, so an empty backend fills over about one request's
+  lifetime rather than in a second. Filled at once under a backlog, a backend's requests
+  (of similar lengths) would all end together, free every slot at once and be replaced at
+  once, cycle after cycle: a minute of 429s to everyone, then a burst of dispatches. Once
+  its requests end at staggered times, refilling each freed slot at once keeps them so.
 - `sent_tokens` counts the prompt tokens sent to the backend since its last scrape, for
   the controller's KV check (see `flow.controller`).
 
@@ -62,6 +62,7 @@ class ConcurrencyLimiter:
     __slots__ = (
         "adaptive",
         "decode",
+        "ended",
         "hi",
         "itl",
         "limit",
@@ -88,6 +89,7 @@ class ConcurrencyLimiter:
         self.preemptions: float | None = None  # vllm:num_preemptions_total, last seen
         self.sent_tokens = 0  # prompt tokens dispatched since its last fresh snapshot
         self.t_snapshot: float | None = None  # time of the last snapshot folded in
+        self.ended = False  # a request on this backend has ended (its first fill is over)
 
     def value(self) -> int:
         return int(self.limit)
@@ -146,6 +148,7 @@ class ConcurrencyLimiter:
 
     def on_done(self, ok: bool, overloaded: bool, in_flight: int) -> bool:
         """A request on this backend ended; True if the limit changed."""
+        self.ended = True
         old = self.limit
         if overloaded:
             self.limit = max(self.lo, old * 0.9)

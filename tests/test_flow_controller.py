@@ -303,6 +303,34 @@ def test_the_ramp_follows_the_output_tokens_requests_ask_for() -> None:
     assert fc.ramp_time() == pytest.approx(120.0)  # capped
 
 
+def test_only_a_backends_first_fill_under_a_backlog_is_paced() -> None:
+    def grow(ended: bool, waiting: bool) -> int:
+        """The limit after 10 s of a full backend at low latency."""
+        fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=8, target_itl=0.08)))
+        ep = _ep("x")
+        d = Driver()
+        for i in range(8 + waiting):  # the 9th waits: the queue is not empty
+            w = _w(tag=str(i))
+            w.max_tokens = 1000  # an 80 s lifetime
+            fc.admit(w, [ep], 0.0, d, d.on_shed)
+        lim = fc.limiter(ep)
+        lim.ended = ended
+        t, generated = 0.0, 0.0
+        for _ in range(40):
+            running = float(lim.value())
+            ep.in_flight = lim.value()
+            t += 0.25
+            generated += 0.25 * running / _engine_itl(running)
+            ep.metrics = _snap(t, generated, running)
+            fc.on_metrics(ep)
+        return lim.value()
+
+    paced = grow(ended=False, waiting=True)
+    assert paced < 20  # an empty backend under a backlog: filled over ~80 s
+    assert grow(ended=True, waiting=True) >= 60  # once its requests end: as before
+    assert grow(ended=False, waiting=False) >= 60  # nobody waits: as before
+
+
 def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
     fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
     eps = [_ep("x")]

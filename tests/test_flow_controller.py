@@ -303,8 +303,8 @@ def test_the_ramp_follows_the_output_tokens_requests_ask_for() -> None:
     assert fc.ramp_time() == pytest.approx(120.0)  # capped
 
 
-def test_only_a_backends_first_fill_under_a_backlog_is_paced() -> None:
-    def grow(ended: bool, waiting: bool) -> int:
+def test_only_new_room_under_a_backlog_is_paced() -> None:
+    def grow(peak: float, waiting: bool) -> int:
         """The limit after 10 s of a full backend at low latency."""
         fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=8, target_itl=0.08)))
         ep = _ep("x")
@@ -314,7 +314,7 @@ def test_only_a_backends_first_fill_under_a_backlog_is_paced() -> None:
             w.max_tokens = 1000  # an 80 s lifetime
             fc.admit(w, [ep], 0.0, d, d.on_shed)
         lim = fc.limiter(ep)
-        lim.ended = ended
+        lim.peak = max(lim.peak, peak)  # the highest limit it has had
         t, generated = 0.0, 0.0
         for _ in range(40):
             running = float(lim.value())
@@ -325,10 +325,10 @@ def test_only_a_backends_first_fill_under_a_backlog_is_paced() -> None:
             fc.on_metrics(ep)
         return lim.value()
 
-    paced = grow(ended=False, waiting=True)
+    paced = grow(peak=0, waiting=True)
     assert paced < 20  # an empty backend under a backlog: filled over ~80 s
-    assert grow(ended=True, waiting=True) >= 60  # once its requests end: as before
-    assert grow(ended=False, waiting=False) >= 60  # nobody waits: as before
+    assert grow(peak=200, waiting=True) >= 60  # back up to a limit it had: not paced
+    assert grow(peak=0, waiting=False) >= 60  # nobody waits: as before
 
 
 def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:

@@ -44,8 +44,8 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
 - Deadlines (`expire`): a request still waiting `max_wait` after its arrival is shed.
 - `cancel`: a client that left is taken out and never dispatched.
 
-- Ramp: while requests wait, a backend's first fill (until one of its requests ends) is
-  paced over one expected request lifetime (`flow.limiter`), the lifetime taken as the
+- Ramp: while requests wait, a backend's limit grows above the highest it has had no
+  faster than over one expected request lifetime (`flow.limiter`), the lifetime taken as the
   output tokens requests ask for (`max_tokens`, averaged over recent dispatches) x the
   limiter's `target_itl`, within [5 s, 120 s], or the lifetime seen (requests in flight /
   requests ending per second, over the last ~30 s) when shorter. Requests that say nothing
@@ -238,12 +238,10 @@ class FlowController:
                 # of its room, which its queue and KV checks judge; its limit only ramps.
                 self.limiter(ep).sent_tokens = 0
                 return
-            # Only a backend's first fill, and only while requests wait (new room is then
-            # filled at once, in one cohort; with nobody waiting it fills as requests
-            # arrive). Once requests end, slots freed one by one are refilled one by one.
-            lim = self.limiter(ep)
-            ramp = self.ramp_time() if self.queue.size and not lim.ended else None
-            lim.on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
+            # Paced only while requests wait: new room is then filled at once, all in one
+            # cohort; with nobody waiting it fills as requests arrive.
+            ramp = self.ramp_time() if self.queue.size else None
+            self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
 
     def ramp_time(self) -> float | None:
         """Seconds over which an empty backend may fill: one expected request lifetime,

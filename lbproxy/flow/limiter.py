@@ -31,13 +31,14 @@ where itl = target_itl from either side.
   limit moves toward running + 2, so that what lbproxy holds back waits in lbproxy, in
   order, where it can still go to another backend, rather than in the engine for blocks.
 - A backend answering 429/503 (overloaded) has its limit cut by a tenth.
-- A backend's first fill can be paced by the requests' expected duration (`ramp`,
-  seconds, given by the controller): the limit rises by at most its estimate x (time
-  since the last snapshot) / ramp, so an empty backend fills over about one request's
-  lifetime rather than in a second. Filled at once under a backlog, a backend's requests
-  (of similar lengths) would all end together, free every slot at once and be replaced at
-  once, cycle after cycle: a minute of 429s to everyone, then a burst of dispatches. Once
-  its requests end at staggered times, refilling each freed slot at once keeps them so.
+- Growth above the highest limit a backend has had can be paced by the requests' expected
+  duration (`ramp`, seconds, given by the controller while requests wait): the limit rises
+  by at most its estimate x (time since the last snapshot) / ramp, so an empty backend
+  fills over about one request's lifetime rather than in a second. Filled at once under a
+  backlog, a backend's requests (of similar lengths) would all end together, free every
+  slot at once and be replaced at once, cycle after cycle: a minute of 429s to everyone,
+  then a burst of dispatches. Freed slots are refilled at once, and a limit that dipped
+  regrows to its peak unpaced: only new room is paced.
 - `sent_tokens` counts the prompt tokens sent to the backend since its last scrape, for
   the controller's KV check (see `flow.controller`).
 
@@ -62,13 +63,13 @@ class ConcurrencyLimiter:
     __slots__ = (
         "adaptive",
         "decode",
-        "ended",
         "hi",
         "itl",
         "limit",
         "lo",
         "max_growth",
         "metered",
+        "peak",
         "preemptions",
         "sent_tokens",
         "smoothing",
@@ -89,7 +90,7 @@ class ConcurrencyLimiter:
         self.preemptions: float | None = None  # vllm:num_preemptions_total, last seen
         self.sent_tokens = 0  # prompt tokens dispatched since its last fresh snapshot
         self.t_snapshot: float | None = None  # time of the last snapshot folded in
-        self.ended = False  # a request on this backend has ended (its first fill is over)
+        self.peak = self.limit  # the highest limit it has had (growth up to it is not paced)
 
     def value(self) -> int:
         return int(self.limit)
@@ -139,16 +140,16 @@ class ConcurrencyLimiter:
             new = old + self.smoothing * (estimate - old)
         elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * old:
             new = old + self.smoothing * (min(estimate, old * self.max_growth) - old)
-            if ramp:
-                new = min(new, old + estimate * dt / ramp)
+            if ramp:  # paced only above the highest limit it has had
+                new = min(new, max(self.peak, old + estimate * dt / ramp))
         else:
             return False
         self.limit = min(max(new, self.lo), self.hi)
+        self.peak = max(self.peak, self.limit)
         return int(self.limit) != int(old)
 
     def on_done(self, ok: bool, overloaded: bool, in_flight: int) -> bool:
         """A request on this backend ended; True if the limit changed."""
-        self.ended = True
         old = self.limit
         if overloaded:
             self.limit = max(self.lo, old * 0.9)

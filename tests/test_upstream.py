@@ -164,6 +164,42 @@ async def test_timeouts_first_byte_then_idle(raw_backend: Any) -> None:
         await c.close()
 
 
+@pytest.mark.parametrize(("first_byte", "idle"), [(0.5, 30.0), (30.0, 0.5)])
+async def test_unequal_first_byte_and_idle_bounds(
+    raw_backend: Any, first_byte: float, idle: float
+) -> None:
+    """One timer serves both bounds: the first byte's never cuts a body that has begun,
+    and a short idle bound still cuts a gap under a long first-byte bound."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await backend.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01")
+        await writer.drain()
+        await asyncio.sleep(1.0)  # over 0.5 s: a gap between body pieces
+        writer.write(b"23456789")
+        await writer.drain()
+
+    backend = await raw_backend(handler)
+    c = UpstreamClient(first_byte_timeout=first_byte, idle_timeout=idle)
+    try:
+        r = await c.request(f"http://127.0.0.1:{backend.port}", "/v1/x", b"{}", _h())
+        got: list[bytes] = []
+        r.relay_to(got.append)
+        t0 = time.monotonic()
+        while not r.ended:
+            await r.wait()
+        if idle < 1.0:
+            assert isinstance(r.error, UpstreamTimeout)
+            assert b"".join(got) == b"01"
+        else:
+            assert r.error is None
+            assert b"".join(got) == b"0123456789"
+        assert time.monotonic() - t0 < 5.0
+        r.release()
+    finally:
+        await c.close()
+
+
 async def test_connect_error_is_not_sent(client: UpstreamClient) -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

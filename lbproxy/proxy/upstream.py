@@ -212,9 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         r = self.resp
         assert r is not None
-        if not r.got_body:  # from now on the idle timeout bounds the gaps
-            r.got_body = True
-            r.rearm()
+        r.got_body = True  # from now on the idle timeout bounds the gaps (see __init__)
         r.buffered.append(body)
 
     def on_message_complete(self) -> None:
@@ -275,7 +273,9 @@ class UpstreamResponse:
         self.first_byte_timeout = first_byte
         self.idle_timeout = idle
         self._waiter: asyncio.Future[None] | None = None
-        self._timer = self.loop.call_at(self.last_read + first_byte, self._check_timeout)
+        # One timer for both bounds, set for the earlier: it can only fire early (then it
+        # is set again for what is due), so the first body byte need not re-arm it.
+        self._timer = self.loop.call_at(self.last_read + min(first_byte, idle), self._check_timeout)
         self._deadline: asyncio.TimerHandle | None = None  # a total time bound, if any
         self.paused = False
 
@@ -336,10 +336,6 @@ class UpstreamResponse:
             return
         what = "a body byte" if self.head_done else "a response"
         self.fail(UpstreamTimeout(f"no {what} from the backend within {span:g}s"))
-
-    def rearm(self) -> None:
-        self._timer.cancel()
-        self._timer = self.loop.call_at(self.last_read + self.idle_timeout, self._check_timeout)
 
     def set_total_timeout(self, seconds: float) -> None:
         self._deadline = self.loop.call_later(

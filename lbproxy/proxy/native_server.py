@@ -608,7 +608,8 @@ class NativeConnection(asyncio.Protocol):
 
     async def _serve(self, req: NativeRequest) -> None:
         server = self.server
-        task = asyncio.current_task()
+        # Set by _next before this first runs (asyncio.current_task is Python code in 3.11).
+        task = self.task or asyncio.current_task()
         assert task is not None
         in_flight = server.runner.in_flight
         in_flight[task] = req  # type: ignore[assignment]  # the shutdown may cut it

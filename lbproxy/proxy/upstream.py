@@ -235,7 +235,9 @@ class UpstreamResponse:
         "_timer",
         "_waiter",
         "buffered",
+        "clen",
         "conn",
+        "ctype",
         "ended",
         "error",
         "first_byte_timeout",
@@ -251,6 +253,7 @@ class UpstreamResponse:
         "reason",
         "sink",
         "status",
+        "te",
         "until_close",
     )
 
@@ -260,6 +263,10 @@ class UpstreamResponse:
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        # The first Content-Length, Transfer-Encoding and Content-Type of the head (on_head).
+        self.clen: bytes | None = None
+        self.te: bytes | None = None
+        self.ctype: bytes | None = None
         self.head_bytes = 0
         self.keep_alive = False
         self.until_close = False
@@ -285,12 +292,22 @@ class UpstreamResponse:
         p = self.conn.parser
         # httptools does not say how the body is framed: a response with neither a length
         # nor chunks (and that can have a body) runs until the connection closes.
-        framed = False
+        # One pass also keeps what the relay asks of the head (no scan per question).
+        clen = te = ctype = None
+        chunked = False
         for k, v in self.raw_headers:
             lk = k.lower()
-            if lk == b"content-length" or (lk == b"transfer-encoding" and b"chunked" in v.lower()):
-                framed = True
-                break
+            if lk == b"content-length":
+                if clen is None:
+                    clen = v
+            elif lk == b"transfer-encoding":
+                chunked = chunked or b"chunked" in v.lower()
+                if te is None:
+                    te = v
+            elif lk == b"content-type" and ctype is None:
+                ctype = v
+        self.clen, self.te, self.ctype = clen, te, ctype
+        framed = clen is not None or chunked
         self.until_close = not framed and self.status not in (204, 304)
         if self.until_close:
             self.keep_alive = False
@@ -368,7 +385,7 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        v = self.header(b"content-length")
+        v = self.clen if self.head_done else self.header(b"content-length")
         return int(v) if v is not None else None
 
     # -- the body

@@ -140,6 +140,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False  # a byte came back for the request in progress
         self.idle_since = 0.0
         self.resp: UpstreamResponse | None = None
+        # The timeout check of its responses: one timer kept across them (it may fire
+        # early; the response then sets it again for what is due), not one per response.
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.disarm()
         r = self.resp
         if r is not None and not r.ended:
             if r.head_done and r.until_close:
@@ -222,8 +227,31 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.lost = True
+        self.disarm()
         if self.transport is not None:
             self.transport.close()
+
+    # -- the responses' timer
+    def arm(self, when: float) -> None:
+        """Have the current response's timeout checked at `when`, or earlier."""
+        t = self.timer
+        if t is not None:
+            if self.timer_at <= when:
+                return
+            t.cancel()
+        self.timer = self.loop.call_at(when, self._on_timer)
+        self.timer_at = when
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        r = self.resp
+        if r is not None:
+            r.check_timeout()
 
 
 class UpstreamResponse:
@@ -232,7 +260,6 @@ class UpstreamResponse:
 
     __slots__ = (
         "_deadline",
-        "_timer",
         "_waiter",
         "buffered",
         "clen",
@@ -280,9 +307,9 @@ class UpstreamResponse:
         self.first_byte_timeout = first_byte
         self.idle_timeout = idle
         self._waiter: asyncio.Future[None] | None = None
-        # One timer for both bounds, set for the earlier: it can only fire early (then it
+        # One check for both bounds, due at the earlier: it can only come early (then it
         # is set again for what is due), so the first body byte need not re-arm it.
-        self._timer = self.loop.call_at(self.last_read + min(first_byte, idle), self._check_timeout)
+        conn.arm(self.last_read + min(first_byte, idle))
         self._deadline: asyncio.TimerHandle | None = None  # a total time bound, if any
         self.paused = False
 
@@ -336,20 +363,23 @@ class UpstreamResponse:
             w.set_result(None)
 
     def _cancel_timers(self) -> None:
-        self._timer.cancel()
+        # (the connection's timer stays for its next response; it finds none, or this
+        # one ended, if it fires first)
         if self._deadline is not None:
             self._deadline.cancel()
 
-    def _check_timeout(self) -> None:
+    def check_timeout(self) -> None:
+        """The connection's timer: fail the response if its backend has been silent
+        too long, else have it come back when that could be."""
         if self.ended:
             return
         span = self.idle_timeout if self.got_body else self.first_byte_timeout
         due = self.last_read + span
         if self.loop.time() < due:  # data came since the timer was armed: wait on
-            self._timer = self.loop.call_at(due, self._check_timeout)
+            self.conn.arm(due)
             return
         if self.paused:  # reading is paused by us (a slow client): not the backend's fault
-            self._timer = self.loop.call_at(self.loop.time() + span, self._check_timeout)
+            self.conn.arm(self.loop.time() + span)
             return
         what = "a body byte" if self.head_done else "a response"
         self.fail(UpstreamTimeout(f"no {what} from the backend within {span:g}s"))

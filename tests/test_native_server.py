@@ -255,6 +255,24 @@ def test_a_native_connection_idle_past_keepalive_is_closed(fake_backends, run_pr
         assert time.monotonic() - t0 > 0.5
 
 
+def test_the_keepalive_clock_restarts_after_each_request(fake_backends, run_proxy) -> None:
+    """One keep-alive timer serves a connection's requests: each request's end starts
+    the clock again, and one longer than the timeout is not cut by it."""
+    fast, slow = fake_backends(1)[0], fake_backends(1, stall_before_headers=1.5)[0]
+    proxy = run_proxy(proxy_config([fast, slow], limits={"client_keepalive_timeout": 1}))
+    with raw_http.connect(proxy.port) as s:
+        for _ in range(4):  # fast and slow answers in turn, 0.7 s apart: 2.8 s > 1 s
+            s.sendall(_post(_body(1)))
+            assert _read(s, 1)[0].status == 200
+            time.sleep(0.7)
+        s.sendall(_post(_body(1)))
+        assert _read(s, 1)[0].status == 200
+        t0 = time.monotonic()
+        assert raw_http.closed_within(s, 5)
+        assert time.monotonic() - t0 > 0.5
+    assert len(fast.received) + len(slow.received) == 5 and slow.received
+
+
 def test_a_bodyless_status_gets_no_body_framing(loop_thread, run_proxy) -> None:
     """A backend's 204 is relayed without Content-Length or chunked framing (no stray
     bytes a keep-alive client would read as the next response)."""

@@ -164,6 +164,84 @@ async def test_timeouts_first_byte_then_idle(raw_backend: Any) -> None:
         await c.close()
 
 
+@pytest.mark.parametrize(("first_byte", "idle"), [(0.5, 30.0), (30.0, 0.5)])
+async def test_unequal_first_byte_and_idle_bounds(
+    raw_backend: Any, first_byte: float, idle: float
+) -> None:
+    """One timer serves both bounds: the first byte's never cuts a body that has begun,
+    and a short idle bound still cuts a gap under a long first-byte bound."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await backend.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01")
+        await writer.drain()
+        await asyncio.sleep(1.0)  # over 0.5 s: a gap between body pieces
+        writer.write(b"23456789")
+        await writer.drain()
+
+    backend = await raw_backend(handler)
+    c = UpstreamClient(first_byte_timeout=first_byte, idle_timeout=idle)
+    try:
+        r = await c.request(f"http://127.0.0.1:{backend.port}", "/v1/x", b"{}", _h())
+        got: list[bytes] = []
+        r.relay_to(got.append)
+        t0 = time.monotonic()
+        while not r.ended:
+            await r.wait()
+        if idle < 1.0:
+            assert isinstance(r.error, UpstreamTimeout)
+            assert b"".join(got) == b"01"
+        else:
+            assert r.error is None
+            assert b"".join(got) == b"0123456789"
+        assert time.monotonic() - t0 < 5.0
+        r.release()
+    finally:
+        await c.close()
+
+
+async def test_a_reused_connection_bounds_each_response_by_its_own_timeouts(
+    raw_backend: Any,
+) -> None:
+    """The connection's timer outlives a response: a later response on it with a shorter
+    first-byte bound (a P/D leg's) still times out on time, and so does a stall after
+    several quick answers."""
+    backend: RawBackend
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await backend.read_request(reader)
+            if len(backend.requests) in (3, 5):
+                await asyncio.sleep(5)  # no answer
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = await raw_backend(handler)
+    c = UpstreamClient(first_byte_timeout=30.0, idle_timeout=30.0)
+    base = f"http://127.0.0.1:{backend.port}"
+    try:
+        for _ in range(2):  # the connection's timer is set for 30 s from here
+            r = await c.request(base, "/v1/x", b"{}", _h())
+            assert await r.read() == b"ok"
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            await c.request(base, "/v1/x", b"{}", _h(), first_byte_timeout=0.5)
+        assert time.monotonic() - t0 < 3.0
+        assert backend.connections == 1  # the third request went on the reused connection
+
+        c.first_byte_timeout = c.idle_timeout = 0.5
+        r = await c.request(base, "/v1/x", b"{}", _h())  # a new connection
+        assert await r.read() == b"ok"
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            await c.request(base, "/v1/x", b"{}", _h())
+        assert time.monotonic() - t0 < 3.0
+        assert backend.connections == 2
+    finally:
+        await c.close()
+
+
 async def test_connect_error_is_not_sent(client: UpstreamClient) -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -140,8 +140,9 @@ class FlowGate:
         waited. `tokens`: an estimate of its prompt tokens. Raises Overloaded (shed) or
         NoBackend."""
         held = _Held(ctx)
-        asked = _asked_tokens(ctx.body)
-        await self._wait(held, Waiter(priority, flow, now, now, held, tokens, asked))
+        w = Waiter(priority, flow, now, now, held, tokens, _asked_tokens(ctx.body))
+        if not self._admit(held, w):  # below capacity it was dispatched: no await
+            await self._queued(held, w)
         assert held.decision is not None
         return held.decision, held.waited
 
@@ -166,19 +167,28 @@ class FlowGate:
     async def _wait(self, held: _Held, w: Waiter) -> None:
         """Admit `w` and wait until it is dispatched (held.decision set, held.waited the
         seconds it waited); raises Overloaded (shed) or NoBackend."""
-        now = w.arrival
-        ctl = self.controller
+        if not self._admit(held, w):
+            await self._queued(held, w)
+
+    def _admit(self, held: _Held, w: Waiter) -> bool:
+        """Admit `w`: True if it was dispatched at once (it waited 0 s), False if it is
+        queued (or was settled inside admit); raises Overloaded (shed) or NoBackend."""
         try:
-            if ctl.admit(w, self._endpoints(), now, self, self._shed):
+            if self.controller.admit(w, self._endpoints(), w.arrival, self, self._shed):
                 assert held.decision is not None
                 self.waited.observe(0.0)
                 held.waited = 0.0
-                return
+                return True
         except Shed as e:
             self.waited.observe(0.0)
             raise Overloaded(e.reason, e.retry_after, str(e)) from None
         except NoServer:
             raise NoBackend(f"no healthy backend in pool '{self.pool.name}'") from None
+        return False
+
+    async def _queued(self, held: _Held, w: Waiter) -> None:
+        """`_wait`'s second half: `w` was queued; wait until it is dispatched or shed."""
+        ctl = self.controller
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         if held.decision is None and held.error is None:  # not settled inside admit

@@ -393,10 +393,10 @@ class Forwarder:
         if ex.queue_wait is not None:
             extra["x-lbproxy-queue-wait"] = f"{ex.queue_wait:.3f}"
         length = upstream.content_length
-        te = upstream.header(b"transfer-encoding")
+        te = upstream.te
         if length is not None and te is not None and b"chunked" in te.lower():
             length = None
-        ctype = upstream.header(b"content-type")
+        ctype = upstream.ctype
         is_sse = ctype is not None and ctype.startswith(b"text/event-stream")
         ex.stream = is_sse
 

@@ -399,6 +399,8 @@ class NativeConnection(asyncio.Protocol):
         "buf",
         "drain_waiter",
         "idle",
+        "idle_since",
+        "ka_timer",
         "read_paused",
         "req",
         "server",
@@ -416,7 +418,11 @@ class NativeConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.read_paused = self.write_paused = False
-        self.idle = False  # the keep-alive timer is armed (between requests)
+        self.idle = False  # between requests (the keep-alive timer runs)
+        # The armed timer is the keep-alive one: kept through the requests that follow
+        # (it re-arms itself for what is left when it fires early), not set per request.
+        self.ka_timer = False
+        self.idle_since = 0.0
         self.drain_waiter: asyncio.Future[None] | None = None
         self._peer: Any = None
 
@@ -501,15 +507,25 @@ class NativeConnection(asyncio.Protocol):
 
     def _arm(self, delay: float, callback: Callable[[], None], idle: bool = False) -> None:
         self.idle = idle
+        self.ka_timer = False
         if self.timer is not None:
             self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_later(delay, callback) if delay else None
 
     def _disarm(self) -> None:
-        self.idle = False
+        self.idle = self.ka_timer = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _go_idle(self) -> None:
+        """Between requests: the keep-alive clock starts now."""
+        self.idle_since = asyncio.get_running_loop().time()
+        if self.ka_timer:  # still armed from an earlier idle spell
+            self.idle = True
+            return
+        self._arm(self.server.limits.keepalive_timeout, self._keepalive_timeout, idle=True)
+        self.ka_timer = self.timer is not None
 
     def _leave(self) -> None:
         """This connection is no longer a native one (closed or handed to aiohttp)."""
@@ -528,8 +544,15 @@ class NativeConnection(asyncio.Protocol):
 
     def _keepalive_timeout(self) -> None:
         self.timer = None
-        if self.req is None and not self.buf:
-            self.close()
+        self.ka_timer = False
+        if not self.idle or self.req is not None or self.buf:
+            return  # a request came since: its end starts the clock again
+        loop = asyncio.get_running_loop()
+        due = self.idle_since + self.server.limits.keepalive_timeout
+        if loop.time() < due:  # armed in an earlier idle spell: wait for what is left
+            self.timer, self.ka_timer = loop.call_at(due, self._keepalive_timeout), True
+            return
+        self.close()
 
     def _next(self) -> None:
         """Start the request at the head of `buf`, or hand the connection to aiohttp."""
@@ -540,7 +563,7 @@ class NativeConnection(asyncio.Protocol):
             if len(buf) > server.max_head or not plausible_head_start(buf):
                 self._hand_over()
                 return
-            if self.timer is None or self.idle:
+            if self.timer is None or self.ka_timer:
                 # Between requests: the next one's first byte starts the header clock.
                 self._arm(server.limits.header_timeout, self._header_timeout)
             return
@@ -553,7 +576,10 @@ class NativeConnection(asyncio.Protocol):
         if length > server.max_body or not server.limits.budget.room_for(length):
             self._hand_over()  # aiohttp answers 413 / 503 as it does for any request
             return
-        self._disarm()
+        if self.ka_timer:
+            self.idle = False  # the keep-alive timer stays: it will find a request
+        else:
+            self._disarm()
         req = self.req = NativeRequest(self, target, headers, length)
         body_end = head_len + length
         if len(buf) >= body_end:
@@ -582,7 +608,8 @@ class NativeConnection(asyncio.Protocol):
 
     async def _serve(self, req: NativeRequest) -> None:
         server = self.server
-        task = asyncio.current_task()
+        # Set by _next before this first runs (asyncio.current_task is Python code in 3.11).
+        task = self.task or asyncio.current_task()
         assert task is not None
         in_flight = server.runner.in_flight
         in_flight[task] = req  # type: ignore[assignment]  # the shutdown may cut it
@@ -628,4 +655,4 @@ class NativeConnection(asyncio.Protocol):
         if self.buf:
             self._next()  # a pipelined request
         else:
-            self._arm(self.server.limits.keepalive_timeout, self._keepalive_timeout, idle=True)
+            self._go_idle()

@@ -140,6 +140,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False  # a byte came back for the request in progress
         self.idle_since = 0.0
         self.resp: UpstreamResponse | None = None
+        # The timeout check of its responses: one timer kept across them (it may fire
+        # early; the response then sets it again for what is due), not one per response.
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.disarm()
         r = self.resp
         if r is not None and not r.ended:
             if r.head_done and r.until_close:
@@ -212,9 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         r = self.resp
         assert r is not None
-        if not r.got_body:  # from now on the idle timeout bounds the gaps
-            r.got_body = True
-            r.rearm()
+        r.got_body = True  # from now on the idle timeout bounds the gaps (see __init__)
         r.buffered.append(body)
 
     def on_message_complete(self) -> None:
@@ -224,8 +227,31 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.lost = True
+        self.disarm()
         if self.transport is not None:
             self.transport.close()
+
+    # -- the responses' timer
+    def arm(self, when: float) -> None:
+        """Have the current response's timeout checked at `when`, or earlier."""
+        t = self.timer
+        if t is not None:
+            if self.timer_at <= when:
+                return
+            t.cancel()
+        self.timer = self.loop.call_at(when, self._on_timer)
+        self.timer_at = when
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        r = self.resp
+        if r is not None:
+            r.check_timeout()
 
 
 class UpstreamResponse:
@@ -234,10 +260,11 @@ class UpstreamResponse:
 
     __slots__ = (
         "_deadline",
-        "_timer",
         "_waiter",
         "buffered",
+        "clen",
         "conn",
+        "ctype",
         "ended",
         "error",
         "first_byte_timeout",
@@ -253,6 +280,7 @@ class UpstreamResponse:
         "reason",
         "sink",
         "status",
+        "te",
         "until_close",
     )
 
@@ -262,6 +290,10 @@ class UpstreamResponse:
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        # The first Content-Length, Transfer-Encoding and Content-Type of the head (on_head).
+        self.clen: bytes | None = None
+        self.te: bytes | None = None
+        self.ctype: bytes | None = None
         self.head_bytes = 0
         self.keep_alive = False
         self.until_close = False
@@ -275,7 +307,9 @@ class UpstreamResponse:
         self.first_byte_timeout = first_byte
         self.idle_timeout = idle
         self._waiter: asyncio.Future[None] | None = None
-        self._timer = self.loop.call_at(self.last_read + first_byte, self._check_timeout)
+        # One check for both bounds, due at the earlier: it can only come early (then it
+        # is set again for what is due), so the first body byte need not re-arm it.
+        conn.arm(self.last_read + min(first_byte, idle))
         self._deadline: asyncio.TimerHandle | None = None  # a total time bound, if any
         self.paused = False
 
@@ -285,12 +319,22 @@ class UpstreamResponse:
         p = self.conn.parser
         # httptools does not say how the body is framed: a response with neither a length
         # nor chunks (and that can have a body) runs until the connection closes.
-        framed = False
+        # One pass also keeps what the relay asks of the head (no scan per question).
+        clen = te = ctype = None
+        chunked = False
         for k, v in self.raw_headers:
             lk = k.lower()
-            if lk == b"content-length" or (lk == b"transfer-encoding" and b"chunked" in v.lower()):
-                framed = True
-                break
+            if lk == b"content-length":
+                if clen is None:
+                    clen = v
+            elif lk == b"transfer-encoding":
+                chunked = chunked or b"chunked" in v.lower()
+                if te is None:
+                    te = v
+            elif lk == b"content-type" and ctype is None:
+                ctype = v
+        self.clen, self.te, self.ctype = clen, te, ctype
+        framed = clen is not None or chunked
         self.until_close = not framed and self.status not in (204, 304)
         if self.until_close:
             self.keep_alive = False
@@ -319,27 +363,26 @@ class UpstreamResponse:
             w.set_result(None)
 
     def _cancel_timers(self) -> None:
-        self._timer.cancel()
+        # (the connection's timer stays for its next response; it finds none, or this
+        # one ended, if it fires first)
         if self._deadline is not None:
             self._deadline.cancel()
 
-    def _check_timeout(self) -> None:
+    def check_timeout(self) -> None:
+        """The connection's timer: fail the response if its backend has been silent
+        too long, else have it come back when that could be."""
         if self.ended:
             return
         span = self.idle_timeout if self.got_body else self.first_byte_timeout
         due = self.last_read + span
         if self.loop.time() < due:  # data came since the timer was armed: wait on
-            self._timer = self.loop.call_at(due, self._check_timeout)
+            self.conn.arm(due)
             return
         if self.paused:  # reading is paused by us (a slow client): not the backend's fault
-            self._timer = self.loop.call_at(self.loop.time() + span, self._check_timeout)
+            self.conn.arm(self.loop.time() + span)
             return
         what = "a body byte" if self.head_done else "a response"
         self.fail(UpstreamTimeout(f"no {what} from the backend within {span:g}s"))
-
-    def rearm(self) -> None:
-        self._timer.cancel()
-        self._timer = self.loop.call_at(self.last_read + self.idle_timeout, self._check_timeout)
 
     def set_total_timeout(self, seconds: float) -> None:
         self._deadline = self.loop.call_later(
@@ -372,7 +415,7 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        v = self.header(b"content-length")
+        v = self.clen if self.head_done else self.header(b"content-length")
         return int(v) if v is not None else None
 
     # -- the body

@@ -296,6 +296,20 @@ def _measure(
     return row
 
 
+def _brief(r: dict[str, Any]) -> str:
+    lb = ""
+    if "lbproxy_cores" in r:
+        by = "/".join(f"{c:.2f}" for c in r["lbproxy_cores_by_process"])
+        lb = (
+            f", lbproxy {r['lbproxy_cpu_ms_per_request']:.3f} ms/request on "
+            f"{r['lbproxy_cores']:.2f} cores ({by})"
+        )
+    return (
+        f"{r['rps']:.0f} req/s{lb}, wrk+nginx {r['load_cpu_ms_per_request']:.3f} ms/request, "
+        f"machine {r['machine_busy']:.0%} busy"
+    )
+
+
 _SPIN = "import time\nt = time.process_time() + 2\nwhile time.process_time() < t: pass"
 
 
@@ -371,7 +385,7 @@ def run_workers(args: argparse.Namespace) -> dict[str, Any]:
             for name, url in urls.items():
                 s = serves.get(name)
                 rows[name].append(_measure(url, script, args, s and s.proc.pid, nginx.pid))
-                print(f"run {i + 1} {name}: {rows[name][-1]}", flush=True)
+                print(f"run {i + 1}, {name}: {_brief(rows[name][-1])}", flush=True)
     finally:
         for s in serves.values():
             s.stop()

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import statistics
@@ -250,6 +252,17 @@ def _machine_busy() -> tuple[int, int, int]:
     return sum(v) - idle - steal, steal, sum(v)
 
 
+def _connections_by_process(url: str) -> list[int]:
+    """Established connections on the server side of `url`'s port, per process, most first."""
+    port = url.split(":")[2].split("/")[0]
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True, text=True, timeout=10,
+    ).stdout  # fmt: skip
+    pids = collections.Counter(m.group(1) for m in re.finditer(r"pid=(\d+)", out))
+    return sorted(pids.values(), reverse=True)
+
+
 def _wrk(url: str, script: Path, args: argparse.Namespace, seconds: int) -> dict[str, Any]:
     """One wrk run; its summary, and its own CPU seconds (wrk is this process's only
     child reaped meanwhile, so RUSAGE_CHILDREN's growth is wrk's)."""
@@ -257,12 +270,18 @@ def _wrk(url: str, script: Path, args: argparse.Namespace, seconds: int) -> dict
     pin = ["taskset", "-c", "0"] if args.pin else []
     cmd = [*pin, "wrk", "-t", str(args.threads), "-c", str(args.concurrency),
            "-d", f"{seconds}s", "--timeout", "10s", "-s", str(script), url]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        conns: list[int] = []
+        if seconds > 2:  # mid-run: how SO_REUSEPORT spread wrk's connections
+            time.sleep(seconds / 2)
+            conns = _connections_by_process(url)
+        stdout, stderr = p.communicate(timeout=seconds + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK ")), None)
-    if out.returncode or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("WRK ")), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"wrk failed ({p.returncode}):\n{stdout}\n{stderr}")
     r: dict[str, Any] = json.loads(line[4:])
+    r["connections_by_process"] = conns
     r["wrk_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return r
 
@@ -285,6 +304,7 @@ def _measure(
         "load_cpu_ms_per_request": (w["wrk_cpu_s"] + _tree_cpu(nginx_pid) - ng0) / n * 1e3,
         "machine_busy": (busy1 - busy0) / max(total1 - total0, 1),
         "machine_steal": (steal1 - steal0) / max(total1 - total0, 1),
+        "connections_by_process": w["connections_by_process"],
     }
     if lbproxy_pid:
         used = {p: t - lb0.get(p, 0.0) for p, t in _cpu_by_process(lbproxy_pid).items()}
@@ -304,8 +324,10 @@ def _brief(r: dict[str, Any]) -> str:
             f", lbproxy {r['lbproxy_cpu_ms_per_request']:.3f} ms/request on "
             f"{r['lbproxy_cores']:.2f} cores ({by})"
         )
+    conns = "/".join(map(str, r["connections_by_process"]))
     return (
-        f"{r['rps']:.0f} req/s{lb}, wrk+nginx {r['load_cpu_ms_per_request']:.3f} ms/request, "
+        f"{r['rps']:.0f} req/s{lb}, connections {conns}, "
+        f"wrk+nginx {r['load_cpu_ms_per_request']:.3f} ms/request, "
         f"machine {r['machine_busy']:.0%} busy"
     )
 
@@ -394,7 +416,7 @@ def run_workers(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     out: dict[str, Any] = {
         name: {
-            k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "lbproxy_cores_by_process"
+            k: statistics.median(r[k] for r in rs) for k in rs[0] if not k.endswith("_by_process")
         }
         | {"runs": rs}
         for name, rs in rows.items()

@@ -369,18 +369,9 @@ def run_workers(args: argparse.Namespace) -> dict[str, Any]:
     load_cpu = ["taskset", "-c", "0"] if args.pin else []  # wrk's and nginx's, with --pin
     scaling = _cpu_scaling()
     print(f"two busy processes get {scaling:.2f} cores' worth", flush=True)
-    nginx = subprocess.Popen(
-        [
-            *load_cpu,
-            "nginx",
-            "-p",
-            str(tmp),
-            "-c",
-            str(tmp / "nginx.conf"),
-            "-e",
-            str(tmp / "error.log"),
-        ]
-    )
+    nginx_cmd = [*load_cpu, "nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
+                 "-e", str(tmp / "error.log")]  # fmt: skip
+    nginx = subprocess.Popen(nginx_cmd)
     backend = f"http://127.0.0.1:{backend_port}"
     serves: dict[str, Serve] = {}
     try:
@@ -421,13 +412,19 @@ def run_workers(args: argparse.Namespace) -> dict[str, Any]:
         | {"runs": rs}
         for name, rs in rows.items()
     }
-    one = out["--workers 1"]
+    # Each repeat's ratio to the 1 worker run next to it (the cases ran in turns), median.
+    w1 = rows["--workers 1"]
+    for name, rs in rows.items():
+        out[name]["rps_vs_1_worker"] = statistics.median(
+            r["rps"] / one["rps"] for r, one in zip(rs, w1, strict=True)
+        )
     out["machine"] = {"cpu_scaling": scaling, "load_average_end": os.getloadavg()[0]}
     print(
         f"\nnon-stream, wrk -t {args.threads} -c {args.concurrency} -d {args.duration}s, nginx "
         f"backend, median of {args.repeat}, "
         f"{'pinned (wrk+nginx: CPU 0, lbproxy: CPU 1), ' if args.pin else ''}"
-        f"{_cpus()}; two busy processes got {scaling:.2f} cores' worth"
+        f"{_cpus()}; two busy processes got {scaling:.2f} cores' worth; "
+        "vs 1 worker: median of each repeat's ratio"
     )
     print(
         "| case | req/s | vs 1 worker | p50 ms | p99 ms | errors | lbproxy CPU ms/request | "
@@ -439,7 +436,7 @@ def run_workers(args: argparse.Namespace) -> dict[str, Any]:
             continue
         lb, cores = r.get("lbproxy_cpu_ms_per_request"), r.get("lbproxy_cores")
         print(
-            f"| {name} | {r['rps']:.0f} | {r['rps'] / one['rps']:.2f}x | {r['p50_ms']:.2f} | "
+            f"| {name} | {r['rps']:.0f} | {r['rps_vs_1_worker']:.2f}x | {r['p50_ms']:.2f} | "
             f"{r['p99_ms']:.2f} | {r['errors']:.0f} | {'-' if lb is None else f'{lb:.3f}'} | "
             f"{'-' if cores is None else f'{cores:.2f}'} | "
             f"{r['load_cpu_ms_per_request']:.3f} | {r['machine_busy']:.0%} | "

@@ -4,9 +4,12 @@ Per-worker labels, not prometheus-client's multiprocess mode: lbproxy's metrics 
 rendered by a custom collector from plain in-process counters (metrics.py), which that
 mode (mmap'd files behind prometheus-client's own Counter objects) cannot aggregate.
 Each worker writes its own exposition to `<workers dir>/metrics-<i>-<pid>.prom` every
-WRITE_INTERVAL, and the worker that takes a scrape serves its own metrics (live) with
-the others' (at most WRITE_INTERVAL old), every sample labelled `worker="<i>"`: sum by
-anything but `worker` for the host. `lbproxy_worker_info{worker, pid}` lists the workers.
+WRITE_INTERVAL; the worker that takes a scrape first writes its own file afresh, then
+serves every worker's file (the others' at most WRITE_INTERVAL old), every sample
+labelled `worker="<i>"`: sum by anything but `worker` for the host. Serving its own
+metrics live instead would let a counter go backwards between two scrapes that land on
+different workers (live, then another worker's older copy), which Prometheus reads as a
+counter reset. `lbproxy_worker_info{worker, pid}` lists the workers.
 Files older than STALE_AFTER (a worker that died) are left out.
 """
 
@@ -17,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -55,23 +58,36 @@ def _labelled(families: Iterator[Metric], worker: str, into: dict[str, Metric]) 
 
 
 class HostCollector:
-    """This worker's registry (live) and the other workers' last written expositions."""
+    """Every worker's last written exposition, this worker's written afresh first."""
 
-    def __init__(self, local: CollectorRegistry, directory: Path, index: int) -> None:
+    def __init__(
+        self,
+        local: CollectorRegistry,
+        directory: Path,
+        index: int,
+        own_path: Path,
+        write: Callable[[], None],
+    ) -> None:
         self.local = local
         self.dir = directory
         self.index = index
+        self.own_path = own_path
+        self.write = write
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
-        # Its own through the text format too, so that families split alike (`_created`).
-        own = generate_latest(self.local).decode()
-        _labelled(text_string_to_metric_families(own), str(self.index), merged)
+        try:
+            self.write()
+            own_written = True
+        except OSError:  # no directory to write to: serve its own live
+            own_written = False
+            own = generate_latest(self.local).decode()
+            _labelled(text_string_to_metric_families(own), str(self.index), merged)
         now = time.time()
         for path in sorted(self.dir.glob("metrics-*.prom")):
             worker = path.name.split("-")[1]
-            if worker == str(self.index):
-                continue
+            if worker == str(self.index) and not (own_written and path == self.own_path):
+                continue  # (or an earlier process of this worker index)
             try:
                 if now - path.stat().st_mtime > STALE_AFTER:
                     continue
@@ -93,7 +109,7 @@ class WorkerMetrics:
         self.local = local
         self.path = directory / f"metrics-{index}-{os.getpid()}.prom"
         self.host = CollectorRegistry(auto_describe=False)
-        self.host.register(HostCollector(local, directory, index))
+        self.host.register(HostCollector(local, directory, index, self.path, self.write))
         self._task: asyncio.Task[None] | None = None
 
     def write(self) -> None:

@@ -312,3 +312,18 @@ def test_simulate_cli_flow_config_file(tmp_path: Path, capsys: pytest.CaptureFix
     cfg.write_text("flow_control: {limit: {target_itl: -1}}\n")
     assert bench_main([*args[:-2], "--out", str(tmp_path / "bad")]) == 2
     assert f"{cfg}: limit.target_itl: must be greater than 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["simulate", "bench"])
+def test_a_warmup_longer_than_the_step_is_refused_before_anything_runs(
+    tmp_path: Path, cmd: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    where = ["--fleet", "a-4", "--profiles", "round-robin"]
+    if cmd == "bench":
+        where = ["--target", "http://127.0.0.1:9"]
+    args = [cmd, *where, "--workload", "shared-prefix"]
+    args += ["--rates", "50", "--duration", "40", "--warmup", "60", "--out", str(out)]
+    assert bench_main(args) == 2
+    assert "--warmup must be within [0, --duration) = [0, 40), got 60" in capsys.readouterr().err
+    assert not out.exists()  # refused up front: no step was simulated or sent

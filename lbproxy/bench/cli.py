@@ -449,6 +449,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.out:
         return _fail("bench needs --out DIR (where results.json, results.md and the plots go)")
     args.duration = args.duration or DEFAULT_DURATION
+    if (bad := _bad_warmup(args)) is not None:
+        return _fail(bad)
     try:
         tok = _tokenizer(args.tokenizer)
         wl = _workload(args, tok)
@@ -576,6 +578,14 @@ def load_profile_arg(item: str) -> tuple[str, Any]:
     return path.stem, ProfileSpec.model_validate(data)
 
 
+def _bad_warmup(args: argparse.Namespace) -> str | None:
+    """The step-length check, made before anything runs (not after a long simulation)."""
+    w = args.warmup or 0.0
+    if not 0.0 <= w < args.duration:
+        return f"--warmup must be within [0, --duration) = [0, {args.duration:g}), got {w:g}"
+    return None
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     from lbproxy.bench.simulate import SimOptions, simulate_run
     from lbproxy.sim.fleet import load_fleet
@@ -586,6 +596,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     if not args.rates:
         return _fail("simulate needs --rates (or --capacity)")
     args.duration = args.duration or DEFAULT_DURATION
+    if (bad := _bad_warmup(args)) is not None:
+        return _fail(bad)
     try:
         fleet = load_fleet(args.fleet)
         tok = _tokenizer(args.tokenizer or fleet.tokenizer)

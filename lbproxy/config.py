@@ -33,7 +33,7 @@ from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.registry import PluginError
 
 if TYPE_CHECKING:
-    from lbproxy.tokenization import Tokenizer
+    from lbproxy.tokenization.tokenizer import Tokenizer
 
 
 class ConfigError(ValueError):
@@ -617,7 +617,7 @@ def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:
     if pool.tokenizer is None:
         return None
     # Imported here: tokenizers and jinja2 cost a pool without a tokenizer nothing.
-    from lbproxy.tokenization import Tokenizer
+    from lbproxy.tokenization.tokenizer import Tokenizer
 
     path = None if pool.tokenizer == "default" else pool.tokenizer
     return Tokenizer.from_file(path, chat_template=pool.chat_template)

@@ -174,7 +174,7 @@ def run_workload_demo(profiles: list[str], *, rate: float, duration: float) -> i
     from lbproxy.bench.simulate import simulate_run
     from lbproxy.bench.workloads import shared_prefix
     from lbproxy.config import FlowControl
-    from lbproxy.tokenization import default_tokenizer
+    from lbproxy.tokenization.tokenizer import default_tokenizer
 
     if not profiles:
         print("lbproxy demo: --profiles is empty", file=sys.stderr)

@@ -66,7 +66,7 @@ from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot, RequestContext
 from lbproxy.sim.engine import Engine, EngineRequest
 from lbproxy.sim.fleet import FleetSpec, check_roles
-from lbproxy.tokenization import Tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 _DEFAULT_SIGNALS = Signals()
 

@@ -93,7 +93,7 @@ from lbproxy.sim.openai_api import (
     read_body,
     request_id,
 )
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 __all__ = ["KVEventPublisher", "SimServer", "SimServerHandle", "start_sim_server"]
 

@@ -33,7 +33,8 @@ from typing import Any
 
 from lbproxy import __version__
 from lbproxy.aio import PeriodicTask, loop_time
-from lbproxy.proxy.metrics import ProxyMetrics, safe_name
+from lbproxy.credentials import without_credentials as safe_name
+from lbproxy.proxy.metrics import ProxyMetrics
 from lbproxy.routing.state import Endpoint
 
 __all__ = ["DashboardSampler", "dashboard_html"]

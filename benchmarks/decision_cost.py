@@ -8,8 +8,8 @@ in `on_routed`) with:
 - `cache-aware` (prefix-hash): steady state, the groups already learnt; and "unique", a
   never-seen prompt every time (nothing reusable to hash, nothing to match);
 - `precise-cache-aware` (precise-prefix), the index fed with KV events for each group's
-  system prompt on its home backend, tokenising with `lbproxy.prompt_tokens.
-  PromptTokenizer` over `lbproxy.tokenization.Tokenizer` (the shipped small BPE):
+  system prompt on its home backend, tokenising with `lbproxy.tokenization.token_cache.
+  PromptTokenizer` over `lbproxy.tokenization.tokenizer.Tokenizer` (the shipped small BPE):
   cold = the first request of a group (an empty cache: the whole prompt encoded, plus
   the cost of caching it); warm = a later request of the group (the system prompt's ids
   spliced from the cache, the rest encoded); "warm, ids as array" = the same returning
@@ -104,7 +104,7 @@ def make_text(rng: random.Random, encode: Callable[[str], list[int]], tokens: in
 def load_encoder() -> tuple[Callable[[str], list[int]], str, Any]:
     """(encode without special tokens, description, lbproxy Tokenizer or None)."""
     try:
-        from lbproxy.tokenization import Tokenizer
+        from lbproxy.tokenization.tokenizer import Tokenizer
     except ImportError:
         Tokenizer = None
     if Tokenizer is not None:
@@ -113,7 +113,7 @@ def load_encoder() -> tuple[Callable[[str], list[int]], str, Any]:
         def encode(text: str) -> list[int]:
             return tok.encode(text, add_special_tokens=False)
 
-        name = f"lbproxy.tokenization.Tokenizer ({tok.name}, vocab {tok.vocab_size})"
+        name = f"lbproxy.tokenization.tokenizer.Tokenizer ({tok.name}, vocab {tok.vocab_size})"
         return encode, name, tok
     import tokenizers
     from tokenizers import models, pre_tokenizers, trainers
@@ -127,9 +127,9 @@ def load_encoder() -> tuple[Callable[[str], list[int]], str, Any]:
 
 
 def prompt_tokenizer(tok: Any) -> Any:
-    """A PromptTokenizer over `tok`, or None without lbproxy.prompt_tokens."""
+    """A PromptTokenizer over `tok`, or None without lbproxy.tokenization.token_cache."""
     try:
-        from lbproxy.prompt_tokens import PromptTokenizer
+        from lbproxy.tokenization.token_cache import PromptTokenizer
     except ImportError:
         return None
     return PromptTokenizer(tok) if tok is not None else None
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> None:
             return RequestContext(model="m", raw_prompt=text.encode(), _tokenize=fn)
         g, text = wl.fresh(next(seq) // GROUPS * GROUPS + i % GROUPS)
         body = body_of(text)
-        if warm_pt is None:  # no lbproxy.prompt_tokens: the old by-hand versions
+        if warm_pt is None:  # no lbproxy.tokenization.token_cache: the old by-hand versions
             if mode == "cold":
                 fn = lambda c: encode(text)  # noqa: E731
             else:

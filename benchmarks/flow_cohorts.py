@@ -27,7 +27,7 @@ from lbproxy.bench.workloads import make_workload
 from lbproxy.config import FlowControl
 from lbproxy.flow.controller import FlowController
 from lbproxy.sim.fleet import load_fleet
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 
 FLEET = Path(__file__).resolve().parent.parent / "configs" / "fleets" / "abc-20.yaml"
 

@@ -62,7 +62,7 @@ async def _hits_case(
     from lbproxy.config import parse_config
     from lbproxy.proxy.app import start_proxy
     from lbproxy.sim.server import start_sim_server
-    from lbproxy.tokenization import default_tokenizer
+    from lbproxy.tokenization.tokenizer import default_tokenizer
 
     sims = [
         await start_sim_server(profile="vendor-b", model=MODEL, speed=args.speed, seed=i)

@@ -27,13 +27,14 @@ from pydantic import (
 )
 
 from lbproxy.config_errors import format_problems, path_str, validation_problems
+from lbproxy.credentials import without_credentials
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.registry import PluginError
 
 if TYPE_CHECKING:
-    from lbproxy.tokenization import Tokenizer
+    from lbproxy.tokenization.tokenizer import Tokenizer
 
 
 class ConfigError(ValueError):
@@ -461,7 +462,7 @@ def _check_semantics(cfg: Config, source: str) -> None:
         seen: set[str] = set()
         for j, b in enumerate(pool.backends):
             if b.name is None:  # host[:port]/path; user:password@ never becomes a name
-                b.name = b.url.split("://", 1)[1].rpartition("@")[2]
+                b.name = without_credentials(b.url).partition("://")[2]
             if b.name in seen:
                 problems.add(
                     f"pools[{i}].backends[{j}]",
@@ -617,7 +618,7 @@ def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:
     if pool.tokenizer is None:
         return None
     # Imported here: tokenizers and jinja2 cost a pool without a tokenizer nothing.
-    from lbproxy.tokenization import Tokenizer
+    from lbproxy.tokenization.tokenizer import Tokenizer
 
     path = None if pool.tokenizer == "default" else pool.tokenizer
     return Tokenizer.from_file(path, chat_template=pool.chat_template)

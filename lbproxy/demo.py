@@ -5,6 +5,8 @@ Without arguments it serves until Ctrl-C and prints how to talk to it. With
 cache-aware routing in turn (each on a fresh, cold fleet) and prints them side by side:
 in virtual time (the offline simulator: the same engine model and lbproxy's routing
 code, no wall clock), so the figures do not depend on how busy this machine is.
+`--workload --out DIR` also writes DIR/results.json (with the command that made it);
+`--table DIR` prints the table again from that file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from lbproxy.config import parse_config
@@ -135,6 +139,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default=",".join(WORKLOAD_PROFILES),
         help="--workload: routing profiles to compare",
     )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="--workload: also write DIR/results.json and results.md",
+    )
+    p.add_argument(
+        "--table",
+        default=None,
+        metavar="PATH",
+        help="print the --workload table from a results.json it wrote (or its directory)",
+    )
     p.add_argument("--rate", type=float, default=8.0, help="--workload: requests/s")
     p.add_argument(
         "--duration",
@@ -146,6 +162,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.table is not None:
+        return print_table(args.table)
+    if args.out is not None and not args.workload:
+        print("lbproxy demo: --out is for --workload", file=sys.stderr)
+        return 2
     if args.workload:
         if args.speed is not None:
             print(
@@ -154,7 +175,7 @@ def run_demo(args: argparse.Namespace) -> int:
             )
             return 2
         profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-        return run_workload_demo(profiles, rate=args.rate, duration=args.duration)
+        return run_workload_demo(profiles, rate=args.rate, duration=args.duration, out=args.out)
     try:
         run_loop(serve_demo(args.host, args.port, args.routing, args.speed or 1.0))
     except KeyboardInterrupt:
@@ -165,16 +186,20 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_workload_demo(profiles: list[str], *, rate: float, duration: float) -> int:
+def run_workload_demo(
+    profiles: list[str], *, rate: float, duration: float, out: str | None = None
+) -> int:
     """Each profile on a fresh demo fleet under the same shared-prefix load, in virtual
-    time (flow control on, as `lbproxy serve` runs by default); one table."""
+    time (flow control on, as `lbproxy serve` runs by default); one table. With `out`,
+    the runs also go to out/results.json (lbproxy.bench.report's schema)."""
     from lbproxy.bench.extra import require_bench_extra
 
     require_bench_extra("demo --workload")
+    from lbproxy.bench import report
     from lbproxy.bench.simulate import simulate_run
     from lbproxy.bench.workloads import shared_prefix
     from lbproxy.config import FlowControl
-    from lbproxy.tokenization import default_tokenizer
+    from lbproxy.tokenization.tokenizer import default_tokenizer
 
     if not profiles:
         print("lbproxy demo: --profiles is empty", file=sys.stderr)
@@ -198,7 +223,7 @@ def run_workload_demo(profiles: list[str], *, rate: float, duration: float) -> i
         "change the figures.",
         flush=True,
     )
-    rows = []
+    runs = []
     for profile in profiles:
         try:
             run = simulate_run(
@@ -213,12 +238,66 @@ def run_workload_demo(profiles: list[str], *, rate: float, duration: float) -> i
         except ValueError as e:
             print(f"lbproxy demo: {profile}: {e}", file=sys.stderr)
             return 2
-        rows.append((profile, dict(run["steps"][0])))
-    print(_workload_table(rows), flush=True)
+        runs.append(run)
+    results = report.new_results(
+        "lbproxy demo --workload",
+        workload.describe(),
+        {
+            "command": _command(profiles, rate, duration, out),
+            "rates": [rate],
+            "duration_s": duration,
+            "fleet": "<embedded demo fleet>",
+            "model": fleet.model,
+            "flow_control": {"enabled": True},
+        },
+        runs,
+    )
+    print(workload_table(results), flush=True)
+    if out is not None:
+        try:
+            paths = report.write_results(out, results, plots=False)
+        except OSError as e:
+            print(f"lbproxy demo: --out {out}: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
     return 0
 
 
-def _workload_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+def _command(profiles: list[str], rate: float, duration: float, out: str | None) -> str:
+    """The command line that makes these results, for their file."""
+    words = ["lbproxy", "demo", "--workload", "--profiles", ",".join(profiles)]
+    words += ["--rate", f"{rate:g}", "--duration", f"{duration:g}"]
+    if out is not None:
+        words += ["--out", out]
+    return shlex.join(words)
+
+
+def print_table(path: str) -> int:
+    """`--table`: the --workload table of a results.json written by `--workload --out`."""
+    from lbproxy.bench.report import load_results
+
+    try:
+        results = load_results(path)
+    except ValueError as e:
+        print(f"lbproxy demo: --table: {e}", file=sys.stderr)
+        return 2
+    if results["tool"] != "lbproxy demo --workload":
+        print(
+            f"lbproxy demo: --table: {Path(path)}: written by {results['tool']!r}, "
+            "not by `lbproxy demo --workload --out`",
+            file=sys.stderr,
+        )
+        return 2
+    command = results["settings"].get("command")
+    if command:
+        print(f"```bash\n{command}\n```\n")
+    print(workload_table(results), flush=True)
+    return 0
+
+
+def workload_table(results: Any) -> str:
+    """The markdown table of a `--workload` results object: one row per profile."""
+
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:,.0f} ms"
 
@@ -228,7 +307,8 @@ def _workload_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---|---:|"
     )
     lines = [head]
-    for profile, s in rows:
+    for run in results["runs"]:
+        profile, s = run["profile"], run["steps"][0]
         hit = s.get("prefix_cache_hit_rate")
         per_backend = ", ".join(f"{k} {v}" for k, v in sorted(s.get("backends", {}).items()))
         lines.append(

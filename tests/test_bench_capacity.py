@@ -19,7 +19,7 @@ from lbproxy.bench.capacity import (
 from lbproxy.bench.cli import main as bench_main
 from lbproxy.bench.workloads import Workload, make_workload
 from lbproxy.sim.fleet import FleetSpec, parse_fleet
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 FLEET = {
     "model": "m",

@@ -22,7 +22,7 @@ from lbproxy.bench.loadgen import LoadOptions, bench_run, live_fleet
 from lbproxy.bench.simulate import simulate_run
 from lbproxy.bench.workloads import make_workload
 from lbproxy.sim.fleet import parse_fleet
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 
 SPEED = 1.0
 RATES = [2.0, 5.0]  # requests per engine second: light, then busier (queueing)

@@ -20,7 +20,7 @@ from lbproxy.bench.mix import FLOW_HEADER, PRIORITY_HEADER, class_sequence, pars
 from lbproxy.bench.workloads import make_workload
 from lbproxy.sim.fleet import parse_fleet
 from lbproxy.sim.server import start_sim_server
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 from tests.conftest import LoopThread
 
 SPEED = 5.0

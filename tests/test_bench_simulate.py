@@ -15,7 +15,7 @@ from lbproxy.bench.stats import poisson_arrivals
 from lbproxy.bench.workloads import Workload, make_workload
 from lbproxy.routing.state import Decision, Endpoint, RequestContext
 from lbproxy.sim.fleet import FleetSpec, load_fleet, parse_fleet
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

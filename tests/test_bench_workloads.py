@@ -9,7 +9,7 @@ import pytest
 
 from lbproxy.bench.workloads import Request, Workload, make_workload
 from lbproxy.routing.prompt import prompt_bytes_from_body
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 SMALL_SP = {
     "num_groups": 5,

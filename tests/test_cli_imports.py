@@ -37,7 +37,6 @@ HEAVY = (
     "lbproxy.bench",
     "lbproxy.demo",
     "lbproxy.tokenization",
-    "lbproxy.prompt_tokens",
 )
 
 

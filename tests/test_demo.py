@@ -155,3 +155,54 @@ def test_workload_refuses_speed() -> None:
     r = _workload("--speed", "10")
     assert r.returncode == 2
     assert "virtual time" in r.stderr and "Traceback" not in r.stderr
+
+
+def _lbproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LBPROXY, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _table(stdout: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if ln.startswith("|")]
+
+
+def test_workload_out_writes_results_that_table_prints_again(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    run = _workload("--out", str(out))
+    assert run.returncode == 0, run.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["tool"] == "lbproxy demo --workload"
+    assert data["settings"]["command"] == (
+        "lbproxy demo --workload --profiles round-robin,cache-aware --rate 8 --duration 20 "
+        f"--out {out}"
+    )
+    again = _lbproxy("demo", "--table", str(out))
+    assert again.returncode == 0, again.stderr
+    assert _table(again.stdout) == _table(run.stdout) and len(_table(run.stdout)) == 4
+    assert data["settings"]["command"] in again.stdout
+
+
+def test_committed_demo_table_is_what_its_command_prints() -> None:
+    # benchmarks/results/demo holds the figures quoted in the docs: its recorded command,
+    # run again (without --out), must print the same table.
+    shown = _lbproxy("demo", "--table", "benchmarks/results/demo")
+    assert shown.returncode == 0, shown.stderr
+    command = json.loads((ROOT / "benchmarks/results/demo/results.json").read_text())["settings"][
+        "command"
+    ]
+    words = command.split()
+    assert words[:3] == ["lbproxy", "demo", "--workload"] and words[-2] == "--out"
+    rerun = _lbproxy(*words[1:-2])
+    assert rerun.returncode == 0, rerun.stderr
+    assert _table(rerun.stdout) == _table(shown.stdout)
+    assert [ln.split("|")[1].strip() for ln in _table(shown.stdout)[2:]] == [
+        "round-robin",
+        "cache-aware",
+    ]
+
+
+def test_table_of_a_missing_file_is_one_line() -> None:
+    r = _lbproxy("demo", "--table", "no/such/dir")
+    assert r.returncode == 2
+    assert "--table" in r.stderr and "cannot read" in r.stderr and "Traceback" not in r.stderr

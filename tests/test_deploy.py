@@ -26,7 +26,7 @@ import yaml
 
 from lbproxy.config import Config, load_config
 from lbproxy.sim.fleet import FleetSpec, load_fleet
-from lbproxy.tokenization import DEFAULT_TOKENIZER
+from lbproxy.tokenization.loader import DEFAULT_TOKENIZER
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

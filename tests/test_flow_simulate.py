@@ -19,7 +19,7 @@ from lbproxy.bench.workloads import Workload, make_workload
 from lbproxy.config import FlowControl
 from lbproxy.flow.controller import FlowController
 from lbproxy.sim.fleet import FleetSpec, parse_fleet
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 # Capacity on this fleet and workload is ~50 requests/s (200 tokens out each).
 OVERLOAD = 180.0

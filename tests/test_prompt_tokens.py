@@ -15,10 +15,10 @@ import pytest
 import tokenizers
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, processors, trainers
 
-import lbproxy.prompt_tokens as prompt_tokens
-from lbproxy.prompt_tokens import PromptTokenizer
+import lbproxy.tokenization.token_cache as token_cache
 from lbproxy.routing.state import RequestContext
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.token_cache import PromptTokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 _VOCABULARY = (
     "the of and to in is was for on that with as by at from cache request server model "
@@ -352,9 +352,9 @@ def test_evicted_entries_stop_matching(tok: Tokenizer) -> None:
 
 def test_hash_collisions_are_caught(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     # A hash that collides all the time: the byte comparison must turn those into misses.
-    monkeypatch.setattr(prompt_tokens, "_hash", lambda b: len(b) % 3)
+    monkeypatch.setattr(token_cache, "_hash", lambda b: len(b) % 3)
     monkeypatch.setattr(
-        prompt_tokens,
+        token_cache,
         "_prefix_keys",
         lambda raw, chunk, done, last: [i * chunk % 3 for i in range(done + 1, last + 1)],
     )

@@ -12,7 +12,7 @@ from lbproxy.bench.workloads import shared_prefix
 from lbproxy.config import parse_config
 from lbproxy.proxy.app import RunningProxy, start_proxy
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 from tests.test_routing_integration import MODEL, _config, _fleet, _send_all
 
 

@@ -20,7 +20,7 @@ from lbproxy.proxy.app import RunningProxy, start_proxy
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY
 from lbproxy.sim.hardware import load_profile
 from lbproxy.sim.server import SimServerHandle, start_sim_server
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 
 MODEL = "granite-4.1-8b"
 SPEED = 20.0

@@ -16,7 +16,7 @@ from lbproxy.config import FlowControl
 from lbproxy.sim.fleet import parse_fleet
 from lbproxy.sim.hardware import load_profile
 from lbproxy.sim.kv_transfer import transfer_bytes, transfer_seconds
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 
 TOK = default_tokenizer()
 

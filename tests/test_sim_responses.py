@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from lbproxy.sim.server import SimServerHandle, start_sim_server
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 from tests.conftest import proxy_config
 
 MODEL = "sim-model"

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.sim.server import SimServerHandle, start_sim_server
-from lbproxy.tokenization import default_tokenizer
+from lbproxy.tokenization.tokenizer import default_tokenizer
 
 MODEL = "granite-4.1-8b"
 SPEED = 100.0  # engine seconds per wall second: keeps the tests quick

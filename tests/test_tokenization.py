@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lbproxy.tokenization import (
-    DATA_DIR,
-    ChatTemplateError,
-    Tokenizer,
-    default_tokenizer,
-)
+from lbproxy.tokenization.chat_template import ChatTemplateError
+from lbproxy.tokenization.loader import DATA_DIR
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

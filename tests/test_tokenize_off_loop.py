@@ -14,10 +14,10 @@ from typing import Any
 
 import aiohttp
 
-from lbproxy.prompt_tokens import INLINE_FRESH_BYTES, PromptTokenizer
 from lbproxy.proxy import prompt_ids
 from lbproxy.proxy.app import RunningProxy
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.token_cache import INLINE_FRESH_BYTES, PromptTokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
 

@@ -52,7 +52,7 @@ from lbproxy.bench.stats import poisson_arrivals
 from lbproxy.bench.workloads import Workload, make_workload
 from lbproxy.sim.fleet import FleetSpec
 from lbproxy.sim.hardware import HardwareProfile
-from lbproxy.tokenization import Tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 CAPACITY_JSON = "capacity.json"
 CAPACITY_MD = "capacity.md"

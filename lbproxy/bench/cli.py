@@ -38,7 +38,7 @@ from lbproxy.bench.workloads import (  # noqa: E402
     Workload,
     make_workload,
 )
-from lbproxy.tokenization import Tokenizer, default_tokenizer  # noqa: E402
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer  # noqa: E402
 
 DEFAULT_DURATION = 60.0  # seconds of arrivals per rate step
 

@@ -41,7 +41,7 @@ from lbproxy.bench.simulate import SimOptions, simulate_run
 from lbproxy.bench.workloads import Workload
 from lbproxy.config import Disaggregation, FlowControl
 from lbproxy.sim.fleet import ROLES, FleetSpec
-from lbproxy.tokenization import Tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 __all__ = ["PlanOptions", "card_types", "layouts_by_type", "plan", "write_plan"]
 

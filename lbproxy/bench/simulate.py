@@ -66,7 +66,8 @@ from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot, RequestContext
 from lbproxy.sim.engine import Engine, EngineRequest
 from lbproxy.sim.fleet import FleetSpec, check_roles
-from lbproxy.tokenization import Tokenizer
+from lbproxy.sim.stream_chunks import chunk_due
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 _DEFAULT_SIGNALS = Signals()
 
@@ -272,20 +273,20 @@ class FleetSimulator:
             rel = t - st.t0
             n = len(out.new_token_ids)
             rec.output_tokens += n
-            # Chunks as the server streams them: the first token at once, then every
-            # `interval` tokens and at the end; ITL is the gap between chunks.
-            if st.last < 0:
-                rec.first_token = st.last = rel
-                if st.pd is None:
-                    rec.cached_tokens = out.num_cached_tokens
+            # Chunks as the server streams them; ITL is the gap between chunks.
+            st.pending += n
+            first = st.last < 0
+            if chunk_due(st.pending, st.interval, first=first, finished=out.finished):
+                if first:
+                    rec.first_token = rel
+                    if st.pd is None:
+                        rec.cached_tokens = out.num_cached_tokens
+                    else:
+                        self.pd.decode_ttft_s.append(t - st.pd.t_decode)
                 else:
-                    self.pd.decode_ttft_s.append(t - st.pd.t_decode)
-            else:
-                st.pending += n
-                if st.pending >= st.interval or out.finished:
                     st.itl.append(rel - st.last)
-                    st.last = rel
-                    st.pending = 0
+                st.last = rel
+                st.pending = 0
             if out.finished:
                 rec.end = rel
                 rec.itl = st.itl

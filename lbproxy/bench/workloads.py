@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lbproxy.routing.prompt import prompt_bytes_from_body
-from lbproxy.tokenization import Tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 Api = Literal["completions", "chat"]
 APIS: tuple[Api, ...] = ("completions", "chat")

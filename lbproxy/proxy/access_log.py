@@ -45,6 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from lbproxy.aio import PeriodicTask
+from lbproxy.credentials import without_credentials
 
 if TYPE_CHECKING:
     from lbproxy.proxy.metrics import Exchange
@@ -55,12 +56,8 @@ log = logging.getLogger("lbproxy.access_log")
 __all__ = ["AccessLog"]
 
 
-def _clean(name: str) -> str:
-    return name.rsplit("@", 1)[-1] if "@" in name else name
-
-
 def _per_backend(d: dict[str, float]) -> dict[str, float]:
-    return {_clean(k): round(v, 6) for k, v in d.items()}
+    return {without_credentials(k): round(v, 6) for k, v in d.items()}
 
 
 class AccessLog:
@@ -119,7 +116,7 @@ class AccessLog:
             "route": ex.path,
             "model": ex.model or None,
             "pool": ex.pool or None,
-            "backend": _clean(ep.name) if ep is not None else None,
+            "backend": without_credentials(ep.name) if ep is not None else None,
             "vendor": ep.vendor if ep is not None else None,
             "status": ex.status,
             "outcome": ex.ended,

@@ -27,12 +27,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from aiohttp import web
 
 from lbproxy.config import Config, ConfigError, load_config
+from lbproxy.credentials import without_credentials as _public_url
 from lbproxy.proxy.auth import build_authenticator, token_ok
 from lbproxy.proxy.errors import (
     AdminDisabled,
@@ -71,14 +71,6 @@ _RESTART_ONLY = (
     ("tracing",),
     ("discovery",),
 )
-
-
-def _public_url(url: str) -> str:
-    """The URL without user:password@ (a backend URL may carry credentials)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _get(cfg: Config, path: tuple[str, ...]) -> Any:

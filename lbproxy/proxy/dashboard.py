@@ -33,7 +33,8 @@ from typing import Any
 
 from lbproxy import __version__
 from lbproxy.aio import PeriodicTask, loop_time
-from lbproxy.proxy.metrics import ProxyMetrics, safe_name
+from lbproxy.credentials import without_credentials
+from lbproxy.proxy.metrics import ProxyMetrics
 from lbproxy.routing.state import Endpoint
 
 __all__ = ["DashboardSampler", "dashboard_html"]
@@ -49,7 +50,7 @@ def dashboard_html() -> bytes:
 
 
 def _key(ep: Endpoint) -> str:
-    return f"{ep.pool}/{safe_name(ep.name)}"
+    return f"{ep.pool}/{without_credentials(ep.name)}"
 
 
 def _ratio(num: float, den: float) -> float | None:

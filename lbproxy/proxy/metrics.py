@@ -41,6 +41,7 @@ from prometheus_client.core import (
 )
 
 from lbproxy import __version__
+from lbproxy.credentials import without_credentials as safe_name
 from lbproxy.histogram import Histogram
 from lbproxy.routing.state import Decision, Endpoint
 
@@ -92,12 +93,6 @@ _ROUTES = {
 
 def route_label(path: str) -> str:
     return _ROUTES.get(path, "other")
-
-
-def safe_name(name: str) -> str:
-    """A backend name fit for labels and logs: a default name is the URL's netloc, which
-    may carry `user:password@`."""
-    return name.rsplit("@", 1)[-1] if "@" in name else name
 
 
 # ---------------------------------------------------------------------------- records

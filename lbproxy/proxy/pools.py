@@ -27,7 +27,7 @@ from lbproxy.routing.profiles import build_router
 from lbproxy.routing.state import Endpoint
 
 if TYPE_CHECKING:
-    from lbproxy.prompt_tokens import PromptTokenizer
+    from lbproxy.tokenization.token_cache import PromptTokenizer
 
 
 class PoolRuntime:
@@ -122,7 +122,8 @@ class PoolRuntime:
         self.bctx.tokenizer = tokenizer
         self.tokenize = None
         if tokenizer is not None:
-            from lbproxy.prompt_tokens import PromptTokenizer  # tokenizers: only when needed
+            # tokenizers: only when needed
+            from lbproxy.tokenization.token_cache import PromptTokenizer
 
             self.tokenize = PromptTokenizer(tokenizer)
         self.router = build_router(spec.routing, self.bctx, seed=seed)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from lbproxy.routing.state import RequestContext
 
 if TYPE_CHECKING:
-    from lbproxy.prompt_tokens import PromptTokenizer
+    from lbproxy.tokenization.token_cache import PromptTokenizer
 
 # Encodes run in Rust without the GIL; their Python bookkeeping (cache cuts, keys) holds
 # it, so more threads would mostly compete with the event loop for it.

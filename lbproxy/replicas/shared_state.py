@@ -43,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from lbproxy.config import ConfigError
 from lbproxy.config import SharedState as SharedStateConfig
+from lbproxy.credentials import without_credentials
 from lbproxy.routing.plugins.prefix_hash import PrefixHashScorer
 from lbproxy.routing.plugins.session_affinity import SessionAffinityScorer
 from lbproxy.routing.state import Endpoint, RequestContext
@@ -281,7 +282,7 @@ class SharedState:
             log.warning(
                 "shared state: Redis at %s failed (%s: %s); routing goes on with this "
                 "replica's own state, retrying every %gs",
-                self.settings.redis.split("@")[-1],
+                without_credentials(self.settings.redis),
                 type(e).__name__,
                 e,
                 RETRY_AFTER,
@@ -306,7 +307,7 @@ class SharedState:
         log.info(
             "shared state: replica %s on Redis %s, learnt %d decisions of other replicas",
             self.replica,
-            self.settings.redis.split("@")[-1],
+            without_credentials(self.settings.redis),
             self.applied,
         )
         self._writer = loop.create_task(self._write_loop())

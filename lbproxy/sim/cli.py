@@ -138,7 +138,7 @@ async def _serve(args: argparse.Namespace) -> None:
     from lbproxy.sim.fleet import start_fleet
     from lbproxy.sim.kv_transfer import LinkTable
     from lbproxy.sim.server import start_sim_server
-    from lbproxy.tokenization import Tokenizer
+    from lbproxy.tokenization.tokenizer import Tokenizer
 
     if args.fleet:
         handles = await start_fleet(args.fleet, host=args.host, port_offset=args.port_offset)

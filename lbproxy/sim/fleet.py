@@ -54,7 +54,7 @@ from lbproxy.sim.kv_transfer import (
 )
 from lbproxy.sim.server import SimServerHandle, start_sim_server
 from lbproxy.sim.shipped import is_bare_name, shipped_file, shipped_names
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 __all__ = ["BackendSpec", "FleetSpec", "load_fleet", "start_fleet"]
 

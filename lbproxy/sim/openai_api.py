@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from lbproxy.tokenization import ChatTemplateError, Tokenizer
+from lbproxy.tokenization.chat_template import ChatTemplateError
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 VLLM_VERSION = "0.32.0"
 SYSTEM_FINGERPRINT = f"vllm-{VLLM_VERSION}-lbproxysim"  # vLLM: vllm-<version>-<8 hex>

@@ -93,7 +93,8 @@ from lbproxy.sim.openai_api import (
     read_body,
     request_id,
 )
-from lbproxy.tokenization import Tokenizer, default_tokenizer
+from lbproxy.sim.stream_chunks import chunk_due
+from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 
 __all__ = ["KVEventPublisher", "SimServer", "SimServerHandle", "start_sim_server"]
 
@@ -307,8 +308,11 @@ class SimServer:
                 metrics.e2e.observe(t - st.arrival)
                 metrics.success[reason] = metrics.success.get(reason, 0) + 1
                 del live[out.request_id]
-            elif not st.stream or (st.sent and len(st.ids) - st.sent < st.interval):
-                continue  # nothing to send yet: the first token goes out at once
+            elif not (
+                st.stream
+                and chunk_due(len(st.ids) - st.sent, st.interval, first=not st.sent, finished=False)
+            ):
+                continue  # nothing to send yet
             _wake(st.waiter)
 
     # ---------------------------------------------------------------- engine access

@@ -47,7 +47,7 @@ import cpuwatch  # scripts/real_vllm/cpuwatch.py, next to this file
 import orjson
 
 from lbproxy.bench.workloads import word_bank
-from lbproxy.tokenization import Tokenizer
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 JSON = {"Content-Type": "application/json"}
 

@@ -1,10 +1,10 @@
-"""Hugging Face `tokenizers` + a jinja2 chat template, the way vLLM tokenises requests.
+"""`Tokenizer`: Hugging Face `tokenizers` + a jinja2 chat template, the way vLLM
+tokenises requests.
 
 Used by the simulator (prompt length, `/tokenize`, output text), by the router's
 precise-prefix scorer and by the benchmark workloads. `Tokenizer.from_file()` with no
-argument loads the small byte-level BPE shipped in `lbproxy/sim/data/` (built offline by
-`scripts/make_tokenizer.py`); any real model's `tokenizer.json` works too, with its chat
-template taken from `chat_template.jinja` or `tokenizer_config.json` next to it.
+argument loads the small byte-level BPE shipped in `lbproxy/sim/data/`; any real model's
+`tokenizer.json` works too (`loader`).
 
 Chat requests are rendered with the template and then encoded *without* special tokens,
 as vLLM does: the template itself emits the BOS token.
@@ -13,70 +13,19 @@ as vLLM does: the template itself emits the BOS token.
 from __future__ import annotations
 
 import functools
-import json
-import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-DATA_DIR = Path(__file__).resolve().parent / "sim" / "data"
-DEFAULT_TOKENIZER = DATA_DIR / "tokenizer.json"
-
-# A template that loops over `message['content']` (or `.content`) handles OpenAI-style
-# content-part lists itself; for any other template the parts are joined into a string
-# first (vLLM's "string" vs "openai" content formats, detected the same rough way).
-_ITERATES_CONTENT = re.compile(r"\bfor\s+\w+\s+in\s+\w+(?:\[['\"]content['\"]\]|\.content)(?!\w)")
-
-
-class ChatTemplateError(ValueError):
-    """The messages could not be rendered (no template, a bad message, or the template
-    itself raised). Servers answer it with a 400."""
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
-    # transformers overrides jinja's tojson so that templates see unescaped, unsorted JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, **kw)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@functools.cache
-def _jinja_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def _token_str(value: Any) -> str | None:
-    """tokenizer_config.json holds special tokens as strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _text_of(content: Any) -> Any:
-    if not isinstance(content, list):
-        return content
-    return "\n".join(
-        part["text"] if isinstance(part, dict) else str(part)
-        for part in content
-        if not isinstance(part, dict) or part.get("type", "text") == "text"
-    )
+from lbproxy.tokenization.chat_template import (
+    ChatTemplateError,
+    compile_template,
+    render_messages,
+    takes_string_content,
+)
+from lbproxy.tokenization.loader import load_tokenizer_files
 
 
 class Tokenizer:
@@ -110,7 +59,7 @@ class Tokenizer:
         self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
         self._chat_template = chat_template
         self._compiled: Any = None
-        self._string_content = not (chat_template and _ITERATES_CONTENT.search(chat_template))
+        self._string_content = takes_string_content(chat_template)
         self._pieces: list[str] | None = None
 
     @classmethod
@@ -123,40 +72,13 @@ class Tokenizer:
         `chat_template.jinja` or the `chat_template` of `tokenizer_config.json` next to the
         tokenizer is used when present.
         """
-        file = Path(path) if path is not None else DEFAULT_TOKENIZER
-        if file.is_dir():
-            file = file / "tokenizer.json"
-        try:
-            tk = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as exc:  # the Rust side raises a bare Exception
-            raise ValueError(f"{file}: not a Hugging Face tokenizer.json ({exc})") from exc
-
-        config: dict[str, Any] = {}
-        config_file = file.parent / "tokenizer_config.json"
-        if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-
-        template: str | None = None
-        if chat_template is not None:
-            template = str(chat_template)
-            if "{" not in template:  # a path: template text always holds "{{" or "{%"
-                if not Path(template).is_file():
-                    raise ValueError(f"chat template file not found: {template}")
-                template = Path(template).read_text(encoding="utf-8")
-        elif (file.parent / "chat_template.jinja").is_file():
-            template = (file.parent / "chat_template.jinja").read_text(encoding="utf-8")
-        else:
-            found = config.get("chat_template")
-            if isinstance(found, list):  # named templates: take "default"
-                found = next((t.get("template") for t in found if t.get("name") == "default"), None)
-            template = found if isinstance(found, str) else None
-
+        f = load_tokenizer_files(path, chat_template)
         return cls(
-            tk,
-            chat_template=template,
-            bos_token=_token_str(config.get("bos_token")),
-            eos_token=_token_str(config.get("eos_token")),
-            name=str(file),
+            f.tokenizer,
+            chat_template=f.chat_template,
+            bos_token=f.bos_token,
+            eos_token=f.eos_token,
+            name=f.name,
         )
 
     # ---------------------------------------------------------------- plain text
@@ -208,10 +130,7 @@ class Tokenizer:
         """Compile the chat template now (~10 ms), not on the first request (the event
         loop's time). Raises ChatTemplateError."""
         if self._compiled is None and self._chat_template is not None:
-            try:
-                self._compiled = _jinja_env().from_string(self._chat_template)
-            except TemplateError as exc:
-                raise ChatTemplateError(f"invalid chat template: {exc}") from exc
+            self._compiled = compile_template(self._chat_template)
 
     def render_chat(
         self,
@@ -228,29 +147,16 @@ class Tokenizer:
                 "(a .jinja file or the template text)"
             )
         self.compile_chat_template()
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ChatTemplateError("messages must be a list of objects")
-        if self._string_content:
-            messages = [
-                {**m, "content": _text_of(m["content"])}
-                if isinstance(m.get("content"), list)
-                else m
-                for m in messages
-            ]
         context = {
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
             **kwargs,
-            "messages": messages,
             "tools": tools,
             "add_generation_prompt": add_generation_prompt,
         }
-        try:
-            return self._compiled.render(context)
-        except TemplateError as exc:
-            raise ChatTemplateError(str(exc)) from exc
-        except (TypeError, KeyError, AttributeError, ValueError) as exc:
-            raise ChatTemplateError(f"cannot render the messages: {exc!r}") from exc
+        return render_messages(
+            self._compiled, messages, string_content=self._string_content, context=context
+        )
 
     def encode_chat(
         self,

@@ -61,7 +61,6 @@ splices (~40 µs a request at 1 in 256 for 7k-token prompts).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -75,15 +74,16 @@ import tokenizers
 import xxhash
 
 from lbproxy.routing.state import RequestContext
-from lbproxy.tokenization import ChatTemplateError, Tokenizer
+from lbproxy.tokenization.boundaries import CharPositions, TokenBoundaries
+from lbproxy.tokenization.chat_template import ChatTemplateError
+from lbproxy.tokenization.render import prompt_of
+from lbproxy.tokenization.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 SPACE, SPECIAL = 0, 1  # kinds of cut
 _KIND_NAMES = ("space", "special")
 _WS = frozenset(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")  # the ASCII bytes isspace() holds
-# Bytes that start a UTF-8 character (everything but continuation bytes 0x80-0xBF).
-_STARTS = bytes(range(0x80)) + bytes(range(0xC0, 0x100))
 _MIN_MARGIN = 16  # bytes kept clear of the shared prefix's end (look-ahead room)
 _MAX_SPACE_TRIES = 4  # space candidates tried per chunk before giving up on it
 _TOP_DOWN_PROBES = 8  # boundaries probed from the top before the binary search
@@ -94,8 +94,6 @@ _hash = xxhash.xxh3_64_intdigest
 
 if TYPE_CHECKING:
     Ids: TypeAlias = list[int] | array[int]
-# What vLLM tokenises: (text, add_special_tokens), token ids as given, or None.
-Prompt: TypeAlias = "tuple[str, bool] | list[int] | None"
 
 
 class _NotInline(Exception):
@@ -121,107 +119,6 @@ class _Entry:
         self.keys = keys
         self.cuts = cuts
         self.kind = kind
-
-
-class _Chars:
-    """Byte position -> character position in a UTF-8 text (identity for ASCII)."""
-
-    __slots__ = ("ascii", "chunk", "cum", "raw")
-
-    def __init__(self, raw: bytes, chunk: int) -> None:
-        self.raw = raw
-        self.ascii = raw.isascii()
-        self.chunk = chunk
-        self.cum: list[int] = []
-        if not self.ascii:  # continuation bytes before each chunk start
-            cum, n = [0], 0
-            for i in range(0, len(raw), chunk):
-                n += len(raw[i : i + chunk].translate(None, _STARTS))
-                cum.append(n)
-            self.cum = cum
-
-    def __call__(self, p: int) -> int:
-        if self.ascii:
-            return p
-        j = p // self.chunk
-        return p - self.cum[j] - len(self.raw[j * self.chunk : p].translate(None, _STARTS))
-
-
-class _Offsets:
-    """Token boundaries of an encoding by character position: a search over
-    `token_to_chars` (cheap) instead of materialising every offset (about 1 ms for 7k).
-
-    Queries that find a boundary must come in increasing order; each search starts
-    from a guess (the last boundary plus the characters since times `ratio`, tokens
-    per character) and gallops, so it costs a handful of calls."""
-
-    __slots__ = ("end", "last", "lo", "ratio", "spans", "start")
-
-    def __init__(self, enc: tokenizers.Encoding, start: int, end: int, ratio: float) -> None:
-        self.spans = enc.token_to_chars
-        self.start = start  # first content token (after the post-processor's specials)
-        self.end = end
-        self.ratio = ratio
-        self.lo = start  # the token at the last boundary found
-        self.last = 0  # ... and its character position
-
-    def tokens_before(self, pos: int) -> int | None:
-        """The number of content tokens that start before character `pos`, if none of
-        them reaches past it (a token boundary), else None."""
-        spans, lo, end = self.spans, self.lo, self.end
-        if lo >= end:
-            return None
-        g = min(end - 1, lo + int((pos - self.last) * self.ratio))
-        s = spans(g)
-        if s is None:
-            return None
-        # Bracket the first token starting at or after pos in (left, right].
-        left_span: tuple[int, int] | None
-        step = 1
-        if s[0] < pos:
-            left, left_span = g, s
-            while True:
-                j = left + step
-                if j >= end:
-                    right = end
-                    break
-                sj = spans(j)
-                if sj is None:
-                    return None
-                if sj[0] >= pos:
-                    right = j
-                    break
-                left, left_span, step = j, sj, step * 2
-        else:
-            right = g
-            while True:
-                j = right - step
-                if j < lo:
-                    left, left_span = lo - 1, None
-                    break
-                sj = spans(j)
-                if sj is None:
-                    return None
-                if sj[0] < pos:
-                    left, left_span = j, sj
-                    break
-                right, step = j, step * 2
-        while right - left > 1:
-            mid = (left + right) // 2
-            sm = spans(mid)
-            if sm is None:
-                return None
-            if sm[0] < pos:
-                left, left_span = mid, sm
-            else:
-                right = mid
-        # right_span may start after pos (a dropped or trimmed space): still a boundary.
-        if left_span is None and right > self.start:
-            left_span = spans(right - 1)
-        if left_span is not None and left_span[1] > pos:
-            return None  # a token straddles pos
-        self.lo, self.last = right, pos
-        return right - self.start
 
 
 class PromptTokenizer:
@@ -335,7 +232,7 @@ class PromptTokenizer:
         bytes to encode, no verification due); else the (text, add_special_tokens) to
         finish with `encode_off_loop` in a worker thread. Never raises."""
         try:
-            prompt = self.prompt_of(body, route)
+            prompt = prompt_of(self.tokenizer, body, route)
             if prompt is None:
                 return array("I")
             if isinstance(prompt, list):
@@ -357,32 +254,6 @@ class PromptTokenizer:
             log.debug("cannot tokenise the request body", exc_info=True)
             return array("I")
         return out if isinstance(out, array) else array("I", out)
-
-    def prompt_of(self, body: dict[str, Any], route: str | None = None) -> Prompt:
-        """What vLLM tokenises for this body: (text, add_special_tokens), the token ids
-        it was given, or None (a shape we do not handle). Raises on malformed bodies."""
-        if not isinstance(body, dict):
-            return None
-        messages = body.get("messages")
-        if messages is not None:
-            return self._chat(body, messages)
-        if "prompt" in body:
-            prompt = body["prompt"]
-        elif "input" in body:
-            if route is not None and route.rstrip("/").endswith("/responses"):
-                return self._responses(body)
-            prompt = body["input"]
-        else:
-            return None
-        special = body.get("add_special_tokens", True)
-        special = special if isinstance(special, bool) else True
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch: route by its first prompt
-        if isinstance(prompt, str):
-            return prompt, special
-        if isinstance(prompt, list) and prompt and _token_ids(prompt):
-            return prompt
-        return None
 
     def stats(self) -> dict[str, int]:
         return {
@@ -415,7 +286,7 @@ class PromptTokenizer:
     # ------------------------------------------------------------------ request bodies
     def _for_body(self, body: dict[str, Any], route: str | None, as_array: bool) -> Ids:
         try:
-            prompt = self.prompt_of(body, route)
+            prompt = prompt_of(self.tokenizer, body, route)
             if prompt is None:
                 return []
             if isinstance(prompt, list):
@@ -424,61 +295,6 @@ class PromptTokenizer:
         except Exception:  # a bad body must never break routing: it just gets no ids
             log.debug("cannot tokenise the request body", exc_info=True)
             return []
-
-    def _chat(self, body: dict[str, Any], messages: Any) -> Prompt:
-        if not isinstance(messages, list) or not messages or "chat_template" in body:
-            return None  # a request-supplied template: we cannot render what vLLM would
-        kwargs: dict[str, Any] = {
-            "add_generation_prompt": body.get("add_generation_prompt", True),
-            "continue_final_message": body.get("continue_final_message", False),
-            "tools": _vllm_tools(body.get("tools")),
-        }
-        if body.get("documents") is not None:
-            kwargs["documents"] = body["documents"]
-        extra = body.get("chat_template_kwargs")
-        if isinstance(extra, dict):  # vLLM lets these override the request's fields
-            kwargs.update((k, v) for k, v in extra.items() if isinstance(k, str))
-        if "chat_template" in kwargs:
-            return None
-        kwargs.pop("messages", None)
-        generation = bool(kwargs.pop("add_generation_prompt"))
-        continue_final = bool(kwargs.pop("continue_final_message"))
-        tools = kwargs.pop("tools")
-        if continue_final and generation:
-            return None  # vLLM rejects this combination
-        msgs = _vllm_messages(messages)
-        try:
-            text = self.tokenizer.render_chat(msgs, generation, tools, **kwargs)
-        except ChatTemplateError:
-            return None
-        if continue_final:
-            cut = _continue_final_message(text, msgs[-1])
-            if cut is None:
-                return None
-            text = cut
-        return text, body.get("add_special_tokens", False) is True  # vLLM's chat default
-
-    def _responses(self, body: dict[str, Any]) -> Prompt:
-        # vLLM: instructions as a system message, then the input as messages; the
-        # conversation behind previous_response_id lives on the server.
-        if body.get("previous_response_id") or body.get("tools"):
-            return None
-        messages: list[dict[str, Any]] = []
-        instructions = body.get("instructions")
-        if isinstance(instructions, str) and instructions:
-            messages.append({"role": "system", "content": instructions})
-        items = body.get("input")
-        if isinstance(items, str):
-            messages.append({"role": "user", "content": items})
-        elif isinstance(items, list):
-            for item in items:
-                msg = _response_item(item)
-                if msg is None:
-                    return None
-                messages.append(msg)
-        if not messages:
-            return None
-        return self._chat({"messages": messages}, messages)
 
     # ------------------------------------------------------------------ encoding
     def _find_wrap(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -567,8 +383,8 @@ class PromptTokenizer:
         content = array("I", ids)
         if h or t:
             content = content[h : len(ids) - t]
-        chars = _Chars(raw, self.chunk)
-        offsets = _Offsets(enc, h, h + len(content), len(content) / max(1, len(text)))
+        chars = CharPositions(raw, self.chunk)
+        offsets = TokenBoundaries(enc, h, h + len(content), len(content) / max(1, len(text)))
         cuts = self._cuts(raw, chars, offsets, content, 1, n, 0, [0, 0, 0, 0])
         keys = _prefix_keys(raw, self.chunk, 0, n)
         with self._lock:
@@ -747,8 +563,8 @@ class PromptTokenizer:
         rest_raw = raw[p:]
         at = 4 * (i - 1)
         cuts = parent.cuts[: at + 4]
-        offsets = _Offsets(enc, 0, len(rest_ids), len(rest_ids) / max(1, len(rest_raw)))
-        chars = _Chars(rest_raw, self.chunk)
+        offsets = TokenBoundaries(enc, 0, len(rest_ids), len(rest_ids) / max(1, len(rest_raw)))
+        chars = CharPositions(rest_raw, self.chunk)
         cuts += self._cuts(raw, chars, offsets, rest_ids, i + 1, n, p, cuts[at:], k)
         keys = parent.keys[:i] + _prefix_keys(raw, self.chunk, i, n)
         with self._lock:
@@ -757,8 +573,8 @@ class PromptTokenizer:
     def _cuts(
         self,
         raw: bytes,
-        chars: _Chars,
-        offsets: _Offsets,
+        chars: CharPositions,
+        offsets: TokenBoundaries,
         ids: Sequence[int],
         first: int,
         last: int,
@@ -870,92 +686,3 @@ def _find(haystack: Sequence[int], needle: Sequence[int]) -> int:
         if list(haystack[i : i + n]) == list(needle):
             return i
     return -1
-
-
-def _token_ids(prompt: list[Any]) -> bool:
-    return {type(t) for t in prompt} == {int} and min(prompt) >= 0 and max(prompt) < 1 << 32
-
-
-def _vllm_tools(tools: Any) -> list[Any] | None:
-    """Tools as vLLM hands them to the template: `ChatCompletionToolsParam.model_dump()`,
-    i.e. type, then function {name, description, parameters, extras}, then extras."""
-    if not isinstance(tools, list) or not tools:
-        return None
-    out = []
-    for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict):
-            out.append(tool)
-            continue
-        f2 = {
-            "name": fn.get("name"),
-            "description": fn.get("description"),
-            "parameters": fn.get("parameters"),
-        }
-        f2.update((k, v) for k, v in fn.items() if k not in f2)
-        t2: dict[str, Any] = {"type": tool.get("type", "function"), "function": f2}
-        t2.update((k, v) for k, v in tool.items() if k not in t2)
-        out.append(t2)
-    return out
-
-
-def _vllm_messages(messages: list[Any]) -> list[Any]:
-    """vLLM parses assistant tool-call arguments (JSON strings) into objects before
-    rendering; everything else is left to `Tokenizer.render_chat`."""
-    out = messages
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") != "assistant":
-            continue
-        calls = m.get("tool_calls")
-        if not isinstance(calls, list) or not calls:
-            continue
-        new_calls = []
-        for call in calls:
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict) and not isinstance(fn.get("arguments"), dict):
-                args = fn.get("arguments")
-                parsed = json.loads(args) if args else {}
-                call = {**call, "function": {**fn, "arguments": parsed}}
-            new_calls.append(call)
-        if out is messages:
-            out = list(messages)
-        out[n] = {**m, "tool_calls": new_calls}
-    return out
-
-
-def _continue_final_message(text: str, final: Any) -> str | None:
-    """Cut the rendering right after the final message's content, as transformers'
-    `apply_chat_template(continue_final_message=True)` does."""
-    content = final.get("content") if isinstance(final, dict) else None
-    if isinstance(content, list):
-        texts = [p["text"] for p in content if isinstance(p, dict) and "text" in p]
-        content = texts[-1] if texts else None
-    if not isinstance(content, str) or content.strip() not in text:
-        return None
-    at = text.rindex(content.strip())
-    if text[at : at + len(content.lstrip())] == content:
-        return text[: at + len(content)]
-    return text[: at + len(content.strip())]
-
-
-def _response_item(item: Any) -> dict[str, Any] | None:
-    """A Responses API input item as a chat message (plain messages only)."""
-    if not isinstance(item, dict) or item.get("type", "message") != "message":
-        return None
-    role, content = item.get("role"), item.get("content")
-    if not isinstance(role, str):
-        return None
-    if isinstance(content, str):
-        return {"role": role, "content": content}
-    if not isinstance(content, list):
-        return None
-    parts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in (
-            "input_text",
-            "output_text",
-            "text",
-        ):
-            return None
-        parts.append({"type": "text", "text": part.get("text", "")})
-    return {"role": role, "content": parts}

@@ -113,6 +113,7 @@ class PoolRuntime:
             self.routing_tokenizer: PromptTokenizer | None = previous.routing_tokenizer
             self.router: Router = previous.router
             self.disagg: DisaggRouter | None = previous.disagg
+            spec.take_build(metrics_max_age)  # validation's own build: not needed, let go
             return
         built = spec.take_build(metrics_max_age) or build_pool(spec, metrics_max_age)
         self.bctx = built.bctx

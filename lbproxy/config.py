@@ -13,7 +13,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,13 +28,12 @@ from pydantic import (
 
 from lbproxy.config_errors import format_problems, path_str, validation_problems
 from lbproxy.credentials import without_credentials
+from lbproxy.pool_build import PoolBuild, build_context, load_pool_tokenizer, routing_key
 from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.pipeline import Router
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.profiles import ProfileSpec, build_router
 from lbproxy.routing.registry import PluginError
-
-if TYPE_CHECKING:
-    from lbproxy.tokenization.tokenizer import Tokenizer
 
 
 class ConfigError(ValueError):
@@ -150,11 +149,20 @@ class Pool(_Strict):
     flow_control: dict[str, Any] | None = None  # overrides of the top-level flow_control keys
     disaggregation: Disaggregation | None = None  # prefill/decode split; None: aggregated
     _flow: FlowControl | None = PrivateAttr(None)  # the merged settings, set by validation
+    _built: PoolBuild | None = PrivateAttr(None)  # what validation built (pool_build.py)
 
     def flow(self) -> FlowControl:
         """This pool's flow-control settings (top level merged with the pool's overrides)."""
         assert self._flow is not None, "flow settings are set when the config is validated"
         return self._flow
+
+    def take_build(self, metrics_max_age: float) -> PoolBuild | None:
+        """The routing validation built for this pool, if it still matches the pool and
+        nobody took it yet (else None: build it afresh)."""
+        built, self._built = self._built, None
+        if built is None or built.key != routing_key(self, metrics_max_age):
+            return None
+        return built if built.claim() else None
 
     @field_validator("routing", mode="before")
     @classmethod
@@ -474,19 +482,26 @@ def _check_semantics(cfg: Config, source: str) -> None:
         except Exception as e:  # the tokenizers library raises plain Exception
             problems.add(f"pools[{i}].tokenizer", f"cannot load: {e}")
             continue  # the routing checks below would only repeat it
-        bctx = BuildContext(pool=pool.name, tokenizer=tokenizer)
+        # Built as the runtime needs them (pool_build.py), kept for the PoolTable to take.
+        age = cfg.signals.metrics_max_age
+        bctx = build_context(pool, tokenizer, age)
+        before = len(problems.items)
+        router: Router | None = None
         try:
-            build_router(pool.routing, bctx, seed=0)
+            router = build_router(pool.routing, bctx)
         except PluginError as e:
             problems.add(f"pools[{i}].routing", str(e))
+        sides = None
         if pool.disaggregation is not None:
-            _check_disaggregation(pool, i, bctx, problems)
+            sides = _check_disaggregation(pool, i, bctx, problems)
         elif roles := [b.name for b in pool.backends if b.role == "prefill"]:
             problems.add(
                 f"pools[{i}].backends",
                 f"role prefill ({', '.join(roles)}) needs the pool's `disaggregation` "
                 "(a prefill-only backend serves no request of an aggregated pool)",
             )
+        if router is not None and len(problems.items) == before:
+            pool._built = PoolBuild.assemble(pool, age, bctx, router, sides)
         if PRECISE_INDEX_KEY in bctx.shared and tokenizer is None:
             problems.add(
                 f"pools[{i}].tokenizer",
@@ -511,8 +526,11 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _check_disaggregation(pool: Pool, i: int, bctx: BuildContext, problems: _Problems) -> None:
-    """A split needs both sides, and each side's routing profile must build."""
+def _check_disaggregation(
+    pool: Pool, i: int, bctx: BuildContext, problems: _Problems
+) -> tuple[Router, Router] | None:
+    """A split needs both sides, and each side's routing profile must build; returns the
+    two sides' routers (prefill, decode) when both built."""
     dis = pool.disaggregation
     assert dis is not None
     where = f"pools[{i}].disaggregation"
@@ -520,11 +538,13 @@ def _check_disaggregation(pool: Pool, i: int, bctx: BuildContext, problems: _Pro
         problems.add(where, "no prefill-capable backend (give one `role: prefill` or `both`)")
     if not any(b.role != "prefill" for b in pool.backends):
         problems.add(where, "no decode-capable backend (give one `role: decode` or `both`)")
+    sides = []
     for key in ("prefill_routing", "decode_routing"):
         try:
-            build_router(getattr(dis, key), bctx, seed=0)
+            sides.append(build_router(getattr(dis, key), bctx))
         except PluginError as e:
             problems.add(f"{where}.{key}", str(e))
+    return (sides[0], sides[1]) if len(sides) == 2 else None
 
 
 def _pool_flow(
@@ -612,16 +632,6 @@ def _check_observability(cfg: Config, problems: _Problems) -> None:
             "observability.protect",
             "admin_listener needs a separate admin listener (set admin.host or admin.port)",
         )
-
-
-def load_pool_tokenizer(pool: Pool) -> Tokenizer | None:
-    if pool.tokenizer is None:
-        return None
-    # Imported here: tokenizers and jinja2 cost a pool without a tokenizer nothing.
-    from lbproxy.tokenization.tokenizer import Tokenizer
-
-    path = None if pool.tokenizer == "default" else pool.tokenizer
-    return Tokenizer.from_file(path, chat_template=pool.chat_template)
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:

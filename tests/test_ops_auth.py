@@ -173,7 +173,7 @@ def test_concurrent_requests_per_key_are_limited(fake_backends, run_proxy) -> No
     assert len(results) == 2 and all(x.endswith("data: [DONE]\n\n") for x in results)
     # the streams' slots were given back
     assert httpx.post(proxy.url + "/v1/completions", json=BODY, headers=_auth(KEY)).is_success
-    auth = proxy.state.forwarder.auth if proxy.state.forwarder else None
+    auth = proxy.state.runtime.auth
     assert auth is not None
     # the handler gives its slot back just after the client has read the last byte
     deadline = time.monotonic() + 5

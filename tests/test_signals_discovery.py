@@ -42,7 +42,7 @@ async def test_garbage_is_logged_once_and_recovery_once(models_server, caplog) -
     cfg = parse_config({"pools": [{"name": "p", "backends": [{"url": url, "name": "g"}]}]})
     pools = PoolTable(cfg, seed=0)
     async with aiohttp.ClientSession() as session:
-        discovery = ModelDiscovery(pools, session, timeout=5)
+        discovery = ModelDiscovery(lambda: pools, session, timeout=5)
         with caplog.at_level(logging.DEBUG, logger="lbproxy.discovery"):
             mode["answer"] = "good"
             await discovery.discover_once()

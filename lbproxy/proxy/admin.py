@@ -10,12 +10,15 @@ the admin API answers 403; errors are OpenAI-shaped):
 
 Reload (also on SIGHUP): the file is loaded and validated in full first; an invalid one
 is refused (400, the ConfigError text naming file and key) and the running config stays.
-A valid one builds a new PoolTable that keeps the Endpoint objects of backends that stay
-(same pool, name and url: in-flight counts, metrics, health, drain state) and the routers
-of pools whose routing is unchanged (prefix indexes), see `pools`. Then, with no await
-in between, the kept endpoints take their new weights, removed backends are forgotten by
-the kept indexes, and the table, the client keys and the settings are swapped in: the
-next request sees the new config, requests in flight finish on the endpoints they hold.
+From a valid one a new runtime (lbproxy/proxy/runtime.py) is built in a thread, off the
+event loop: a PoolTable that keeps the Endpoint objects of backends that stay (same
+pool, name and url: in-flight counts, metrics, health, drain state) and the routers of
+pools whose routing is unchanged (prefix indexes), and takes for the other pools the
+tokenizers and routers that validation built (see `pools`), the settings and the client
+keys. Then on the loop, with no await in between, the kept endpoints take their new
+weights, flow gates follow with their waiting requests, removed backends are forgotten
+by the kept indexes, and the runtime is swapped in with one assignment: the next request
+sees the new config whole, requests in flight finish on the runtime they started with.
 Afterwards the KV-event subscriber is restarted if its sources changed, and models are
 discovered for pools that list none. Settings that need a new listener or process
 (`restart_required` in the answer) are left as they are until a restart.
@@ -33,7 +36,7 @@ from aiohttp import web
 
 from lbproxy.config import Config, ConfigError, load_config
 from lbproxy.credentials import without_credentials as _public_url
-from lbproxy.proxy.auth import build_authenticator, token_ok
+from lbproxy.proxy.auth import token_ok
 from lbproxy.proxy.errors import (
     AdminDisabled,
     AmbiguousBackend,
@@ -43,9 +46,8 @@ from lbproxy.proxy.errors import (
     ProxyError,
     Unauthorized,
 )
-from lbproxy.proxy.forward import ForwardSettings
 from lbproxy.proxy.kv_feed import kv_sources, start_subscriber
-from lbproxy.proxy.pools import PoolTable
+from lbproxy.proxy.runtime import build_runtime, swap_in
 from lbproxy.routing.state import Endpoint
 
 if TYPE_CHECKING:
@@ -121,16 +123,16 @@ class AdminAPI:
             "in_flight": ep.in_flight,
             "health": status,
             "metrics": metrics,
-            "flow": gate.backend_json(ep) if (gate := self.st.pools.gate_of(ep)) else None,
+            "flow": gate.backend_json(ep) if (gate := self.st.runtime.pools.gate_of(ep)) else None,
         }
 
     def backends(self) -> list[dict[str, Any]]:
-        return [self.backend_state(ep) for ep in self.st.pools.endpoints()]
+        return [self.backend_state(ep) for ep in self.st.runtime.pools.endpoints()]
 
     def find(self, name: str, pool: str | None) -> Endpoint:
         found = [
             ep
-            for ep in self.st.pools.endpoints()
+            for ep in self.st.runtime.pools.endpoints()
             if ep.name == name and (pool is None or ep.pool == pool)
         ]
         if not found:
@@ -164,7 +166,7 @@ class AdminAPI:
         if path is None:
             raise NoConfigFile("lbproxy was started without a config file: nothing to reload")
         async with self._lock:
-            # Loading builds tokenizers and routers to validate them: keep it off the loop.
+            # Validation builds tokenizers and routers (kept for the runtime): off the loop.
             cfg = await asyncio.to_thread(load_config, path)
             return await self._apply(cfg, path)
 
@@ -175,30 +177,24 @@ class AdminAPI:
 
     async def _apply(self, cfg: Config, source: str) -> dict[str, Any]:
         st = self.st
-        old_cfg, old_table = st.config, st.pools
-        try:
-            table = PoolTable(cfg, seed=st.seed, previous=old_table)
+        old = st.runtime
+        try:  # off the loop: what validation did not build (and tokenizer caches) is built
+            new = await asyncio.to_thread(build_runtime, cfg, seed=st.seed, previous=old)
         except Exception as e:  # a tokenizer or profile that validated but fails to build
             raise ConfigError(f"{source}: cannot apply: {type(e).__name__}: {e}") from None
-        restart = [".".join(p) for p in _RESTART_ONLY if _get(old_cfg, p) != _get(cfg, p)]
-        sources_changed = set(kv_sources(old_cfg, old_table)) != set(kv_sources(cfg, table))
+        restart = [".".join(p) for p in _RESTART_ONLY if _get(old.config, p) != _get(cfg, p)]
+        sources_changed = set(kv_sources(old.config, old.pools)) != set(kv_sources(cfg, new.pools))
 
         # ---- the swap: no await from here to its end --------------------------------------
-        changes = table.commit()
-        st.pools = table
-        st.config = cfg
-        fw = st.forwarder
-        if fw is not None:
-            fw.pools = table
-            fw.configure(ForwardSettings.from_config(cfg))
-            fw.auth = build_authenticator(cfg.auth, fw.auth)
+        changes = swap_in(st, new)  # carry-over, then the one assignment
+        # Long-lived services take their new settings; pools they read from st.runtime.
+        if st.forwarder is not None:
+            st.forwarder.configure_upstream(new.settings)
         if st.health is not None:
             st.health.configure_from(cfg.health)
         if st.scraper is not None:
             st.scraper.configure_from(cfg.signals)
-        if st.discovery is not None:
-            st.discovery.pools = table
-        for pool in table.pools:  # new backends or limits can let waiting requests go
+        for pool in new.pools.pools:  # new backends or limits can let waiting requests go
             if pool.gate is not None:
                 pool.gate.wake()
         # ---- end of the swap --------------------------------------------------------------
@@ -206,7 +202,7 @@ class AdminAPI:
         if sources_changed:
             if st.kv_subscriber is not None:
                 await st.kv_subscriber.stop()
-            st.kv_subscriber = await start_subscriber(cfg, table, lambda: st.pools)
+            st.kv_subscriber = await start_subscriber(cfg, new.pools, lambda: st.runtime.pools)
         if st.discovery is not None:
             await st.discovery.refresh()
         if restart:
@@ -236,7 +232,7 @@ def _guarded(handler: Handler) -> Handler:
     async def wrapper(request: web.Request) -> web.StreamResponse:
         api = request.app[ADMIN]
         try:
-            token = api.st.config.admin.token  # read per request: a reload may change it
+            token = api.st.runtime.config.admin.token  # per request: a reload may change it
             if token is None:
                 raise AdminDisabled("the admin API is disabled: set admin.token to enable it")
             if not token_ok(request, token.get_secret_value()):

@@ -20,11 +20,10 @@ from lbproxy.proxy.aiohttp_compat import (
     replace_default_expect_handlers,
     send_100_continue,
 )
-from lbproxy.proxy.auth import build_authenticator
 from lbproxy.proxy.client_body import ProxyRequest, check_before_body
 from lbproxy.proxy.client_limits import ClientLimits
 from lbproxy.proxy.errors import ExpectationFailed, ProxyError, error_body
-from lbproxy.proxy.forward import Forwarder, ForwardSettings
+from lbproxy.proxy.forward import Forwarder
 from lbproxy.proxy.kv_feed import start_subscriber
 from lbproxy.proxy.lifecycle import ProxyRunner, run_until_signalled
 from lbproxy.proxy.native_server import NativeServer
@@ -33,6 +32,7 @@ from lbproxy.proxy.observability import install as install_observability
 from lbproxy.proxy.observability import install_on_admin as install_admin_observability
 from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.request_id import client_request_id
+from lbproxy.proxy.runtime import Runtime, build_runtime, carry_over
 from lbproxy.proxy.upstream import UpstreamClient
 from lbproxy.replicas.wiring import install as install_replicas
 from lbproxy.replicas.workers import worker_index
@@ -48,8 +48,9 @@ log = logging.getLogger("lbproxy")
 
 @dataclass
 class ProxyState:
-    config: Config
-    pools: PoolTable
+    # What requests read (config, pools, settings, client keys): replaced whole, in one
+    # assignment, at startup and by a reload (lbproxy/proxy/runtime.py).
+    runtime: Runtime
     session: UpstreamClient | None = None  # requests to backends (lbproxy/proxy/upstream.py)
     signals_session: aiohttp.ClientSession | None = None  # discovery
     signals_thread: SignalsThread | None = None  # scrapes and health checks, own session
@@ -63,6 +64,16 @@ class ProxyState:
     seed: int | None = None
     admin: AdminAPI | None = None  # admin operations and hot reload (one lock for both)
 
+    @property
+    def config(self) -> Config:
+        """The running config (read-only: a reload swaps `runtime`)."""
+        return self.runtime.config
+
+    @property
+    def pools(self) -> PoolTable:
+        """The running pool table (read-only: a reload swaps `runtime`)."""
+        return self.runtime.pools
+
 
 STATE = web.AppKey("lbproxy_state", ProxyState)
 
@@ -73,15 +84,15 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 async def _models(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    auth = st.forwarder.auth if st.forwarder is not None else None
-    if auth is not None:
+    rt = st.runtime
+    if rt.auth is not None:
         try:
-            auth.check(request)
+            rt.auth.check(request)
         except ProxyError as e:
             return e.response()
     cards = st.discovery.cards if st.discovery else {}
     data = []
-    for model in st.pools.served_models():
+    for model in rt.pools.served_models():
         card = cards.get(model) or {
             "id": model,
             "object": "model",
@@ -100,7 +111,7 @@ async def _ready(request: web.Request) -> web.Response:
     st = request.app[STATE]
     pools = {}
     ready = True
-    for pool in st.pools.pools:
+    for pool in st.runtime.pools.pools:
         healthy = [ep.name for ep in pool.endpoints if ep.healthy and not ep.draining]
         pools[pool.name] = {"healthy": len(healthy), "total": len(pool.endpoints)}
         ready = ready and bool(healthy)
@@ -140,13 +151,13 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
     memory budget) is answered first, without 100 Continue, and the connection closed."""
     if request.version != aiohttp.HttpVersion11:
         return None  # an HTTP/1.0 client does not wait for 100 Continue
-    st = request.app[STATE]
-    request_id = client_request_id(request.headers.get(st.config.request_id_header))
-    id_header = {st.config.request_id_header: request_id}
+    rt = request.app[STATE].runtime
+    request_id = client_request_id(request.headers.get(rt.settings.request_id_header))
+    id_header = {rt.settings.request_id_header: request_id}
     try:
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise ExpectationFailed("the only Expect accepted is 100-continue")
-        auth = st.forwarder.auth if st.forwarder is not None else None
+        auth = rt.auth
         if auth is not None:
             auth.check(request)
         if isinstance(request, ProxyRequest):
@@ -205,18 +216,12 @@ async def _startup(app: web.Application) -> None:
     # the backend, not this loop's lateness when it is busy relaying (see signals_thread).
     st.signals_thread = SignalsThread()
     await st.signals_thread.start(_signals_session)
-    st.forwarder = Forwarder(
-        st.pools,
-        st.session,
-        ForwardSettings.from_config(cfg),
-        metrics=app[OBS].metrics,
-    )
-    st.forwarder.auth = build_authenticator(cfg.auth)
+    st.forwarder = Forwarder(st, st.session, metrics=app[OBS].metrics)
     if cfg.tracing.enabled:  # only then is OpenTelemetry imported
         from lbproxy.proxy.tracing import RequestTracer
 
         st.forwarder.tracer = RequestTracer(cfg.tracing)
-    # Providers read st.pools on every round, so they follow a hot reload's swap (the
+    # Providers read st.runtime on every round, so they follow a hot reload's swap (the
     # scraper's from the signals thread: reading the table from there is safe, the swap is
     # one assignment).
     # One clock: routing's `now` is loop.time() (not time.monotonic() under uvloop), and
@@ -225,7 +230,7 @@ async def _startup(app: web.Application) -> None:
     signals = st.signals_thread
     assert signals.loop is not None and signals.session is not None
     st.health = HealthChecker(
-        lambda: st.pools.endpoints(),
+        lambda: st.runtime.pools.endpoints(),
         signals.session,
         clock=loop.time,
         offload=signals.run,  # only the GET; outcomes and state stay on this loop
@@ -238,7 +243,7 @@ async def _startup(app: web.Application) -> None:
     st.forwarder.progress = st.health  # first bytes, for stall detection
     st.health.start()
     st.scraper = MetricsScraper(
-        lambda: st.pools.endpoints(),
+        lambda: st.runtime.pools.endpoints(),
         session=signals.session,
         clock=signals.loop.time,  # the thread's loop is of this loop's class: same clock
     )
@@ -246,9 +251,9 @@ async def _startup(app: web.Application) -> None:
     # Flow control runs on this loop: each fresh scrape is handed over to it.
     st.scraper.on_scrape = lambda ep: loop.call_soon_threadsafe(_on_scrape, st, ep)
     await signals.run(st.scraper.start())
-    st.kv_subscriber = await start_subscriber(cfg, st.pools, lambda: st.pools)
+    st.kv_subscriber = await start_subscriber(cfg, st.runtime.pools, lambda: st.runtime.pools)
     st.discovery = ModelDiscovery(
-        st.pools,
+        lambda: st.runtime.pools,
         st.signals_session,
         interval=cfg.discovery.interval,
         timeout=cfg.discovery.timeout,
@@ -257,13 +262,13 @@ async def _startup(app: web.Application) -> None:
 
 
 def _on_scrape(st: ProxyState, ep: Endpoint) -> None:
-    gate = st.pools.gate_of(ep)
+    gate = st.runtime.pools.gate_of(ep)
     if gate is not None:
         gate.on_metrics(ep)
 
 
 def _wake(st: ProxyState, ep: Endpoint) -> None:
-    gate = st.pools.gate_of(ep)
+    gate = st.runtime.pools.gate_of(ep)
     if gate is not None:
         gate.wake()
 
@@ -295,13 +300,20 @@ def _signals_session() -> aiohttp.ClientSession:
 
 
 def build_app(
-    cfg: Config, *, seed: int | None = None, config_path: str | None = None
+    cfg: Config,
+    *,
+    seed: int | None = None,
+    config_path: str | None = None,
+    runtime: Runtime | None = None,
 ) -> web.Application:
+    """The application; `runtime`: built from `cfg` by `build_runtime` (start_proxy builds
+    it off the loop; without it, it is built here)."""
+    if runtime is None:
+        runtime = build_runtime(cfg, seed=seed)
+    carry_over(None, runtime)  # the same steps as a reload's swap, with nothing to carry
     # The body limit is enforced by request.read(); +1 so that exactly the limit passes.
     app = web.Application(client_max_size=cfg.limits.max_body_bytes)
-    app[STATE] = ProxyState(
-        config=cfg, pools=PoolTable(cfg, seed=seed), config_path=config_path, seed=seed
-    )
+    app[STATE] = ProxyState(runtime=runtime, config_path=config_path, seed=seed)
     st = app[STATE]
     st.admin = AdminAPI(st)
     if not cfg.admin.separate():
@@ -417,7 +429,10 @@ async def start_proxy(
     """Start lbproxy inside the running event loop (port 0 picks a free port).
 
     `config_path` is the file a reload (SIGHUP, POST /admin/reload) re-reads."""
-    app = build_app(cfg, seed=seed, config_path=config_path)
+    # The same build as a reload's, off the loop (tokenizers, routers: what validation did
+    # not build already).
+    runtime = await asyncio.to_thread(build_runtime, cfg, seed=seed)
+    app = build_app(cfg, seed=seed, config_path=config_path, runtime=runtime)
     max_header = cfg.limits.max_header_bytes
     # handler_cancellation: a client that disconnects cancels its handler at once, which
     # closes the upstream connection so that vLLM aborts the request and frees its KV.
@@ -498,5 +513,5 @@ async def serve_forever(
         proxy.close,
         st.admin.reload if config_path is not None else None,
         grace=cfg.shutdown_grace,
-        in_flight=lambda: sum(ep.in_flight for ep in st.pools.endpoints()),
+        in_flight=lambda: sum(ep.in_flight for ep in st.runtime.pools.endpoints()),
     )

@@ -75,7 +75,7 @@ class DashboardSampler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
-        self.state = state  # has .pools, .scraper, .started
+        self.state = state  # has .runtime, .scraper, .started
         self.interval = interval
         self.window = window  # samples the table's rates are computed over
         self.clock = clock
@@ -117,7 +117,7 @@ class DashboardSampler:
         point: dict[str, Any] = {"t": time.time(), "backends": {}}
         tot_req = tot_tok = tot_ttft = tot_n = 0.0
         dt_any = 0.0
-        for ep in self.state.pools.endpoints():
+        for ep in self.state.runtime.pools.endpoints():
             key = _key(ep)
             live.add(key)
             hist = self._hist.get(key)
@@ -166,7 +166,8 @@ class DashboardSampler:
                   "completion_tokens": 0}  # fmt: skip
         w_req = w_tok = w_ttft = w_n = 0.0
         w_dt = 0.0
-        for ep in st.pools.endpoints():
+        pools = st.runtime.pools  # one snapshot for the whole answer
+        for ep in pools.endpoints():
             key = _key(ep)
             stats = self.metrics.stats(ep)
             cur = self._counters(ep, self.clock())
@@ -210,7 +211,7 @@ class DashboardSampler:
                     "scrape_age_s": scrape_now - snap.time if snap else None,
                     "scrape_error": scraper.last_error.get(ep) if scraper else None,
                     "concurrency_limit": (
-                        gate.controller.limit_of(ep) if (gate := st.pools.gate_of(ep)) else None
+                        gate.controller.limit_of(ep) if (gate := pools.gate_of(ep)) else None
                     ),
                 }
             )
@@ -237,7 +238,7 @@ class DashboardSampler:
             "interval_s": self.interval,
             "window_s": self.interval * self.window,
             "totals": out_totals,
-            "pools": [self._pool_json(p) for p in st.pools.pools],
+            "pools": [self._pool_json(p) for p in pools.pools],
             "backends": backends,
             "series": {
                 "t": [p["t"] for p in series],
@@ -256,7 +257,7 @@ class DashboardSampler:
 
     def _prefix_estimate(self, ep: Endpoint) -> float | None:
         """Hit blocks / routed blocks for `ep`, summed over its pool's prefix scorers."""
-        for pool in self.state.pools.pools:
+        for pool in self.state.runtime.pools.pools:
             if pool.name != ep.pool:
                 continue
             hit = total = 0

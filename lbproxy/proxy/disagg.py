@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict
 
     from lbproxy.proxy.client_io import ClientRequest
-    from lbproxy.proxy.forward import Forwarder
+    from lbproxy.proxy.forward import Forwarder, ForwardSettings
     from lbproxy.proxy.metrics import Exchange
     from lbproxy.proxy.pools import PoolRuntime
     from lbproxy.proxy.tracing import AttemptSpan, RequestSpan
@@ -99,6 +99,7 @@ class _Split:
     def __init__(
         self,
         fwd: Forwarder,
+        settings: ForwardSettings,
         request: ClientRequest,
         client: dict[str, Any],
         ctx: RequestContext,
@@ -109,6 +110,7 @@ class _Split:
         rs: RequestSpan | None,
     ) -> None:
         self.fwd = fwd
+        self.settings = settings  # the request's runtime's (forward.handle)
         self.rs = rs  # tracing: each leg's attempt is a child span
         self.request = request
         self.client = client
@@ -123,7 +125,7 @@ class _Split:
         assert dis is not None and pool.disagg is not None
         self.disagg = pool.disagg
         self.prefill_timeout = aiohttp.ClientTimeout(
-            total=dis.prefill_timeout, sock_connect=fwd.settings.connect_timeout
+            total=dis.prefill_timeout, sock_connect=settings.connect_timeout
         )
         self.prefill_s = 0.0
         self.reserved: list[Endpoint] = []  # slots flow control counted for this split
@@ -173,7 +175,7 @@ class _Split:
         """The first prefill answer with kv_transfer_params, from the candidates in
         order: (endpoint, params), or None when none gave one."""
         fwd, body = self.fwd, prefill_body(self.client)
-        candidates = candidates[: fwd.settings.max_attempts]
+        candidates = candidates[: self.settings.max_attempts]
         for i, ep in enumerate(candidates):
             retried = i + 1 < len(candidates)
             self._take(ep)
@@ -251,7 +253,7 @@ class _Split:
                     ep.url + self.url_tail,
                     data=decode_body(self.client, params),
                     headers=headers,
-                    timeout=fwd._timeout,
+                    timeout=self.settings.decode_timeout,
                 )
             except asyncio.CancelledError:
                 told = True
@@ -279,7 +281,9 @@ class _Split:
                 return None, status != 429, False
             fwd.record_outcome(ep, True)
             told = True
-            resp = await fwd._relay(self.request, upstream, ep, ex.request_id, ex, t_sent)
+            resp = await fwd._relay(
+                self.settings, self.request, upstream, ep, ex.request_id, ex, t_sent
+            )
             ok = ex.ended == "ok" and status < 400
             return resp, True, True
         finally:
@@ -302,6 +306,7 @@ def _kv_params(raw: bytes) -> Any:
 
 async def serve_disaggregated(
     fwd: Forwarder,
+    settings: ForwardSettings,
     request: ClientRequest,
     client: dict[str, Any],
     ctx: RequestContext,
@@ -336,7 +341,7 @@ async def serve_disaggregated(
         plan.prefill, plan.decode = pre, dec
         reserved = [pre.endpoint, dec.endpoint]
         now += ex.queue_wait
-    split = _Split(fwd, request, client, ctx, headers, pool, ex, now, rs)
+    split = _Split(fwd, settings, request, client, ctx, headers, pool, ex, now, rs)
     split.reserved = reserved
     ex.decision = plan.decode  # the access log's scores/totals: the decode side's
     try:
@@ -366,7 +371,7 @@ async def _serve(split: _Split, plan: DisaggPlan) -> Any:
         obs.pd_request(pool.name, "aggregated", "prefill_failed")
         return None
     p_ep, params = got
-    max_attempts = fwd.settings.max_attempts
+    max_attempts = split.settings.max_attempts
     ranked = plan.decode.ranked
     queue = list(ranked[:max_attempts])
     unreachable: set[int] = set()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -41,7 +41,6 @@ import orjson
 from aiohttp import web
 
 from lbproxy.config import Config
-from lbproxy.proxy.auth import Authenticator
 from lbproxy.proxy.client_io import ClientRequest, ResponseSink
 from lbproxy.proxy.disagg import serve_disaggregated
 from lbproxy.proxy.errors import (
@@ -57,7 +56,6 @@ from lbproxy.proxy.errors import (
 from lbproxy.proxy.flow_gate import Overloaded
 from lbproxy.proxy.headers import downstream_headers, upstream_headers
 from lbproxy.proxy.metrics import Exchange, ProxyMetrics
-from lbproxy.proxy.pools import PoolTable
 from lbproxy.proxy.prompt_ids import prepare_token_ids
 from lbproxy.proxy.request_id import client_request_id
 from lbproxy.proxy.upstream import UpstreamClient, UpstreamResponse
@@ -65,6 +63,7 @@ from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
 from lbproxy.routing.state import Endpoint, RequestContext
 
 if TYPE_CHECKING:  # imported only when tracing is on (it loads OpenTelemetry)
+    from lbproxy.proxy.runtime import HasRuntime, Runtime
     from lbproxy.proxy.tracing import AttemptSpan, RequestSpan, RequestTracer
 
 log = logging.getLogger("lbproxy.proxy")
@@ -82,6 +81,13 @@ class ForwardSettings:
     session_header: str = "x-session-id"
     expose_backend_header: bool = False
     retry_after_send: bool = True
+    # The P/D decode leg's (disagg.py), made from the above.
+    decode_timeout: aiohttp.ClientTimeout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.connect_timeout, sock_read=self.first_byte_timeout
+        )
 
     @classmethod
     def from_config(cls, cfg: Config) -> ForwardSettings:
@@ -123,37 +129,30 @@ def _dot_segment(path: str) -> bool:
 
 class Forwarder:
     """Holds what the data path needs; `handle` serves a /v1/* POST, read by either
-    server (client_io.ClientRequest)."""
+    server (client_io.ClientRequest). What comes from the config (pools, settings, client
+    keys) is read from `state.runtime` once per request (lbproxy/proxy/runtime.py)."""
 
     def __init__(
         self,
-        pools: PoolTable,
+        state: HasRuntime,
         session: UpstreamClient,
-        settings: ForwardSettings,
         metrics: ProxyMetrics | None = None,
     ) -> None:
-        self.pools = pools
+        self.state = state
         self.obs = metrics if metrics is not None else ProxyMetrics()
         # The upstream client (lbproxy/proxy/upstream.py); `session.post` has aiohttp's
         # shape for the P/D legs (disagg.py).
         self.session = session
-        self.configure(settings)
+        self.configure_upstream(state.runtime.settings)
         self.retries = 0  # attempts beyond the first, all requests
-        self.auth: Authenticator | None = None  # client keys; None: /v1/* is open
         # The circuit breaker's `record(ep, ok)`, told the outcome of every attempt.
         self.record_outcome: Callable[[Endpoint, bool], None] = _no_breaker
         self.progress: ProgressHooks = ProgressHooks()
         # OpenTelemetry spans (lbproxy/proxy/tracing.py); None: tracing is off.
         self.tracer: RequestTracer | None = None
 
-    def configure(self, settings: ForwardSettings) -> None:
-        """Apply settings (at start and on a hot reload)."""
-        self.settings = settings
-        self._timeout = aiohttp.ClientTimeout(  # the P/D decode leg's (disagg.py)
-            total=None,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.first_byte_timeout,
-        )
+    def configure_upstream(self, settings: ForwardSettings) -> None:
+        """The upstream client's timeouts (at start and when a reload swaps the runtime)."""
         up = self.session
         up.connect_timeout = settings.connect_timeout
         up.first_byte_timeout = settings.first_byte_timeout
@@ -162,19 +161,20 @@ class Forwarder:
     async def handle(self, request: ClientRequest) -> Any:
         """Serve `request`; returns an unsent web.Response (an error lbproxy answers) or
         the result of the response sink the body went through."""
-        s = self.settings
+        rt = self.state.runtime  # this request's snapshot, to its end
+        s = rt.settings
         request_id = client_request_id(request.headers.get(s.request_id_header))
         # The request's one clock read before its response: latency origin and routing's now.
         ex = Exchange(asyncio.get_running_loop().time(), request_id, request.path)
         id_header = {s.request_id_header: request_id}
-        auth = self.auth
+        auth = rt.auth
         slot = None
         tracer = self.tracer
         rs = None if tracer is None else tracer.start(request, ex)
         try:
             if auth is not None:
                 slot = auth.admit(request)
-            return await self._handle(request, request_id, ex, rs)
+            return await self._handle(request, rt, request_id, ex, rs)
         except ProxyError as e:
             if isinstance(e, Overloaded):
                 ex.queue_wait = e.waited
@@ -188,12 +188,17 @@ class Forwarder:
             if slot is not None and auth is not None:
                 auth.release(slot)
             if rs is not None:
-                rs.finish(ex, self.pools)
+                rs.finish(ex, rt.pools)
 
     async def _handle(
-        self, request: ClientRequest, request_id: str, ex: Exchange, rs: RequestSpan | None
+        self,
+        request: ClientRequest,
+        rt: Runtime,
+        request_id: str,
+        ex: Exchange,
+        rs: RequestSpan | None,
     ) -> Any:
-        s = self.settings
+        s = rt.settings
         if "/." in request.path and _dot_segment(request.path):
             raise BadRequest("the request path must not contain '.' or '..' segments")
         try:
@@ -212,9 +217,9 @@ class Forwarder:
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required and must be a non-empty string", param="model")
         ex.model = model
-        pool = self.pools.for_model(model)
+        pool = rt.pools.for_model(model)
         if pool is None:
-            served = self.pools.served_models()
+            served = rt.pools.served_models()
             raise ModelNotFound(
                 f"The model '{model}' does not exist. Served models: {', '.join(served) or 'none'}",
                 param="model",
@@ -231,12 +236,12 @@ class Forwarder:
         if pool.routing_tokenizer is not None:  # precise-prefix: token ids, off the loop
             await prepare_token_ids(pool.routing_tokenizer, ctx)
         headers = upstream_headers(request.headers, s.request_id_header, request_id)
-        if self.auth is not None and not self.auth.forward_client_key:
+        if rt.auth is not None and not rt.auth.forward_client_key:
             headers.popall("Authorization", None)  # the client's key is lbproxy's business
         now = ex.t0
         if pool.disagg is not None:  # a P/D pool: split, unless the decision says not to
             pd_resp = await serve_disaggregated(
-                self, request, parsed, ctx, headers, pool, ex, now, rs
+                self, s, request, parsed, ctx, headers, pool, ex, now, rs
             )
             if pd_resp is not None:
                 return pd_resp
@@ -358,7 +363,7 @@ class Forwarder:
                         continue
                 # (a 5xx that is never retried, e.g. 501, answers the request: not counted)
                 told = True
-                resp = await self._relay(request, upstream, ep, request_id, ex, t_sent)
+                resp = await self._relay(s, request, upstream, ep, request_id, ex, t_sent)
                 ok = ex.ended == "ok" and status < 400
                 return resp
             finally:
@@ -379,6 +384,7 @@ class Forwarder:
 
     async def _relay(
         self,
+        s: ForwardSettings,
         request: ClientRequest,
         upstream: UpstreamResponse,
         ep: Endpoint,
@@ -386,7 +392,6 @@ class Forwarder:
         ex: Exchange,
         t_sent: float,
     ) -> Any:
-        s = self.settings
         extra = {s.request_id_header: request_id}
         if s.expose_backend_header:
             extra["x-lbproxy-backend"] = ep.name

@@ -384,7 +384,7 @@ class MetricsCollector:
         return []  # registered with auto_describe off: nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        pools: PoolTable = self.state.pools
+        pools: PoolTable = self.state.runtime.pools
         scraper: MetricsScraper | None = self.state.scraper
         m = self.metrics
         endpoints = list(pools.endpoints())

@@ -112,7 +112,7 @@ def _presented(request: web.Request) -> str | None:
 def _refusal(request: web.Request) -> web.Response | None:
     """None when `request` may read observability here, else the answer to give."""
     obs = request.app[OBS]
-    cfg = obs.state.config  # per request: a reload may change it
+    cfg = obs.state.runtime.config  # per request: a reload may change it
     protect = cfg.observability.protect
     if request.app.get(_ADMIN_LISTENER, False) != (protect == "admin_listener"):
         return web.Response(

@@ -4,10 +4,15 @@ A hot reload builds a new PoolTable from the new config with `previous=` the run
 A backend that stays (same pool, name and url) keeps its Endpoint object, so its in-flight
 count, metrics, health and drain state carry over; a pool whose routing (profile,
 tokenizer, model) is unchanged keeps its Router and BuildContext, so its prefix indexes
-carry over. Building has no effect on the running table: the changes to kept endpoints
-(weight, labels) and the forgetting of removed backends in the kept indexes happen in
-`commit()`, which the caller runs just before it swaps the table in, with no await
-between the two.
+carry over. A rebuilt pool takes the routing that config validation built
+(`Pool.take_build`, see lbproxy/pool_build.py) rather than building it a second time.
+
+Building reads nothing of the running table that requests change, so it runs off the
+event loop (lbproxy/proxy/runtime.py). What must see the live table at the moment of the
+swap happens in `commit()`, which the caller runs on the loop just before it swaps the
+table in, with no await between the two: the kept endpoints take their new settings
+(weight, labels), the kept flow gates (with their waiting requests) follow the new pools,
+discovered models are carried over, removed backends are forgotten by the kept indexes.
 """
 
 from __future__ import annotations
@@ -15,15 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from lbproxy.config import Backend, Config, Pool, load_pool_tokenizer
+from lbproxy.config import Backend, Config, Pool
 from lbproxy.flow.controller import thresholds_for
+from lbproxy.pool_build import build_pool, routing_key
 from lbproxy.proxy.errors import NoBackend
 from lbproxy.proxy.flow_gate import FlowGate
 from lbproxy.routing.disagg import DisaggRouter
-from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
-from lbproxy.routing.profiles import build_router
 from lbproxy.routing.state import Endpoint
 
 if TYPE_CHECKING:
@@ -81,9 +85,7 @@ class PoolRuntime:
                     role=b.role,
                 )
             else:
-                self._pending.append((ep, b))
-                if previous is not None and name in previous.discovered_models:
-                    self.discovered_models[name] = previous.discovered_models[name]
+                self._pending.append((ep, b))  # its discovered models: see commit
             self.endpoints.append(ep)
         # What aggregated requests are routed over: all but prefill-only backends.
         roles = [b.role for b in spec.backends]
@@ -98,9 +100,9 @@ class PoolRuntime:
             for ep, b in zip(self.endpoints, spec.backends, strict=True)
             if b.api_key is not None
         }
-        self.router_kept = previous is not None and _same_routing(
-            previous.spec, spec, previous.bctx.metrics_max_age, metrics_max_age
-        )
+        self.router_kept = previous is not None and routing_key(
+            previous.spec, previous.bctx.metrics_max_age
+        ) == routing_key(spec, metrics_max_age)
         # Flow control: a kept pool keeps its gate (who waits, learnt limits); `commit`
         # points it at this runtime.
         self._flow_settings = spec.flow()
@@ -111,47 +113,35 @@ class PoolRuntime:
             self.routing_tokenizer: PromptTokenizer | None = previous.routing_tokenizer
             self.router: Router = previous.router
             self.disagg: DisaggRouter | None = previous.disagg
+            spec.take_build(metrics_max_age)  # validation's own build: not needed, let go
             return
-        self.bctx = BuildContext(
-            pool=spec.name,
-            model=(spec.models or [""])[0],
-            metrics_max_age=metrics_max_age,
-            flow_control=self._flow_settings.enabled,
-        )
-        tokenizer = load_pool_tokenizer(spec)
-        self.bctx.tokenizer = tokenizer
-        self.tokenize = None
-        if tokenizer is not None:
-            # tokenizers: only when needed
-            from lbproxy.tokenization.token_cache import PromptTokenizer
-
-            self.tokenize = PromptTokenizer(tokenizer)
-        self.router = build_router(spec.routing, self.bctx, seed=seed)
-        self.disagg = None
-        dis = spec.disaggregation
-        if dis is not None:
-            self.disagg = DisaggRouter(
-                build_router(dis.prefill_routing, self.bctx, seed=seed),
-                build_router(dis.decode_routing, self.bctx, seed=seed),
-                dis.min_prompt_tokens,
-            )
-        # Token ids, computed before routing (`proxy.prompt_ids`) only for a pool whose
-        # scorers read them (precise-prefix, in any of its routers); cached across requests.
-        self.routing_tokenizer = self.tokenize if PRECISE_INDEX_KEY in self.bctx.shared else None
+        built = spec.take_build(metrics_max_age) or build_pool(spec, metrics_max_age)
+        self.bctx = built.bctx
+        self.tokenize = built.tokenize
+        self.routing_tokenizer = built.routing_tokenizer  # cached across requests
+        self.router = built.router
+        self.disagg = built.disagg
+        if seed is not None:  # tests: reproducible tie-breaks
+            for router in self._routers():
+                router.rng.seed(seed)
         if previous is None:
             self._commit_flow()
 
     def commit(self) -> dict[str, Any]:
         """Apply the new settings to kept endpoints and forget the backends that left;
         returns what changed."""
-        self._commit_flow()
+        prev = self._previous
+        if prev is not None:  # a fresh pool's gate was made with it
+            self._commit_flow()
         changed = []
         for ep, b in self._pending:
             before = (ep.weight, ep.vendor, ep.labels, ep.role)
             ep.weight, ep.vendor, ep.labels, ep.role = b.weight, b.vendor, dict(b.labels), b.role
             if (ep.weight, ep.vendor, ep.labels, ep.role) != before:
                 changed.append(ep.name)
-        prev, self._previous, self._pending = self._previous, None, []
+            if prev is not None and ep.name in prev.discovered_models:
+                self.discovered_models[ep.name] = prev.discovered_models[ep.name]
+        self._previous, self._pending = None, []
         kept = {id(ep) for ep in self.endpoints}
         gone = [] if prev is None else [ep for ep in prev.endpoints if id(ep) not in kept]
         if self.router_kept:
@@ -178,12 +168,14 @@ class PoolRuntime:
         else:
             self.gate.configure(self, flow, thresholds)
 
+    def _routers(self) -> list[Router]:
+        if self.disagg is None:
+            return [self.router]
+        return [self.router, self.disagg.prefill, self.disagg.decode]
+
     def forget(self, backend_name: str) -> None:
         """Drop what this pool's prefix indexes hold for a backend."""
-        routers = [self.router]
-        if self.disagg is not None:
-            routers += [self.disagg.prefill, self.disagg.decode]
-        for router in routers:
+        for router in self._routers():
             for ws in router.scorers:
                 forget = getattr(ws.scorer, "forget", None)
                 if forget is not None:
@@ -199,18 +191,6 @@ class PoolRuntime:
         for ms in self.discovered_models.values():
             out |= ms
         return out
-
-
-def _same_routing(a: Pool, b: Pool, age_a: float, age_b: float) -> bool:
-    return (
-        a.routing == b.routing
-        and a.tokenizer == b.tokenizer
-        and a.chat_template == b.chat_template
-        and a.disaggregation == b.disaggregation
-        and (a.models or [""])[0] == (b.models or [""])[0]
-        and age_a == age_b
-        and a.flow().enabled == b.flow().enabled  # the prefix scorers' hot-spot rule
-    )
 
 
 class PoolTable:
@@ -238,6 +218,7 @@ class PoolTable:
             if p.gate is not None:  # nobody serves its model any more
                 p.gate.flush(NoBackend(f"pool '{p.name}' was removed by a reload"))
         self.removed_pools = []
+        self.rebuild()  # with the discovered models carried over
         return out
 
     def rebuild(self) -> None:

@@ -25,7 +25,7 @@ def install(app: web.Application, state: Callable[[], Any]) -> None:
     the app starts). `state()` is the app's ProxyState."""
     obs = app[OBS]
     local = obs.registry  # this process's metrics, whatever serves /metrics
-    cfg = state().config
+    cfg = state().runtime.config
     if cfg.state is not None:
         _install_shared_state(app, state, local)
     elif worker_count() > 1:
@@ -49,7 +49,7 @@ def _install_static_share(app: web.Application, state: Callable[[], Any], n: int
     """Workers without Redis: each takes 1/n of every flow-control limit."""
     from lbproxy.replicas.flow_share import StaticShare
 
-    share = StaticShare(n, lambda: state().pools)
+    share = StaticShare(n, lambda: state().runtime.pools)
     task: list[asyncio.Task[None]] = []
 
     async def keep() -> None:
@@ -74,8 +74,8 @@ def _install_shared_state(app: web.Application, state: Callable[[], Any], regist
     from lbproxy.replicas.shared_state import SharedState
 
     st = state()
-    shared = SharedState(st.config.state, lambda: st.pools, time.monotonic)
-    flow = FlowShare(shared, lambda: st.pools)
+    shared = SharedState(st.runtime.config.state, lambda: st.runtime.pools, time.monotonic)
+    flow = FlowShare(shared, lambda: st.runtime.pools)
     registry.register(shared)
 
     @web.middleware

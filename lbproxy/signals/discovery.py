@@ -18,6 +18,8 @@ from lbproxy.routing.state import Endpoint
 from lbproxy.signals.failure_log import FailureLog, sanitize
 
 if TYPE_CHECKING:  # signals do not import the proxy at run time
+    from collections.abc import Callable
+
     from lbproxy.proxy.pools import PoolTable
 
 log = logging.getLogger("lbproxy.discovery")
@@ -30,13 +32,13 @@ class _Unusable(Exception):
 class ModelDiscovery:
     def __init__(
         self,
-        pools: PoolTable,
+        pools: Callable[[], PoolTable],
         session: aiohttp.ClientSession,
         *,
         interval: float = 30.0,
         timeout: float = 3.0,
     ) -> None:
-        self.pools = pools
+        self.pools = pools  # the running table, read per round: a reload swaps it
         self._session = session
         self.interval = interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -45,7 +47,7 @@ class ModelDiscovery:
         self._rounds = PeriodicTask("lbproxy-discovery", self.discover_once, lambda: self.interval)
 
     def needed(self) -> bool:
-        return any(p.configured_models is None for p in self.pools.pools)
+        return any(p.configured_models is None for p in self.pools().pools)
 
     async def _models_of(self, ep: Endpoint) -> list[dict[str, Any]] | None:
         label = f"{ep.pool}/{ep.name}"
@@ -71,7 +73,7 @@ class ModelDiscovery:
 
     async def discover_once(self) -> None:
         jobs = []
-        for pool in self.pools.pools:
+        for pool in self.pools().pools:
             if pool.configured_models is None:
                 jobs.extend((pool, ep) for ep in pool.endpoints)
         self.failure_log.keep_only(ep for _, ep in jobs)
@@ -82,7 +84,7 @@ class ModelDiscovery:
             pool.discovered_models[ep.name] = {c["id"] for c in cards}
             for c in cards:
                 self.cards.setdefault(c["id"], c)
-        self.pools.rebuild()
+        self.pools().rebuild()
 
     async def refresh(self) -> None:
         """When some pool lists no models: discover them now, then every `interval`."""

@@ -262,12 +262,14 @@ class FleetSimulator:
         self._sched[i] = None
         outputs = self.engines[i].step(t)
         live = self._live
+        ended = False  # a request left this engine (flow control's cue)
         for out in outputs:
             st = live.get(out.request_id)
             if st is None:
                 pd = self._prefills.pop(out.request_id, None) if self._prefills else None
                 if pd is not None:  # max_tokens 1: the prefill answered
                     self._prefilled(pd, out.num_cached_tokens, t)
+                    ended = True
                 continue
             rec = st.rec
             rel = t - st.t0
@@ -294,11 +296,14 @@ class FleetSimulator:
                 ep.in_flight -= 1
                 if self.flow is not None:
                     self.flow.on_done(ep, True, now=t)
+                ended = True
                 self.finished += 1
                 del live[out.request_id]
         self._drain_kv(i, t)
         self._reschedule(i)
-        if outputs and self.flow is not None:
+        # Like the proxy, whose queue wakes when a request ends (not at every streamed
+        # token): a step that ended nothing changed nothing flow control reads.
+        if ended and self.flow is not None:
             self._flow_drain(t)
 
     def _arrive(self, a: _Arrival, t: float, klass: TrafficClass | None = None) -> None:

@@ -50,7 +50,8 @@ class DecodeLatencyScorer:
         tr = self._tracks.get(ep)
         if tr is None:
             tr = self._tracks[ep] = DecodeRate(self.tau)
-        tr.observe(m, ep.in_flight)
+        if tr.time != m.time:  # a snapshot is folded in once (routing reads it many times)
+            tr.observe(m, ep.in_flight)
         return tr
 
     def _itl(self, ep: Endpoint, now: float) -> float | None:

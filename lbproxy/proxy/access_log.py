@@ -47,7 +47,7 @@ import orjson
 from lbproxy.aio import PeriodicTask
 
 if TYPE_CHECKING:
-    from lbproxy.proxy.metrics import Exchange
+    from lbproxy.proxy.request_metrics import Exchange
     from lbproxy.routing.state import Endpoint
 
 log = logging.getLogger("lbproxy.access_log")

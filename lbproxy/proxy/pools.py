@@ -177,19 +177,17 @@ class PoolRuntime:
         else:
             self.gate.configure(self, flow, thresholds)
 
+    def routers(self) -> list[Router]:
+        """The pool's router, then its P/D prefill and decode routers if it splits."""
+        if self.disagg is None:
+            return [self.router]
+        return [self.router, self.disagg.prefill, self.disagg.decode]
+
     def forget(self, backend_name: str) -> None:
-        """Drop what this pool's prefix indexes hold for a backend."""
-        routers = [self.router]
-        if self.disagg is not None:
-            routers += [self.disagg.prefill, self.disagg.decode]
-        for router in routers:
-            for ws in router.scorers:
-                forget = getattr(ws.scorer, "forget", None)
-                if forget is not None:
-                    forget(backend_name)
-        index = self.bctx.shared.get(PRECISE_INDEX_KEY)
-        if index is not None:
-            index.forget(backend_name)
+        """Drop what this pool's learning plugins (prefix indexes) hold for a backend."""
+        for router in self.routers():
+            for plugin in router.forgetful:
+                plugin.forget(backend_name)
 
     def models(self) -> set[str]:
         if self.configured_models is not None:

@@ -8,7 +8,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbproxy.proxy.metrics import Histogram, parse_usage, route_label
+from lbproxy.histogram import Histogram
+from lbproxy.proxy.request_metrics import route_label
+from lbproxy.proxy.usage import parse_usage
 from lbproxy.sim.server import start_sim_server
 from tests.conftest import proxy_config
 from tests.obs_support import failing_backend_factory

@@ -48,7 +48,7 @@ from lbproxy.aio import PeriodicTask
 from lbproxy.credentials import without_credentials
 
 if TYPE_CHECKING:
-    from lbproxy.proxy.metrics import Exchange
+    from lbproxy.proxy.request_metrics import Exchange
     from lbproxy.routing.state import Endpoint
 
 log = logging.getLogger("lbproxy.access_log")

@@ -34,7 +34,7 @@ from typing import Any
 from lbproxy import __version__
 from lbproxy.aio import PeriodicTask, loop_time
 from lbproxy.credentials import without_credentials
-from lbproxy.proxy.metrics import ProxyMetrics
+from lbproxy.proxy.request_metrics import ProxyMetrics
 from lbproxy.routing.state import Endpoint
 
 __all__ = ["DashboardSampler", "dashboard_html"]
@@ -261,34 +261,24 @@ class DashboardSampler:
             if pool.name != ep.pool:
                 continue
             hit = total = 0
-            for ws in pool.router.scorers:
-                sc = ws.scorer
-                if hasattr(sc, "hit_blocks"):
-                    hit += sc.hit_blocks.get(ep.name, 0)
-                    total += sc.query_blocks.get(ep.name, 0)
+            for sc in pool.router.index_stats:
+                hit += sc.hit_blocks.get(ep.name, 0)
+                total += sc.query_blocks.get(ep.name, 0)
             return _ratio(hit, total)
         return None
 
     @staticmethod
     def _pool_json(pool: Any) -> dict[str, Any]:
         index: dict[str, Any] = {}
-        for ws in pool.router.scorers:
-            sc = ws.scorer
-            if sc.name == "prefix-hash":
-                s = sc.index.stats()
-                index[sc.name] = {
-                    "entries": s["entries"],
-                    "keys": s["hashes"],
-                    "memory_bytes": s["approx_bytes"],
-                }
-        precise = pool.bctx.shared.get("precise_index")
-        if precise is not None:
-            s = precise.stats()
-            index["precise-prefix"] = {
-                "entries": s["entries"],
-                "keys": s["keys"],
-                "memory_bytes": s["approx_bytes"],
-            }
+        for router in pool.routers():
+            for sc in router.index_stats:
+                if sc.name not in index:  # P/D routers share the pool's precise index
+                    st = sc.index_stats()
+                    index[sc.name] = {
+                        "entries": st["entries"],
+                        "keys": st["keys"],
+                        "memory_bytes": st["approx_bytes"],
+                    }
         return {
             "name": pool.name,
             "profile": pool.router.profile_name,

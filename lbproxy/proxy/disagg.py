@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 
     from lbproxy.proxy.client_io import ClientRequest
     from lbproxy.proxy.forward import Forwarder, ForwardSettings
-    from lbproxy.proxy.metrics import Exchange
     from lbproxy.proxy.pools import PoolRuntime
+    from lbproxy.proxy.request_metrics import Exchange
     from lbproxy.proxy.tracing import AttemptSpan, RequestSpan
 
 log = logging.getLogger("lbproxy.proxy.disagg")

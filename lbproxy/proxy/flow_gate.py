@@ -39,8 +39,8 @@ from lbproxy.flow.controller import (
     any_in_service,
 )
 from lbproxy.flow.queue import DISPATCHED, Waiter
+from lbproxy.histogram import Histogram
 from lbproxy.proxy.errors import BadRequest, NoBackend, ProxyError
-from lbproxy.proxy.metrics import Histogram
 from lbproxy.routing.disagg import DisaggPlan, decode_capable
 from lbproxy.routing.state import Decision, Endpoint, RequestContext
 

@@ -55,9 +55,9 @@ from lbproxy.proxy.errors import (
 )
 from lbproxy.proxy.flow_gate import Overloaded
 from lbproxy.proxy.headers import downstream_headers, upstream_headers
-from lbproxy.proxy.metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.prompt_ids import prepare_token_ids
 from lbproxy.proxy.request_id import client_request_id
+from lbproxy.proxy.request_metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.upstream import UpstreamClient, UpstreamResponse
 from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
 from lbproxy.routing.state import Endpoint, RequestContext

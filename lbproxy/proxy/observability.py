@@ -31,7 +31,8 @@ from lbproxy.config import Config
 from lbproxy.proxy.access_log import AccessLog
 from lbproxy.proxy.dashboard import DashboardSampler, dashboard_html
 from lbproxy.proxy.errors import Unauthorized, error_body
-from lbproxy.proxy.metrics import MetricsCollector, ProxyMetrics
+from lbproxy.proxy.metrics_collector import MetricsCollector
+from lbproxy.proxy.request_metrics import ProxyMetrics
 
 __all__ = ["OBS", "Observability", "install", "install_on_admin"]
 

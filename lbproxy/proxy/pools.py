@@ -27,7 +27,6 @@ from lbproxy.proxy.errors import NoBackend
 from lbproxy.proxy.flow_gate import FlowGate
 from lbproxy.routing.disagg import DisaggRouter
 from lbproxy.routing.pipeline import Router
-from lbproxy.routing.plugins.precise_prefix import SHARED_KEY as PRECISE_INDEX_KEY
 from lbproxy.routing.state import Endpoint
 
 if TYPE_CHECKING:
@@ -122,7 +121,7 @@ class PoolRuntime:
         self.router = built.router
         self.disagg = built.disagg
         if seed is not None:  # tests: reproducible tie-breaks
-            for router in self._routers():
+            for router in self.routers():
                 router.rng.seed(seed)
         if previous is None:
             self._commit_flow()
@@ -168,21 +167,17 @@ class PoolRuntime:
         else:
             self.gate.configure(self, flow, thresholds)
 
-    def _routers(self) -> list[Router]:
+    def routers(self) -> list[Router]:
+        """The pool's router, then its P/D prefill and decode routers if it splits."""
         if self.disagg is None:
             return [self.router]
         return [self.router, self.disagg.prefill, self.disagg.decode]
 
     def forget(self, backend_name: str) -> None:
-        """Drop what this pool's prefix indexes hold for a backend."""
-        for router in self._routers():
-            for ws in router.scorers:
-                forget = getattr(ws.scorer, "forget", None)
-                if forget is not None:
-                    forget(backend_name)
-        index = self.bctx.shared.get(PRECISE_INDEX_KEY)
-        if index is not None:
-            index.forget(backend_name)
+        """Drop what this pool's learning plugins (prefix indexes) hold for a backend."""
+        for router in self.routers():
+            for plugin in router.forgetful:
+                plugin.forget(backend_name)
 
     def models(self) -> set[str]:
         if self.configured_models is not None:

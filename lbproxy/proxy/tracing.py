@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from lbproxy.config import Tracing
-    from lbproxy.proxy.metrics import Exchange
     from lbproxy.proxy.pools import PoolTable
+    from lbproxy.proxy.request_metrics import Exchange
     from lbproxy.routing.state import Endpoint
 
 log = logging.getLogger("lbproxy.tracing")

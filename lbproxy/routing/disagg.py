@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lbproxy.routing.interfaces import PrefixMatcher
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.state import Decision, Endpoint, RequestContext
 
@@ -64,11 +63,10 @@ def cached_prompt_tokens(router: Router, ctx: RequestContext, ep: Endpoint) -> i
     """What the router's prefix scorers believe `ep` holds of the prompt (the best of
     them), or None when the profile has no prefix scorer."""
     best: int | None = None
-    for ws in router.scorers:
-        if isinstance(ws.scorer, PrefixMatcher):
-            n = ws.scorer.cached_tokens(ctx, ep)
-            if best is None or n > best:
-                best = n
+    for matcher in router.prefix_matchers:
+        n = matcher.cached_tokens(ctx, ep)
+        if best is None or n > best:
+            best = n
     return best
 
 

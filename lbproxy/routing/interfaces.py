@@ -7,8 +7,20 @@ Contracts (the pipeline enforces them, plugins may rely on them):
   pipeline, then multiplied by the scorer's weight and summed.
 - A Picker orders the candidates best first; the first one is chosen and the rest are
   the retry order. Ties must be broken with the `rng` it is given (seeded in tests).
-- `on_routed` (optional on any plugin) is told which endpoint a request went to, so
-  that stateful plugins (round-robin, prefix indexes) can learn.
+
+Optional hooks, each a protocol below; the pipeline (`Router`) sorts its plugins by them
+once, when it is built, and callers ask the router's lists, never a plugin's name:
+- `RoutedObserver.on_routed`: told which endpoint a request went to, so that stateful
+  plugins (round-robin, prefix indexes) can learn. A retry on another endpoint is told
+  the same way (the request went there after all); there is no separate retry hook.
+- `Forgetful.forget`: a backend left the pool; drop what was learnt about it.
+- `PrefixMatcher.cached_tokens`: how much of the prompt a backend caches (P/D routing).
+- `IndexStatsProvider`: size of a prefix index and hit/query block counters, for
+  `/metrics` and the dashboard, labelled by the plugin's `name`.
+
+State between `score()` and `on_routed()` of one request (a prompt's hash chain, the
+match) lives on the request, in `ctx.scratch[plugin]`, never on the plugin: flow control
+and P/D rank several requests before committing any of them.
 
 No plugin reads a clock or performs I/O: `now` is passed in.
 """
@@ -17,7 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -67,6 +79,13 @@ class RoutedObserver(Protocol):
 
 
 @runtime_checkable
+class Forgetful(Protocol):
+    """A plugin that learns per backend: told when a backend leaves its pool."""
+
+    def forget(self, endpoint_name: str) -> None: ...
+
+
+@runtime_checkable
 class PrefixMatcher(Protocol):
     """A scorer that knows how much of a prompt each backend caches (P/D routing asks it
     for the uncached part of a prompt on the chosen prefill backend)."""
@@ -75,6 +94,26 @@ class PrefixMatcher(Protocol):
         """Prompt tokens `endpoint` holds by the match `score` last computed for `ctx`
         (0 if `score` has not seen `ctx`)."""
         ...
+
+
+class IndexStats(TypedDict):
+    entries: int  # (backend, block) entries held
+    keys: int  # distinct keys (prompt heads, block hashes)
+    approx_bytes: int  # estimated memory
+
+
+@runtime_checkable
+class IndexStatsProvider(Protocol):
+    """A plugin with a prefix index, for observability (never read by routing).
+
+    `hit_blocks` / `query_blocks`: per backend name, prompt blocks of the requests routed
+    to it that the index believed it held / that were looked up (monotonic counters)."""
+
+    name: str
+    hit_blocks: dict[str, int]
+    query_blocks: dict[str, int]
+
+    def index_stats(self) -> IndexStats: ...
 
 
 @dataclass(slots=True)

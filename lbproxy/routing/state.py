@@ -95,6 +95,9 @@ class RequestContext:
     first use unless the caller set `raw_prompt`. Token ids are given by the caller
     before routing (`set_token_ids`: the proxy computes them off the event loop when the
     pool's scorers read them), or computed on first use by `_tokenize` (tests, tools).
+    `scratch` holds what a plugin's score() computed for this request for its later hooks
+    (on_routed, cached_tokens), keyed by the plugin object: such state belongs to the
+    request, since several requests may be ranked before any is committed.
     """
 
     model: str
@@ -107,6 +110,7 @@ class RequestContext:
     prompt_token_estimate: int = 0
     _tokenize: Callable[[RequestContext], Sequence[int]] | None = None
     _token_ids: Sequence[int] | None = None
+    scratch: dict[object, Any] = field(default_factory=dict)
 
     def prompt_bytes(self) -> bytes:
         if self.raw_prompt is None:

@@ -1,4 +1,5 @@
-"""Built-in routing plugins, one module each. Add a new one to BUILTIN_MODULES."""
+"""Built-in routing plugins, one module each. Add a new one to BUILTIN_MODULES (the one
+registry line a new plugin needs; see `routing.registry`)."""
 
 from lbproxy.routing.plugins import (
     decode_latency,

@@ -36,8 +36,8 @@ from typing import cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lbproxy.routing.interfaces import BuildContext
-from lbproxy.routing.plugins.prefix_hash import HotspotRule
+from lbproxy.routing.interfaces import BuildContext, IndexStats
+from lbproxy.routing.plugins._hotspot import HotspotRule
 from lbproxy.routing.precise_index import PreciseIndex, ReportMode
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -61,6 +61,17 @@ class Params(BaseModel):
     kv_cache_report_mode: ReportMode = "incremental"
 
 
+class _Scratch:
+    """What score() computed for one request, kept on it (`ctx.scratch[scorer]`): keys
+    per block size, and the blocks each endpoint holds by the match."""
+
+    __slots__ = ("counts", "keys")
+
+    def __init__(self) -> None:
+        self.keys: dict[int, list[int]] = {}
+        self.counts: dict[str, int] = {}
+
+
 class PrecisePrefixScorer:
     name = TYPE
 
@@ -75,12 +86,7 @@ class PrecisePrefixScorer:
             1.0 if flow_control else params.hotspot_discount,
             params.spread_unmatched,
         )
-        # Keys per block size of the request being routed, for the on_routed that follows.
-        self._last_ctx: RequestContext | None = None
-        self._last_keys: dict[int, list[int]] = {}
         # Observability, as in prefix-hash: blocks routed to each endpoint and the matched ones.
-        self._counts_ctx: RequestContext | None = None
-        self._counts: dict[str, int] = {}
         self.hit_blocks: dict[str, int] = {}
         self.query_blocks: dict[str, int] = {}
 
@@ -93,14 +99,19 @@ class PrecisePrefixScorer:
             bs = ep.metrics.block_size
         return bs or self.default_block_size
 
+    def _scratch(self, ctx: RequestContext) -> _Scratch:
+        memo = ctx.scratch.get(self)
+        if memo is None:
+            memo = ctx.scratch[self] = _Scratch()
+        return memo
+
     def keys(self, ctx: RequestContext, block_size: int) -> list[int]:
-        if ctx is not self._last_ctx:
-            self._last_ctx, self._last_keys = ctx, {}
-        keys = self._last_keys.get(block_size)
+        memo = self._scratch(ctx).keys
+        keys = memo.get(block_size)
         if keys is None:
             tokens = ctx.token_ids()
             keys = self.index.keys_for(tokens, block_size, self.max_blocks) if tokens else []
-            self._last_keys[block_size] = keys
+            memo[block_size] = keys
         return keys
 
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
@@ -117,6 +128,8 @@ class PrecisePrefixScorer:
                 known[i] = self._geometry_block_size(endpoints[i])
         sizes = cast(list[int], known)
         distinct = set(sizes)
+        matched = self._scratch(ctx).counts
+        matched.clear()  # a new ranking of this request: its last match no longer holds
         for bs in distinct:
             keys = self.keys(ctx, bs)
             if not keys:
@@ -127,9 +140,7 @@ class PrecisePrefixScorer:
             counts = self.index.match_keys(keys, group, now)
             if not counts:
                 continue
-            if self._counts_ctx is not ctx:
-                self._counts_ctx, self._counts = ctx, {}
-            self._counts.update(counts)
+            matched.update(counts)
             inv = 1.0 / len(keys)
             if len(counts) <= 8:  # usually a few holders: find them with C-level scans
                 for name, c in counts.items():
@@ -141,9 +152,17 @@ class PrecisePrefixScorer:
         return self.hotspot.adjust(scores, endpoints, room)
 
     def cached_tokens(self, ctx: RequestContext, endpoint: Endpoint) -> int:
-        if ctx is not self._counts_ctx:
+        memo = ctx.scratch.get(self)
+        if memo is None:
             return 0
-        return self._counts.get(endpoint.name, 0) * self.block_size_of(endpoint)
+        return memo.counts.get(endpoint.name, 0) * self.block_size_of(endpoint)
+
+    def forget(self, endpoint_name: str) -> None:
+        self.index.forget(endpoint_name)
+
+    def index_stats(self) -> IndexStats:
+        s = self.index.stats()
+        return {"entries": s["entries"], "keys": s["keys"], "approx_bytes": s["approx_bytes"]}
 
     def free_room(self, endpoints: Sequence[Endpoint]) -> list[float] | None:
         """Free KV tokens per endpoint, or None if any endpoint's num_gpu_blocks is unknown."""
@@ -167,8 +186,8 @@ class PrecisePrefixScorer:
             return
         name = endpoint.name
         self.query_blocks[name] = self.query_blocks.get(name, 0) + len(keys)
-        if ctx is self._counts_ctx:
-            self.hit_blocks[name] = self.hit_blocks.get(name, 0) + self._counts.get(name, 0)
+        counts = self._scratch(ctx).counts
+        self.hit_blocks[name] = self.hit_blocks.get(name, 0) + counts.get(name, 0)
         if self.speculative_ttl > 0:
             self.index.speculate(name, keys, now, self.speculative_ttl)
 

@@ -30,7 +30,7 @@ not each endpoint's: endpoints' geometry arrives late (from a scrape) and may di
 within a pool, and changing the block size would invalidate every hash learnt so far.
 Bytes-per-token is an estimate anyway, so block boundaries cannot line up with vLLM's.
 
-Anti-hotspot (`HotspotRule`, below): an endpoint whose in-flight count exceeds the least
+Anti-hotspot (`HotspotRule`, in `_hotspot`): an endpoint whose in-flight count exceeds the least
 busy candidate's by more than `hotspot_margin` and is over `hotspot_factor` times it has
 its score multiplied by `hotspot_discount` (default 0), so a burst on one hot prefix
 spills to idle backends before the next metrics scrape shows the queue.
@@ -46,16 +46,16 @@ by coin-flip and one backend can be filled past its cache while another stays em
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from itertools import compress, repeat
-from operator import add, attrgetter, is_
+from operator import attrgetter, is_
 
 from pydantic import BaseModel, ConfigDict, Field
 from xxhash import xxh64_intdigest
 
-from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.interfaces import BuildContext, IndexStats
+from lbproxy.routing.plugins._hotspot import HotspotRule
 from lbproxy.routing.prefix_index import ChainHasher, PrefixIndex, block_ends
 from lbproxy.routing.state import Endpoint, RequestContext
 
@@ -69,7 +69,6 @@ BYTES_PER_TOKEN = 4
 # of every unmatched request would double the prefix scorer's cost at 256 backends.
 CAPACITY_TTL = 10.0
 _name = attrgetter("name")
-_in_flight = attrgetter("in_flight")
 
 
 class Params(BaseModel):
@@ -86,86 +85,15 @@ class Params(BaseModel):
     spread_unmatched: float = Field(0.1, ge=0, le=1)
 
 
-@dataclass(frozen=True, slots=True)
-class HotspotRule:
-    """Keep a hot prefix from piling every request onto the endpoints that hold it.
+class _Scratch:
+    """What score() computed for one request, kept on it (`ctx.scratch[scorer]`) for the
+    on_routed() / cached_tokens() that follow: its hash chain and the index's match."""
 
-    Load is the in-flight request count, kept exactly by the proxy, so the rule reacts
-    within a burst, before the next metrics scrape shows a queue. An endpoint is hot when
+    __slots__ = ("counts", "hashes")
 
-        load - min_load > margin  and  load > factor * min_load
-
-    (min_load over the candidates; both conditions, as in SGLang's cache-aware router).
-    A hot endpoint's prefix score is multiplied by `discount` (0: its cache no longer
-    attracts requests and the load scorers decide). The spilled request teaches another
-    endpoint the prefix, so a hot prefix spreads only when one holder is clearly busier.
-    The defaults (32, 2.0) leave random imbalance at moderate load alone: a spill makes
-    a prefix group permanently two-homed, so it must not happen by chance.
-
-    When no candidate matches more than `spread` of the prompt (a new prefix, a short
-    common head, or every holder is hot), `tie_break` is added to the scores: a small term
-    so that new prefix groups land where the cache has room and on idle endpoints rather
-    than collide by coin-flip while the metrics are still equal. It is small next to the
-    load scorers, and a match worth more than it is left alone.
-    """
-
-    margin: float = 32.0
-    factor: float = 2.0
-    discount: float = 0.0
-    spread: float = 0.1
-
-    def adjust(
-        self,
-        scores: list[float],
-        endpoints: Sequence[Endpoint],
-        free_room: Callable[[], list[float]] | None = None,
-    ) -> list[float]:
-        """Apply the rule to a scorer's prefix scores (in place when possible).
-
-        `free_room()` gives each endpoint's free cache room (any unit, the same for all),
-        asked only when a tie is to be broken; None when the scorer cannot tell."""
-        if len(endpoints) < 2:
-            return scores
-        if self.discount < 1.0 and any(scores):
-            lo = min(map(_in_flight, endpoints))
-            limit = max(lo + self.margin, lo * self.factor)
-            for i in compress(range(len(scores)), scores):  # the matched ones only
-                if endpoints[i].in_flight > limit:
-                    scores[i] *= self.discount
-        if self.spread and max(scores) < self.spread:
-            tie = self.tie_break(endpoints, free_room() if free_room else None)
-            if tie is not None:
-                return list(map(add, scores, tie)) if any(scores) else tie
-        return scores
-
-    def tie_break(
-        self, endpoints: Sequence[Endpoint], free: list[float] | None
-    ) -> list[float] | None:
-        """spread x (least-in-flight + 2 x room) / 3 per endpoint, None when all are equal.
-
-        room = free / the most free among the candidates (1 when unknown or all equal):
-        proportional, so that the few units a short prompt takes do not outweigh a
-        request in flight (which would herd unmatched requests onto one endpoint until
-        the next scrape), while a group's worth of cache does. Room counts double: it
-        decides where the group's later requests hit, and the load scorers weigh load.
-        """
-        # One comprehension per case (faster than chains of maps): this runs for every
-        # unmatched request, over every candidate. A negative room (a capacity that shrank
-        # below the working set) is left negative: the pipeline clamps the score.
-        loads = list(map(_in_flight, endpoints))
-        lo, hi = min(loads), max(loads)
-        w = self.spread / 3.0
-        top = max(free) if free else 0.0
-        if not (free and top > 0.0 and min(free) < top):  # rooms equal or unknown
-            if lo == hi:
-                return None  # nothing to break ties with
-            k = w / (hi - lo)
-            return [k * (hi - ld) + 2.0 * w for ld in loads]
-        r = 2.0 * w / top
-        if lo == hi:  # least-in-flight 1 for all
-            return [w + r * f for f in free]
-        k = w / (hi - lo)
-        return [k * (hi - ld) + r * f for ld, f in zip(loads, free, strict=True)]
+    def __init__(self, hashes: list[int]) -> None:
+        self.hashes = hashes
+        self.counts: dict[str, int] | None = None
 
 
 class PrefixHashScorer:
@@ -194,31 +122,30 @@ class PrefixHashScorer:
         # current by on_routed, read afresh every CAPACITY_TTL.
         self._free: dict[str, int] = {}
         self._free_at = float("-inf")
-        # Routing is sequential: the hashes computed in score() serve the on_routed() that
-        # follows. Holding the ctx keeps `is` identity meaningful.
-        self._last_ctx: RequestContext | None = None
-        self._last_hashes: list[int] = []
         # Observability: per endpoint name, blocks of the requests routed to it and how many
         # of them the index believed it held (read by lbproxy's /metrics, never by routing).
-        self._counts_ctx: RequestContext | None = None
-        self._counts: dict[str, int] | None = None
         self.hit_blocks: dict[str, int] = {}
         self.query_blocks: dict[str, int] = {}
 
+    def _scratch(self, ctx: RequestContext) -> _Scratch:
+        memo = ctx.scratch.get(self)
+        if memo is None:
+            model = self.model or ctx.model
+            if model != self._seed_of[0]:
+                self._seed_of = (model, xxh64_intdigest(model.encode()))
+            memo = ctx.scratch[self] = _Scratch(
+                self.hasher.hashes(ctx.prompt_bytes(), self._seed_of[1])
+            )
+        return memo
+
     def hashes(self, ctx: RequestContext) -> list[int]:
-        if ctx is self._last_ctx:
-            return self._last_hashes
-        model = self.model or ctx.model
-        if model != self._seed_of[0]:
-            self._seed_of = (model, xxh64_intdigest(model.encode()))
-        hashes = self.hasher.hashes(ctx.prompt_bytes(), self._seed_of[1])
-        self._last_ctx, self._last_hashes = ctx, hashes
-        return hashes
+        """The request's hash chain (computed once per request, kept on it)."""
+        return self._scratch(ctx).hashes
 
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
-        hashes = self.hashes(ctx)
-        counts = self.index.match(hashes) if hashes else None
-        self._counts_ctx, self._counts = ctx, counts
+        memo = self._scratch(ctx)
+        hashes = memo.hashes
+        counts = memo.counts = self.index.match(hashes) if hashes else None
         scores = [0.0] * len(endpoints)
         if counts:
             units = self._units
@@ -249,19 +176,22 @@ class PrefixHashScorer:
         return out  # type: ignore[return-value]
 
     def cached_tokens(self, ctx: RequestContext, endpoint: Endpoint) -> int:
-        if ctx is not self._counts_ctx or not self._counts:
+        memo = ctx.scratch.get(self)
+        counts = memo.counts if memo is not None else None
+        if not counts:
             return 0
-        c = self._counts.get(endpoint.name, 0)
+        c = counts.get(endpoint.name, 0)
         return self._units[c - 1] * self.block_size if c else 0
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
-        hashes = self.hashes(ctx)
+        memo = self._scratch(ctx)
+        hashes = memo.hashes
         if hashes:
             name = endpoint.name
             units = self._units
             self.query_blocks[name] = self.query_blocks.get(name, 0) + units[len(hashes) - 1]
-            if self._counts and ctx is self._counts_ctx:
-                c = self._counts.get(name, 0)
+            if memo.counts:
+                c = memo.counts.get(name, 0)
                 self.hit_blocks[name] = self.hit_blocks.get(name, 0) + (units[c - 1] if c else 0)
             cap = self.capacity(endpoint)
             self.index.insert(name, hashes, cap, self._weights)
@@ -286,6 +216,10 @@ class PrefixHashScorer:
     def forget(self, endpoint_name: str) -> None:
         self.index.forget(endpoint_name)
         self._free.pop(endpoint_name, None)
+
+    def index_stats(self) -> IndexStats:
+        s = self.index.stats()
+        return {"entries": s["entries"], "keys": s["hashes"], "approx_bytes": s["approx_bytes"]}
 
 
 def build(params: Params, bctx: BuildContext) -> PrefixHashScorer:

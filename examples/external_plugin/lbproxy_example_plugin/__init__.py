@@ -1,0 +1,1 @@
+"""Example external routing plugins for lbproxy (see README.md)."""

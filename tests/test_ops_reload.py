@@ -249,3 +249,14 @@ def test_kv_subscriber_restarts_only_when_its_sources_change(fake_backends, file
     r = _reload(proxy, cfg(kv=False))
     assert r.json()["kv_subscriber_restarted"] is True and proxy.state.kv_subscriber is None
     assert _send(proxy.url, 4) == [200] * 4
+
+
+def test_a_change_to_shared_state_is_reported_as_needing_a_restart(
+    fake_backends, file_proxy
+) -> None:
+    b0 = fake_backends(1)[0]
+    proxy = file_proxy(_cfg([b0]))
+    r = _reload(proxy, {**_cfg([b0]), "state": {"redis": "redis://127.0.0.1:9/0"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["restart_required"] == ["state"]
+    assert _send(proxy.url, 2) == [200, 200]  # still serving, without Redis

@@ -72,6 +72,7 @@ _RESTART_ONLY = (
     ("shutdown_grace",),
     ("tracing",),
     ("discovery",),
+    ("state",),  # replicas' Redis: the sharing is wired at start
 )
 
 

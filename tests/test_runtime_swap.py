@@ -4,12 +4,10 @@ request in flight across a reload finishes on the runtime it started with."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from lbproxy.routing.plugins.round_robin import RoundRobinPicker
 from lbproxy.routing.registry import PLUGINS, register
 from tests.conftest import proxy_config
 from tests.ops_helpers import admin_headers, start_proxy_from_file, write_config
+from tests.stream_gaps import gaps_around
 
 # ---- a routing plugin that counts its builds and may take its time ------------------------
 
@@ -83,39 +82,14 @@ def _cfg(backends: list[Any], **kw: Any) -> dict[str, Any]:
 
 
 async def _gaps_around_reload(proxy: RunningProxy, path: Path, new: dict[str, Any]) -> Any:
-    """Relay a steady stream; once it flows, reload. Returns the stream's largest gap
-    while the reload ran, the largest gap before it, and the reload's answer."""
-    arrivals: list[float] = []
-    started = asyncio.Event()
-    window: list[float] = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+    """The stream's largest gap while a reload runs, the gap before, the reload's answer."""
 
-        async def stream() -> None:
-            body = {"model": "fake-model", "prompt": "hi", "stream": True, "max_tokens": 500}
-            async with s.post(proxy.url + "/v1/completions", json=body) as r:
-                assert r.status == 200, await r.text()
-                async for line in r.content:
-                    if line.startswith(b"data: {"):
-                        arrivals.append(time.perf_counter())
-                        if len(arrivals) == 60:
-                            started.set()
+    async def reload(s: aiohttp.ClientSession) -> tuple[int, Any]:
+        write_config(path, new)
+        async with s.post(proxy.admin_url + "/admin/reload", headers=admin_headers()) as r:
+            return r.status, await r.json()
 
-        async def reload() -> tuple[int, Any]:
-            await started.wait()
-            write_config(path, new)
-            window.append(time.perf_counter())
-            url = proxy.admin_url + "/admin/reload"
-            async with s.post(url, headers=admin_headers()) as r:
-                answer = (r.status, await r.json())
-            window.append(time.perf_counter())
-            return answer
-
-        _, answer = await asyncio.gather(stream(), reload())
-    t0, t1 = window
-    during = [b - a for a, b in pairwise(arrivals) if b >= t0 and a <= t1]
-    before = [b - a for a, b in pairwise(arrivals[10:60])]
-    assert during, "the stream ended before the reload was done"
-    return max(during), max(before), answer
+    return await gaps_around(proxy.url, reload)
 
 
 def test_reload_builds_the_slow_router_off_the_loop(

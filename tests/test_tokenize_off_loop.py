@@ -4,12 +4,10 @@ the streams the proxy is relaying."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 import time
 from array import array
-from itertools import pairwise
 from typing import Any
 
 import aiohttp
@@ -20,6 +18,7 @@ from lbproxy.tokenization.token_cache import INLINE_FRESH_BYTES, PromptTokenizer
 from lbproxy.tokenization.tokenizer import Tokenizer, default_tokenizer
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
+from tests.stream_gaps import gaps_around
 
 SYLLABLES = ["an", "ro", "zir", "lo", "wex", "kest", "fos", "ul", "jin", "mon", "ny", "qua"]
 
@@ -52,40 +51,15 @@ def precise_config(backends: list[FakeBackend], **kw: Any) -> dict[str, Any]:
 
 
 async def _stream_gaps_around_cold_prompt(url: str, prompt: str) -> tuple[float, float, int]:
-    """Relay a steady stream; once it flows, send the cold prompt. Returns the stream's
-    largest inter-chunk gap while the cold request was being handled, the baseline
-    largest gap before it, and the cold request's status."""
-    arrivals: list[float] = []
-    started = asyncio.Event()
-    window: list[float] = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+    """The stream's largest gap while a cold prompt is handled, the gap before, its status."""
 
-        async def stream() -> None:
-            body = {"model": "fake-model", "prompt": "hello", "stream": True, "max_tokens": 500}
-            async with s.post(url + "/v1/completions", json=body) as r:
-                assert r.status == 200, await r.text()
-                async for line in r.content:
-                    if line.startswith(b"data: {"):
-                        arrivals.append(time.perf_counter())
-                        if len(arrivals) == 60:
-                            started.set()
+    async def cold(s: aiohttp.ClientSession) -> int:
+        body = {"model": "fake-model", "prompt": prompt, "max_tokens": 1}
+        async with s.post(url + "/v1/completions", json=body) as r:
+            await r.read()
+            return r.status
 
-        async def cold() -> int:
-            await started.wait()
-            window.append(time.perf_counter())
-            body = {"model": "fake-model", "prompt": prompt, "max_tokens": 1}
-            async with s.post(url + "/v1/completions", json=body) as r:
-                await r.read()
-                window.append(time.perf_counter())
-                return r.status
-
-        _, status = await asyncio.gather(stream(), cold())
-    t0, t1 = window
-    # gaps that overlap the cold request's handling, up to the first chunk after it
-    during = [b - a for a, b in pairwise(arrivals) if b >= t0 and a <= t1]
-    before = [b - a for a, b in pairwise(arrivals[10:60])]
-    assert during, "the stream ended before the cold request was handled"
-    return max(during), max(before), status
+    return await gaps_around(url, cold)
 
 
 def test_cold_long_prompt_does_not_stall_concurrent_streams(

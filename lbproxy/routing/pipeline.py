@@ -105,11 +105,14 @@ class Router:
         if not candidates:
             return None
         self._decisions += 1
-        if not self._decisions & (TIME_EVERY - 1):
-            return self._rank_timed(ctx, candidates, now, gates)
+        # One decision in TIME_EVERY times each plugin call; the others read no clock.
+        hist = None if self._decisions & (TIME_EVERY - 1) else self.plugin_seconds
         reasons: list[str] = []
         for f in self.filters if gates else self._ungated:
+            t0 = perf_counter() if hist is not None else 0.0
             kept = f.filter(ctx, candidates, now)
+            if hist is not None:
+                hist[f.name].observe(perf_counter() - t0)
             if kept:
                 if len(kept) != len(candidates):
                     reasons.append(f"{f.name} kept {len(kept)}/{len(candidates)}")
@@ -120,56 +123,20 @@ class Router:
         totals = [0.0] * len(candidates)
         score_lists: list[tuple[str, list[float]]] = []
         for ws in self.scorers:
-            # Clamp to [0, 1]; NaN (s != s) counts as 0.
-            clamped = [
-                0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s)
-                for s in ws.scorer.score(ctx, candidates, now)
-            ]
-            w = ws.weight
-            totals = [t + w * s for t, s in zip(totals, clamped, strict=True)]
-            score_lists.append((ws.scorer.name, clamped))
-
-        ranked = self.picker.pick(ctx, candidates, totals, self.rng)
-        return Decision(
-            endpoint=ranked[0],
-            ranked=ranked,
-            candidates=candidates,
-            score_lists=score_lists,
-            total_list=totals,
-            reason="; ".join(reasons),
-        )
-
-    def _rank_timed(
-        self, ctx: RequestContext, candidates: list[Endpoint], now: float, gates: bool
-    ) -> Decision:
-        """`rank`, each plugin call timed into `plugin_seconds` (a sampled decision)."""
-        hist = self.plugin_seconds
-        reasons: list[str] = []
-        for f in self.filters if gates else self._ungated:
-            t0 = perf_counter()
-            kept = f.filter(ctx, candidates, now)
-            hist[f.name].observe(perf_counter() - t0)
-            if kept:
-                if len(kept) != len(candidates):
-                    reasons.append(f"{f.name} kept {len(kept)}/{len(candidates)}")
-                candidates = kept
-            else:
-                reasons.append(f"{f.name} would drop all; kept all")
-
-        totals = [0.0] * len(candidates)
-        score_lists: list[tuple[str, list[float]]] = []
-        for ws in self.scorers:
-            t0 = perf_counter()
+            t0 = perf_counter() if hist is not None else 0.0
             raw = ws.scorer.score(ctx, candidates, now)
-            hist[ws.scorer.name].observe(perf_counter() - t0)
+            if hist is not None:
+                hist[ws.scorer.name].observe(perf_counter() - t0)
+            # Clamp to [0, 1]; NaN (s != s) counts as 0.
             clamped = [0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s) for s in raw]
             w = ws.weight
             totals = [t + w * s for t, s in zip(totals, clamped, strict=True)]
             score_lists.append((ws.scorer.name, clamped))
 
-        t0 = perf_counter()
+        t0 = perf_counter() if hist is not None else 0.0
         ranked = self.picker.pick(ctx, candidates, totals, self.rng)
-        hist[self.picker.name].observe(perf_counter() - t0)
+        if hist is not None:
+            hist[self.picker.name].observe(perf_counter() - t0)
         return Decision(
             endpoint=ranked[0],
             ranked=ranked,

@@ -35,8 +35,9 @@ pipeline itself, and the queue / KV / saturation plugins, are O(backends)).
 `--out FILE` writes the rows as JSON with the command line, the commit of the lbproxy
 code measured (the checkout the `lbproxy` package was imported from: run it from another
 checkout with PYTHONPATH to measure that code), the date and the machine's load averages
-before and after. An existing FILE is extended: rows of the same case and pool size are
-replaced, so runs of one pool size at a time can be interleaved with another checkout's.
+before and after. An existing FILE is extended, and each cell of its table is the median over
+the runs that measured it: runs of one pool size at a time can be interleaved with
+another checkout's, in as many rounds as wanted.
 `--table FILE` prints the markdown table from a file; with two files, "before -> after".
 """
 
@@ -424,12 +425,25 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
 
 
 def merged_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every (case, backends) row of the runs, the latest run's where several have it."""
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    """Every (case, backends) row of the runs: the median over the runs that have it (so
+    rounds of interleaved runs add up), with how many runs and which commits."""
+    rows: dict[tuple[str, int], list[tuple[dict[str, Any], str]]] = {}
     for run_ in runs:
         for r in run_["rows"]:
-            rows[(r["case"], r["backends"])] = {**r, "commit": run_["commit"]}
-    return list(rows.values())
+            rows.setdefault((r["case"], r["backends"]), []).append((r, run_["commit"]))
+    out = []
+    for (case, nb), got in rows.items():
+        out.append(
+            {
+                "case": case,
+                "backends": nb,
+                "decision_us": statistics.median(r["decision_us"] for r, _ in got),
+                "prefix_part_us": statistics.median(r["prefix_part_us"] for r, _ in got),
+                "runs": len(got),
+                "commits": sorted({c for _, c in got}),
+            }
+        )
+    return out
 
 
 def print_run(result: dict[str, Any]) -> None:

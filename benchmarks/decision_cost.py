@@ -14,7 +14,9 @@ in `on_routed`) with:
   the cost of caching it); warm = a later request of the group (the system prompt's ids
   spliced from the cache, the rest encoded); "warm, ids as array" = the same returning
   `array('I')`, which the precise index converts to bytes without a per-token loop;
-  cached = the whole prompt's ids cached (routing work alone). The precise rows mark each
+  "token ids given" = the prompt's ids handed to routing as an `array('I')`, as the
+  proxy's forwarder does after tokenising off the event loop (`proxy/prompt_ids.py`):
+  routing work alone. The precise rows mark each
   request's question with a number of its own (first, so it differs from every earlier
   prompt right after the system prompt, and never repeats across runs). If the lbproxy
   modules are absent, `tokenizers` directly: cold = a full encode, warm = the system
@@ -27,20 +29,33 @@ sent to its best-scoring backend, to show what does and does not grow with the p
 pipeline itself, and the queue / KV / saturation plugins, are O(backends)).
 
     python benchmarks/decision_cost.py [--decisions 300] [--repeat 7] [--backends 4 20 256]
-        [--clock wall|cpu]
+        [--clock wall|cpu] [--out FILE]
+    python benchmarks/decision_cost.py --table FILE [AFTER_FILE]
+
+`--out FILE` writes the rows as JSON with the command line, the commit of the lbproxy
+code measured (the checkout the `lbproxy` package was imported from: run it from another
+checkout with PYTHONPATH to measure that code), the date and the machine's load averages
+before and after. An existing FILE is extended, and each cell of its table is the median over
+the runs that measured it: runs of one pool size at a time can be interleaved with
+another checkout's, in as many rounds as wanted.
+`--table FILE` prints the markdown table from a file; with two files, "before -> after".
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lbproxy.routing.interfaces import BuildContext
@@ -251,7 +266,7 @@ def run(args: argparse.Namespace) -> None:
     def text_ctx(text: str) -> RequestContext:
         return RequestContext(model="m", raw_prompt=text.encode())
 
-    full_cache: dict[str, list[int]] = {}
+    full_cache: dict[str, array[int]] = {}
     # One warm PromptTokenizer for the whole run, primed with the first requests of each
     # group (cold), then past its first self-checked splices (a full encode each).
     warm_pt = prompt_tokenizer(tok)
@@ -260,13 +275,14 @@ def run(args: argparse.Namespace) -> None:
             warm_pt.ids_for_body(body_of(wl.fresh(next(seq) // GROUPS * GROUPS + i % GROUPS)[1]))
 
     def tok_ctx(i: int, mode: str) -> RequestContext:
-        if mode == "cached":
+        if mode == "given":
             g, text = wl.prompt(i)
             ids = full_cache.get(text)
             if ids is None:
-                ids = full_cache[text] = encode(text)
-            fn: Callable[[RequestContext], Any] = lambda c: ids  # noqa: E731
-            return RequestContext(model="m", raw_prompt=text.encode(), _tokenize=fn)
+                ids = full_cache[text] = array("I", encode(text))
+            ctx = RequestContext(model="m", raw_prompt=text.encode())
+            ctx.set_token_ids(ids)
+            return ctx
         g, text = wl.fresh(next(seq) // GROUPS * GROUPS + i % GROUPS)
         body = body_of(text)
         if warm_pt is None:  # no lbproxy.tokenization.token_cache: the old by-hand versions
@@ -276,7 +292,7 @@ def run(args: argparse.Namespace) -> None:
                 question = text[len(wl.systems[g]) :]
                 fn = lambda c: wl.system_ids[g] + encode(question)  # noqa: E731
         elif mode == "cold":  # the first request of its group: an empty cache
-            fn = prompt_tokenizer(tok)
+            fn: Callable[[RequestContext], Any] = prompt_tokenizer(tok)
         elif mode == "warm":
             fn = warm_pt
         else:  # "warm-array"
@@ -289,6 +305,7 @@ def run(args: argparse.Namespace) -> None:
         return RequestContext(model="m", _tokenize=lambda c: encode(question))
 
     rows: list[tuple[str, int, float, float]] = []
+    load_before = os.getloadavg()
     for nb in args.backends:
         # prefix-hash, steady state
         eps = fleet(nb)
@@ -315,7 +332,7 @@ def run(args: argparse.Namespace) -> None:
             ("cold", "tokeniser cold"),
             ("warm", "tokeniser warm"),
             ("warm-array", "tokeniser warm, ids as array"),
-            ("cached", "token ids cached"),
+            ("given", "token ids given (routing alone)"),
         ):
             if mode == "warm-array" and warm_pt is None:
                 continue
@@ -345,18 +362,107 @@ def run(args: argparse.Namespace) -> None:
     array_alone = median_of_runs(lambda: timed(lambda i: tok_ctx(i, "warm-array"), _tokens, n), 3)
     question_alone = median_of_runs(lambda: timed(question_ctx, _tokens, n), 3)
 
-    print(f"# Routing decision cost, {sample_tokens} tokens / {sample_bytes} bytes per prompt")
+    stats = warm_pt.stats() if warm_pt is not None else None
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "commit": code_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "clock": "thread CPU time" if CLOCK[0] is time.thread_time_ns else "wall time",
+        "python": platform.python_version(),
+        "cpu": f"{cpu_name()}, {os.cpu_count()} CPUs",
+        "tokenizer": tok_name,
+        "prompt": {"tokens": sample_tokens, "bytes": sample_bytes},
+        "settings": {"decisions": n, "repeat": rep, "backends": args.backends},
+        "tokenising_alone_us": {
+            "cold": tok_alone,
+            "warm": warm_alone,
+            "warm_array": array_alone,
+            "question": question_alone,
+        },
+        "warm_prompt_tokenizer": stats,
+        "rows": [
+            {"case": label, "backends": nb, "decision_us": full, "prefix_part_us": own}
+            for label, nb, full, own in rows
+        ],
+    }
+    if args.out:
+        write_result(Path(args.out), result)
+    print_run(result)
+
+
+# ---- result files ------------------------------------------------------------------------------
+
+
+def code_commit() -> str:
+    """The commit of the checkout `lbproxy` was imported from ("+dirty" if it has changes)."""
+    import lbproxy
+
+    tree = Path(lbproxy.__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(tree), *cmd], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "lbproxy")
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({tree})"
+    return commit + ("+dirty" if dirty else "")
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write `result` to `path`, or merge it into the runs already there."""
+    runs: list[dict[str, Any]] = []
+    if path.exists():
+        runs = json.loads(path.read_text())["runs"]
+    runs.append(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs, "rows": merged_rows(runs)}, indent=1) + "\n")
+
+
+def merged_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every (case, backends) row of the runs: the median over the runs that have it (so
+    rounds of interleaved runs add up), with how many runs and which commits."""
+    rows: dict[tuple[str, int], list[tuple[dict[str, Any], str]]] = {}
+    for run_ in runs:
+        for r in run_["rows"]:
+            rows.setdefault((r["case"], r["backends"]), []).append((r, run_["commit"]))
+    out = []
+    for (case, nb), got in rows.items():
+        out.append(
+            {
+                "case": case,
+                "backends": nb,
+                "decision_us": statistics.median(r["decision_us"] for r, _ in got),
+                "prefix_part_us": statistics.median(r["prefix_part_us"] for r, _ in got),
+                "runs": len(got),
+                "commits": sorted({c for _, c in got}),
+            }
+        )
+    return out
+
+
+def print_run(result: dict[str, Any]) -> None:
+    p = result["prompt"]
+    t = result["tokenising_alone_us"]
+    print(f"# Routing decision cost, {p['tokens']} tokens / {p['bytes']} bytes per prompt")
     print()
-    print(f"command: python {' '.join(sys.argv)}")
-    print(f"clock: {'thread CPU time' if CLOCK[0] is time.thread_time_ns else 'wall time'}")
-    print(f"python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} CPUs")
-    print(f"tokenizer: {tok_name}")
+    print(f"command: {result['command']}")
+    print(f"commit {result['commit']}, {result['date']}, clock: {result['clock']}")
+    print(f"load average before {fmt_load(result['load_before'])}, after "
+          f"{fmt_load(result['load_after'])}")  # fmt: skip
+    print(f"python {result['python']}, {result['cpu']}")
+    print(f"tokenizer: {result['tokenizer']}")
     print(
-        f"tokenising alone: cold {tok_alone:.0f} µs, warm {warm_alone:.0f} µs, "
-        f"warm as array {array_alone:.0f} µs (the question alone: {question_alone:.0f} µs)"
+        f"tokenising alone: cold {t['cold']:.0f} µs, warm {t['warm']:.0f} µs, "
+        f"warm as array {t['warm_array']:.0f} µs (the question alone: {t['question']:.0f} µs)"
     )
-    if warm_pt is not None:
-        stats = warm_pt.stats()
+    stats = result["warm_prompt_tokenizer"]
+    if stats is not None:
         print(
             f"warm PromptTokenizer: {stats['hits']} hits, {stats['misses']} misses, "
             f"{stats['verifications']} self-checks, {stats['cached_tokens']} tokens cached "
@@ -365,8 +471,66 @@ def run(args: argparse.Namespace) -> None:
     print()
     print("| profile / case | backends | decision µs (median) | prefix part µs |")
     print("|---|---:|---:|---:|")
-    for label, nb, full, own in rows:
-        print(f"| {label} | {nb} | {full:.1f} | {own:.1f} |")
+    for r in result["rows"]:
+        print(
+            f"| {r['case']} | {r['backends']} | {r['decision_us']:.1f} | "
+            f"{r['prefix_part_us']:.1f} |"
+        )
+
+
+def fmt_load(load: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
+
+
+def fmt_us(us: float) -> str:
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} us"
+
+
+def table(paths: list[str]) -> str:
+    """The markdown table of one result file, or "before -> after" of two."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    cells: list[dict[tuple[str, int], float]] = []
+    cases: list[str] = []
+    sizes: list[int] = []
+    for f in files:
+        c: dict[tuple[str, int], float] = {}
+        for r in f["rows"]:
+            whole = f"{r['case']}: whole decision"
+            part = f"{r['case']}: ... of which the prefix scorer"
+            c[(whole, r["backends"])] = r["decision_us"]
+            c[(part, r["backends"])] = r["prefix_part_us"]
+            for case in (whole, part):
+                if case not in cases:
+                    cases.append(case)
+            if r["backends"] not in sizes:
+                sizes.append(r["backends"])
+        cells.append(c)
+    sizes.sort()
+    lines = []
+    for f, p in zip(files, paths, strict=True):
+        runs = f["runs"]
+        commits = sorted({r["commit"] for r in runs})
+        loads = [x for r in runs for x in (r["load_before"][0], r["load_after"][0])]
+        lines.append(
+            f"{p}: commit {', '.join(commits)}; {len(runs)} run(s) {runs[0]['date']} to "
+            f"{runs[-1]['date']}; {runs[0]['clock']}; 1-min load {min(loads):.2f}-"
+            f"{max(loads):.2f}; {runs[0]['cpu']}"
+        )
+    lines.append("")
+    head = " -> ".join(["before", "after"][: len(files)]) if len(files) > 1 else ""
+    lines.append(
+        "| case | "
+        + " | ".join(f"{n} backends{' (' + head + ')' if head else ''}" for n in sizes)
+        + " |"
+    )
+    lines.append("|---|" + "---:|" * len(sizes))
+    for case in cases:
+        row = []
+        for n in sizes:
+            vals = [c.get((case, n)) for c in cells]
+            row.append(" -> ".join("-" if v is None else fmt_us(v) for v in vals))
+        lines.append(f"| {case} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def body_of(text: str) -> dict[str, Any]:
@@ -384,7 +548,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--backends", type=int, nargs="+", default=[4, 20, 256])
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--out", help="write (or extend) this JSON result file")
+    p.add_argument("--table", nargs="+", metavar="FILE", help="print the table of result files")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     if args.clock == "cpu":
         CLOCK[0] = time.thread_time_ns
     run(args)

@@ -10,7 +10,10 @@ per request read from /proc. Repeated `--repeat` times; medians are reported.
 
 `--flow-control both` runs two lbproxy processes, flow control on and off, and measures
 them in turns in the same run (direct, on, off, per repeat); `--out FILE` writes the rows
-and medians as JSON.
+and medians as JSON, with the command line, the commit of this checkout (lbproxy is
+started from it), the date and the machine's load averages before and after.
+`--table FILE [FILE ...]` prints the markdown table of result files (one row per case
+and file), without running anything.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -166,7 +170,11 @@ def main() -> int:
         help="flow control of the pool (both: two proxies measured in turns)",
     )
     ap.add_argument("--out", help="write the results as JSON to this file")
+    ap.add_argument("--table", nargs="+", metavar="FILE", help="print the table of result files")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
 
     modes = ["on", "off"] if args.flow_control == "both" else [args.flow_control]
     cfgs: list[tuple[str, int, str]] = []
@@ -189,6 +197,8 @@ def main() -> int:
         for _label, _port, path in cfgs
     ]
     results: dict[str, dict[str, dict[str, float]]] = {}
+    load_before = os.getloadavg()
+    date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     try:
         asyncio.run(wait_up(f"http://127.0.0.1:{BACKEND_PORT}/health"))
         for _label, port, _path in cfgs:
@@ -207,28 +217,88 @@ def main() -> int:
             p.wait(10)
         for _label, _port, path in cfgs:
             os.unlink(path)
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "commit": checkout_commit(),
+        "date": date,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "settings": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "repeat": args.repeat,
+            "stream_chunks": args.stream_chunks,
+            "profile": args.profile,
+            "event_loop": loop_name,
+            "flow_control": args.flow_control,
+        },
+        "results": results,
+    }
     if args.out:
-        Path(args.out).write_text(
-            json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
-        )
-
-    print(
-        f"\nlbproxy overhead, {args.concurrency} concurrent, profile {args.profile}, "
-        f"event loop {loop_name}, median of {args.repeat}"
-    )
-    print(
-        "| case | requests | direct req/s | via lbproxy req/s | ratio | added p50 ms | "
-        "added p99 ms | lbproxy CPU ms/request |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(
-            f"| {name} | {int(r['requests'])} | {r['direct_rps']:.0f} | {r['proxy_rps']:.0f} | "
-            f"{r['proxy_rps'] / r['direct_rps']:.2f} | "
-            f"{r['proxy_p50_ms'] - r['direct_p50_ms']:.2f} | "
-            f"{r['proxy_p99_ms'] - r['direct_p99_ms']:.2f} | {r['cpu_ms_per_request']:.3f} |"
-        )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print(render([(args.out or "(this run)", result)]))
     return 0
+
+
+def checkout_commit() -> str:
+    """The commit of this checkout ("+dirty" if lbproxy/ has changes)."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(HERE.parent), *cmd], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "lbproxy")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def table(paths: list[str]) -> str:
+    return render([(p, json.loads(Path(p).read_text())) for p in paths])
+
+
+def settings_from_command(command: str) -> dict[str, str]:
+    """Profile and event loop of a file written before settings were recorded."""
+    words = command.split()
+    profile = words[words.index("--profile") + 1] if "--profile" in words else "round-robin"
+    return {"profile": profile, "event_loop": "uvloop" if "--uvloop" in words else "asyncio"}
+
+
+def render(files: list[tuple[str, dict[str, Any]]]) -> str:
+    """One header line per file (what ran, when, at what load), then one table row per
+    case and file. Files written before the settings were recorded show what they have."""
+    lines = []
+    for path, f in files:
+        st = f.get("settings", {})
+        load = f.get("load_before"), f.get("load_after")
+        lines.append(
+            f"{path}: {f.get('command', '?')}; commit {f.get('commit', '?')}, "
+            f"{f.get('date', '?')}"
+            + (f", 1-min load {load[0][0]:.2f} -> {load[1][0]:.2f}" if all(load) else "")
+            + (f"; median of {st['repeat']}" if "repeat" in st else "")
+        )
+    lines += [
+        "",
+        "| case | profile | event loop | requests | direct req/s | via lbproxy req/s | ratio | "
+        "added p50 ms | added p99 ms | lbproxy CPU ms/request |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for _path, f in files:
+        st = f.get("settings") or settings_from_command(f.get("command", ""))
+        for name, r in f["results"].items():
+            lines.append(
+                f"| {name} | {st.get('profile', '?')} | {st.get('event_loop', '?')} | "
+                f"{int(r['requests'])} | {r['direct_rps']:.0f} | {r['proxy_rps']:.0f} | "
+                f"{r['proxy_rps'] / r['direct_rps']:.2f} | "
+                f"{r['proxy_p50_ms'] - r['direct_p50_ms']:.2f} | "
+                f"{r['proxy_p99_ms'] - r['direct_p99_ms']:.2f} | {r['cpu_ms_per_request']:.3f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

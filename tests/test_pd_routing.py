@@ -271,7 +271,8 @@ def test_decision_uses_the_prefill_side_prefix_index() -> None:
     own = RequestContext(model=MODEL, body={"prompt": LONG, "kv_transfer_params": {}})
     assert dr.plan(own, eps, 0.0).reason == "client_kv_params"
     # Only decode-capable endpoints left after the prefill pick: no split.
-    lone = [Endpoint("b", "http://b", role="both")]
+    # A backend of its own (the one above may hold the prefix now, by the tie-break).
+    lone = [Endpoint("solo", "http://solo", role="both")]
     plan = dr.plan(RequestContext(model=MODEL, body={"prompt": LONG}), lone, 0.0)
     assert not plan.disaggregated and plan.reason == "no_decode_backend"
 

@@ -74,6 +74,8 @@ ReportMode = Literal["incremental", "full"]  # vLLM's per-request kv_cache_repor
 
 def token_bytes(token_ids: Sequence[int]) -> bytes:
     """Token ids as native uint32 bytes, the unit our keys hash."""
+    if type(token_ids) is array and token_ids.typecode == "I":  # as the proxy gives them
+        return token_ids.tobytes()
     return array("I", token_ids).tobytes()
 
 
@@ -100,6 +102,8 @@ class PreciseIndex:
         # re-announcements; kept after their removal to resolve parents and removals.
         self._resent: dict[str, dict[int, int]] = {}
         self._block_size: dict[str, int] = {}
+        # Moves whenever _block_size does: scorers keep each candidate's block size until then.
+        self.block_sizes_version = 0
         # Speculative entries (not confirmed): backend -> key -> expiry, and an expiry heap.
         self._spec_by: dict[str, dict[int, float]] = {}
         self._spec_heap: list[tuple[float, int, str, list[int]]] = []
@@ -166,6 +170,7 @@ class PreciseIndex:
             if known is not None:  # a restart with another geometry: old keys are meaningless
                 self.forget(name)
             self._block_size[name] = bs
+            self.block_sizes_version += 1
         engine = self._engine.setdefault(name, {})
         parent = e.parent_block_hash
         if parent is None:
@@ -291,7 +296,8 @@ class PreciseIndex:
         if spec_by and bit:
             for key in spec_by:
                 self._clear_bit(key, bit)
-        self._block_size.pop(backend_name, None)
+        if self._block_size.pop(backend_name, None) is not None:
+            self.block_sizes_version += 1
         self._bits.release(backend_name)
 
     # ---- speculation -------------------------------------------------------------------

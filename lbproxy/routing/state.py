@@ -9,9 +9,25 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import count
 from typing import Any
 
 from lbproxy.routing.prompt import prompt_bytes_from_body
+
+# Changes to what is scraped (a snapshot or a KV-cache geometry assigned to an endpoint,
+# a snapshot's field written) take a fresh number from _EPOCHS into _LOAD_EPOCH[0], so that
+# plugins can reuse what they computed from them until the next change
+# (`routing.load_cache`). Numbers are never reused (`next` on a count is atomic), so a
+# change made on another thread (the scraper's) is never mistaken for none.
+_EPOCHS = count(1)
+_LOAD_EPOCH = [0]
+_SCRAPED_FIELDS = frozenset({"metrics", "block_size", "num_gpu_blocks"})
+_set = object.__setattr__
+
+
+def load_epoch() -> int:
+    """A number that changes whenever any endpoint's metrics or KV geometry change."""
+    return _LOAD_EPOCH[0]
 
 
 @dataclass(slots=True)
@@ -36,6 +52,12 @@ class MetricsSnapshot:
     # vllm:inter_token_latency_seconds' _sum and _count: mean ITL over an interval.
     itl_sum: float | None = None  # seconds, cumulative
     itl_count: float | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Snapshots are written once per scrape (and edited in place by tests and tools):
+        # every write counts as a load change.
+        _set(self, name, value)
+        _LOAD_EPOCH[0] = next(_EPOCHS)
 
 
 @dataclass(slots=True)
@@ -77,6 +99,13 @@ class Endpoint:
     # Known KV-cache geometry (from vllm:cache_config_info or configuration).
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A new snapshot or geometry is a change (see load_epoch). Other writes (in-flight
+        # counts, twice per request) pay only this call: routing reads them live.
+        _set(self, name, value)
+        if name in _SCRAPED_FIELDS:
+            _LOAD_EPOCH[0] = next(_EPOCHS)
 
     def fresh_metrics(self, now: float, max_age: float) -> MetricsSnapshot | None:
         """The last snapshot if it is at most `max_age` seconds old, else None."""

@@ -3,13 +3,14 @@
 `vllm:kv_cache_usage_perc` (0..1) from a snapshot at most `metrics_max_age` old; not
 normalised across candidates, so a nearly idle pool does not look full of differences.
 Unknown or stale metrics score `stale_as`: "worst" (0, default) or "neutral" (0.5).
+Scores are kept until the metrics change (see `_metrics`).
 """
 
 from __future__ import annotations
 
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins._metrics import FreshMetricsScorer, StaleAsParams
-from lbproxy.routing.state import Endpoint, RequestContext
+from lbproxy.routing.state import Endpoint
 
 TYPE = "kv-cache-util"
 KIND = "scorer"
@@ -20,7 +21,7 @@ Params = StaleAsParams  # stale_as: "worst" (default) | "neutral"
 class KVCacheUtilScorer(FreshMetricsScorer):
     name = TYPE
 
-    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
+    def compute(self, endpoints: list[Endpoint], now: float) -> list[float]:
         max_age = self.max_age
         stale = self.stale_score
         out = []

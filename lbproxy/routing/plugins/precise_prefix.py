@@ -24,14 +24,19 @@ Anti-hotspot and the placement of new prefix groups: the same `HotspotRule` as
 prefix-hash, with the same parameters. Free room = (num_gpu_blocks - blocks the events say
 the endpoint holds) x its block size, when every candidate's num_gpu_blocks is known
 (else in-flight counts alone break the tie).
+
+Cost: the candidates' names, block sizes and capacities are kept until the candidates,
+an endpoint's scraped geometry (`state.load_epoch`) or the block sizes events announced
+change, so a request does no per-endpoint work in Python but the hot-spot rule's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_
+from operator import attrgetter, eq, not_
 from typing import cast
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lbproxy.routing.interfaces import BuildContext, IndexStats
 from lbproxy.routing.plugins._hotspot import HotspotRule
 from lbproxy.routing.precise_index import PreciseIndex, ReportMode
-from lbproxy.routing.state import Endpoint, RequestContext
+from lbproxy.routing.state import Endpoint, RequestContext, load_epoch
 
 TYPE = "precise-prefix"
 KIND = "scorer"
@@ -89,6 +94,10 @@ class PrecisePrefixScorer:
         # Observability, as in prefix-hash: blocks routed to each endpoint and the matched ones.
         self.hit_blocks: dict[str, int] = {}
         self.query_blocks: dict[str, int] = {}
+        # The last candidates' geometry (see `_geometry`) and what it was computed from.
+        self._geo_endpoints: list[Endpoint] = []
+        self._geo_key: tuple[int, int] = (-1, -1)
+        self._geo: _Geometry | None = None
 
     def block_size_of(self, ep: Endpoint) -> int:
         return self.index.block_size_of(ep.name) or self._geometry_block_size(ep)
@@ -114,20 +123,42 @@ class PrecisePrefixScorer:
             memo[block_size] = keys
         return keys
 
+    def _geometry(self, endpoints: list[Endpoint]) -> _Geometry:
+        """The candidates' names, block sizes and capacities, recomputed only when the
+        candidates, their scraped geometry or the announced block sizes changed."""
+        key = (load_epoch(), self.index.block_sizes_version)
+        geo = self._geo
+        if geo is not None and key == self._geo_key and endpoints == self._geo_endpoints:
+            return geo
+        n = len(endpoints)
+        names = list(map(_name, endpoints))
+        known = self.index.block_sizes(names)  # from events
+        if None in known:  # then the endpoint's geometry, its metrics, the parameter
+            known = [k or g for k, g in zip(known, map(_block_size, endpoints), strict=True)]
+            for i in compress(range(n), map(not_, known)):  # None, or a nonsense 0
+                known[i] = self._geometry_block_size(endpoints[i])
+        sizes = cast(list[int], known)
+        capacity: list[int] | None = []
+        for ep in endpoints:
+            blocks = ep.num_gpu_blocks
+            if blocks is None and ep.metrics is not None:
+                blocks = ep.metrics.num_gpu_blocks
+            if not blocks:
+                capacity = None
+                break
+            capacity.append(blocks)
+        geo = _Geometry(names, sizes, set(sizes), capacity)
+        self._geo, self._geo_key, self._geo_endpoints = geo, key, list(endpoints)
+        return geo
+
     def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
         n = len(endpoints)
         scores = [0.0] * n
         room = partial(self.free_room, endpoints)
         if not ctx.token_ids():
             return self.hotspot.adjust(scores, endpoints, room)
-        names = list(map(_name, endpoints))
-        known = self.index.block_sizes(names)  # from events
-        if None in known:  # then the endpoint's geometry, its metrics, the parameter
-            known = [k or g for k, g in zip(known, map(_block_size, endpoints), strict=True)]
-            for i in compress(range(n), map(is_, known, repeat(None))):
-                known[i] = self._geometry_block_size(endpoints[i])
-        sizes = cast(list[int], known)
-        distinct = set(sizes)
+        geo = self._geometry(endpoints)
+        names, sizes, distinct = geo.names, geo.sizes, geo.distinct
         matched = self._scratch(ctx).counts
         matched.clear()  # a new ranking of this request: its last match no longer holds
         for bs in distinct:
@@ -166,17 +197,14 @@ class PrecisePrefixScorer:
 
     def free_room(self, endpoints: Sequence[Endpoint]) -> list[float] | None:
         """Free KV tokens per endpoint, or None if any endpoint's num_gpu_blocks is unknown."""
-        names = list(map(_name, endpoints))
-        held = self.index.held_counts(names)
-        out: list[float] = []
-        for ep, n in zip(endpoints, held, strict=True):
-            blocks = ep.num_gpu_blocks
-            if blocks is None and ep.metrics is not None:
-                blocks = ep.metrics.num_gpu_blocks
-            if not blocks:
-                return None
-            out.append(float((blocks - n) * self.block_size_of(ep)))
-        return out
+        geo = self._geometry(list(endpoints))
+        if geo.capacity is None:
+            return None
+        held = self.index.held_counts(geo.names)
+        return [
+            float((blocks - n) * bs)
+            for blocks, n, bs in zip(geo.capacity, held, geo.sizes, strict=True)
+        ]
 
     def on_routed(self, ctx: RequestContext, endpoint: Endpoint, now: float) -> None:
         if not ctx.token_ids():
@@ -190,6 +218,17 @@ class PrecisePrefixScorer:
         self.hit_blocks[name] = self.hit_blocks.get(name, 0) + counts.get(name, 0)
         if self.speculative_ttl > 0:
             self.index.speculate(name, keys, now, self.speculative_ttl)
+
+
+@dataclass(slots=True, frozen=True)
+class _Geometry:
+    """Per candidate, in order: its name, its block size (events, else geometry, else the
+    parameter) and its capacity in blocks (None: some candidate's is unknown)."""
+
+    names: list[str]
+    sizes: list[int]
+    distinct: set[int]
+    capacity: list[int] | None
 
 
 def shared_index(bctx: BuildContext) -> PreciseIndex:

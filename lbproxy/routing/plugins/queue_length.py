@@ -4,7 +4,7 @@
 the candidates with known values (fewest waiting scores 1, most 0, all equal all 1).
 Unknown or stale metrics score `stale_as`: "worst" (0, default: a backend whose load we
 cannot see is not preferred; when all are unknown the scorer is neutral anyway) or
-"neutral" (0.5).
+"neutral" (0.5). Scores are kept until the metrics change (see `_metrics`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins._metrics import STALE_SCORES as STALE_SCORES  # re-exported
 from lbproxy.routing.plugins._metrics import FreshMetricsScorer, StaleAsParams
 from lbproxy.routing.plugins.least_request import normalise_low_is_good
-from lbproxy.routing.state import Endpoint, RequestContext
+from lbproxy.routing.state import Endpoint
 
 TYPE = "queue"
 KIND = "scorer"
@@ -24,7 +24,7 @@ Params = StaleAsParams  # stale_as: "worst" (default) | "neutral"
 class QueueScorer(FreshMetricsScorer):
     name = TYPE
 
-    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
+    def compute(self, endpoints: list[Endpoint], now: float) -> list[float]:
         max_age = self.max_age
         values: list[float | None] = []
         for ep in endpoints:

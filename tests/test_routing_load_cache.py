@@ -19,7 +19,7 @@ import pytest
 
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router, WeightedScorer
-from lbproxy.routing.plugins.least_request import normalise_low_is_good
+from lbproxy.routing.plugins._scores import normalise_low_is_good
 from lbproxy.routing.plugins.max_score import MaxScorePicker
 from lbproxy.routing.registry import lookup
 from lbproxy.routing.state import Endpoint, MetricsSnapshot, RequestContext

@@ -162,3 +162,26 @@ def test_metrics_and_forget_reach_any_plugin_through_the_protocols(
     assert pool.router.forgetful == [plugin] and pool.router.index_stats == [plugin]
     pool.forget("be1")
     assert plugin.forgotten == ["be1"]
+
+
+def test_plugins_do_not_import_each_other() -> None:
+    """Shared helpers live in `routing/plugins/_*.py`; a plugin module imports no other."""
+    import ast
+    from pathlib import Path
+
+    import lbproxy.routing.plugins as pkg
+
+    offenders = []
+    for path in Path(pkg.__file__).parent.glob("[!_]*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                head, _, last = name.rpartition(".")
+                if head == "lbproxy.routing.plugins" and not last.startswith("_"):
+                    offenders.append(f"{path.name} imports {name}")
+    assert offenders == []

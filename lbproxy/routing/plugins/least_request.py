@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from lbproxy.routing.interfaces import BuildContext
+from lbproxy.routing.plugins._scores import normalise_low_is_good
 from lbproxy.routing.state import Endpoint, RequestContext
 
 TYPE = "least-request"
@@ -17,15 +18,6 @@ KIND = "scorer"
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def normalise_low_is_good(values: list[float]) -> list[float]:
-    """Map values to [0, 1] so that the smallest scores 1 and the largest 0."""
-    lo, hi = min(values), max(values)
-    if hi <= lo:
-        return [1.0] * len(values)
-    span = hi - lo
-    return [(hi - v) / span for v in values]
 
 
 class LeastRequestScorer:

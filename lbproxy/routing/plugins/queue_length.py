@@ -12,7 +12,7 @@ from __future__ import annotations
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.plugins._metrics import STALE_SCORES as STALE_SCORES  # re-exported
 from lbproxy.routing.plugins._metrics import FreshMetricsScorer, StaleAsParams
-from lbproxy.routing.plugins.least_request import normalise_low_is_good
+from lbproxy.routing.plugins._scores import normalise_low_is_good
 from lbproxy.routing.state import Endpoint
 
 TYPE = "queue"

@@ -114,7 +114,11 @@ async def _run_profile(routing: str) -> tuple[dict[int, Counter[str]], float]:
     handles = await _fleet(4)
     proxy: RunningProxy | None = None
     try:
-        proxy = await start_proxy(parse_config(_config(handles, routing)), seed=0)
+        # Grouping, not signal freshness, is under test: a scrape that times out on a busy
+        # machine must not make a group's backend look worst (stale) and split the group.
+        signals = {"metrics_interval": 0.2, "metrics_max_age": 5.0}
+        cfg = _config(handles, routing, signals=signals)
+        proxy = await start_proxy(parse_config(cfg), seed=0)
         reqs = [wl.request(i) for i in range(len(wl))]
         served = await _send_all(proxy.url, [r.body(MODEL, stream=False) for r in reqs], 4)
         by_group: dict[int, Counter[str]] = defaultdict(Counter)

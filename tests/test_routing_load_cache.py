@@ -297,3 +297,38 @@ def test_max_score_single_and_mismatched() -> None:
     assert MaxScorePicker().pick(CTX, [e], [0.3], random.Random(1)) == [e]
     with pytest.raises(ValueError):
         MaxScorePicker().pick(CTX, [e], [0.3, 0.4], random.Random(1))
+
+
+class _Fixed:
+    """A scorer returning one list object until told otherwise (as load scorers do)."""
+
+    def __init__(self, name: str, scores: list[float]) -> None:
+        self.name = name
+        self.scores = scores
+        self.calls = 0
+
+    def score(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> list[float]:
+        self.calls += 1
+        return self.scores
+
+
+def test_the_pipeline_reuses_the_sum_of_unchanged_lists_and_follows_new_ones() -> None:
+    eps = [Endpoint(name=f"e{i}", url=f"http://e{i}") for i in range(4)]
+    load = _Fixed("load", [0.1, 0.9, 2.0, -1.0])  # clamped to 1.0 and 0.0
+    other = _Fixed("other", [0.5, 0.0, 0.0, 0.25])
+    router = Router(
+        [], [WeightedScorer(load, 2.0), WeightedScorer(other, 1.0)], MaxScorePicker(), seed=1
+    )
+
+    def totals() -> list[float]:
+        d = router.route(CTX, eps, 1.0)
+        assert d is not None
+        return d.total_list
+
+    assert totals() == [0.7, 1.8, 2.0, 0.25]
+    assert totals() == [0.7, 1.8, 2.0, 0.25]  # the kept sum, not one added to twice
+    other.scores = [0.0, 1.0, 0.0, 0.0]  # a new list from the other scorer
+    assert totals() == [0.2, 2.8, 2.0, 0.0]
+    load.scores = [0.0, 0.0, 0.0, 1.0]  # a new list from the load scorer
+    assert totals() == [0.0, 1.0, 0.0, 2.0]
+    assert (load.calls, other.calls) == (4, 4)

@@ -4,7 +4,10 @@ Contracts (the pipeline enforces them, plugins may rely on them):
 - A Filter returns a subset of the endpoints it is given, in the same order. It may
   return an empty list; the pipeline then keeps the unfiltered set.
 - A Scorer returns one score per endpoint, in order. Scores are clamped to [0, 1] by the
-  pipeline, then multiplied by the scorer's weight and summed.
+  pipeline, then multiplied by the scorer's weight and summed. A scorer may return the
+  very same list again while its scores hold (the load scorers do, between scrapes): the
+  pipeline then reuses that list's clamped, weighted sum. So a returned list is never
+  changed afterwards, by the scorer or by anyone else.
 - A Picker orders the candidates best first; the first one is chosen and the rest are
   the retry order. Ties must be broken with the `rng` it is given (seeded in tests).
 

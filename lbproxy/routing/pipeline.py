@@ -86,6 +86,12 @@ class Router:
             if name not in self.plugin_seconds:
                 self.plugin_seconds[name] = Histogram(PLUGIN_SECONDS_BUCKETS)
         self._decisions = 0
+        # Per scorer: the last list it returned and that list clamped. A scorer may return
+        # the very same list while its scores hold (the load scorers, between scrapes),
+        # and never changes a list it returned; the pipeline never changes one either.
+        self._last_scores: list[tuple[list[float], list[float]] | None] = [None] * len(scorers)
+        # The weighted sum of such kept lists, and which lists it was made of.
+        self._kept_sum: tuple[list[tuple[float, list[float]]], list[float]] | None = None
 
     def route(self, ctx: RequestContext, endpoints: list[Endpoint], now: float) -> Decision | None:
         """Choose an endpoint for `ctx`, or None when no endpoint is available."""
@@ -120,18 +126,28 @@ class Router:
             else:
                 reasons.append(f"{f.name} would drop all; kept all")
 
-        totals = [0.0] * len(candidates)
         score_lists: list[tuple[str, list[float]]] = []
-        for ws in self.scorers:
+        last = self._last_scores
+        same: list[tuple[float, list[float]]] = []  # scorers that gave the same list again
+        fresh: list[tuple[float, list[float]]] = []
+        for i, ws in enumerate(self.scorers):
             t0 = perf_counter() if hist is not None else 0.0
             raw = ws.scorer.score(ctx, candidates, now)
             if hist is not None:
                 hist[ws.scorer.name].observe(perf_counter() - t0)
-            # Clamp to [0, 1]; NaN (s != s) counts as 0.
-            clamped = [0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s) for s in raw]
-            w = ws.weight
-            totals = [t + w * s for t, s in zip(totals, clamped, strict=True)]
+            prev = last[i]
+            if prev is not None and prev[0] is raw:
+                clamped = prev[1]  # a load scorer's list, unchanged since the last scrape
+                same.append((ws.weight, clamped))
+            else:
+                # Clamp to [0, 1]; NaN (s != s) counts as 0.
+                clamped = [0.0 if s != s or s < 0.0 else (1.0 if s > 1.0 else s) for s in raw]
+                last[i] = (raw, clamped)
+                fresh.append((ws.weight, clamped))
             score_lists.append((ws.scorer.name, clamped))
+        totals = self._kept_total(same, len(candidates))
+        for w, clamped in fresh:
+            totals = [t + w * s for t, s in zip(totals, clamped, strict=True)]
 
         t0 = perf_counter() if hist is not None else 0.0
         ranked = self.picker.pick(ctx, candidates, totals, self.rng)
@@ -145,6 +161,23 @@ class Router:
             total_list=totals,
             reason="; ".join(reasons),
         )
+
+    def _kept_total(self, kept: list[tuple[float, list[float]]], n: int) -> list[float]:
+        """The weighted sum of the scorers' lists that are the same as last time (a fresh
+        copy: the caller adds to it), computed once while they stay the same."""
+        cached = self._kept_sum
+        if (
+            cached is not None
+            and len(cached[1]) == n
+            and len(cached[0]) == len(kept)
+            and all(a[1] is b[1] for a, b in zip(cached[0], kept, strict=True))
+        ):
+            return list(cached[1])
+        total = [0.0] * n
+        for w, clamped in kept:
+            total = [t + w * s for t, s in zip(total, clamped, strict=True)]
+        self._kept_sum = (kept, total)
+        return list(total)
 
     def add_observer(self, obs: RoutedObserver) -> None:
         """Also tell `obs` where each request went (one observer per type: a new one

@@ -44,7 +44,7 @@ class FreshMetricsScorer:
             epoch = cache.epoch()
             scores = self.compute(endpoints, now)
             cache.put(epoch, endpoints, now, scores)
-        return list(scores)  # a copy: the caller may change it
+        return scores  # the same list while it holds: the pipeline keeps its sum (read-only)
 
     def compute(self, endpoints: list[Endpoint], now: float) -> list[float]:
         """The scores from the endpoints' fresh snapshots (metrics only, no in-flight)."""

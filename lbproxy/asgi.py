@@ -120,16 +120,32 @@ class LbproxyASGI:
                     await send_response(send, result)
             elif isinstance(result, AsgiSink) and result.cut:
                 await result.finished()  # left unfinished: the server closes the connection
-        except (asyncio.CancelledError, ClientLeft):
+        except ClientLeft:
+            pass
+        except asyncio.CancelledError:
             if not req.disconnected:
-                raise
-            # The client left (or the shutdown's cut): swallowed, the server's task lives on.
+                # Cancelled by the ASGI server: its graceful shutdown timed out (uvicorn's
+                # --timeout-graceful-shutdown). The same cut as at shutdown_grace's end.
+                self._cut(req)
+            # The client left, or the cut: swallowed, the server's task ends normally.
             if task.cancelling():
                 task.uncancel()
             await self._after_cut(req, send)
         finally:
             req.finish()
             del self.in_flight[task]
+
+    @staticmethod
+    def _cut(req: AsgiRequest) -> None:
+        """End `req` for the shutdown: an SSE stream gets the error event and its end,
+        another body is cut (never complete-looking), no response yet becomes a 503
+        (`_after_cut`)."""
+        req.shutdown_cut = req.disconnected = True
+        sink = req.sink
+        if sink is not None and sink.sse:
+            sink.end_now(_CUT_EVENT)
+        elif sink is not None:
+            sink.close()
 
     async def _after_cut(self, req: AsgiRequest, send: Send) -> None:
         """A request ended by the client leaving, or by the shutdown's cut."""
@@ -157,8 +173,8 @@ class LbproxyASGI:
                 try:
                     await self.startup()
                 except Exception as e:  # a config error above all: say which and why
+                    # The server logs this message (uvicorn: then exits with status 3).
                     text = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-                    log.error("lbproxy did not start: %s", text)
                     await send({"type": "lifespan.startup.failed", "message": text})
                     return
                 await send({"type": "lifespan.startup.complete"})
@@ -186,7 +202,7 @@ class LbproxyASGI:
             try:
                 return load_config(path)
             except ConfigError as e:
-                raise ConfigError(f"{CONFIG_ENV}={path}: {e}") from None
+                raise ConfigError(f"{CONFIG_ENV}: {e}") from None
         return load_config(path)
 
     async def startup(self) -> None:
@@ -247,12 +263,7 @@ class LbproxyASGI:
                     req = self.in_flight.get(task)
                     if req is None:
                         continue
-                    req.shutdown_cut = req.disconnected = True
-                    sink = req.sink
-                    if sink is not None and sink.sse:
-                        sink.end_now(_CUT_EVENT)
-                    elif sink is not None:
-                        sink.close()  # a cut body, never a complete-looking one
+                    self._cut(req)
                     task.cancel()
                 await asyncio.wait(pending, timeout=5.0)
         if loopback is not None:

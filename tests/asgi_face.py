@@ -31,6 +31,12 @@ class AsgiProxy:
     def state(self) -> Any:
         return self.app.state
 
+    @property
+    def runner(self) -> Any:
+        """The aiohttp runner behind the operator routes (its app holds OBS, STATE)."""
+        assert self.app.proxy is not None
+        return self.app.proxy.runner
+
     async def close(self) -> None:
         self.server.should_exit = True
         await asyncio.wait_for(self.task, 30)

@@ -53,6 +53,13 @@ _CUT_EVENT = b"\n\n" + sse_error_event(
 )
 
 
+_INTERNAL_ERROR = web.Response(
+    status=500,
+    body=error_body("internal error in lbproxy", "server_error", "internal_error"),
+    content_type="application/json",
+)
+
+
 def _unavailable(message: str, code: str) -> web.Response:
     return web.Response(
         status=503,
@@ -131,6 +138,14 @@ class LbproxyASGI:
             if task.cancelling():
                 task.uncancel()
             await self._after_cut(req, send)
+        except Exception:  # a bug: OpenAI-shaped 500 as on the native server, not the server's
+            log.exception("unexpected error answering %s", req.path)
+            if req.sink is None:
+                with contextlib.suppress(OSError):
+                    await send_response(send, _INTERNAL_ERROR)
+            else:
+                req.sink.close()
+                await req.sink.finished()
         finally:
             req.finish()
             del self.in_flight[task]

@@ -80,12 +80,20 @@ class ClientLeft(ConnectionResetError):
 
 class AsgiSink:
     """client_io.ResponseSink over ASGI `send` (see the module's docstring). It is its own
-    `transport` for forward._BodyRelay: write-buffer size and marks, closing, close."""
+    `transport` for forward._BodyRelay: write-buffer size and marks, closing, close.
+
+    The pump starts on the loop's next turn after the first piece; a body that is whole
+    by `write_eof` (a non-stream answer) is sent from the request's own task instead,
+    with no task of its own."""
 
     __slots__ = (
         "_drained",
         "_ending",
+        "_open",
+        "_pump_done",
         "_pump_task",
+        "_pumping",
+        "_start",
         "_wake",
         "closed",
         "cut",
@@ -100,6 +108,7 @@ class AsgiSink:
 
     def __init__(self, send: Send, status: int, sse: bool, open_: bool) -> None:
         self.send, self.status, self.sse = send, status, sse
+        self._open = open_
         self.transport: AsgiSink | None = self if open_ else None
         self.queue: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -110,8 +119,8 @@ class AsgiSink:
         self._wake: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._pump_task: asyncio.Task[None] | None = None
-        if open_:
-            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        self._start: asyncio.Handle | None = None
+        self._pumping = self._pump_done = False
 
     # --- what forward._BodyRelay reads of a transport ---
     def get_write_buffer_limits(self) -> tuple[int, int]:
@@ -149,9 +158,15 @@ class AsgiSink:
         self.write_first(data)
 
     async def write_eof(self) -> None:
-        if self._ending or self._pump_task is None:
+        if self._ending or not self._open:
             return
         self._ending = True
+        if self._pump_task is None and not self._pumping:  # all here: send it from here
+            if self._start is not None:
+                self._start.cancel()
+                self._start = None
+            await self._pump()
+            return
         self._kick()
         await self.finished()
 
@@ -160,6 +175,9 @@ class AsgiSink:
 
     async def finished(self) -> None:
         """Until the pump has sent everything it will send."""
+        if self._start is not None:  # not started yet: start it now
+            self._start.cancel()
+            self._start_pump()
         if self._pump_task is not None:
             await asyncio.shield(self._pump_task)
 
@@ -182,15 +200,25 @@ class AsgiSink:
             self._wake = None
             if not w.done():
                 w.set_result(None)
+        elif self._open and not (
+            self._pumping or self._pump_done or self._start or self._pump_task
+        ):
+            self._start = asyncio.get_running_loop().call_soon(self._start_pump)
         d = self._drained
         if d is not None and self.closed:
             self._drained = None
             if not d.done():
                 d.set_result(None)
 
+    def _start_pump(self) -> None:
+        self._start = None
+        if self._pump_task is None and not (self._pumping or self._pump_done):
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
     async def _pump(self) -> None:
         send, queue = self.send, self.queue
         loop = asyncio.get_running_loop()
+        self._pumping = True
         try:
             while True:
                 while queue and not (self.closed and not self.cut):
@@ -213,6 +241,7 @@ class AsgiSink:
         except OSError:  # the server says the client left
             self.closed = True
         finally:
+            self._pumping, self._pump_done = False, True
             self.queue.clear()
             self.queued = 0
             d = self._drained

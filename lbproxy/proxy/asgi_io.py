@@ -4,7 +4,8 @@ The Forwarder writes body pieces synchronously, from the upstream protocol's cal
 (forward._BodyRelay), while an ASGI `send` is a coroutine: the pieces go into a queue
 that one task per response (`AsgiSink._pump`) hands to `send` in order, each piece as
 one `http.response.body` message with `more_body=True`, as it came from the backend
-(never re-framed; the ASGI server frames them). The queue's size stands for the
+(never re-framed; the ASGI server frames them; the last one ends the body when it is
+known to be the last, as for a non-stream answer). The queue's size stands for the
 transport's write buffer: over `_HIGH` bytes the backend is no longer read until the
 server took it below `_LOW`.
 
@@ -223,6 +224,10 @@ class AsgiSink:
             while True:
                 while queue and not (self.closed and not self.cut):
                     chunk = queue.popleft()
+                    if not queue and self._ending and not self.closed:  # the last piece
+                        await send({"type": "http.response.body", "body": chunk})
+                        self.ended = True
+                        return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     self.queued -= len(chunk)
                     d = self._drained

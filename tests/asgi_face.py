@@ -28,6 +28,14 @@ class AsgiProxy:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def admin_url(self) -> str:
+        """Where /admin/* is served: its own listener (admin.port) or the main one."""
+        proxy = self.app.proxy
+        if proxy is None or proxy.admin_runner is None:
+            return self.url
+        return proxy.admin_url
+
+    @property
     def state(self) -> Any:
         return self.app.state
 

@@ -246,3 +246,28 @@ def test_uvicorn_graceful_timeout_cuts_a_stream_and_answers_the_unanswered_503(
     assert _cut_event(b"".join(out))["error"]["code"] == "server_shutting_down"
     assert got and got[0].status_code == 503
     assert got[0].json()["error"]["code"] == "server_shutting_down"
+
+
+def test_with_state_redis_the_data_path_goes_through_the_aiohttp_app(
+    fake_backends, asgi_proxy
+) -> None:
+    """state.redis puts a middleware on the aiohttp app: POST /v1/* is then relayed to
+    it, as the native server hands it to aiohttp, and still streams byte for byte."""
+    from tests.replicas_support import RedisServer
+
+    redis = RedisServer().start()
+    try:
+        backends = fake_backends(2)
+        proxy = asgi_proxy(proxy_config(backends, state={"redis": redis.url}))
+        assert proxy.app.direct is False
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 5, "stream": True}
+        r = httpx.post(proxy.url + "/v1/completions", json=body, timeout=10)
+        assert r.status_code == 200
+        events = [e for e in r.text.split("\n\n") if e]
+        assert len(events) == 6 and events[-1] == "data: [DONE]"
+        assert r.headers["x-request-id"]
+        r2 = httpx.post(proxy.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
+        assert r2.status_code == 404 and r2.json()["error"]["code"] == "model_not_found"
+        assert sum(len(b.received) for b in backends) == 1
+    finally:
+        redis.stop()

@@ -52,7 +52,9 @@ class AsgiProxy:
 
 async def start_asgi_proxy(cfg: Config, *, seed: int | None = 0, **uvicorn_kw: Any) -> AsgiProxy:
     app = create_app(config=cfg, seed=seed)
-    sock = socket.socket()
+    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (without it, the
+    # head and body writes of a response meet the client's delayed ACK: 40 ms each).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(

@@ -18,6 +18,11 @@ Cases (the issue 15 table):
 
     python benchmarks/dataplane_cost.py --repeat 3 --out benchmarks/results/dataplane/x.json
     python benchmarks/dataplane_cost.py --base ../base-checkout   # this code and a base, in turns
+    python benchmarks/dataplane_cost.py --asgi --only small,paced500   # also under uvicorn
+
+With --asgi, each lbproxy also runs as an ASGI application (`uvicorn lbproxy.asgi:app`,
+uvloop and httptools, no access log), measured in turns with the native server; its
+"CPU vs base" is against the native server of the same checkout.
 """
 
 from __future__ import annotations
@@ -259,11 +264,16 @@ def main() -> int:
     ap.add_argument("--out", help="write the raw results as JSON to this file")
     ap.add_argument("--table", help="print the table of a results file, run nothing")
     ap.add_argument("--only", help="run only the cases of these names (comma-separated)")
+    ap.add_argument(
+        "--asgi", action="store_true", help="also run this checkout under uvicorn (lbproxy.asgi)"
+    )
     args = ap.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
         labels = {k.split(" | ")[1] for k in saved["results"]} - {"direct"}
         base = args.base_label if args.base_label in labels else None
+        if base is None and "asgi" in labels:  # the ASGI face against the native server
+            base = args.label if args.label in labels else None
         print_table(saved["results"], args, base)
         return 0
 
@@ -291,6 +301,16 @@ def main() -> int:
                 procs.append(p)
                 proxies[(label, profile)] = (port, p.pid)
                 port += 1
+                if args.asgi and root == ROOT:  # the same lbproxy as an ASGI application
+                    cfg = write_config(port, profile)  # listen: unused, uvicorn's --port is
+                    configs.append(cfg)
+                    uv = [sys.executable, "-m", "uvicorn", "lbproxy.asgi:app", "--host"]
+                    uv += ["127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http"]
+                    uv += ["httptools", "--no-access-log", "--log-level", "warning"]
+                    p = subprocess.Popen(uv, cwd=root, env={**env, "LBPROXY_CONFIG": cfg})
+                    procs.append(p)
+                    proxies[("asgi", profile)] = (port, p.pid)
+                    port += 1
         for p in BACKEND_PORTS:
             asyncio.run(wait_up(f"http://127.0.0.1:{p}/health"))
         for port, _ in proxies.values():
@@ -308,7 +328,8 @@ def main() -> int:
         Path(args.out).write_text(
             json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
         )
-    print_table(results, args, args.base_label if args.base else None)
+    base = args.base_label if args.base else (args.label if args.asgi else None)
+    print_table(results, args, base)
     return 0
 
 

@@ -77,14 +77,36 @@ def proxy_config(backends: list[FakeBackend] | list[str], **overrides: Any) -> d
     return cfg
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A module that lists PROXY_FACES runs each of its tests against each face: lbproxy's
+    # own server ("native") and its ASGI app under uvicorn ("asgi", lbproxy/asgi.py).
+    faces = getattr(metafunc.module, "PROXY_FACES", None)
+    if faces and "face" in metafunc.fixturenames:
+        metafunc.parametrize("face", faces, indirect=True)
+
+
 @pytest.fixture
-def run_proxy(loop_thread: LoopThread) -> Iterator[Callable[[dict[str, Any]], RunningProxy]]:
-    started: list[RunningProxy] = []
+def face(request: pytest.FixtureRequest) -> str:
+    """Which server run_proxy starts: "native" unless the module lists PROXY_FACES."""
+    return str(getattr(request, "param", "native"))
+
+
+@pytest.fixture
+def run_proxy(
+    loop_thread: LoopThread, face: str
+) -> Iterator[Callable[[dict[str, Any]], RunningProxy]]:
+    started: list[Any] = []
 
     def make(cfg: dict[str, Any]) -> RunningProxy:
-        proxy = loop_thread.run(start_proxy(parse_config(cfg, "test-config"), seed=0))
+        config = parse_config(cfg, "test-config")
+        if face == "asgi":
+            from tests.asgi_face import start_asgi_proxy
+
+            proxy: Any = loop_thread.run(start_asgi_proxy(config, seed=0))
+        else:
+            proxy = loop_thread.run(start_proxy(config, seed=0))
         started.append(proxy)
-        return proxy
+        return proxy  # type: ignore[no-any-return]
 
     yield make
     for p in started:

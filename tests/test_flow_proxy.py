@@ -17,6 +17,9 @@ from lbproxy.proxy.observability import OBS
 from tests.conftest import LoopThread, proxy_config
 from tests.fake_backend import FakeBackend
 
+# Client-facing: flow control answers alike on lbproxy's own server and its ASGI face.
+PROXY_FACES = ("native", "asgi")
+
 
 def _flow_cfg(backends: list[FakeBackend], limit: int, **flow: Any) -> dict[str, Any]:
     flow.setdefault("limit", {"type": "fixed", "initial": limit, "min": 1})

@@ -127,6 +127,7 @@ def test_drain_unknown_and_ambiguous_backends(fake_backends, run_proxy) -> None:
     assert not main.endpoints[0].draining and second.endpoints[0].draining
 
 
+@pytest.mark.parametrize("face", ["native", "asgi"], indirect=True)
 def test_admin_on_its_own_listener(fake_backends, run_proxy) -> None:
     (backend,) = fake_backends(1)
     proxy = run_proxy(proxy_config([backend], admin={"token": TOKEN, "port": 0}))

@@ -9,6 +9,9 @@ import pytest
 
 from tests.conftest import proxy_config
 
+# Client-facing: the same answers from lbproxy's own server and from its ASGI face.
+PROXY_FACES = ("native", "asgi")
+
 BODY = {"model": "fake-model", "prompt": "x", "max_tokens": 1}
 
 

@@ -9,6 +9,9 @@ import orjson
 
 from tests.conftest import proxy_config
 
+# Client-facing: the same answers from lbproxy's own server and from its ASGI face.
+PROXY_FACES = ("native", "asgi")
+
 STREAMS = 200
 CHUNKS = 200
 

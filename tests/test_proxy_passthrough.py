@@ -11,6 +11,9 @@ import pytest
 
 from tests.conftest import proxy_config
 
+# Client-facing: the same answers from lbproxy's own server and from its ASGI face.
+PROXY_FACES = ("native", "asgi")
+
 BODIES = [
     # unknown nested fields and non-ASCII text, in an unusual key order and spacing
     b'{"model":"fake-model","messages":[{"role":"user","content":"h\xc3\xa9llo \xe4\xb8\x96\xe7'

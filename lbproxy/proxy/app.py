@@ -418,6 +418,35 @@ def _separate_admin_port(cfg: Config) -> int:
     return cfg.listen.port if admin.port is None else admin.port
 
 
+async def setup_proxy(
+    cfg: Config, *, seed: int | None = None, config_path: str | None = None
+) -> ProxyRunner:
+    """Build the runtime (off the loop), the application and its runner, and start the
+    background tasks (sessions, signals thread, health, scraper, KV events, discovery);
+    listening is the caller's (start_proxy here, lbproxy/asgi.py under an ASGI server).
+    `runner.cleanup()` stops them."""
+    # The same build as a reload's, off the loop (tokenizers, routers: what validation did
+    # not build already).
+    runtime = await asyncio.to_thread(build_runtime, cfg, seed=seed)
+    app = build_app(cfg, seed=seed, config_path=config_path, runtime=runtime)
+    max_header = cfg.limits.max_header_bytes
+    # handler_cancellation: a client that disconnects cancels its handler at once, which
+    # closes the upstream connection so that vLLM aborts the request and frees its KV.
+    runner = ProxyRunner(
+        app,
+        limits=ClientLimits.from_config(cfg.limits),
+        handler_cancellation=True,
+        access_log=None,
+        max_line_size=max_header,
+        max_field_size=max_header,
+        # The deadline is RunningProxy.close's cut at shutdown_grace; aiohttp's own wait
+        # is a fallback (it waits up to twice this, and rounds it up to a second).
+        shutdown_timeout=cfg.shutdown_grace + 1,
+    )
+    await runner.setup()
+    return runner
+
+
 async def start_proxy(
     cfg: Config,
     *,
@@ -429,25 +458,6 @@ async def start_proxy(
     """Start lbproxy inside the running event loop (port 0 picks a free port).
 
     `config_path` is the file a reload (SIGHUP, POST /admin/reload) re-reads."""
-    # The same build as a reload's, off the loop (tokenizers, routers: what validation did
-    # not build already).
-    runtime = await asyncio.to_thread(build_runtime, cfg, seed=seed)
-    app = build_app(cfg, seed=seed, config_path=config_path, runtime=runtime)
-    max_header = cfg.limits.max_header_bytes
-    # handler_cancellation: a client that disconnects cancels its handler at once, which
-    # closes the upstream connection so that vLLM aborts the request and frees its KV.
-    limits = ClientLimits.from_config(cfg.limits)
-    runner = ProxyRunner(
-        app,
-        limits=limits,
-        handler_cancellation=True,
-        access_log=None,
-        max_line_size=max_header,
-        max_field_size=max_header,
-        # The deadline is RunningProxy.close's cut at shutdown_grace; aiohttp's own wait
-        # is a fallback (it waits up to twice this, and rounds it up to a second).
-        shutdown_timeout=cfg.shutdown_grace + 1,
-    )
     bind_host = host or cfg.listen.host
     listen_port = cfg.listen.port if port is None else port
     # A taken port fails here, before setup starts sessions, scrapes and health checks.
@@ -455,44 +465,49 @@ async def start_proxy(
         await probe_listen(bind_host, listen_port)
     if (admin_port := _separate_admin_port(cfg)) and worker_index() is None:
         await probe_listen(cfg.admin.host or cfg.listen.host, admin_port)
-    await runner.setup()
-    native = _native_server(app, runner, cfg)
+    runner = await setup_proxy(cfg, seed=seed, config_path=config_path)
+    native = _native_server(runner.app, runner, cfg)
     try:
         bound = await _listen(runner, bind_host, listen_port, native)
     except BaseException:  # taken since the probe: stop what setup started
         await runner.cleanup()
         raise
     proxy = RunningProxy(runner, bind_host, bound, grace=cfg.shutdown_grace, native=native)
-    admin = cfg.admin
-    if admin.separate():
-        # Its own application on its own listener: /admin/* is then absent from the main one.
-        admin_app = web.Application()
-        assert app[STATE].admin is not None
-        add_admin_routes(admin_app, app[STATE].admin)
-        install_admin_observability(admin_app, app)  # served here with protect: admin_listener
-        admin_app.router.add_route("*", "/{tail:.*}", _not_found)
-        _replace_default_expect_handlers(admin_app)
-        admin_runner = ProxyRunner(
-            admin_app,
-            limits=limits,
-            access_log=None,
-            max_line_size=max_header,
-            max_field_size=max_header,
-            shutdown_timeout=min(cfg.shutdown_grace, 5.0),
-        )
-        await admin_runner.setup()
-        proxy.admin_runner = admin_runner
-        proxy.admin_host = admin.host or cfg.listen.host
+    if cfg.admin.separate():
         try:
-            proxy.admin_port = await _listen(
-                admin_runner,
-                proxy.admin_host,
-                cfg.listen.port if admin.port is None else admin.port,
-            )
+            await start_admin_listener(proxy, cfg)
         except BaseException:
             await proxy.close()
             raise
     return proxy
+
+
+async def start_admin_listener(proxy: RunningProxy, cfg: Config) -> None:
+    """`admin.port`/`admin.host` set: /admin/* (and observability with protect:
+    admin_listener) on an application and listener of their own, absent from the main
+    one; sets `proxy.admin_*`."""
+    app, admin = proxy.runner.app, cfg.admin
+    max_header = cfg.limits.max_header_bytes
+    admin_app = web.Application()
+    assert app[STATE].admin is not None
+    add_admin_routes(admin_app, app[STATE].admin)
+    install_admin_observability(admin_app, app)  # served here with protect: admin_listener
+    admin_app.router.add_route("*", "/{tail:.*}", _not_found)
+    _replace_default_expect_handlers(admin_app)
+    admin_runner = ProxyRunner(
+        admin_app,
+        limits=proxy.runner.limits,
+        access_log=None,
+        max_line_size=max_header,
+        max_field_size=max_header,
+        shutdown_timeout=min(cfg.shutdown_grace, 5.0),
+    )
+    await admin_runner.setup()
+    proxy.admin_runner = admin_runner
+    proxy.admin_host = admin.host or cfg.listen.host
+    proxy.admin_port = await _listen(
+        admin_runner, proxy.admin_host, cfg.listen.port if admin.port is None else admin.port
+    )
 
 
 async def serve_forever(

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Protocol
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from lbproxy.proxy.aiohttp_compat import HookedRequest, no_lingering_close
 from lbproxy.proxy.client_io import AiohttpSink, start_aiohttp_response
@@ -41,7 +43,20 @@ from lbproxy.proxy.errors import (
 )
 
 
-def _encoding_refused(request: web.BaseRequest) -> str | None:
+class RequestHead(Protocol):
+    """What the checks before the body read: aiohttp's request, or asgi_io.AsgiRequest."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def client_max_size(self) -> int: ...
+
+
+def _encoding_refused(request: RequestHead) -> str | None:
     """The first Content-Encoding other than identity, else None."""
     for value in request.headers.getall("Content-Encoding", ()):
         for token in value.split(","):
@@ -51,7 +66,7 @@ def _encoding_refused(request: web.BaseRequest) -> str | None:
     return None
 
 
-def check_before_body(request: web.BaseRequest, limits: ClientLimits) -> None:
+def check_before_body(request: RequestHead, limits: ClientLimits) -> None:
     """Refuse, before reading a byte of the body, what its headers already rule out."""
     encoding = _encoding_refused(request)
     if encoding is not None:

@@ -1,9 +1,10 @@
 """What the data path needs of a client's request, whichever server read it.
 
 Two servers face clients: lbproxy's own protocol (native_server.py) for plain
-`POST /v1/*` requests, and aiohttp for everything else (client_body.ProxyRequest). The
-Forwarder, auth, flow control, tracing and the P/D split read a request and write its
-response only through `ClientRequest` and `ResponseSink`, which both implement.
+`POST /v1/*` requests, and aiohttp for everything else (client_body.ProxyRequest); under
+an ASGI server (lbproxy/asgi.py), asgi_io.py serves `POST /v1/*`. The Forwarder, auth,
+flow control, tracing and the P/D split read a request and write its response only
+through `ClientRequest` and `ResponseSink`, which all three implement.
 """
 
 from __future__ import annotations

@@ -211,10 +211,34 @@ class FlowController:
         cap = self.limit_of(ep)
         if privileged:
             cap += math.ceil(self.headroom * cap)
-        load = self.pd_loads.get(ep) if self.pd_loads else None
-        # A P/D backend's limit counts what decodes there, not the prefill legs it runs
-        # for others (nor do they count among the requests its engine queues).
-        legs = load.legs if load is not None else 0
+        if self.pd_loads and (load := self.pd_loads.get(ep)) is not None:
+            return self._can_decode(ep, now, cap, load.legs)
+        if ep.in_flight >= cap:
+            return False
+        m = ep.fresh_metrics(now, self.max_age)
+        if m is None:
+            return True
+        if m.num_waiting is not None and m.num_waiting > self.queue_depth:
+            return False
+        usage = m.kv_cache_usage
+        if usage is None:
+            return True
+        if usage > self.kv_cache_util:
+            return False
+        # KV room left under the threshold at the last scrape, less the prompts sent since:
+        # the snapshot cannot show them yet, and a whole cohort finishing together must
+        # not be refilled blind (cold prompts would overfill the cache, and the engine
+        # would queue and preempt).
+        blocks, size = ep.num_gpu_blocks, ep.block_size
+        if not blocks or not size:
+            return True
+        room = (self.kv_cache_util - usage) * blocks * size
+        return self.limiter(ep).sent_tokens < room
+
+    def _can_decode(self, ep: Endpoint, now: float, cap: int, legs: int) -> bool:
+        """`can_take` on a P/D backend: its limit counts what decodes there, not the
+        `legs` prefill legs it runs for others (nor do they count among the requests its
+        engine queues)."""
         if ep.in_flight - legs >= cap:
             return False
         m = ep.fresh_metrics(now, self.max_age)
@@ -225,15 +249,13 @@ class FlowController:
         return self._kv_room(ep, m)
 
     def _kv_room(self, ep: Endpoint, m: MetricsSnapshot) -> bool:
+        """`can_take`'s KV checks (inlined there: it runs for every backend at every
+        dispatch)."""
         usage = m.kv_cache_usage
         if usage is None:
             return True
         if usage > self.kv_cache_util:
             return False
-        # KV room left under the threshold at the last scrape, less the prompts sent since:
-        # the snapshot cannot show them yet, and a whole cohort finishing together must
-        # not be refilled blind (cold prompts would overfill the cache, and the engine
-        # would queue and preempt).
         blocks, size = ep.num_gpu_blocks, ep.block_size
         if not blocks or not size:
             return True

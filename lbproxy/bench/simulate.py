@@ -30,8 +30,10 @@ deliveries, merged with the sorted Poisson arrivals):
   (`remote_kv_gbps`: bytes / bandwidth) and decodes without recomputing it; the
   producer's blocks are freed when the pull completes. Otherwise the request is routed
   aggregated among the decode-capable backends. With flow control a split request is
-  held and dispatched as a pair (a prefill backend and a decode backend that can both
-  take it, both slots counted at once, each freed when its leg ends) and shed as one.
+  held and dispatched as a pair (a decode backend that can take it, and the prefill
+  backend flow control's rule picks for its prefill leg: `FlowController.can_prefill`,
+  with cache affinity; both slots counted at once, the decode one reserved until its leg
+  starts, each freed when its leg ends) and shed as one.
   Each step's `pd` entry counts the decisions and gives prefill time, decode TTFT and
   transfer time, as the proxy's P/D metrics do.
 

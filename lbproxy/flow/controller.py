@@ -52,6 +52,19 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
   leave growth unpaced, and so does an empty queue (new room then fills only as fast as
   requests arrive).
 
+- P/D pools (`disaggregated`, set by the driver): a split request waits as one and its
+  decision is its prefill side's ranking (`DisaggRouter.rank_pair`, offered only while a
+  decode-capable backend can take it), chosen by the rule above with `can_prefill` in
+  place of `can_take`, so it too waits up to `affinity_wait` for the prefill backend that
+  holds its prefix. A prefill leg is admitted while the uncached prompt tokens of the
+  prefill legs in flight on the backend drain within `prefill_wait` at its measured
+  prefill rate (`flow.prefill_load`; before that rate is known, fewer legs than the
+  limit's `initial`), with the KV checks and `max_in_flight`; a prefill engine normally
+  has prompts waiting, so its queue is not a reason to refuse. A backend's concurrency
+  limit counts what decodes on it (aggregated requests and decode legs, including slots
+  reserved for decode legs whose prefill runs), not the prefill legs a `role: both`
+  backend runs for others (`bind_pair`, `decode_started`, `on_done(prefill=...)`).
+
 The expected wait is (requests that would be served first) / (dispatch rate), the rate
 measured only while requests were waiting (an exponentially weighted count over 10 s of
 backlog), and not used before it has 2 s and 5 dispatches behind it.

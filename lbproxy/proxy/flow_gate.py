@@ -347,8 +347,20 @@ class FlowGate:
         }
 
     def backend_json(self, ep: Endpoint) -> dict[str, object]:
-        lim = self.controller.limiter(ep)
-        return {"concurrency_limit": self.controller.limit_of(ep), "decode_latency_s": lim.itl}
+        ctl = self.controller
+        lim = ctl.limiter(ep)
+        out: dict[str, object] = {
+            "concurrency_limit": ctl.limit_of(ep),
+            "decode_latency_s": lim.itl,
+        }
+        load = ctl.pd_loads.get(ep)
+        if load is not None:  # a P/D pool's backend
+            rate = load.rate()
+            out["prefill_legs"] = load.legs
+            out["prefill_tokens_in_flight"] = load.tokens
+            out["prefill_rate_tokens_s"] = None if rate is None else round(rate, 1)
+            out["reserved_decode_slots"] = load.reserved
+        return out
 
     # ---------------------------------------------------------------- internals
     def _now(self) -> float:

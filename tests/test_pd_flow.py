@@ -157,7 +157,11 @@ def test_a_pair_waits_briefly_for_its_cached_prefill_backend(sims, run_proxy, lo
         )
         time.sleep(0.6)
         assert cold.posts == [] and cached.posts == []  # waiting for its backend
-        assert proxy.state.pools.pools[0].gate.controller.queue.size == 1
+        pool = proxy.state.pools.pools[0]
+        assert pool.gate.controller.queue.size == 1
+        cached_ep = pool.endpoints[0 if cached is fronts[0] else 1]
+        shown = pool.gate.backend_json(cached_ep)  # what /admin/backends shows
+        assert shown["prefill_legs"] == 1 and shown["prefill_rate_tokens_s"] is None
         loop_thread.loop.call_soon_threadsafe(cached.open)
         assert first.result(10)[0] == 200
         assert second.result(10)[0] == 200

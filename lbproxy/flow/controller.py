@@ -465,9 +465,11 @@ class FlowController:
             return 0
         self._tick(now)
         serving = [ep for ep in endpoints if ep.healthy and not ep.draining]
+        # Every request needs a backend that decodes it (a P/D pair too: its decode side).
+        decoders = [ep for ep in serving if ep.role != "prefill"] if self.disaggregated else serving
         ranks: dict[int, Decision | None] = {}  # routing of each waiter, once per drain
         n = 0
-        while q.size and any(self.can_take(ep, now, True) for ep in serving):
+        while q.size and any(self.can_take(ep, now, True) for ep in decoders):
             # A request whose own backend has room goes before one that would go cold
             # (its affinity wait over): under overload most requests are shed anyway, and
             # serving the cheap ones keeps every backend's cache on its own prefixes.

@@ -188,7 +188,11 @@ class DisaggRouter:
                 dec.choose(ep)
             return dec
         others = [ep for ep in endpoints if decode_capable(ep) and ep is not p_ep]
-        eps = [ep for ep in others if can_take(ep)] or others
+        eps = (
+            [ep for ep in others if can_take(ep)]
+            or [ep for ep in others if ep.healthy and not ep.draining]
+            or others
+        )
         return self.decode.rank(ctx, eps, now, gates=False) if eps else None
 
     def uncached_tokens(self, ctx: RequestContext, ep: Endpoint) -> int:

@@ -187,3 +187,26 @@ def test_a_pair_goes_cold_once_its_affinity_wait_is_over(sims, run_proxy, loop_t
     finally:
         for f in fronts:
             loop_thread.run(f.close())
+
+
+def test_every_leg_is_released_after_failovers_and_fallbacks(sims, run_proxy) -> None:
+    """A prefill fails over to the other prefill backend (a leg flow control did not
+    dispatch), then every prefill fails and the request is served aggregated: afterwards
+    no backend counts a request, a prefill leg, prefill tokens or a reserved decode slot."""
+    bad, good, dec = sims("producer", mode="fail"), sims("producer"), sims("consumer")
+    proxy = run_proxy(pd_config([(bad.url, "prefill"), (good.url, "prefill"),
+                                 (dec.url, "decode")]))  # fmt: skip
+    pool = proxy.state.pools.pools[0]
+    for prompt in (LONG, LONG + "again"):
+        status, answer = asyncio.run(_post(proxy.url, prompt))
+        assert status == 200 and answer["usage"]["completion_tokens"] == 3
+        good.mode = "fail"  # the second one: every prefill fails, served aggregated
+    assert len(bad.posts) == 2 and len(good.posts) == 2 and len(dec.posts) == 2
+    ctl = pool.gate.controller
+
+    def settled() -> bool:
+        loads = [(ld.legs, ld.tokens, ld.reserved) for ld in ctl.pd_loads.values()]
+        return all(ep.in_flight == 0 for ep in pool.endpoints) and set(loads) == {(0, 0, 0)}
+
+    _wait_for(settled, "a leg or a slot was not given back")
+    assert {ep.name for ep in ctl.pd_loads} >= {"prefill0", "prefill1", "decode2"}

@@ -224,6 +224,10 @@ class FlowControl(_Strict):
     # Share of each backend's limit that only requests of a higher band than the lowest
     # waiting, or of a flow with fewer waiting than its band's longest, may use.
     headroom: float = Field(0.1, ge=0, le=1)
+    # P/D pools: a split request's prefill leg goes to a backend while the uncached prompt
+    # tokens of the prefill legs in flight there drain within this many seconds at its
+    # measured prefill rate (at most half of max_wait).
+    prefill_wait: float = Field(2.0, gt=0)
     limit: ConcurrencyLimit = Field(default_factory=ConcurrencyLimit)
 
 

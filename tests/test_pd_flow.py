@@ -104,3 +104,109 @@ def test_a_held_pair_counts_both_slots_and_is_shed_as_one(sims, run_proxy, loop_
     assert metric(text, "lbproxy_flow_shed_total", reason="max_wait") == 1
     first.cancel()
     _wait_for(lambda: (p_ep.in_flight, d_ep.in_flight) == (0, 0), "slots not given back")
+
+
+class Switch(Gated):
+    """A Gated front that can be opened (POSTs pass) before any POST came."""
+
+    def open_now(self) -> None:
+        self.event = asyncio.Event()
+        self.event.set()
+
+
+def _affinity_config(urls: list[tuple[str, str]], affinity_wait: float) -> dict[str, Any]:
+    cfg = pd_config(
+        urls,
+        min_prompt_tokens=1,
+        prefill_routing={"scorers": [{"type": "prefix-hash", "weight": 3}],
+                         "picker": "max-score"},
+    )  # fmt: skip
+    # One prefill leg fills a prefill backend (its rate unknown: `limit.initial` legs).
+    cfg["flow_control"] = {"max_wait": 10.0, "affinity_wait": affinity_wait,
+                           "limit": {"initial": 1, "min": 1}}  # fmt: skip
+    return cfg
+
+
+def _cached_busy_pair(sims, run_proxy, loop_thread, affinity_wait: float):  # type: ignore[no-untyped-def]
+    """Two gated prefill backends, two decode backends. A first split request's prefill
+    is held on one prefill backend (`cached`: it now has the prompt's prefix, and no
+    room; a gated front records a POST once it lets it through); the other (`cold`) is
+    opened. Returns (proxy, cached, cold, first future, both fronts)."""
+    fronts = [loop_thread.run(Switch(sims("producer").url).start()) for _ in range(2)]
+    decs = [sims("consumer"), sims("consumer")]
+    cfg = _affinity_config([(fronts[0].url, "prefill"), (fronts[1].url, "prefill"),
+                            (decs[0].url, "decode"), (decs[1].url, "decode")],
+                           affinity_wait)  # fmt: skip
+    proxy = run_proxy(cfg)
+    eps = proxy.state.pools.pools[0].endpoints[:2]
+    first = asyncio.run_coroutine_threadsafe(_post(proxy.url, LONG), loop_thread.loop)
+    _wait_for(lambda: any(ep.in_flight for ep in eps), "no prefill request")
+    cached, cold = fronts if eps[0].in_flight else fronts[::-1]
+    loop_thread.loop.call_soon_threadsafe(cold.open_now)
+    return proxy, cached, cold, first, fronts
+
+
+def test_a_pair_waits_briefly_for_its_cached_prefill_backend(sims, run_proxy, loop_thread) -> None:
+    """A second request with the same prefix prefers the prefill backend that holds it,
+    which is busy: it waits (affinity_wait 5 s) although the cold one has room, and goes
+    to the cached one when it frees."""
+    proxy, cached, cold, first, fronts = _cached_busy_pair(sims, run_proxy, loop_thread, 5.0)
+    try:
+        second = asyncio.run_coroutine_threadsafe(
+            _post(proxy.url, LONG + "And one more question."), loop_thread.loop
+        )
+        time.sleep(0.6)
+        assert cold.posts == [] and cached.posts == []  # waiting for its backend
+        pool = proxy.state.pools.pools[0]
+        assert pool.gate.controller.queue.size == 1
+        cached_ep = pool.endpoints[0 if cached is fronts[0] else 1]
+        shown = pool.gate.backend_json(cached_ep)  # what /admin/backends shows
+        assert shown["prefill_legs"] == 1 and shown["prefill_rate_tokens_s"] is None
+        loop_thread.loop.call_soon_threadsafe(cached.open)
+        assert first.result(10)[0] == 200
+        assert second.result(10)[0] == 200
+        assert len(cached.posts) == 2 and cold.posts == []  # both prefills where cached
+    finally:
+        for f in fronts:
+            loop_thread.run(f.close())
+
+
+def test_a_pair_goes_cold_once_its_affinity_wait_is_over(sims, run_proxy, loop_thread) -> None:
+    """The cached prefill backend stays busy: after affinity_wait (0.5 s) the pair takes
+    the cold one, well within max_wait."""
+    proxy, cached, cold, first, fronts = _cached_busy_pair(sims, run_proxy, loop_thread, 0.5)
+    try:
+        t0 = time.monotonic()
+        status, _ = asyncio.run_coroutine_threadsafe(
+            _post(proxy.url, LONG + "And one more question."), loop_thread.loop
+        ).result(10)
+        assert status == 200 and len(cold.posts) == 1 and cached.posts == []
+        assert time.monotonic() - t0 >= 0.4  # it waited for the cached one first
+        loop_thread.loop.call_soon_threadsafe(cached.open)
+        assert first.result(10)[0] == 200
+    finally:
+        for f in fronts:
+            loop_thread.run(f.close())
+
+
+def test_every_leg_is_released_after_failovers_and_fallbacks(sims, run_proxy) -> None:
+    """A prefill fails over to the other prefill backend (a leg flow control did not
+    dispatch), then every prefill fails and the request is served aggregated: afterwards
+    no backend counts a request, a prefill leg, prefill tokens or a reserved decode slot."""
+    bad, good, dec = sims("producer", mode="fail"), sims("producer"), sims("consumer")
+    proxy = run_proxy(pd_config([(bad.url, "prefill"), (good.url, "prefill"),
+                                 (dec.url, "decode")]))  # fmt: skip
+    pool = proxy.state.pools.pools[0]
+    for prompt in (LONG, LONG + "again"):
+        status, answer = asyncio.run(_post(proxy.url, prompt))
+        assert status == 200 and answer["usage"]["completion_tokens"] == 3
+        good.mode = "fail"  # the second one: every prefill fails, served aggregated
+    assert len(bad.posts) == 2 and len(good.posts) == 2 and len(dec.posts) == 2
+    ctl = pool.gate.controller
+
+    def settled() -> bool:
+        loads = [(ld.legs, ld.tokens, ld.reserved) for ld in ctl.pd_loads.values()]
+        return all(ep.in_flight == 0 for ep in pool.endpoints) and set(loads) == {(0, 0, 0)}
+
+    _wait_for(settled, "a leg or a slot was not given back")
+    assert {ep.name for ep in ctl.pd_loads} >= {"prefill0", "prefill1", "decode2"}

@@ -30,8 +30,10 @@ deliveries, merged with the sorted Poisson arrivals):
   (`remote_kv_gbps`: bytes / bandwidth) and decodes without recomputing it; the
   producer's blocks are freed when the pull completes. Otherwise the request is routed
   aggregated among the decode-capable backends. With flow control a split request is
-  held and dispatched as a pair (a prefill backend and a decode backend that can both
-  take it, both slots counted at once, each freed when its leg ends) and shed as one.
+  held and dispatched as a pair (a decode backend that can take it, and the prefill
+  backend flow control's rule picks for its prefill leg: `FlowController.can_prefill`,
+  with cache affinity; both slots counted at once, the decode one reserved until its leg
+  starts, each freed when its leg ends) and shed as one.
   Each step's `pd` entry counts the decisions and gives prefill time, decode TTFT and
   transfer time, as the proxy's P/D metrics do.
 
@@ -116,7 +118,7 @@ class _Arrival:
     rec: RequestRecord
     t0: float  # its step's start (records are relative to it)
     split: bool = False  # the P/D decision at arrival: serve it as a pair
-    pre: Decision | None = None  # flow control: the prefill side of its last ranking
+    dec: Decision | None = None  # flow control: the decode side of its last ranking
     plan: DisaggPlan | None = None  # its split plan at arrival, for flow control's first try
 
 
@@ -129,6 +131,7 @@ class _Split:
     d: Endpoint  # where the decode goes
     t_sent: float  # prefill sent
     reserved: bool  # flow control counted the decode slot at dispatch
+    uncached: int = 0  # flow control: the prefill leg's uncached tokens it counted
     prefill_id: str = ""  # the prefill's engine request id (its held blocks)
     t_decode: float = 0.0  # decode sent
 
@@ -192,6 +195,7 @@ class FleetSimulator:
         self.flow: FlowController | None = None
         if flow is not None and flow.enabled:
             self.flow = FlowController(flow, thresholds_for(self.router, opts.metrics_max_age))
+            self.flow.disaggregated = self.disagg is not None
         self._armed: float | None = None  # the flow deadline an event is queued for
         self.now = 0.0
         self._heap: list[tuple[float, int, int, Any]] = []
@@ -335,6 +339,7 @@ class FleetSimulator:
             payload=a,
             tokens=len(a.ids),
             max_tokens=a.max_tokens,
+            pair=a.split,
         )
         try:
             if not self.flow.admit(w, self.endpoints, t, self, self._shed) and w.state == QUEUED:
@@ -347,7 +352,13 @@ class FleetSimulator:
             rec.status, rec.error, rec.end = "error", "no backend", t - a.t0
 
     def _start_split(
-        self, a: _Arrival, t: float, p_ep: Endpoint, d_ep: Endpoint, reserved: bool
+        self,
+        a: _Arrival,
+        t: float,
+        p_ep: Endpoint,
+        d_ep: Endpoint,
+        reserved: bool,
+        uncached: int = 0,
     ) -> None:
         """Send the prefill leg (its KV held for the decode) to `p_ep`'s engine."""
         assert self.disagg is not None
@@ -359,7 +370,7 @@ class FleetSimulator:
         rid = str(self._next_id)
         req = EngineRequest(rid, a.ids, 1, arrival_time=t, hold_kv=True)
         self.engines[i].add_request(req, t)
-        self._prefills[rid] = _Split(a, i, d_ep, t, reserved, rid)
+        self._prefills[rid] = _Split(a, i, d_ep, t, reserved, uncached, rid)
         self._drain_kv(i, t)
         self._reschedule(i)
 
@@ -369,7 +380,8 @@ class FleetSimulator:
         p_ep = self.endpoints[pd.p]
         p_ep.in_flight -= 1
         if self.flow is not None:
-            self.flow.on_done(p_ep, True, now=t)
+            self.flow.on_done(p_ep, True, now=t, prefill=pd.uncached)
+            self.flow.decode_started(pd.d)  # its reserved slot now decodes
         a, d_ep = pd.a, pd.d
         a.rec.cached_tokens = cached  # what the prefill reused of its prefix cache
         self.pd.prefill_s.append(t - pd.t_sent)
@@ -427,8 +439,8 @@ class FleetSimulator:
         )
         if pair is None:
             return None
-        a.pre = pair[0]
-        return pair[1]  # flow control checks the decode side's room and binds by it
+        a.dec = pair[1]
+        return pair[0]  # flow control chooses the prefill side and binds by it
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         self._waiting.pop(id(w), None)
@@ -440,17 +452,20 @@ class FleetSimulator:
         self.router.commit(a.ctx, decision.endpoint, now)
         self._start(a, now, decision.endpoint)
 
-    def _bind_pair(self, w: Waiter, a: _Arrival, d_ep: Endpoint, now: float) -> None:
+    def _bind_pair(self, w: Waiter, a: _Arrival, p_ep: Endpoint, now: float) -> None:
         """Dispatch a split request as one: both slots counted now (the prefill's by its
         leg, the decode's reserved until its leg ends), never one side alone."""
-        flow = self.flow
-        assert flow is not None and a.pre is not None
-        # Its ranking may be from earlier in this dispatch round: the best that still can.
-        ranked = [ep for ep in a.pre.ranked if ep is not d_ep]
-        p_ep = next((ep for ep in ranked if flow.can_take(ep, now)), ranked[0])
-        flow.limiter(p_ep).sent_tokens += w.tokens
+        flow, disagg = self.flow, self.disagg
+        assert flow is not None and disagg is not None and a.dec is not None
+        dec = disagg.pick_decode(
+            a.ctx, a.dec, p_ep, self.endpoints, now, lambda ep: flow.can_take(ep, now)
+        )
+        assert dec is not None  # rank_pair leaves every prefill side a partner
+        d_ep = dec.endpoint
+        uncached = disagg.uncached_tokens(a.ctx, p_ep)
+        flow.bind_pair(p_ep, d_ep, uncached, w.tokens, now)
         d_ep.in_flight += 1
-        self._start_split(a, now, p_ep, d_ep, True)
+        self._start_split(a, now, p_ep, d_ep, True, uncached)
 
     def _shed(self, w: Waiter) -> None:
         self._waiting.pop(id(w), None)
@@ -594,6 +609,11 @@ class FleetSimulator:
                 self.endpoints[pd.p].in_flight -= 1
                 if pd.reserved:
                     pd.d.in_flight -= 1
+                    flow = self.flow
+                    assert flow is not None
+                    flow.on_done(self.endpoints[pd.p], False, prefill=pd.uncached)
+                    flow.decode_started(pd.d)
+                    flow.on_done(pd.d, False)
                 pd.a.rec.status, pd.a.rec.end = "incomplete", end - t0
             if on_done is not None:
                 on_done(len(self._prefills))

@@ -52,6 +52,19 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
   leave growth unpaced, and so does an empty queue (new room then fills only as fast as
   requests arrive).
 
+- P/D pools (`disaggregated`, set by the driver): a split request waits as one and its
+  decision is its prefill side's ranking (`DisaggRouter.rank_pair`, offered only while a
+  decode-capable backend can take it), chosen by the rule above with `can_prefill` in
+  place of `can_take`, so it too waits up to `affinity_wait` for the prefill backend that
+  holds its prefix. A prefill leg is admitted while the uncached prompt tokens of the
+  prefill legs in flight on the backend drain within `prefill_wait` at its measured
+  prefill rate (`flow.prefill_load`; before that rate is known, fewer legs than the
+  limit's `initial`), with the KV checks and `max_in_flight`; a prefill engine normally
+  has prompts waiting, so its queue is not a reason to refuse. A backend's concurrency
+  limit counts what decodes on it (aggregated requests and decode legs, including slots
+  reserved for decode legs whose prefill runs), not the prefill legs a `role: both`
+  backend runs for others (`bind_pair`, `decode_started`, `on_done(prefill=...)`).
+
 The expected wait is (requests that would be served first) / (dispatch rate), the rate
 measured only while requests were waiting (an exponentially weighted count over 10 s of
 backlog), and not used before it has 2 s and 5 dispatches behind it.
@@ -67,10 +80,11 @@ from typing import Protocol
 
 from lbproxy.config import FlowControl
 from lbproxy.flow.limiter import ConcurrencyLimiter
+from lbproxy.flow.prefill_load import PrefillLoad
 from lbproxy.flow.queue import CANCELLED, DISPATCHED, QUEUED, SHED, FlowQueue, Waiter
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.plugins.saturation import SaturationFilter
-from lbproxy.routing.state import Decision, Endpoint
+from lbproxy.routing.state import Decision, Endpoint, MetricsSnapshot
 
 # Why a request was shed (the `reason` label of lbproxy_flow_shed_total).
 QUEUE_FULL = "queue_full"
@@ -144,6 +158,10 @@ class FlowController:
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = 0
         self.limiters: dict[Endpoint, ConcurrencyLimiter] = {}
+        # P/D pools only (set by the driver): split requests' legs per backend. Empty in
+        # an aggregated pool, whose rules then are exactly those above.
+        self.disaggregated = False
+        self.pd_loads: dict[Endpoint, PrefillLoad] = {}
         self.dispatched_direct = 0
         self.dispatched_queued = 0
         self.shed_counts = dict.fromkeys(SHED_REASONS, 0)
@@ -178,6 +196,7 @@ class FlowController:
         self.affinity_wait = min(settings.affinity_wait, settings.max_wait / 2)
         self.affinity_margin = settings.affinity_margin
         self.headroom = settings.headroom
+        self.prefill_wait = min(settings.prefill_wait, settings.max_wait / 2)
         if getattr(self, "_limit_params", None) != settings.limit:
             self._limit_params = settings.limit
             self.limiters.clear()
@@ -205,6 +224,8 @@ class FlowController:
         cap = self.limit_of(ep)
         if privileged:
             cap += math.ceil(self.headroom * cap)
+        if self.pd_loads and (load := self.pd_loads.get(ep)) is not None:
+            return self._can_decode(ep, now, cap, load.legs)
         if ep.in_flight >= cap:
             return False
         m = ep.fresh_metrics(now, self.max_age)
@@ -227,6 +248,92 @@ class FlowController:
         room = (self.kv_cache_util - usage) * blocks * size
         return self.limiter(ep).sent_tokens < room
 
+    def _can_decode(self, ep: Endpoint, now: float, cap: int, legs: int) -> bool:
+        """`can_take` on a P/D backend: its limit counts what decodes there, not the
+        `legs` prefill legs it runs for others (nor do they count among the requests its
+        engine queues)."""
+        if ep.in_flight - legs >= cap:
+            return False
+        m = ep.fresh_metrics(now, self.max_age)
+        if m is None:
+            return True
+        if m.num_waiting is not None and m.num_waiting - legs > self.queue_depth:
+            return False
+        return self._kv_room(ep, m)
+
+    def _kv_room(self, ep: Endpoint, m: MetricsSnapshot) -> bool:
+        """`can_take`'s KV checks (inlined there: it runs for every backend at every
+        dispatch)."""
+        usage = m.kv_cache_usage
+        if usage is None:
+            return True
+        if usage > self.kv_cache_util:
+            return False
+        blocks, size = ep.num_gpu_blocks, ep.block_size
+        if not blocks or not size:
+            return True
+        room = (self.kv_cache_util - usage) * blocks * size
+        return self.limiter(ep).sent_tokens < room
+
+    def can_prefill(self, ep: Endpoint, now: float) -> bool:
+        """Whether `ep` can take a split request's prefill leg now: healthy, not
+        draining, under `max_in_flight` (requests of any kind), its KV checks as in
+        `can_take`, and the uncached prompt tokens of the prefill legs in flight there
+        drain within `prefill_wait` at its measured prefill rate (`flow.prefill_load`);
+        before that rate is known, fewer legs than the limit's `initial`. A backend with
+        no prefill leg in flight always can (its engine's waiting prompts, normal on a
+        prefill engine, are not a reason to refuse)."""
+        if not ep.healthy or ep.draining:
+            return False
+        if self.max_in_flight is not None:
+            cap = self.max_in_flight
+            if self.share < 1.0:
+                cap = max(1, math.ceil(cap * self.share))
+            if ep.in_flight >= cap:
+                return False
+        load = self.pd_loads.get(ep)
+        if load is not None and load.legs:
+            rate = load.rate()
+            if rate is None:
+                cap = self._limit_params.initial
+                if self.share < 1.0:
+                    cap = max(1, math.ceil(cap * self.share))
+                if load.legs >= cap:
+                    return False
+            elif load.tokens > rate * self.prefill_wait * self.share:
+                return False
+        m = ep.fresh_metrics(now, self.max_age)
+        return m is None or self._kv_room(ep, m)
+
+    def pd_load(self, ep: Endpoint) -> PrefillLoad:
+        load = self.pd_loads.get(ep)
+        if load is None:
+            load = self.pd_loads[ep] = PrefillLoad()
+        return load
+
+    def bind_pair(
+        self, p_ep: Endpoint, d_ep: Endpoint, uncached: int, tokens: int, now: float
+    ) -> None:
+        """A split request was dispatched (the driver counted both in `in_flight`): its
+        prefill leg on `p_ep` (`uncached` prompt tokens to compute), its decode slot
+        reserved on `d_ep` until `decode_started`. `tokens`: its prompt, for the KV
+        checks of both."""
+        self.pd_load(p_ep).started(uncached, now)
+        self.pd_load(d_ep).reserved += 1
+        self.limiter(p_ep).sent_tokens += tokens
+        self.limiter(d_ep).sent_tokens += tokens
+
+    def prefill_started(self, ep: Endpoint, uncached: int, now: float | None) -> None:
+        """A prefill leg not dispatched by `bind_pair` (a failover) started on `ep`."""
+        self.pd_load(ep).started(uncached, now)
+
+    def decode_started(self, ep: Endpoint) -> None:
+        """The decode slot reserved on `ep` is used by its leg, or given back unused
+        (then `on_done` follows)."""
+        load = self.pd_loads.get(ep)
+        if load is not None and load.reserved > 0:
+            load.reserved -= 1
+
     def available(self, endpoints: Iterable[Endpoint], now: float) -> list[Endpoint]:
         return [ep for ep in endpoints if self.can_take(ep, now)]
 
@@ -241,7 +348,19 @@ class FlowController:
             # Paced only while requests wait: new room is then filled at once, all in one
             # cohort; with nobody waiting it fills as requests arrive.
             ramp = self.ramp_time() if self.queue.size else None
-            self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
+            load = self.pd_loads.get(ep) if self.pd_loads else None
+            if load is None:
+                self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
+                return
+            self.limiter(ep).on_metrics(
+                ep.metrics,
+                ep.in_flight - load.legs,
+                self.queue_depth,
+                ramp,
+                reserved=load.reserved,
+                prefill_legs=load.legs,
+                prefill_seen=load.scraped(),
+            )
 
     def ramp_time(self) -> float | None:
         """Seconds over which an empty backend may fill: one expected request lifetime,
@@ -256,10 +375,21 @@ class FlowController:
         return min(max(t, _RAMP_MIN), _RAMP_MAX)
 
     def on_done(
-        self, ep: Endpoint, ok: bool, overloaded: bool = False, now: float | None = None
+        self,
+        ep: Endpoint,
+        ok: bool,
+        overloaded: bool = False,
+        now: float | None = None,
+        prefill: int | None = None,
     ) -> None:
         """A request on `ep` ended (its in_flight already decremented; then `drain`).
-        `now`, when given, measures how fast requests end (for the ramp)."""
+        `now`, when given, measures how fast requests end (for the ramp). `prefill`: it
+        was a prefill leg counted by `bind_pair` or `prefill_started`, with these
+        uncached tokens."""
+        if prefill is not None:
+            self.pd_load(ep).ended(prefill, now, ok)
+            if ep.role == "prefill":  # its limit is not used (`can_prefill` judges it)
+                return
         if now is not None:
             dt = now - self._t_ended
             if dt > 0:
@@ -268,13 +398,17 @@ class FlowController:
                 self._ended_count *= d
                 self._ended_time = self._ended_time * d + _ENDED_TAU * (1.0 - d)
             self._ended_count += 1.0
-        self.limiter(ep).on_done(ok, overloaded, ep.in_flight)
+        load = self.pd_loads.get(ep) if self.pd_loads else None
+        in_flight = ep.in_flight - load.legs if load is not None else ep.in_flight
+        self.limiter(ep).on_done(ok, overloaded, in_flight)
 
     def prune(self, endpoints: Iterable[Endpoint]) -> None:
         """Forget the limits of backends that left the pool."""
         keep = set(endpoints)
         for ep in [ep for ep in self.limiters if ep not in keep]:
             del self.limiters[ep]
+        for ep in [ep for ep in self.pd_loads if ep not in keep]:
+            del self.pd_loads[ep]
 
     # ---------------------------------------------------------------- requests
     def admit(
@@ -331,9 +465,11 @@ class FlowController:
             return 0
         self._tick(now)
         serving = [ep for ep in endpoints if ep.healthy and not ep.draining]
+        # Every request needs a backend that decodes it (a P/D pair too: its decode side).
+        decoders = [ep for ep in serving if ep.role != "prefill"] if self.disaggregated else serving
         ranks: dict[int, Decision | None] = {}  # routing of each waiter, once per drain
         n = 0
-        while q.size and any(self.can_take(ep, now, True) for ep in serving):
+        while q.size and any(self.can_take(ep, now, True) for ep in decoders):
             # A request whose own backend has room goes before one that would go cold
             # (its affinity wait over): under overload most requests are shed anyway, and
             # serving the cheap ones keeps every backend's cache on its own prefixes.
@@ -395,9 +531,16 @@ class FlowController:
             return None
         best = decision.endpoint
         priv = queued and self._privileged(w)
-        if self.can_take(best, now, priv):
-            return decision, None
-        alt = next((ep for ep in decision.ranked if self.can_take(ep, now, priv)), None)
+        # A split request's decision is its prefill side's (its decode side has room):
+        # held for its cached prefill backend by the same rule.
+        if w.pair:
+            if self.can_prefill(best, now):
+                return decision, None
+            alt = next((ep for ep in decision.ranked if self.can_prefill(ep, now)), None)
+        else:
+            if self.can_take(best, now, priv):
+                return decision, None
+            alt = next((ep for ep in decision.ranked if self.can_take(ep, now, priv)), None)
         if alt is None:
             return None
         gap = decision.total_of(best) - decision.total_of(alt)
@@ -415,7 +558,8 @@ class FlowController:
     def _bind(self, w: Waiter, decision: Decision, now: float, binder: Binder) -> None:
         w.state, w.dispatched_at = DISPATCHED, now
         binder.bind(w, decision, now)
-        self.limiter(decision.endpoint).sent_tokens += w.tokens
+        if not w.pair:  # a pair's: counted by `bind_pair`
+            self.limiter(decision.endpoint).sent_tokens += w.tokens
         if w.max_tokens > 0:
             a = self._asked_tokens
             self._asked_tokens = (

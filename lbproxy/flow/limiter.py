@@ -39,6 +39,12 @@ where itl = target_itl from either side.
   slot at once and be replaced at once, cycle after cycle: a minute of 429s to everyone,
   then a burst of dispatches. Freed slots are refilled at once, and a limit that dipped
   regrows to its peak unpaced: only new room is paced.
+- In a P/D pool (`flow.prefill_load`) the limit counts what decodes on the backend, not
+  the prefill legs a `role: both` backend runs for others: those are taken out of its
+  running and waiting counts, and a latency over the target while it ran any does not cut
+  the limit (fewer decoding would not make its prefills cheaper). A decode slot reserved
+  while its prefill runs elsewhere is not expected in the engine's running count before
+  the limit may grow.
 - `sent_tokens` counts the prompt tokens sent to the backend since its last scrape, for
   the controller's KV check (see `flow.controller`).
 
@@ -101,9 +107,15 @@ class ConcurrencyLimiter:
         in_flight: int,
         queue_depth: float = 5.0,
         ramp: float | None = None,
+        reserved: int = 0,
+        prefill_legs: int = 0,
+        prefill_seen: int = 0,
     ) -> bool:
         """Fold in a fresh snapshot; True if the limit changed. `ramp`: the seconds over
-        which an empty backend may fill (None: growth is not paced)."""
+        which an empty backend may fill (None: growth is not paced). In a P/D pool:
+        `in_flight` counts what decodes here, `reserved` of it the decode slots whose
+        prefill still runs elsewhere, `prefill_legs` the prefill legs it runs for others
+        (`prefill_seen` the most since the last snapshot)."""
         if not self.decode.observe(m, in_flight):
             return False
         dt = 0.0 if self.t_snapshot is None else max(0.0, m.time - self.t_snapshot)
@@ -128,8 +140,13 @@ class ConcurrencyLimiter:
         if not self.adaptive or itl is None or itl <= 0:
             return False
         running = self.decode.running
+        waiting = m.num_waiting
+        if prefill_legs and waiting is not None:
+            # Its prefill legs for others: those not waiting run in its batch.
+            running = max(0.0, running - max(0.0, prefill_legs - waiting))
+            waiting = max(0.0, waiting - prefill_legs)
         estimate = running * self.target_itl / itl
-        if m.num_waiting is not None and m.num_waiting > _ENGINE_QUEUE:
+        if waiting is not None and waiting > _ENGINE_QUEUE:
             # The engine itself queues (its KV cache or batch is full): more in flight
             # only waits there, for blocks that free up when running requests end, while
             # lbproxy could have sent it elsewhere; so the limit follows what it runs.
@@ -137,8 +154,12 @@ class ConcurrencyLimiter:
             if new >= old:
                 return False
         elif itl > self.target_itl:
+            if prefill_seen:
+                # Prefills it ran for others slow its decode steps: fewer decoding here
+                # would not bring the latency down, only leave the backend idle.
+                return False
             new = old + self.smoothing * (estimate - old)
-        elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * old:
+        elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * (old - reserved):
             new = old + self.smoothing * (min(estimate, old * self.max_growth) - old)
             if ramp:  # paced only above the highest limit it has had
                 new = min(new, max(self.peak, old + estimate * dt / ramp))

@@ -36,6 +36,8 @@ class Waiter:
     # wait counts from here, not from arrival (under a steady backlog everyone reaching the
     # front has already waited, which must not cancel affinity for all).
     held_since: float | None = None
+    # A P/D split request: the decision it is dispatched by is its prefill side's.
+    pair: bool = False
 
 
 @dataclass(slots=True)

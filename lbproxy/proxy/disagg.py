@@ -29,10 +29,12 @@ Flow control (the pool's gate, when on): a split request waits in the gate's que
 request and is dispatched as a pair (`FlowGate.acquire_pair`: a prefill backend and a
 decode backend that can both take it, both slots counted at once), or shed as one (one
 429); it is never sent half. The prefill leg uses the prefill slot, the decode leg the
-decode slot, each freed when its leg ends (`FlowGate.release`); a slot a leg did not use
-(the prefill failed over to another backend, the request fell back to aggregated, the
-client left) is freed when the split ends. Retries and failovers to other backends count
-there while they run, as aggregated retries do. Without flow control each leg counts in
+decode slot (reserved until then: `FlowController.decode_started`), each freed when its
+leg ends (`FlowGate.release`, a prefill leg's with the uncached tokens flow control
+counted for it); a slot a leg did not use (the prefill failed over to another backend,
+the request fell back to aggregated, the client left) is freed when the split ends.
+Retries and failovers to other backends count there while they run, as aggregated
+retries do (a prefill failover as a prefill leg). Without flow control each leg counts in
 its backend's `in_flight` while it runs.
 """
 
@@ -128,21 +130,46 @@ class _Split:
             total=dis.prefill_timeout, sock_connect=settings.connect_timeout
         )
         self.prefill_s = 0.0
-        self.reserved: list[Endpoint] = []  # slots flow control counted for this split
+        # Slots flow control counted for this split, until a leg uses them: the prefill
+        # leg's (with its uncached tokens) and the decode leg's.
+        self.reserved_prefill: Endpoint | None = None
+        self.reserved_decode: Endpoint | None = None
+        self.uncached = 0
 
-    def _take(self, ep: Endpoint) -> None:
-        """Count a leg on `ep`: in the slot reserved for it, if any."""
-        for i, r in enumerate(self.reserved):
-            if r is ep:
-                del self.reserved[i]
-                return
+    def _take_prefill(self, ep: Endpoint) -> int | None:
+        """Count a prefill leg on `ep`, in the slot reserved for it if any; returns the
+        uncached tokens to release it with (None: no flow control)."""
+        if ep is self.reserved_prefill:
+            self.reserved_prefill = None
+            return self.uncached
+        ep.in_flight += 1
+        gate = self.pool.gate
+        if gate is None:
+            return None
+        gate.controller.prefill_started(ep, self.uncached, self.clock())
+        return self.uncached
+
+    def _take_decode(self, ep: Endpoint) -> None:
+        """Count a decode leg on `ep`: in the slot reserved for it, if any."""
+        if ep is self.reserved_decode:
+            self.reserved_decode = None
+            gate = self.pool.gate
+            if gate is not None:
+                gate.controller.decode_started(ep)
+            return
         ep.in_flight += 1
 
     def free_reserved(self) -> None:
         """Give back the slots no leg used."""
-        for ep in self.reserved:
+        if self.reserved_prefill is not None:
+            self._leg_done(self.reserved_prefill, False, prefill=self.uncached)
+            self.reserved_prefill = None
+        if self.reserved_decode is not None:
+            ep, self.reserved_decode = self.reserved_decode, None
+            gate = self.pool.gate
+            if gate is not None:
+                gate.controller.decode_started(ep)
             self._leg_done(ep, False)
-        self.reserved.clear()
 
     def _headers(self, ep: Endpoint) -> CIMultiDict[str]:
         auth = self.pool.upstream_auth
@@ -164,11 +191,13 @@ class _Split:
         self.fwd.obs.attempt_failed(self.ex, ep, cause, retried)
         log.info("request %s: P/D leg on %s failed: %s", self.ex.request_id, ep.name, detail)
 
-    def _leg_done(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
+    def _leg_done(
+        self, ep: Endpoint, ok: bool, overloaded: bool = False, prefill: int | None = None
+    ) -> None:
         ep.in_flight -= 1
         gate = self.pool.gate
         if gate is not None:
-            gate.release(ep, ok, overloaded)
+            gate.release(ep, ok, overloaded, prefill)
 
     # ------------------------------------------------------------------------ prefill
     async def prefill(self, candidates: list[Endpoint]) -> tuple[Endpoint, Any] | None:
@@ -178,7 +207,7 @@ class _Split:
         candidates = candidates[: self.settings.max_attempts]
         for i, ep in enumerate(candidates):
             retried = i + 1 < len(candidates)
-            self._take(ep)
+            uncached = self._take_prefill(ep)
             self.disagg.prefill.commit(self.ctx, ep, self.now)
             ok = overloaded = False
             t_sent = self.clock()
@@ -229,7 +258,7 @@ class _Split:
                 cause = failure_cause(e)[0]
                 self._failed(ep, f"prefill_{cause}", retried, f"{type(e).__name__}: {e}")
             finally:
-                self._leg_done(ep, ok, overloaded)
+                self._leg_done(ep, ok, overloaded, uncached)
                 if span is not None:
                     span.done(self.ex, 200 if ok else 0)
         return None
@@ -240,7 +269,7 @@ class _Split:
         success, or an error that is the request's own such as a 4xx) went to the client;
         else `sent` False says the backend never read the params (they are still good)."""
         fwd, ex = self.fwd, self.ex
-        self._take(ep)
+        self._take_decode(ep)
         self.disagg.decode.commit(self.ctx, ep, self.now)
         ok = overloaded = False
         t_sent = self.clock()
@@ -330,19 +359,21 @@ async def serve_disaggregated(
         return None
     assert plan.prefill is not None and plan.decode is not None
     gate = pool.gate
-    reserved: list[Endpoint] = []
+    split = _Split(fwd, settings, request, client, ctx, headers, pool, ex, now, rs)
+    split.uncached = plan.uncached_tokens
     if gate is not None:  # held and dispatched as a pair, or shed as one (Overloaded)
         priority, flow = gate.classify(request.headers)
         try:
-            pre, dec, ex.queue_wait = await gate.acquire_pair(ctx, plan, priority, flow, now)
+            pre, dec, ex.queue_wait, uncached = await gate.acquire_pair(
+                ctx, plan, priority, flow, now
+            )
         except asyncio.CancelledError:
             obs.pd_request(pool.name, "disaggregated", "client_left")
             raise
         plan.prefill, plan.decode = pre, dec
-        reserved = [pre.endpoint, dec.endpoint]
-        now += ex.queue_wait
-    split = _Split(fwd, settings, request, client, ctx, headers, pool, ex, now, rs)
-    split.reserved = reserved
+        split.reserved_prefill, split.reserved_decode = pre.endpoint, dec.endpoint
+        split.uncached = uncached
+        split.now = now = now + ex.queue_wait
     ex.decision = plan.decode  # the access log's scores/totals: the decode side's
     try:
         resp = await _serve(split, plan)

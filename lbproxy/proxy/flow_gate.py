@@ -12,9 +12,11 @@ sheds requests that waited too long; there is no polling loop. A client that dis
 while waiting cancels its handler, which takes it out of the queue at once.
 
 A P/D split request (`acquire_pair`) waits in the same queue as one request: it is
-dispatched when a prefill backend and a decode backend can both take it (the prefill
-side's best that can, by the pool's prefill routing; the decode side by the controller's
-usual rule), with both slots counted at once, and shed with one 429. In a P/D pool the
+dispatched when a decode backend can take it and a prefill backend can take its prefill
+leg (`FlowController.can_prefill`), the prefill side chosen by the controller's rule from
+the pool's prefill routing (waiting briefly for the backend that holds its prefix), the
+decode side the best of the decode routing that can, with both slots counted at once
+(the decode one reserved until its leg starts), and shed with one 429. In a P/D pool the
 queue is drained over every backend; aggregated requests are still routed only among
 the decode-capable ones.
 """
@@ -71,7 +73,18 @@ class Overloaded(ProxyError):
 class _Held:
     """A waiting request's side of the handshake with `bind` / `_shed`."""
 
-    __slots__ = ("ctx", "decision", "error", "fut", "pair", "plan", "prefill", "waited")
+    __slots__ = (
+        "ctx",
+        "dec",
+        "decision",
+        "error",
+        "fut",
+        "pair",
+        "plan",
+        "prefill",
+        "uncached",
+        "waited",
+    )
 
     def __init__(self, ctx: RequestContext, plan: DisaggPlan | None = None) -> None:
         self.ctx = ctx
@@ -81,6 +94,8 @@ class _Held:
         self.pair = plan is not None  # a P/D split: `decision` the decode side, `prefill` the other
         self.plan = plan  # its split plan at arrival, for the first try
         self.prefill: Decision | None = None
+        self.dec: Decision | None = None  # a pair's decode side, as last ranked
+        self.uncached = 0  # a pair's prefill leg: the uncached tokens flow control counted
         self.waited = 0.0
 
 
@@ -88,6 +103,7 @@ class FlowGate:
     def __init__(self, pool: PoolRuntime, settings: FlowControl, thresholds: Thresholds) -> None:
         self.pool = pool
         self.controller = FlowController(settings, thresholds)
+        self.controller.disaggregated = pool.disagg is not None
         self._settings(settings)
         self.waited = Histogram(WAIT_BOUNDS)  # every request's wait, dispatched or shed
         self._timer: asyncio.TimerHandle | None = None
@@ -101,6 +117,7 @@ class FlowGate:
         self.pool = pool
         self._settings(settings)
         self.controller.configure(settings, thresholds)
+        self.controller.disaggregated = pool.disagg is not None
         self.controller.prune(pool.endpoints)
 
     def _settings(self, settings: FlowControl) -> None:
@@ -148,16 +165,19 @@ class FlowGate:
 
     async def acquire_pair(
         self, ctx: RequestContext, plan: DisaggPlan, priority: int, flow: str, now: float
-    ) -> tuple[Decision, Decision, float]:
+    ) -> tuple[Decision, Decision, float, int]:
         """`acquire` for a P/D split planned at arrival: (prefill decision, decode
-        decision, seconds waited), both endpoints already counted in `in_flight`; each
-        leg's end is `release`d."""
+        decision, seconds waited, the prefill leg's uncached tokens), both endpoints
+        already counted in `in_flight`, the decode one reserved; each leg's end is
+        `release`d (the prefill leg's with its uncached tokens), the decode slot's
+        reservation ends with `decode_started`."""
         held = _Held(ctx, plan)
         tokens = plan.prompt_tokens
         asked = _asked_tokens(ctx.body)
-        await self._wait(held, Waiter(priority, flow, now, now, held, tokens, asked))
+        w = Waiter(priority, flow, now, now, held, tokens, asked, pair=True)
+        await self._wait(held, w)
         assert held.decision is not None and held.prefill is not None
-        return held.prefill, held.decision, held.waited
+        return held.prefill, held.decision, held.waited, held.uncached
 
     def _endpoints(self) -> list[Endpoint]:
         """What the queue is drained over: a P/D pool's prefill backends too."""
@@ -199,10 +219,12 @@ class FlowGate:
             except asyncio.CancelledError:
                 if not ctl.cancel(w, loop.time()) and held.decision is not None:
                     # Dispatched in the same instant the client left: give the slots back.
-                    for d in (held.decision, held.prefill):
-                        if d is not None:
-                            d.endpoint.in_flight -= 1
-                            self.release(d.endpoint, ok=False)
+                    if held.prefill is not None:
+                        ctl.decode_started(held.decision.endpoint)
+                        held.prefill.endpoint.in_flight -= 1
+                        self.release(held.prefill.endpoint, False, prefill=held.uncached)
+                    held.decision.endpoint.in_flight -= 1
+                    self.release(held.decision.endpoint, ok=False)
                 raise
         if held.error is not None:
             raise held.error
@@ -210,9 +232,12 @@ class FlowGate:
         held.waited = w.dispatched_at - w.arrival
         self.waited.observe(held.waited)
 
-    def release(self, ep: Endpoint, ok: bool, overloaded: bool = False) -> None:
-        """A request on `ep` ended (its in_flight already decremented)."""
-        self.controller.on_done(ep, ok, overloaded, self._now())
+    def release(
+        self, ep: Endpoint, ok: bool, overloaded: bool = False, prefill: int | None = None
+    ) -> None:
+        """A request on `ep` ended (its in_flight already decremented); `prefill`: it was
+        a prefill leg counted with these uncached tokens."""
+        self.controller.on_done(ep, ok, overloaded, self._now(), prefill)
         if self.controller.queue.size:
             self.wake()
 
@@ -270,33 +295,41 @@ class FlowGate:
         pair = pool.disagg.rank_pair(held.ctx, candidates, now, can_take, plan)
         if pair is None:
             return None
-        held.prefill = pair[0]
-        return pair[1]  # the controller checks the decode side's room and binds by it
+        held.dec = pair[1]
+        return pair[0]  # the controller chooses the prefill side and binds by it
 
     def bind(self, w: Waiter, decision: Decision, now: float) -> None:
         held: _Held = w.payload
         if held.pair:
-            self._bind_pair(w, held, decision)
+            self._bind_pair(w, held, decision, now)
         else:
             self.pool.router.commit(held.ctx, decision.endpoint, now)
-        decision.endpoint.in_flight += 1
-        held.decision = decision
+            decision.endpoint.in_flight += 1
+            held.decision = decision
         self._settle(held)
 
-    def _bind_pair(self, w: Waiter, held: _Held, decision: Decision) -> None:
-        """Count the prefill side's slot with the decode side's (never one alone). Each
-        leg's router learns where it went when the leg is sent (proxy/disagg.py)."""
-        pre = held.prefill
-        assert pre is not None
-        ctl = self.controller
-        now = w.dispatched_at or 0.0
-        # Its ranking may be from earlier in this dispatch round: the best that still can.
-        ranked = [ep for ep in pre.ranked if ep is not decision.endpoint]
-        p_ep = next((ep for ep in ranked if self._flushing or ctl.can_take(ep, now)), ranked[0])
-        if p_ep is not pre.endpoint:
-            pre.choose(p_ep)
+    def _bind_pair(self, w: Waiter, held: _Held, pre: Decision, now: float) -> None:
+        """Count the prefill side's slot (`pre`, chosen by the controller) with the
+        decode side's (never one alone). Each leg's router learns where it went when the
+        leg is sent (proxy/disagg.py)."""
+        pool, ctl = self.pool, self.controller
+        assert pool.disagg is not None and held.dec is not None
+        p_ep = pre.endpoint
+        flushing = self._flushing
+        dec = pool.disagg.pick_decode(
+            held.ctx,
+            held.dec,
+            p_ep,
+            self._endpoints(),
+            now,
+            lambda ep: flushing or ctl.can_take(ep, now),
+        )
+        assert dec is not None  # rank_pair leaves every prefill side a partner
+        held.uncached = pool.disagg.uncached_tokens(held.ctx, p_ep)
+        ctl.bind_pair(p_ep, dec.endpoint, held.uncached, w.tokens, now)
         p_ep.in_flight += 1
-        ctl.limiter(p_ep).sent_tokens += w.tokens
+        dec.endpoint.in_flight += 1
+        held.prefill, held.decision = pre, dec
 
     # ---------------------------------------------------------------- state for people
     def pool_json(self) -> dict[str, object]:
@@ -314,8 +347,20 @@ class FlowGate:
         }
 
     def backend_json(self, ep: Endpoint) -> dict[str, object]:
-        lim = self.controller.limiter(ep)
-        return {"concurrency_limit": self.controller.limit_of(ep), "decode_latency_s": lim.itl}
+        ctl = self.controller
+        lim = ctl.limiter(ep)
+        out: dict[str, object] = {
+            "concurrency_limit": ctl.limit_of(ep),
+            "decode_latency_s": lim.itl,
+        }
+        load = ctl.pd_loads.get(ep)
+        if load is not None:  # a P/D pool's backend
+            rate = load.rate()
+            out["prefill_legs"] = load.legs
+            out["prefill_tokens_in_flight"] = load.tokens
+            out["prefill_rate_tokens_s"] = None if rate is None else round(rate, 1)
+            out["reserved_decode_slots"] = load.reserved
+        return out
 
     # ---------------------------------------------------------------- internals
     def _now(self) -> float:

@@ -135,37 +135,71 @@ class DisaggRouter:
         can_take: Callable[[Endpoint], bool],
         plan: DisaggPlan | None = None,
     ) -> tuple[Decision, Decision] | None:
-        """Both sides of a split that flow control holds as one request, each the best of
-        its side's endpoints that `can_take` a request (the decode side other than the
-        prefill one); None: wait. Neither side holds out for a busy favourite: flow
-        control's affinity wait is for prefix caches, and a split request's decode side
-        gets its KV over the link. Load gates are left to flow control. `plan`: the
-        request's split plan, made just now; its two sides are taken as they are when
-        both can take it (ranking again costs time, and moves stateful pickers such as
-        round-robin)."""
+        """The two sides of a split that flow control holds as one: (prefill, decode)
+        rankings, or None (wait) while no decode-capable endpoint `can_take` it. The
+        decode side is ranked over those that can (a split's decode gets its KV over the
+        link: no prefix to wait for); the prefill side over every prefill-capable
+        endpoint but the only decode side with room, for flow control to choose among by
+        its own rule (`FlowController._choose`: the best that can take a prefill leg,
+        after waiting briefly for the one that holds the prefix). The decode side used is
+        its best that can take it and is not the prefill side (`pick_decode`). `plan`:
+        the request's split plan, made just now; its rankings are taken as they are when
+        its decode side can take it (ranking again costs time, and moves stateful pickers
+        such as round-robin)."""
+        d_eps = [ep for ep in endpoints if decode_capable(ep) and can_take(ep)]
+        if not d_eps:
+            return None
+        only = d_eps[0] if len(d_eps) == 1 else None
         if (
             plan is not None
             and plan.prefill is not None
             and plan.decode is not None
-            and can_take(plan.prefill.endpoint)
+            and (only is None or all(ep is not only for ep in plan.prefill.ranked))
             and can_take(plan.decode.endpoint)
         ):
             return plan.prefill, plan.decode
-        p_eps = [ep for ep in endpoints if prefill_capable(ep) and can_take(ep)]
-        d_eps = [ep for ep in endpoints if decode_capable(ep) and can_take(ep)]
-        if not p_eps or not d_eps:
-            return None
-        pre = self.prefill.rank(ctx, p_eps, now, gates=False)
+        p_eps = [ep for ep in endpoints if prefill_capable(ep) and ep is not only]
+        pre = self.prefill.rank(ctx, p_eps, now, gates=False) if p_eps else None
         if pre is None:
             return None
-        for p_ep in pre.ranked:  # a role-both prefill side may leave no decode side
-            eps = [ep for ep in d_eps if ep is not p_ep]
-            dec = self.decode.rank(ctx, eps, now, gates=False) if eps else None
-            if dec is not None:
-                if p_ep is not pre.endpoint:
-                    pre.choose(p_ep)
-                return pre, dec
-        return None
+        dec = self.decode.rank(ctx, d_eps, now, gates=False)
+        if dec is None:
+            return None
+        return pre, dec
+
+    def pick_decode(
+        self,
+        ctx: RequestContext,
+        dec: Decision,
+        p_ep: Endpoint,
+        endpoints: list[Endpoint],
+        now: float,
+        can_take: Callable[[Endpoint], bool],
+    ) -> Decision | None:
+        """The decode side of a pair whose prefill goes to `p_ep`: `dec` (without `p_ep`)
+        set to its best that can take it; else (its ranking is from earlier, or left out
+        `p_ep`'s only partner) the decode router's choice among the others that can, or,
+        failing that, among all the others."""
+        ranked = [ep for ep in dec.ranked if ep is not p_ep]
+        ep = next((ep for ep in ranked if can_take(ep)), None)
+        if ep is not None:
+            dec.ranked = ranked
+            if ep is not dec.endpoint:
+                dec.choose(ep)
+            return dec
+        others = [ep for ep in endpoints if decode_capable(ep) and ep is not p_ep]
+        eps = (
+            [ep for ep in others if can_take(ep)]
+            or [ep for ep in others if ep.healthy and not ep.draining]
+            or others
+        )
+        return self.decode.rank(ctx, eps, now, gates=False) if eps else None
+
+    def uncached_tokens(self, ctx: RequestContext, ep: Endpoint) -> int:
+        """The prompt tokens a prefill on `ep` computes: the prompt less what the prefill
+        profile's prefix scorers believe `ep` holds."""
+        cached = cached_prompt_tokens(self.prefill, ctx, ep) or 0
+        return max(0, prompt_tokens_estimate(ctx) - cached)
 
     def rank_prefill(
         self, ctx: RequestContext, endpoints: list[Endpoint], now: float

@@ -1,0 +1,104 @@
+"""The P/D flow-control table (benchmarks/results/pd-flow/TABLE.md), from the committed
+result files (nothing by hand):
+
+    D=benchmarks/results/pd-flow; python benchmarks/pd_flow_table.py $D > $D/TABLE.md
+
+Per rate: flow control off, on before the P/D rules, on after them; then the issue's
+targets checked against the figures, and whether the aggregated run is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RATES = (12, 20, 35)
+RUNS = (("off", "off"), ("on-before", "on, before"), ("on-after", "on, after"))
+
+
+def _step(root: Path, name: str) -> dict[str, Any]:
+    results = json.loads((root / name / "results.json").read_text())
+    return results["runs"][0]["steps"][0]
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else (f"{v * 1000:,.0f} ms" if v < 10 else f"{v:.1f} s")
+
+
+def _row(rate: int, label: str, s: dict[str, Any]) -> str:
+    cells = [
+        str(rate),
+        label,
+        str(s["completed"]),
+        str(s["rejected"]),
+        str(s["incomplete"]),
+        f"{s['completed_output_tokens_per_s']:,.0f}",
+        f"{s['goodput_output_tokens_per_s']:,.0f}",
+        f"{s['slo_attainment']:.0%}",
+        _s(s["ttft_p50_s"]),
+        _s(s["ttft_p90_s"]),
+        f"{s['prefix_cache_hit_rate']:.0%}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _same_but_wall_time(a: Path, b: Path) -> bool:
+    def strip(p: Path) -> Any:
+        d = json.loads((p / "results.json").read_text())
+        d.pop("created", None)
+        for run in d["runs"]:
+            for s in run["steps"]:
+                s.pop("wall_time_s", None)
+            run.pop("wall_time_s", None)
+        d.get("settings", {}).pop("wall_time_s", None)
+        return json.dumps(d, sort_keys=True)
+
+    return strip(a) == strip(b)
+
+
+def main(root: Path) -> None:
+    out = [
+        "# Flow control on a P/D pool (abc-20-pd, shared-prefix, cache-aware)",
+        "",
+        "| rate | flow control | completed | rejected | cut at drain end | completed tok/s "
+        "| goodput tok/s "
+        "| SLO | TTFT p50 | TTFT p90 | prefix hits |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    steps = {(r, n): _step(root, f"{n}-{r}") for r in RATES for n, _ in RUNS}
+    for r in RATES:
+        out += [_row(r, label, steps[(r, n)]) for n, label in RUNS]
+    off20, on20 = steps[(20, "off")], steps[(20, "on-after")]
+    off12, on12 = steps[(12, "off")], steps[(12, "on-after")]
+    off35, on35 = steps[(35, "off")], steps[(35, "on-after")]
+    tok = "completed_output_tokens_per_s"
+    good = "goodput_output_tokens_per_s"
+    checks = [
+        (
+            "20 req/s: on's completed tok/s within 5% of off's",
+            on20[tok] >= 0.95 * off20[tok],
+        ),
+        (
+            "20 req/s: on's SLO attainment >= off's - 5 points",
+            on20["slo_attainment"] >= off20["slo_attainment"] - 0.05,
+        ),
+        (
+            "12 req/s: on's TTFT p50 within +50 ms of off's",
+            on12["ttft_p50_s"] <= off12["ttft_p50_s"] + 0.05,
+        ),
+        ("35 req/s: on's goodput above off's", on35[good] > off35[good]),
+        (
+            "aggregated pool (abc-20, cache-aware-plus, 85 req/s): results.json unchanged "
+            "but for wall time",
+            _same_but_wall_time(root / "aggregated-before", root / "aggregated-after"),
+        ),
+    ]
+    out += ["", "Targets (after the change):", ""]
+    out += [f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in checks]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/pd-flow"))

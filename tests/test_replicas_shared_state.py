@@ -135,6 +135,14 @@ def test_redis_slow_then_gone_then_back(fake_backends, replicas, redis_server):
         assert time.monotonic() < deadline, "sharing did not resume"
         _alternate(urls, 1, first_group=900)
         time.sleep(0.3)
+    # `up` follows the reads; a write caught by the outage may still be timing out, and
+    # writes resume after its retry delay: wait until both replicas learn from each other.
+    name = "lbproxy_shared_state_applied_total"
+    applied = [_metric(u, name) for u in urls]
+    while not all(_metric(u, name) > a for u, a in zip(urls, applied, strict=True)):
+        assert time.monotonic() < deadline, "sharing did not resume"
+        _alternate(urls, 1, first_group=900)
+        time.sleep(0.3)
     for b in backends:
         b.received.clear()
     assert _alternate(urls, 4, first_group=200) == [200] * 4 * GROUPS

@@ -61,7 +61,13 @@ from lbproxy.bench.workloads import Workload
 from lbproxy.config import Disaggregation, FlowControl, Signals
 from lbproxy.flow.controller import FlowController, NoServer, Shed, thresholds_for
 from lbproxy.flow.queue import QUEUED, Waiter
-from lbproxy.routing.disagg import DisaggPlan, DisaggRouter, decode_capable
+from lbproxy.routing.disagg import (
+    DisaggPlan,
+    DisaggRouter,
+    decode_capable,
+    prefill_leg_ended,
+    prefill_leg_started,
+)
 from lbproxy.routing.interfaces import BuildContext
 from lbproxy.routing.pipeline import Router
 from lbproxy.routing.profiles import ProfileSpec, build_router
@@ -131,7 +137,7 @@ class _Split:
     d: Endpoint  # where the decode goes
     t_sent: float  # prefill sent
     reserved: bool  # flow control counted the decode slot at dispatch
-    uncached: int = 0  # flow control: the prefill leg's uncached tokens it counted
+    uncached: int = 0  # the prefill leg's uncached tokens (its prefill_tokens, flow control)
     prefill_id: str = ""  # the prefill's engine request id (its held blocks)
     t_decode: float = 0.0  # decode sent
 
@@ -319,7 +325,14 @@ class FleetSimulator:
             if plan.disaggregated:
                 assert plan.prefill is not None and plan.decode is not None
                 if self.flow is None:
-                    self._start_split(a, t, plan.prefill.endpoint, plan.decode.endpoint, False)
+                    self._start_split(
+                        a,
+                        t,
+                        plan.prefill.endpoint,
+                        plan.decode.endpoint,
+                        False,
+                        plan.uncached_tokens,
+                    )
                     return
                 a.split, a.plan = True, plan
             else:
@@ -364,6 +377,7 @@ class FleetSimulator:
         assert self.disagg is not None
         i = self._index[id(p_ep)]
         p_ep.in_flight += 1
+        prefill_leg_started(p_ep, uncached)
         self.routed[i] += 1
         self.disagg.prefill.commit(a.ctx, p_ep, t)
         self._next_id += 1
@@ -379,6 +393,7 @@ class FleetSimulator:
         assert self.disagg is not None
         p_ep = self.endpoints[pd.p]
         p_ep.in_flight -= 1
+        prefill_leg_ended(p_ep, pd.uncached)
         if self.flow is not None:
             self.flow.on_done(p_ep, True, now=t, prefill=pd.uncached)
             self.flow.decode_started(pd.d)  # its reserved slot now decodes
@@ -607,6 +622,7 @@ class FleetSimulator:
             for rid, pd in list(self._prefills.items()):
                 self.engines[pd.p].abort(rid, end)
                 self.endpoints[pd.p].in_flight -= 1
+                prefill_leg_ended(self.endpoints[pd.p], pd.uncached)
                 if pd.reserved:
                     pd.d.in_flight -= 1
                     flow = self.flow

@@ -35,7 +35,9 @@ counted for it); a slot a leg did not use (the prefill failed over to another ba
 the request fell back to aggregated, the client left) is freed when the split ends.
 Retries and failovers to other backends count there while they run, as aggregated
 retries do (a prefill failover as a prefill leg). Without flow control each leg counts in
-its backend's `in_flight` while it runs.
+its backend's `in_flight` while it runs. Each prefill leg, flow control on or off, counts
+its uncached prompt tokens on its backend (`Endpoint.prefill_tokens`, for the
+`prefill-load` scorer) from when it is sent until it ends.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import aiohttp
 import orjson
 
 from lbproxy.proxy.upstream_failure import failure_cause
-from lbproxy.routing.disagg import DisaggPlan
+from lbproxy.routing.disagg import DisaggPlan, prefill_leg_ended, prefill_leg_started
 from lbproxy.routing.state import Endpoint, RequestContext
 
 if TYPE_CHECKING:
@@ -208,6 +210,9 @@ class _Split:
         for i, ep in enumerate(candidates):
             retried = i + 1 < len(candidates)
             uncached = self._take_prefill(ep)
+            # What the prefill scorer reads (before commit teaches the index this prompt).
+            leg_tokens = self.disagg.uncached_tokens(self.ctx, ep)
+            prefill_leg_started(ep, leg_tokens)
             self.disagg.prefill.commit(self.ctx, ep, self.now)
             ok = overloaded = False
             t_sent = self.clock()
@@ -258,6 +263,7 @@ class _Split:
                 cause = failure_cause(e)[0]
                 self._failed(ep, f"prefill_{cause}", retried, f"{type(e).__name__}: {e}")
             finally:
+                prefill_leg_ended(ep, leg_tokens)
                 self._leg_done(ep, ok, overloaded, uncached)
                 if span is not None:
                     span.done(self.ex, 200 if ok else 0)

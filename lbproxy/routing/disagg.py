@@ -36,6 +36,8 @@ __all__ = [
     "DisaggRouter",
     "decode_capable",
     "prefill_capable",
+    "prefill_leg_ended",
+    "prefill_leg_started",
     "prompt_tokens_estimate",
 ]
 
@@ -50,6 +52,19 @@ def prefill_capable(ep: Endpoint) -> bool:
 
 def decode_capable(ep: Endpoint) -> bool:
     return ep.role != "prefill"
+
+
+def prefill_leg_started(ep: Endpoint, tokens: int) -> None:
+    """A prefill leg of `tokens` uncached prompt tokens was sent to `ep` (the proxy and the
+    simulator call this and `prefill_leg_ended` around every leg, flow control on or off:
+    `Endpoint.prefill_tokens` is what the `prefill-load` scorer reads)."""
+    ep.prefill_tokens += tokens
+
+
+def prefill_leg_ended(ep: Endpoint, tokens: int) -> None:
+    """The leg counted by `prefill_leg_started(ep, tokens)` ended: answered, failed or
+    abandoned."""
+    ep.prefill_tokens = max(0, ep.prefill_tokens - tokens)
 
 
 def prompt_tokens_estimate(ctx: RequestContext) -> int:

@@ -94,6 +94,8 @@ class Endpoint:
     draining: bool = False
     in_flight: int = 0
     in_flight_tokens: int = 0
+    # Uncached prompt tokens of the P/D prefill legs it runs (`routing.disagg.prefill_leg_*`).
+    prefill_tokens: int = 0
     metrics: MetricsSnapshot | None = None
     progress: Progress = field(default_factory=Progress)
     # Known KV-cache geometry (from vllm:cache_config_info or configuration).

@@ -7,6 +7,7 @@ from lbproxy.routing.plugins import (
     least_request,
     max_score,
     precise_prefix,
+    prefill_load,
     prefix_hash,
     queue_length,
     random_pick,
@@ -29,4 +30,5 @@ BUILTIN_MODULES = [
     prefix_hash,
     precise_prefix,
     decode_latency,
+    prefill_load,
 ]

@@ -60,7 +60,7 @@ def test_the_scorer_is_registered_and_its_scale_checked() -> None:
     router = build_router(spec, bctx, seed=0)
     assert isinstance(router.scorers[0].scorer, PrefillLoadScorer)
     bad = ProfileSpec.model_validate({"scorers": [{"type": "prefill-load", "scale": "tokens"}]})
-    with pytest.raises(ValueError, match="prefill-load.*scale"):
+    with pytest.raises(ValueError, match=r"prefill-load.*scale"):
         build_router(bad, bctx, seed=0)
 
 

@@ -1,10 +1,14 @@
-"""The P/D flow-control table (benchmarks/results/pd-flow/TABLE.md), from the committed
-result files (nothing by hand):
+"""The P/D tables, from the committed result files (nothing by hand):
 
     D=benchmarks/results/pd-flow; python benchmarks/pd_flow_table.py $D > $D/TABLE.md
+    D=benchmarks/results/pd-prefill-load; python benchmarks/pd_flow_table.py $D > $D/TABLE.md
 
-Per rate: flow control off, on before the P/D rules, on after them; then the issue's
-targets checked against the figures, and whether the aggregated run is unchanged.
+pd-flow: per rate, flow control off, on before the P/D rules, on after them; then the
+issue's targets checked against the figures, and whether the aggregated run is unchanged.
+
+pd-prefill-load (a directory with `before-off-12-s0` and the like): the prefill side's
+routing before and after the prefill-load scorer, per workload, rate, flow control and
+seed; then, per rate and flow control, whether after beats before on both seeds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from typing import Any
 
 RATES = (12, 20, 35)
 RUNS = (("off", "off"), ("on-before", "on, before"), ("on-after", "on, after"))
+SEEDS = (0, 1)
+FLOWS = ("off", "on")
+VERSIONS = ("before", "after")
+DIVERSE_RATE = 20
 
 
 def _step(root: Path, name: str) -> dict[str, Any]:
@@ -28,9 +36,12 @@ def _s(v: float | None) -> str:
 
 
 def _row(rate: int, label: str, s: dict[str, Any]) -> str:
+    return _cells([str(rate), label], s)
+
+
+def _cells(lead: list[str], s: dict[str, Any]) -> str:
     cells = [
-        str(rate),
-        label,
+        *lead,
         str(s["completed"]),
         str(s["rejected"]),
         str(s["incomplete"]),
@@ -58,7 +69,77 @@ def _same_but_wall_time(a: Path, b: Path) -> bool:
     return strip(a) == strip(b)
 
 
+HEAD = (
+    "| completed | rejected | cut at drain end | completed tok/s | goodput tok/s "
+    "| SLO | TTFT p50 | TTFT p90 | prefix hits |"
+)
+
+
+def _versus(b: list[dict[str, Any]], a: list[dict[str, Any]]) -> str:
+    """After against before over the seeds: goodput (higher), TTFT p50 and p90 (lower)."""
+
+    def verdict(key: str, higher: bool) -> str:
+        pairs = [(x[key], y[key]) for x, y in zip(b, a, strict=True)]
+        if all(y == x for x, y in pairs):
+            return "same"
+        better = [(y > x) if higher else (y < x) for x, y in pairs]
+        worse = [(y < x) if higher else (y > x) for x, y in pairs]
+        if all(better):
+            return "better on every seed"
+        if all(worse):
+            return "worse on every seed"
+        return "mixed"
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    good = "goodput_output_tokens_per_s"
+    return (
+        f"goodput {mean(b, good):,.0f} -> {mean(a, good):,.0f} tok/s "
+        f"({verdict(good, True)}); "
+        f"TTFT p50 {_s(mean(b, 'ttft_p50_s'))} -> {_s(mean(a, 'ttft_p50_s'))} "
+        f"({verdict('ttft_p50_s', False)}); "
+        f"TTFT p90 {_s(mean(b, 'ttft_p90_s'))} -> {_s(mean(a, 'ttft_p90_s'))} "
+        f"({verdict('ttft_p90_s', False)})"
+    )
+
+
+def prefill_load_table(root: Path) -> list[str]:
+    out = [
+        "# The P/D prefill side before and after the prefill-load scorer (abc-20-pd, cache-aware)",
+        "",
+        "| workload | rate | flow control | routing | seed " + HEAD,
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cases = [("shared-prefix", "", r) for r in RATES] + [
+        ("diverse-prefix", "diverse-", DIVERSE_RATE)
+    ]
+    summary = []
+    for workload, prefix, r in cases:
+        for fc in FLOWS:
+            steps: dict[str, list[dict[str, Any]]] = {}
+            for v in VERSIONS:
+                steps[v] = [_step(root, f"{prefix}{v}-{fc}-{r}-s{seed}") for seed in SEEDS]
+                for seed, s in zip(SEEDS, steps[v], strict=True):
+                    out.append(_cells([workload, str(r), fc, v, str(seed)], s))
+            summary.append(
+                f"- {workload}, {r} req/s, flow control {fc}: "
+                + _versus(steps["before"], steps["after"])
+            )
+    same = _same_but_wall_time(root / "aggregated-before", root / "aggregated-after")
+    out += ["", "After against before (means over the seeds; the verdict per seed):", ""]
+    out += summary
+    out += [
+        f"- aggregated pool (abc-20, cache-aware-plus, 85 req/s): results.json "
+        f"{'unchanged' if same else 'CHANGED'} but for wall time"
+    ]
+    return out
+
+
 def main(root: Path) -> None:
+    if (root / "before-off-12-s0").is_dir():
+        print("\n".join(prefill_load_table(root)))
+        return
     out = [
         "# Flow control on a P/D pool (abc-20-pd, shared-prefix, cache-aware)",
         "",

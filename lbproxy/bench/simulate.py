@@ -33,7 +33,9 @@ deliveries, merged with the sorted Poisson arrivals):
   held and dispatched as a pair (a decode backend that can take it, and the prefill
   backend flow control's rule picks for its prefill leg: `FlowController.can_prefill`,
   with cache affinity; both slots counted at once, the decode one reserved until its leg
-  starts, each freed when its leg ends) and shed as one.
+  starts, each freed when its leg ends) and shed as one. Flow control on or off, each
+  prefill leg counts its uncached prompt tokens on its backend (`Endpoint.prefill_tokens`,
+  `routing.disagg.prefill_leg_*`) until its answer lands, as the proxy's legs do.
   Each step's `pd` entry counts the decisions and gives prefill time, decode TTFT and
   transfer time, as the proxy's P/D metrics do.
 

@@ -74,14 +74,17 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     },
     # The two sides of a prefill/decode split (pool `disaggregation`). Prefill: prefix
     # affinity (a cached prefix is prefill work not done) and prefill load (waiting
-    # requests, exact in-flight counts). Decode: decode speed (measured ITL) and KV
-    # headroom for the whole context, with in-flight counts against bursts.
+    # requests; the uncached prompt tokens of the prefill legs in flight). Decode: decode
+    # speed (measured ITL) and KV headroom for the whole context, with in-flight counts
+    # against bursts.
     "pd-prefill": {
         "filters": [{"type": "saturation"}],
         "scorers": [
             {"type": "prefix-hash", "weight": 3},
             {"type": "queue", "weight": 2},
-            {"type": "least-request", "weight": 2},
+            # Prefill work in flight in tokens, not requests (weights measured:
+            # benchmarks/results/pd-prefill-load).
+            {"type": "prefill-load", "weight": 2},
         ],
         "picker": "max-score",
     },

@@ -8,7 +8,9 @@ issue's targets checked against the figures, and whether the aggregated run is u
 
 pd-prefill-load (a directory with `before-off-12-s0` and the like): the prefill side's
 routing before and after the prefill-load scorer, per workload, rate, flow control and
-seed; then, per rate and flow control, whether after beats before on both seeds.
+seed; then, per rate and flow control, whether after beats before on both seeds; then,
+when it has a `weights/` directory (fleet files `vN.yaml`, runs `vN-on-20-s0`...), the
+prefill profiles that were tried, seed 0, next to `before`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ RUNS = (("off", "off"), ("on-before", "on, before"), ("on-after", "on, after"))
 SEEDS = (0, 1)
 FLOWS = ("off", "on")
 VERSIONS = ("before", "after")
-DIVERSE_RATE = 20
+DIVERSE_RATES = (5, 20)  # below the diverse workload's capacity, and far past it
 
 
 def _step(root: Path, name: str) -> dict[str, Any]:
@@ -111,9 +113,8 @@ def prefill_load_table(root: Path) -> list[str]:
         "| workload | rate | flow control | routing | seed " + HEAD,
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    cases = [("shared-prefix", "", r) for r in RATES] + [
-        ("diverse-prefix", "diverse-", DIVERSE_RATE)
-    ]
+    cases = [("shared-prefix", "", r) for r in RATES]
+    cases += [("diverse-prefix", "diverse-", r) for r in DIVERSE_RATES]
     summary = []
     for workload, prefix, r in cases:
         for fc in FLOWS:
@@ -136,9 +137,50 @@ def prefill_load_table(root: Path) -> list[str]:
     return out
 
 
+def _scorers(fleet: Path) -> str:
+    """A fleet file's prefill scorers, as `type weight (params)`."""
+    import yaml
+
+    spec = yaml.safe_load(fleet.read_text())["disaggregation"]["prefill_routing"]
+    out = []
+    for sc in spec["scorers"]:
+        extra = ", ".join(f"{k} {v}" for k, v in sc.items() if k not in ("type", "weight"))
+        out.append(f"{sc['type']} {sc.get('weight', 1)}" + (f" ({extra})" if extra else ""))
+    return ", ".join(out)
+
+
+def weights_table(root: Path) -> list[str]:
+    w = root / "weights"
+    variants = sorted(p.stem for p in w.glob("v*.yaml"))
+    out = [
+        "",
+        "## Prefill profiles tried (seed 0; `before` is prefix-hash 3, queue 2, least-request 2)",
+        "",
+    ]
+    out += [f"- {v}: {_scorers(w / f'{v}.yaml')}" for v in variants]
+    out += [
+        "",
+        "| workload | rate | flow control | profile " + HEAD,
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cases = [("shared-prefix", "", r) for r in RATES] + [("diverse-prefix", "diverse-", 20)]
+    for workload, prefix, r in cases:
+        for fc in FLOWS:
+            lead = [workload, str(r), fc]
+            out.append(_cells([*lead, "before"], _step(root, f"{prefix}before-{fc}-{r}-s0")))
+            for v in variants:
+                name = f"{prefix}{v}-{fc}-{r}-s0"
+                if (w / name / "results.json").is_file():
+                    out.append(_cells([*lead, v], _step(w, name)))
+    return out
+
+
 def main(root: Path) -> None:
     if (root / "before-off-12-s0").is_dir():
-        print("\n".join(prefill_load_table(root)))
+        out = prefill_load_table(root)
+        if (root / "weights").is_dir():
+            out += weights_table(root)
+        print("\n".join(out))
         return
     out = [
         "# Flow control on a P/D pool (abc-20-pd, shared-prefix, cache-aware)",

@@ -93,7 +93,6 @@ class Endpoint:
     healthy: bool = True
     draining: bool = False
     in_flight: int = 0
-    in_flight_tokens: int = 0
     # Uncached prompt tokens of the P/D prefill legs it runs (`routing.disagg.prefill_leg_*`).
     prefill_tokens: int = 0
     metrics: MetricsSnapshot | None = None

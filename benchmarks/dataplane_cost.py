@@ -333,6 +333,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
+        cmd = saved.get("command", "").split()
+        if "--rate" in cmd and not args.rate:  # the rate the file was measured at
+            args.rate = float(cmd[cmd.index("--rate") + 1])
         labels = {k.split(" | ")[1] for k in saved["results"]} - {"direct"}
         base = args.base_label if args.base_label in labels else None
         if base is None and "asgi" in labels:  # the ASGI face against the native server
@@ -399,7 +402,9 @@ def main() -> int:
 def print_table(results: dict, args: argparse.Namespace, base: str | None) -> None:
     """Medians; with a base checkout also the median of the per-repeat CPU ratios (each
     repeat measured both in turns, so a busy spell of the machine weighs on both)."""
-    print(f"\nlbproxy data-path cost, {args.concurrency} connections, median of {args.repeat}")
+    repeats = max(len(r["runs"]) for r in results.values())  # of the file, with --table
+    rate = f", paced at {args.rate:g} requests/s" if args.rate else ""
+    print(f"\nlbproxy data-path cost, {args.concurrency} connections{rate}, median of {repeats}")
     print(
         "| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk "
         "| CPU vs base |"

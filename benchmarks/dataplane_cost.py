@@ -8,17 +8,22 @@ a bounded number of requests (and a time bound per run). For each case and repea
 load runs direct (to the backends, half the connections each), then through each lbproxy
 in turn (interleaved), and lbproxy's CPU time (user + system from /proc) is divided by the
 completed requests, and for streams by the chunks relayed. Medians of the repeats.
+With --rate, requests are sent at that rate (each no earlier than its slot) instead of as
+fast as the connections are answered: lbproxy's CPU per request depends on the rate (at a
+few hundred requests/s it wakes for each one alone), so compare cases at the same rate.
 
 Cases (the issue 15 table):
 - small: a short non-stream completion (round-robin and cache-aware)
 - stream8: a stream of 8 chunks (+ [DONE]) (round-robin and cache-aware)
-- unique7k: a ~7,000-token prompt (~28 KB), unique each time, non-stream, cache-aware
+- unique7k: a ~7,000-token prompt (~28 KB), unique each time (never sharing a first block),
+  non-stream, cache-aware
 - paced500: a 500-chunk stream paced 2 ms per chunk (CPU per chunk)
 - burst500: 500 chunks back to back (CPU per chunk)
 
     python benchmarks/dataplane_cost.py --repeat 3 --out benchmarks/results/dataplane/x.json
     python benchmarks/dataplane_cost.py --base ../base-checkout   # this code and a base, in turns
     python benchmarks/dataplane_cost.py --asgi --only small,paced500   # also under uvicorn
+    python benchmarks/dataplane_cost.py --only small,unique7k --rate 250   # paced, 250 req/s
 
 With --asgi, each lbproxy also runs as an ASGI application (`uvicorn lbproxy.asgi:app`,
 uvloop and httptools, no access log), measured in turns with the native server; its
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -37,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,11 +114,36 @@ def prompt(n: int, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def request_bytes(case: Case, port: int, rng: random.Random) -> bytes:
+@functools.cache
+def _corpus() -> str:
+    return prompt(1 << 20, random.Random(0))
+
+
+class UniquePrompts:
+    """Never-seen prompts of `n` bytes, made fast enough that lbproxy, not this generator,
+    sets the request rate: a serial number, then `n` bytes of a 1 MB word corpus from a
+    random offset. Every prompt differs from every other from its first bytes, so no two
+    share a prefix block (as with a prompt drawn word by word, which took ~3 ms here and
+    held the unique7k case to ~250 requests/s, a third of lbproxy's idle-loop rate)."""
+
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.n, self.rng, self.serial = n, rng, 0
+        self.corpus = _corpus()
+
+    def __call__(self) -> str:
+        self.serial += 1
+        off = self.rng.randrange(len(self.corpus) - self.n)
+        head = f"{self.serial} "
+        return head + self.corpus[off : off + self.n - len(head)]
+
+
+def request_bytes(
+    case: Case, port: int, rng: random.Random, text: Callable[[], str] | None = None
+) -> bytes:
     body = json.dumps(
         {
             "model": MODEL,
-            "prompt": prompt(case.prompt_bytes, rng),
+            "prompt": text() if text is not None else prompt(case.prompt_bytes, rng),
             "max_tokens": max(case.chunks, 16),
             "stream": case.stream,
         }
@@ -146,6 +178,14 @@ class LoadConnection(asyncio.Protocol):
         if req is None:
             self.transport.close()
             return
+        wait = self.run.wait()
+        if wait > 0:  # --rate: this request's slot is later
+            asyncio.get_running_loop().call_later(wait, self.write, req)
+        else:
+            self.write(req)
+
+    def write(self, req: bytes) -> None:
+        assert self.transport is not None
         self.t0 = time.perf_counter()
         self.transport.write(req)
 
@@ -162,9 +202,12 @@ class LoadConnection(asyncio.Protocol):
 
 
 class LoadRun:
-    def __init__(self, case: Case, requests: int, seconds: float) -> None:
+    def __init__(self, case: Case, requests: int, seconds: float, rate: float = 0.0) -> None:
         self.case, self.left, self.end = case, requests, time.monotonic() + seconds
         self.rng = random.Random(1)
+        self.unique = UniquePrompts(case.prompt_bytes, self.rng) if case.unique else None
+        # --rate: request i is sent no earlier than start + i / rate (0: at once).
+        self.rate, self.start, self.issued = rate, 0.0, 0
         self.fixed: dict[int, bytes] = {}
         self.latencies: list[float] = []
         self.failed = 0
@@ -173,11 +216,21 @@ class LoadRun:
         if self.left <= 0 or time.monotonic() > self.end:
             return None
         self.left -= 1
-        if self.case.unique:
-            return request_bytes(self.case, port, self.rng)
+        if self.unique is not None:
+            return request_bytes(self.case, port, self.rng, self.unique)
         if port not in self.fixed:
             self.fixed[port] = request_bytes(self.case, port, self.rng)
         return self.fixed[port]
+
+    def wait(self) -> float:
+        """Seconds until the next request's slot (always 0 without a rate)."""
+        if not self.rate:
+            return 0.0
+        now = time.perf_counter()
+        if not self.issued:
+            self.start = now
+        self.issued += 1
+        return self.start + (self.issued - 1) / self.rate - now
 
     def completed(self, status: int, latency: float) -> None:
         if status == 200:
@@ -186,9 +239,11 @@ class LoadRun:
             self.failed += 1
 
 
-async def load(case: Case, ports: list[int], requests: int, conns: int, seconds: float) -> dict:
+async def load(
+    case: Case, ports: list[int], requests: int, conns: int, seconds: float, rate: float = 0.0
+) -> dict:
     loop = asyncio.get_running_loop()
-    run = LoadRun(case, requests, seconds)
+    run = LoadRun(case, requests, seconds, rate)
     t0 = time.perf_counter()
     protos = []
     for i in range(conns):
@@ -234,12 +289,14 @@ async def measure(
         for case in CASES:
             key = f"{case.name} {case.profile}"
             n = max(1, int(case.requests * args.scale))
-            direct = await load(case, list(BACKEND_PORTS), n, args.concurrency, args.seconds)
+            direct = await load(
+                case, list(BACKEND_PORTS), n, args.concurrency, args.seconds, args.rate
+            )
             rows.setdefault(f"{key} | direct", []).append(direct)
             for label in labels:
                 port, pid = proxies[(label, case.profile)]
                 cpu0 = cpu_seconds(pid)
-                r = await load(case, [port], n, args.concurrency, args.seconds)
+                r = await load(case, [port], n, args.concurrency, args.seconds, args.rate)
                 cpu = cpu_seconds(pid) - cpu0
                 r["cpu_ms_per_request"] = cpu / max(r["done"], 1) * 1e3
                 if case.stream:
@@ -265,11 +322,20 @@ def main() -> int:
     ap.add_argument("--table", help="print the table of a results file, run nothing")
     ap.add_argument("--only", help="run only the cases of these names (comma-separated)")
     ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="requests per second (paced; default 0: each connection as fast as answered)",
+    )
+    ap.add_argument(
         "--asgi", action="store_true", help="also run this checkout under uvicorn (lbproxy.asgi)"
     )
     args = ap.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
+        cmd = saved.get("command", "").split()
+        if "--rate" in cmd and not args.rate:  # the rate the file was measured at
+            args.rate = float(cmd[cmd.index("--rate") + 1])
         labels = {k.split(" | ")[1] for k in saved["results"]} - {"direct"}
         base = args.base_label if args.base_label in labels else None
         if base is None and "asgi" in labels:  # the ASGI face against the native server
@@ -336,7 +402,9 @@ def main() -> int:
 def print_table(results: dict, args: argparse.Namespace, base: str | None) -> None:
     """Medians; with a base checkout also the median of the per-repeat CPU ratios (each
     repeat measured both in turns, so a busy spell of the machine weighs on both)."""
-    print(f"\nlbproxy data-path cost, {args.concurrency} connections, median of {args.repeat}")
+    repeats = max(len(r["runs"]) for r in results.values())  # of the file, with --table
+    rate = f", paced at {args.rate:g} requests/s" if args.rate else ""
+    print(f"\nlbproxy data-path cost, {args.concurrency} connections{rate}, median of {repeats}")
     print(
         "| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk "
         "| CPU vs base |"

@@ -1,0 +1,76 @@
+"""benchmarks/dataplane_cost.py's load: unique prompts that share no first block, and --rate.
+
+The unique7k case's figures depend on the generator not being the bottleneck and on every
+prompt being new to lbproxy's prefix index; --rate must actually pace the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.fake_backend import FakeBackend
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def dc() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("dataplane_cost")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+UNIT = 64  # prefix-hash's first block: 16 tokens x 4 bytes
+
+
+def test_unique_prompts_are_full_length_and_share_no_first_block(dc: ModuleType) -> None:
+    gen = dc.UniquePrompts(28_000, random.Random(1))
+    prompts = [gen() for _ in range(2000)]
+    assert {len(p) for p in prompts} == {28_000}
+    assert len({p[:UNIT] for p in prompts}) == len(prompts)
+    # The body is the case's JSON, carrying the prompt unchanged.
+    case = next(c for c in dc.CASES if c.name == "unique7k")
+    raw = dc.request_bytes(case, 1, random.Random(2), dc.UniquePrompts(28_000, random.Random(3)))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert len(json.loads(body)["prompt"]) == 28_000
+
+
+def test_generating_a_unique_request_is_cheap(dc: ModuleType) -> None:
+    # The old word-by-word generator took ~3 ms a request and capped the case at ~250/s.
+    # This one takes ~0.05 ms (a JSON dump of 28 KB). CPU time, so other processes do not
+    # count: 400 requests within 0.6 s (1.5 ms each) leaves a wide margin either way.
+    case = next(c for c in dc.CASES if c.name == "unique7k")
+    run = dc.LoadRun(case, 400, 60)
+    t0 = time.process_time()
+    reqs = [run.next_request(1) for _ in range(400)]
+    assert time.process_time() - t0 < 0.6
+    assert len({hashlib.sha256(r).digest() for r in reqs}) == 400
+
+
+def test_rate_paces_the_requests_of_a_real_load(
+    dc: ModuleType, fake_backends: Callable[..., list[FakeBackend]]
+) -> None:
+    (backend,) = fake_backends(1)
+    case = next(c for c in dc.CASES if c.name == "small" and c.profile == "cache-aware")
+    # 21 requests at 20/s over 4 connections: the last one's slot is 1 s after the first.
+    t0 = time.perf_counter()
+    r = asyncio.run(dc.load(case, [backend.port], 21, 4, 30.0, rate=20.0))
+    elapsed = time.perf_counter() - t0
+    assert r["done"] == 21 and r["failed"] == 0
+    assert len(backend.received) == 21
+    assert elapsed >= 1.0  # never early (an unpaced run takes a few ms)
+    assert elapsed < 6.0  # and not stuck (margin for a busy machine)

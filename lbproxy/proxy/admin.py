@@ -22,6 +22,11 @@ sees the new config whole, requests in flight finish on the runtime they started
 Afterwards the KV-event subscriber is restarted if its sources changed, and models are
 discovered for pools that list none. Settings that need a new listener or process
 (`restart_required` in the answer) are left as they are until a restart.
+
+Under `serve --workers N` (`host` set, lbproxy/replicas/host_admin.py) drain, undrain and
+reload act on every worker before the answer, which lists each worker's (a 503 names
+those that did not confirm in time), and GET /admin/backends sums in-flight counts over
+the workers. Without --workers none of that runs.
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ from lbproxy.proxy.errors import (
 )
 from lbproxy.proxy.kv_feed import kv_sources, start_subscriber
 from lbproxy.proxy.runtime import build_runtime, swap_in
+from lbproxy.replicas.host_admin import CONFIRM_DEADLINE, HostNotConfirmed
 from lbproxy.routing.state import Endpoint
 
 if TYPE_CHECKING:
     from lbproxy.proxy.app import ProxyState
+    from lbproxy.replicas.host_admin import HostAdmin
 
 log = logging.getLogger("lbproxy.admin")
 
@@ -89,6 +96,7 @@ class AdminAPI:
     def __init__(self, state: ProxyState) -> None:
         self.st = state
         self._lock = asyncio.Lock()
+        self.host: HostAdmin | None = None  # a worker of `serve --workers`: host-wide
 
     # ---- backends ---------------------------------------------------------------------------
 
@@ -148,6 +156,10 @@ class AdminAPI:
 
     def set_draining(self, name: str, pool: str | None, draining: bool) -> dict[str, Any]:
         ep = self.find(name, pool)
+        self.mark_draining(ep, draining)
+        return self.backend_state(ep)
+
+    def mark_draining(self, ep: Endpoint, draining: bool) -> None:
         if ep.draining != draining:
             ep.draining = draining
             log.info(
@@ -157,7 +169,6 @@ class AdminAPI:
                 "draining" if draining else "back in service",
                 ep.in_flight,
             )
-        return self.backend_state(ep)
 
     # ---- reload -----------------------------------------------------------------------------
 
@@ -188,6 +199,8 @@ class AdminAPI:
 
         # ---- the swap: no await from here to its end --------------------------------------
         changes = swap_in(st, new)  # carry-over, then the one assignment
+        if self.host is not None:  # the host's drain set, also on backends (re-)added
+            self.host.apply_drained()
         # Long-lived services take their new settings; pools they read from st.runtime.
         if st.forwarder is not None:
             st.forwarder.configure_upstream(new.settings)
@@ -249,15 +262,37 @@ def _guarded(handler: Handler) -> Handler:
 
 @_guarded
 async def _backends(request: web.Request) -> web.StreamResponse:
-    return _json({"object": "list", "data": request.app[ADMIN].backends()})
+    api = request.app[ADMIN]
+    if api.host is not None:
+        return _json(api.host.host_backends(api.backends()))
+    return _json({"object": "list", "data": api.backends()})
+
+
+def _unconfirmed(workers: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{w['worker']} (pid {w['pid']}: {w.get('reload', {}).get('error') or w['status']})"
+        for w in workers
+        if w["status"] == "not_confirmed" or w.get("reload", {}).get("status") == "failed"
+    )
 
 
 async def _set_draining(request: web.Request, draining: bool) -> web.StreamResponse:
     api = request.app[ADMIN]
-    state = api.set_draining(
-        request.match_info["name"], request.query.get("pool"), draining=draining
-    )
-    return _json(state)
+    name, pool = request.match_info["name"], request.query.get("pool")
+    if api.host is None:
+        return _json(api.set_draining(name, pool, draining=draining))
+    ep = api.find(name, pool)
+    workers = await api.host.set_draining(ep.pool, ep.name, draining)
+    if missing := _unconfirmed(workers):
+        what = "drain" if draining else "undrain"
+        raise HostNotConfirmed(
+            f"{what} of backend '{ep.name}' (pool '{ep.pool}') is recorded for the host and "
+            f"applied by the other workers, but workers {missing} did not confirm within "
+            f"{CONFIRM_DEADLINE:g} s; they apply it when they read it (at the latest when "
+            "restarted): repeat the request to check",
+            workers,
+        )
+    return _json({**api.backend_state(ep), "workers": workers})
 
 
 @_guarded
@@ -272,12 +307,22 @@ async def _undrain(request: web.Request) -> web.StreamResponse:
 
 @_guarded
 async def _reload(request: web.Request) -> web.StreamResponse:
+    api = request.app[ADMIN]
     try:
-        result = await request.app[ADMIN].reload()
+        if api.host is None:
+            return _json(await api.reload())
+        result, workers = await api.host.reload()
     except ConfigError as e:
         log.error("POST /admin/reload: config not reloaded, the running one stays: %s", e)
         raise BadRequest(str(e)) from None
-    return _json(result)
+    if missing := _unconfirmed(workers):
+        raise HostNotConfirmed(
+            f"the config was reloaded by this worker, but workers {missing} did not "
+            f"confirm a reload within {CONFIRM_DEADLINE:g} s or failed it (see workers); "
+            "a worker that did not confirm reloads when it reads the request",
+            workers,
+        )
+    return _json({**result, "workers": workers})
 
 
 def add_admin_routes(app: web.Application, api: AdminAPI) -> None:

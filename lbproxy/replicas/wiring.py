@@ -1,7 +1,7 @@
 """Starts and stops what several lbproxy processes share, for `lbproxy.proxy.app`.
 
-Nothing here runs unless asked: per-worker metrics only in a worker of `serve --workers`,
-shared state only with `state.redis` in the config.
+Nothing here runs unless asked: per-worker metrics and the host-wide admin API only in a
+worker of `serve --workers`, shared state only with `state.redis` in the config.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from lbproxy.proxy.observability import OBS
 from lbproxy.replicas.worker_metrics import WorkerMetrics
-from lbproxy.replicas.workers import worker_count, worker_dir, worker_index
+from lbproxy.replicas.workers import spawned_at, worker_count, worker_dir, worker_index
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,6 +44,27 @@ def install(app: web.Application, state: Callable[[], Any]) -> None:
 
         app.on_startup.append(start_metrics)
         app.on_cleanup.append(stop_metrics)
+        _install_host_admin(app, state, directory, index)
+
+
+def _install_host_admin(
+    app: web.Application, state: Callable[[], Any], directory: Path, index: int
+) -> None:
+    """The admin API acts host-wide (replicas/host_admin.py); its start hook runs before
+    the worker listens, so a restarted worker serves with the host's drain set."""
+    from lbproxy.replicas.host_admin import HostAdmin
+
+    st = state()
+    host = st.admin.host = HostAdmin(st.admin, directory, index, worker_count(), spawned_at())
+
+    async def start(app: web.Application) -> None:
+        await host.start()
+
+    async def stop(app: web.Application) -> None:
+        await host.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
 
 
 def _install_static_share(app: web.Application, state: Callable[[], Any], n: int) -> None:

@@ -13,6 +13,10 @@ drains (shutdown_grace) or reloads its config as a single `serve` does. A SIGHUP
 only to workers that already hold SIGHUP (they announce it with a file in the workers'
 directory); one that does not yet has not read its config and will read the new one.
 
+Admin API: host-wide (drain, undrain, reload, backends): the workers share a state file
+in the workers' directory and signal each other (SIGUSR1; replicas/host_admin.py); a
+restarted worker reads it before it listens.
+
 A worker that dies: restarted when it had served at least RESTART_AFTER seconds (a crash
 under load should not take the host down); one that dies sooner (a bad config, a port it
 cannot bind) makes the parent stop the others and exit 1, loudly, rather than loop.
@@ -48,6 +52,7 @@ log = logging.getLogger("lbproxy")
 WORKER_INDEX_ENV = "LBPROXY_WORKER_INDEX"
 WORKER_DIR_ENV = "LBPROXY_WORKER_DIR"
 WORKERS_ENV = "LBPROXY_WORKERS"  # how many
+WORKER_SPAWNED_ENV = "LBPROXY_WORKER_SPAWNED"  # wall clock of the spawn (host_admin.py)
 _PR_SET_PDEATHSIG = 1
 RESTART_AFTER = 10.0  # seconds a worker must have run to be restarted when it dies
 
@@ -61,6 +66,11 @@ def worker_index() -> int | None:
 def worker_count() -> int:
     """N of `serve --workers N` in a worker, else 1."""
     return int(os.environ.get(WORKERS_ENV) or 1)
+
+
+def spawned_at() -> float:
+    """When the supervisor started this worker (time.time()); 0.0 outside --workers."""
+    return float(os.environ.get(WORKER_SPAWNED_ENV) or 0.0)
 
 
 def worker_dir() -> Path | None:
@@ -120,6 +130,7 @@ class Supervisor:
             WORKER_INDEX_ENV: str(index),
             WORKER_DIR_ENV: str(self.dir),
             WORKERS_ENV: str(self.n),
+            WORKER_SPAWNED_ENV: repr(time.time()),
         }
         proc = subprocess.Popen(self.argv, env=env, preexec_fn=_end_with_parent)
         self.workers[index] = _Worker(index, proc)

@@ -1,0 +1,191 @@
+"""The admin API under `lbproxy serve --workers 2` acts on the whole host (issue 14): real
+supervisor and worker subprocesses over fake backends, every request on a fresh
+connection (the kernel spreads connections, not requests, over the workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lbproxy.replicas.workers import RESTART_AFTER
+from tests.conftest import proxy_config
+from tests.ops_helpers import admin_headers, write_config
+from tests.replicas_support import Serve, samples
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
+BODY = {"model": "fake-model", "prompt": "hello", "max_tokens": 1}
+ADMIN = {"token": "admin-secret"}
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Any]:
+    started: list[Serve] = []
+
+    def make(cfg: dict[str, Any]) -> Serve:
+        path = write_config(tmp_path / "lbproxy.yaml", cfg)
+        s = Serve(path, "--workers", "2", listening=2)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def _post_fresh(url: str, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            out.append(c.post("/v1/completions", json=BODY).status_code)
+    return out
+
+
+def _admin(url: str, method: str, path: str, timeout: float = 30) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=timeout) as c:
+        return c.request(method, path, headers=admin_headers())
+
+
+def _until(check: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def _statuses(answer: dict[str, Any]) -> dict[int, str]:
+    return {w["worker"]: w["status"] for w in answer["workers"]}
+
+
+def _worker_pids(url: str) -> set[int]:
+    return {int(labels["pid"]) for labels, _ in samples(url, "lbproxy_worker_info")}
+
+
+def _be0_flags(url: str) -> dict[str, bool]:
+    """be0's draining flag in each worker, as GET /admin/backends shows them."""
+    data = _admin(url, "GET", "/admin/backends").json()["data"]
+    be0 = next(b for b in data if b["name"] == "be0")
+    return {w: v["draining"] for w, v in be0.get("workers", {}).items()}
+
+
+def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, workers) -> None:
+    b0, b1 = fake_backends(2)
+    started = time.monotonic()
+    proc = workers(proxy_config([b0, b1], admin=ADMIN))
+    assert _post_fresh(proc.url, 10) == [200] * 10
+    assert b0.received, "be0 serves before the drain"
+
+    r = _admin(proc.url, "POST", "/admin/backends/be0/drain")
+    assert r.status_code == 200, r.text
+    assert r.json()["draining"] is True
+    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
+    before = len(b0.received)
+    assert _post_fresh(proc.url, 30) == [200] * 30
+    assert len(b0.received) == before, "a worker still sends requests to the drained backend"
+
+    # A worker killed (after RESTART_AFTER, so that the supervisor restarts it) comes back
+    # with the host's drain set in force.
+    time.sleep(max(0.0, started + RESTART_AFTER + 2 - time.monotonic()))
+    old = _worker_pids(proc.url)
+    victim = min(old)
+    os.kill(victim, signal.SIGKILL)
+    proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
+    proc.wait_count(r"lbproxy listening on http://", 3, 60)
+    assert _until(lambda: len(_worker_pids(proc.url) - old) == 1)
+    assert _post_fresh(proc.url, 30) == [200] * 30
+    assert len(b0.received) == before, "the restarted worker sends requests to be0"
+    assert _until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
+
+    r = _admin(proc.url, "POST", "/admin/backends/be0/undrain")
+    assert r.status_code == 200, r.text
+    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
+    assert _until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
+    assert _post_fresh(proc.url, 10) == [200] * 10
+    assert len(b0.received) > before  # back in service
+
+
+def test_a_stopped_worker_is_named_within_the_deadline_and_catches_up(
+    fake_backends, workers
+) -> None:
+    b0, b1 = fake_backends(2)
+    proc = workers(proxy_config([b0, b1], admin=ADMIN))
+    pids = _until(lambda: p if len(p := _worker_pids(proc.url)) == 2 else None)
+    stopped = min(pids)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        answer = None
+        t0 = time.monotonic()
+        while answer is None and time.monotonic() - t0 < 30:
+            try:  # a connection the stopped worker's queue takes is not answered: another
+                answer = _admin(proc.url, "POST", "/admin/backends/be0/drain", timeout=6)
+            except httpx.TimeoutException:
+                continue
+        assert answer is not None
+        assert answer.status_code == 503, answer.text
+        body = answer.json()
+        assert body["error"]["code"] == "workers_not_confirmed"
+        assert f"pid {stopped}" in body["error"]["message"]
+        by_pid = {w["pid"]: w["status"] for w in body["workers"]}
+        assert by_pid[stopped] == "not_confirmed"
+        assert list(by_pid.values()).count("confirmed") == 1
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    # The stopped worker applies the recorded drain once it runs again.
+    assert _until(lambda: _be0_flags(proc.url) == {"0": True, "1": True}, 10)
+    before = len(b0.received)
+    assert _post_fresh(proc.url, 20) == [200] * 20
+    assert len(b0.received) == before
+
+
+def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, tmp_path) -> None:
+    b0, b1 = fake_backends(2)
+    proc = workers(proxy_config([b0], admin=ADMIN))
+    assert _post_fresh(proc.url, 4) == [200] * 4
+    write_config(tmp_path / "lbproxy.yaml", proxy_config([b1], admin=ADMIN))  # be0 moves
+
+    r = _admin(proc.url, "POST", "/admin/reload")
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["status"] == "reloaded"
+    assert _statuses(answer) == {0: "confirmed", 1: "confirmed"}
+    assert {w["reload"]["status"] for w in answer["workers"]} == {"reloaded"}
+    before = len(b0.received)
+    assert _post_fresh(proc.url, 24) == [200] * 24  # at once: no wait after the answer
+    assert len(b0.received) == before, "a worker still routes by the old config"
+    assert len(b1.received) == 24
+
+
+def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) -> None:
+    (b0,) = fake_backends(1, stall_before_headers=6.0)
+    proc = workers(proxy_config([b0], admin=ADMIN))
+    statuses: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: statuses.extend(_post_fresh(proc.url, 1)))
+        for _ in range(10)
+    ]
+    for t in threads:
+        t.start()
+
+    def all_held() -> dict[str, Any] | None:
+        be0 = _admin(proc.url, "GET", "/admin/backends").json()["data"][0]
+        per = be0.get("workers", {})
+        if be0["in_flight"] == 10 and len(per) == 2 and all(w["in_flight"] for w in per.values()):
+            return be0
+        return None
+
+    be0 = _until(all_held, 5.0)
+    assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
+    assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
+    assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())
+    for t in threads:
+        t.join(30)
+    assert statuses == [200] * 10

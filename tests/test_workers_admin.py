@@ -101,6 +101,9 @@ def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, worker
     proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
     proc.wait_count(r"lbproxy listening on http://", 3, 60)
     assert _until(lambda: len(_worker_pids(proc.url) - old) == 1)
+    lines = list(proc.lines)  # the new worker applied the drain before it listened
+    third_listen = [i for i, x in enumerate(lines) if "lbproxy listening on http://" in x][2]
+    assert sum("backend be0 (pool main) draining" in x for x in lines[:third_listen]) == 3
     assert _post_fresh(proc.url, 30) == [200] * 30
     assert len(b0.received) == before, "the restarted worker sends requests to be0"
     assert _until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})

@@ -153,6 +153,9 @@ def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, t
     b0, b1 = fake_backends(2)
     proc = workers(proxy_config([b0], admin=ADMIN))
     assert _post_fresh(proc.url, 4) == [200] * 4
+    (tmp_path / "lbproxy.yaml").write_text("pools: [")  # invalid: refused, nothing else
+    r = _admin(proc.url, "POST", "/admin/reload")
+    assert r.status_code == 400 and "lbproxy.yaml" in r.json()["error"]["message"], r.text
     write_config(tmp_path / "lbproxy.yaml", proxy_config([b1], admin=ADMIN))  # be0 moves
 
     r = _admin(proc.url, "POST", "/admin/reload")
@@ -165,6 +168,8 @@ def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, t
     assert _post_fresh(proc.url, 24) == [200] * 24  # at once: no wait after the answer
     assert len(b0.received) == before, "a worker still routes by the old config"
     assert len(b1.received) == 24
+    assert proc.count("not reloaded") == 1  # the invalid file reached no other worker
+    assert proc.count(r"config reloaded from") == 2
 
 
 def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) -> None:

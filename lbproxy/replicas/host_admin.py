@@ -167,7 +167,7 @@ class HostAdmin:
     async def start(self) -> None:
         """Before the worker listens: handle SIGUSR1, announce it, apply the host's state."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR1, self.check)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_signal)
         self.write_status()  # from now on the others may signal this worker
         state = HostState.read(self.dir)
         self.reload_gen = state.reload  # the config file was read at start ...
@@ -190,10 +190,13 @@ class HostAdmin:
     async def _keep(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            try:
-                self.check()
-            except Exception as e:  # the directory went (supervisor ended), a bad file
-                log.debug("host admin: %s", e)
+            self._on_signal()
+
+    def _on_signal(self) -> None:
+        try:
+            self.check()
+        except Exception as e:  # the directory went (supervisor ended), a bad file
+            log.debug("host admin: %s", e)
 
     # ---- this worker applies the host state ---------------------------------------------
 

@@ -54,8 +54,9 @@ def _install_host_admin(
     the worker listens, so a restarted worker serves with the host's drain set."""
     from lbproxy.replicas.host_admin import HostAdmin
 
-    st = state()
-    host = st.admin.host = HostAdmin(st.admin, directory, index, worker_count(), spawned_at())
+    api = state().admin
+    assert api is not None  # build_app creates it before this runs
+    host = api.host = HostAdmin(api, directory, index, worker_count(), spawned_at())
 
     async def start(app: web.Application) -> None:
         await host.start()

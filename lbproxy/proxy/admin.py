@@ -292,7 +292,7 @@ async def _set_draining(request: web.Request, draining: bool) -> web.StreamRespo
             "restarted): repeat the request to check",
             workers,
         )
-    return _json({**api.backend_state(ep), "workers": workers})
+    return _json({**api.backend_state(ep), "workers": workers, "answered_by": api.host.me()})
 
 
 @_guarded
@@ -322,7 +322,7 @@ async def _reload(request: web.Request) -> web.StreamResponse:
             "a worker that did not confirm reloads when it reads the request",
             workers,
         )
-    return _json({**result, "workers": workers})
+    return _json({**result, "workers": workers, "answered_by": api.host.me()})
 
 
 def add_admin_routes(app: web.Application, api: AdminAPI) -> None:

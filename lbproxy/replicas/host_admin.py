@@ -365,7 +365,11 @@ class HostAdmin:
             by_worker = per.get((b["pool"], b["name"]), {})
             b["workers"] = by_worker
             b["in_flight"] = sum(w["in_flight"] for w in by_worker.values())
-        return {"object": "list", "data": local, "workers": workers}
+        return {"object": "list", "data": local, "workers": workers, "answered_by": self.me()}
+
+    def me(self) -> dict[str, int]:
+        """The worker that answers: the other fields of an answer (health, metrics) are its."""
+        return {"worker": self.index, "pid": self.pid}
 
     def _status_files(self) -> list[tuple[Path, int, int]]:
         out = []

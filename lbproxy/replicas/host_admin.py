@@ -232,7 +232,7 @@ class HostAdmin:
             self.reload_result = {"status": "failed", "error": str(e)}
         finally:
             self._reloading = None
-        self.check()  # writes the status; a newer generation meanwhile reloads again
+        self._on_signal()  # writes the status; a newer generation meanwhile reloads again
 
     def write_status(self) -> None:
         pools = self.api.st.runtime.pools

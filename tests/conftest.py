@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -111,3 +112,23 @@ def run_proxy(
     yield make
     for p in started:
         loop_thread.run(p.close())
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """`workers(cfg, n=2)`: `lbproxy serve --workers n` on `cfg` (a `replicas_support.Serve`),
+    stopped after the test."""
+    from tests.ops_helpers import write_config
+    from tests.replicas_support import Serve
+
+    started: list[Serve] = []
+
+    def make(cfg: dict[str, Any], n: int = 2) -> Serve:
+        path = write_config(tmp_path / "lbproxy.yaml", cfg)
+        s = Serve(path, "--workers", str(n), listening=n)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()

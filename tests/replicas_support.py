@@ -11,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,3 +138,26 @@ def per_worker(url: str, name: str) -> dict[str, float]:
         w = labels.get("worker", "")
         out[w] = out.get(w, 0.0) + value
     return out
+
+
+COMPLETION = {"model": "fake-model", "prompt": "hello", "max_tokens": 1}
+
+
+def post_fresh(url: str, n: int, body: dict[str, Any] = COMPLETION) -> list[int]:
+    """n requests, each on a new connection (the kernel spreads connections, not requests,
+    over the workers of `--workers`)."""
+    out = []
+    for _ in range(n):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            out.append(c.post("/v1/completions", json=body).status_code)
+    return out
+
+
+def until(check: Callable[[], Any], timeout: float = 15.0, every: float = 0.2) -> Any:
+    """`check()`'s first truthy value within `timeout` seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)

@@ -4,66 +4,27 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import proxy_config
 from tests.ops_helpers import write_config
-from tests.replicas_support import Serve, per_worker
+from tests.replicas_support import per_worker, post_fresh, until
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
-BODY = {"model": "fake-model", "prompt": "hello", "max_tokens": 1}
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Any]:
-    started: list[Serve] = []
-
-    def make(cfg: dict[str, Any], n: int = 2) -> Serve:
-        path = write_config(tmp_path / "lbproxy.yaml", cfg)
-        s = Serve(path, "--workers", str(n), listening=n)
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.stop()
-
-
-def _post_fresh(url: str, n: int) -> list[int]:
-    """n requests, each on a new connection (the kernel spreads connections, not requests)."""
-    out = []
-    for _ in range(n):
-        with httpx.Client(base_url=url, timeout=30) as c:
-            out.append(c.post("/v1/completions", json=BODY).status_code)
-    return out
-
-
-def _until(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 def test_both_workers_serve_and_one_scrape_shows_both(fake_backends, workers) -> None:
     (b0,) = fake_backends(1)
     proc = workers(proxy_config([b0]))
-    assert _post_fresh(proc.url, 40) == [200] * 40
+    assert post_fresh(proc.url, 40) == [200] * 40
     assert len(b0.received) == 40
 
     def both() -> dict[str, float] | None:
         by_worker = per_worker(proc.url, "lbproxy_requests_total")
         return by_worker if len(by_worker) == 2 and sum(by_worker.values()) == 40 else None
 
-    by_worker = _until(both)
+    by_worker = until(both)
     assert by_worker is not None, per_worker(proc.url, "lbproxy_requests_total")
     assert all(v > 0 for v in by_worker.values()), by_worker  # both served
     pids = {labels["pid"] for labels, _ in _samples_info(proc.url)}
@@ -91,9 +52,9 @@ def test_sighup_reloads_every_worker(fake_backends, workers, tmp_path) -> None:
             seen.setdefault(labels["worker"], set()).add(labels["backend"])
         return seen if seen and all(v == {"be0", "be1"} for v in seen.values()) else None
 
-    seen = _until(backends_per_worker)
+    seen = until(backends_per_worker)
     assert seen is not None and len(seen) == 2, seen
-    assert _post_fresh(proc.url, 8) == [200] * 8
+    assert post_fresh(proc.url, 8) == [200] * 8
     assert b1.received  # the new backend serves
 
 
@@ -103,7 +64,7 @@ def test_sigterm_drains_every_worker(fake_backends, workers) -> None:
     statuses: list[int] = []
 
     def post() -> None:
-        statuses.extend(_post_fresh(proc.url, 1))
+        statuses.extend(post_fresh(proc.url, 1))
 
     threads = [threading.Thread(target=post) for _ in range(10)]
     for t in threads:
@@ -113,7 +74,7 @@ def test_sigterm_drains_every_worker(fake_backends, workers) -> None:
         busy = per_worker(proc.url, "lbproxy_in_flight_requests")
         return busy if len(busy) == 2 and all(v > 0 for v in busy.values()) else None
 
-    assert _until(both_busy, 2.5) is not None, "the 10 connections did not reach both workers"
+    assert until(both_busy, 2.5) is not None, "the 10 connections did not reach both workers"
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(30) == 0
     for t in threads:
@@ -130,4 +91,4 @@ def test_workers_without_redis_split_each_backend_limit(fake_backends, workers) 
         by_worker = per_worker(proc.url, "lbproxy_backend_concurrency_limit")
         return by_worker if len(by_worker) == 2 else None
 
-    assert _until(limits) == {"0": 2.0, "1": 2.0}  # 4 / 2 workers each
+    assert until(limits) == {"0": 2.0, "1": 2.0}  # 4 / 2 workers each

@@ -8,8 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,48 +16,15 @@ import pytest
 from lbproxy.replicas.workers import RESTART_AFTER
 from tests.conftest import proxy_config
 from tests.ops_helpers import admin_headers, write_config
-from tests.replicas_support import Serve, samples
+from tests.replicas_support import post_fresh, samples, until
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
-BODY = {"model": "fake-model", "prompt": "hello", "max_tokens": 1}
 ADMIN = {"token": "admin-secret"}
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Any]:
-    started: list[Serve] = []
-
-    def make(cfg: dict[str, Any]) -> Serve:
-        path = write_config(tmp_path / "lbproxy.yaml", cfg)
-        s = Serve(path, "--workers", "2", listening=2)
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.stop()
-
-
-def _post_fresh(url: str, n: int) -> list[int]:
-    out = []
-    for _ in range(n):
-        with httpx.Client(base_url=url, timeout=30) as c:
-            out.append(c.post("/v1/completions", json=BODY).status_code)
-    return out
 
 
 def _admin(url: str, method: str, path: str, timeout: float = 30) -> httpx.Response:
     with httpx.Client(base_url=url, timeout=timeout) as c:
         return c.request(method, path, headers=admin_headers())
-
-
-def _until(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 def _statuses(answer: dict[str, Any]) -> dict[int, str]:
@@ -81,7 +46,7 @@ def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, worker
     b0, b1 = fake_backends(2)
     started = time.monotonic()
     proc = workers(proxy_config([b0, b1], admin=ADMIN))
-    assert _post_fresh(proc.url, 10) == [200] * 10
+    assert post_fresh(proc.url, 10) == [200] * 10
     assert b0.received, "be0 serves before the drain"
 
     r = _admin(proc.url, "POST", "/admin/backends/be0/drain")
@@ -89,7 +54,7 @@ def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, worker
     assert r.json()["draining"] is True
     assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
     before = len(b0.received)
-    assert _post_fresh(proc.url, 30) == [200] * 30
+    assert post_fresh(proc.url, 30) == [200] * 30
     assert len(b0.received) == before, "a worker still sends requests to the drained backend"
 
     # A worker killed (after RESTART_AFTER, so that the supervisor restarts it) comes back
@@ -100,19 +65,19 @@ def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, worker
     os.kill(victim, signal.SIGKILL)
     proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
     proc.wait_count(r"lbproxy listening on http://", 3, 60)
-    assert _until(lambda: len(_worker_pids(proc.url) - old) == 1)
+    assert until(lambda: len(_worker_pids(proc.url) - old) == 1)
     lines = list(proc.lines)  # the new worker applied the drain before it listened
     third_listen = [i for i, x in enumerate(lines) if "lbproxy listening on http://" in x][2]
     assert sum("backend be0 (pool main) draining" in x for x in lines[:third_listen]) == 3
-    assert _post_fresh(proc.url, 30) == [200] * 30
+    assert post_fresh(proc.url, 30) == [200] * 30
     assert len(b0.received) == before, "the restarted worker sends requests to be0"
-    assert _until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
+    assert until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
 
     r = _admin(proc.url, "POST", "/admin/backends/be0/undrain")
     assert r.status_code == 200, r.text
     assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
-    assert _until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
-    assert _post_fresh(proc.url, 10) == [200] * 10
+    assert until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
+    assert post_fresh(proc.url, 10) == [200] * 10
     assert len(b0.received) > before  # back in service
 
 
@@ -150,16 +115,16 @@ def test_a_stopped_worker_is_named_within_the_deadline_and_catches_up(
         for c in by_pid.values():
             c.close()
     # The stopped worker applies the recorded drain once it runs again.
-    assert _until(lambda: _be0_flags(proc.url) == {"0": True, "1": True}, 10)
+    assert until(lambda: _be0_flags(proc.url) == {"0": True, "1": True}, 10)
     before = len(b0.received)
-    assert _post_fresh(proc.url, 20) == [200] * 20
+    assert post_fresh(proc.url, 20) == [200] * 20
     assert len(b0.received) == before
 
 
 def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, tmp_path) -> None:
     b0, b1 = fake_backends(2)
     proc = workers(proxy_config([b0], admin=ADMIN))
-    assert _post_fresh(proc.url, 4) == [200] * 4
+    assert post_fresh(proc.url, 4) == [200] * 4
     (tmp_path / "lbproxy.yaml").write_text("pools: [")  # invalid: refused, nothing else
     r = _admin(proc.url, "POST", "/admin/reload")
     assert r.status_code == 400 and "lbproxy.yaml" in r.json()["error"]["message"], r.text
@@ -172,7 +137,7 @@ def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, t
     assert _statuses(answer) == {0: "confirmed", 1: "confirmed"}
     assert {w["reload"]["status"] for w in answer["workers"]} == {"reloaded"}
     before = len(b0.received)
-    assert _post_fresh(proc.url, 24) == [200] * 24  # at once: no wait after the answer
+    assert post_fresh(proc.url, 24) == [200] * 24  # at once: no wait after the answer
     assert len(b0.received) == before, "a worker still routes by the old config"
     assert len(b1.received) == 24
     assert proc.count("not reloaded") == 1  # the invalid file reached no other worker
@@ -184,8 +149,7 @@ def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) ->
     proc = workers(proxy_config([b0], admin=ADMIN))
     statuses: list[int] = []
     threads = [
-        threading.Thread(target=lambda: statuses.extend(_post_fresh(proc.url, 1)))
-        for _ in range(10)
+        threading.Thread(target=lambda: statuses.extend(post_fresh(proc.url, 1))) for _ in range(10)
     ]
     for t in threads:
         t.start()
@@ -197,7 +161,7 @@ def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) ->
             return be0
         return None
 
-    be0 = _until(all_held, 5.0)
+    be0 = until(all_held, 5.0)
     assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
     assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
     assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())

@@ -331,6 +331,38 @@ def test_only_new_room_under_a_backlog_is_paced() -> None:
     assert grow(peak=0, waiting=False) >= 60  # nobody waits: as before
 
 
+def test_a_limit_left_unused_is_forgotten_and_then_regrown_paced() -> None:
+    def after_lull(in_flight: int, seconds: float = 60.0) -> ConcurrencyLimiter:
+        """A limit of 70 learnt under load, then `seconds` with `in_flight` requests."""
+        fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=8, target_itl=0.08)))
+        ep = _ep("x")
+        d = Driver()
+        w = _w(tag="0")
+        w.max_tokens = 1000  # an 80 s lifetime: an unused limit is forgotten over 20 s
+        fc.admit(w, [ep], 0.0, d, d.on_shed)
+        lim = fc.limiter(ep)
+        lim.limit = lim.peak = 70.0
+        ep.in_flight = in_flight
+        t, generated = 0.0, 0.0
+        for _ in range(int(seconds * 4)):
+            t += 0.25
+            if in_flight:
+                generated += 0.25 * in_flight / _engine_itl(in_flight)
+            ep.metrics = _snap(t, generated, float(in_flight))
+            fc.on_metrics(ep)
+        return lim
+
+    assert after_lull(40).value() == 70  # more than half in use: kept
+    assert after_lull(40).peak == 70
+    lim = after_lull(10)  # forgotten down to twice what is in use
+    assert 20 <= lim.value() <= 25 and lim.peak <= 25
+    lim = after_lull(0)  # idle: back to about a new backend's
+    assert lim.value() <= 12 and lim.peak <= 12
+    assert after_lull(0, seconds=5.0).value() >= 50  # a short lull forgets little
+    # A surge after the lull regrows it over a request's lifetime, not at once.
+    assert _fill(lim, 10, ramp=80.0)[-1] < 25
+
+
 def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
     fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
     eps = [_ep("x")]

@@ -51,6 +51,8 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
   requests ending per second, over the last ~30 s) when shorter. Requests that say nothing
   leave growth unpaced, and so does an empty queue (new room then fills only as fast as
   requests arrive).
+  A limit a backend no longer uses is forgotten over a quarter of that lifetime
+  (`flow.limiter`), so a surge after a lull is ramped too.
 
 - P/D pools (`disaggregated`, set by the driver): a split request waits as one and its
   decision is its prefill side's ranking (`DisaggRouter.rank_pair`, offered only while a
@@ -348,18 +350,25 @@ class FlowController:
             # Paced only while requests wait: new room is then filled at once, all in one
             # cohort; with nobody waiting it fills as requests arrive.
             ramp = self.ramp_time() if self.queue.size else None
+            lim = self.limiter(ep)
             load = self.pd_loads.get(ep) if self.pd_loads else None
+            in_flight = ep.in_flight if load is None else ep.in_flight - load.legs
+            idle_tau = None
+            if lim.unused(in_flight):  # forgotten over a quarter of a request's lifetime
+                lifetime = ramp or self.ramp_time()
+                idle_tau = lifetime / 4 if lifetime else None
             if load is None:
-                self.limiter(ep).on_metrics(ep.metrics, ep.in_flight, self.queue_depth, ramp)
+                lim.on_metrics(ep.metrics, in_flight, self.queue_depth, ramp, idle_tau=idle_tau)
                 return
-            self.limiter(ep).on_metrics(
+            lim.on_metrics(
                 ep.metrics,
-                ep.in_flight - load.legs,
+                in_flight,
                 self.queue_depth,
                 ramp,
                 reserved=load.reserved,
                 prefill_legs=load.legs,
                 prefill_seen=load.scraped(),
+                idle_tau=idle_tau,
             )
 
     def ramp_time(self) -> float | None:

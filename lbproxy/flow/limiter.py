@@ -39,6 +39,13 @@ where itl = target_itl from either side.
   slot at once and be replaced at once, cycle after cycle: a minute of 429s to everyone,
   then a burst of dispatches. Freed slots are refilled at once, and a limit that dipped
   regrows to its peak unpaced: only new room is paced.
+- A limit the backend no longer uses is forgotten, as TCP forgets an idle congestion window
+  (RFC 7661): while fewer than half of it are in flight, the part above twice what is in
+  flight (and above `initial`) decays with time constant `idle_tau` (a quarter of the
+  expected request lifetime, given by the controller), and the peak with it. Otherwise,
+  after a lull (load falling off, or a benchmark's drain), the next surge would find every
+  backend empty under its old limit, refill it at once and, requests being of similar
+  lengths, form the cohorts that pacing prevents; a forgotten limit is regrown, paced.
 - In a P/D pool (`flow.prefill_load`) the limit counts what decodes on the backend, not
   the prefill legs a `role: both` backend runs for others: those are taken out of its
   running and waiting counts, and a latency over the target while it ran any does not cut
@@ -52,6 +59,8 @@ The limit starts at `initial` and stays within [min, max].
 """
 
 from __future__ import annotations
+
+import math
 
 from lbproxy.config import ConcurrencyLimit
 from lbproxy.routing.decode_rate import DecodeRate
@@ -70,6 +79,7 @@ class ConcurrencyLimiter:
         "adaptive",
         "decode",
         "hi",
+        "initial",
         "itl",
         "limit",
         "lo",
@@ -87,6 +97,7 @@ class ConcurrencyLimiter:
         self.adaptive = params.type == "gradient"
         self.lo, self.hi = float(params.min), float(max(params.min, params.max))
         self.limit = min(max(float(params.initial), self.lo), self.hi)
+        self.initial = self.limit
         self.target_itl = params.target_itl
         self.smoothing = params.smoothing
         self.max_growth = params.max_growth
@@ -110,9 +121,11 @@ class ConcurrencyLimiter:
         reserved: int = 0,
         prefill_legs: int = 0,
         prefill_seen: int = 0,
+        idle_tau: float | None = None,
     ) -> bool:
         """Fold in a fresh snapshot; True if the limit changed. `ramp`: the seconds over
-        which an empty backend may fill (None: growth is not paced). In a P/D pool:
+        which an empty backend may fill (None: growth is not paced). `idle_tau`: the time
+        constant with which a limit left unused decays (None: it does not). In a P/D pool:
         `in_flight` counts what decodes here, `reserved` of it the decode slots whose
         prefill still runs elsewhere, `prefill_legs` the prefill legs it runs for others
         (`prefill_seen` the most since the last snapshot)."""
@@ -130,6 +143,8 @@ class ConcurrencyLimiter:
         )
         if m.num_preemptions is not None:
             self.preemptions = m.num_preemptions
+        if self.adaptive and idle_tau and dt > 0 and self.unused(in_flight):
+            self._forget(in_flight, dt, idle_tau)
         old = self.limit
         if self.adaptive and preempted:
             # The engine ran out of KV blocks and evicted running requests (to recompute
@@ -168,6 +183,15 @@ class ConcurrencyLimiter:
         self.limit = min(max(new, self.lo), self.hi)
         self.peak = max(self.peak, self.limit)
         return int(self.limit) != int(old)
+
+    def unused(self, in_flight: int) -> bool:
+        """Fewer than half of its limit in flight, the limit above what it forgets to."""
+        return in_flight < 0.5 * self.limit and self.limit > max(self.initial, 2.0 * in_flight)
+
+    def _forget(self, in_flight: int, dt: float, tau: float) -> None:
+        floor = max(self.initial, 2.0 * in_flight)
+        self.limit = floor + (self.limit - floor) * math.exp(-dt / tau)
+        self.peak = min(self.peak, self.limit)
 
     def on_done(self, ok: bool, overloaded: bool, in_flight: int) -> bool:
         """A request on this backend ended; True if the limit changed."""

@@ -369,6 +369,7 @@ def _ascend(fleet: FleetSpec, done: Done, evaluate: Evaluate, rounds: int) -> in
         best_moves: list[Layout] = []
         for moves in type_moves(fleet, current).values():
             evaluate(moves, "ascent")
+            _note_move(fleet, done, current, moves, "ascent")
             better = [m for m in moves if _key(done[m][0]) < _key(done[current][0])]
             if better:
                 best_moves.append(min(better, key=lambda lay: _key(done[lay][0])))
@@ -376,9 +377,26 @@ def _ascend(fleet: FleetSpec, done: Done, evaluate: Evaluate, rounds: int) -> in
             together = combine(current, best_moves)
             if _valid(together):
                 evaluate([together], "combined")
+                _note_move(fleet, done, current, [together], "combined")
         if min(done, key=lambda lay: _key(done[lay][0])) == current:
             return n
     return rounds
+
+
+def _note_move(
+    fleet: FleetSpec, done: Done, start: Layout, moves: list[Layout], stage: str
+) -> None:
+    """Record, in the candidates this stage ran, the layout they moved from and the card
+    types they changed (plan.json: `moved_from`, `moved_types`)."""
+    for lay in moves:
+        cand = done[lay][0]
+        if cand["stage"] == stage and "moved_from" not in cand:
+            cand["moved_from"] = describe(fleet, start)[1]
+            cand["moved_types"] = [
+                name
+                for name, idx in card_types(fleet).items()
+                if any(lay[i] != start[i] for i in idx)
+            ]
 
 
 def _vendor(fleet: FleetSpec, name: str) -> str:

@@ -16,9 +16,10 @@ Candidates (a layout gives each backend a role: prefill, decode or both):
 - ascent (several types changed together): from the best layout so far, every move of
   one card type to another of its options (all prefill, all decode, all both, or the k =
   N/4, N/2, 3N/4 splits: at most 5 moves a type), and, when two or more types have a
-  move that beats the best, those types' best moves applied together (one more
-  candidate); the best of all then starts the next round, for at most `rounds` rounds
-  (default 2), ending early when a round finds nothing better. At most rounds x (5T + 1)
+  move with more goodput (or as much and more completed tokens/s) than the start, those
+  types' best moves applied together (one more candidate); the best improving one starts
+  the next round, for at most `rounds` rounds (default 2), ending early when a round
+  improves nothing. At most rounds x (5T + 1)
   more (32 for abc-20); layouts already run are not run again, so when the best is a
   by-type layout or a `refine` seed its first round is mostly free.
 
@@ -363,24 +364,36 @@ def search(fleet: FleetSpec, done: Done, evaluate: Evaluate, refine: int, rounds
 
 
 def _ascend(fleet: FleetSpec, done: Done, evaluate: Evaluate, rounds: int) -> int:
-    """The ascent stage (see the module); returns the rounds run."""
+    """The ascent stage (see the module); returns the rounds run. A move counts as better
+    only for more goodput (or as much and more completed output tokens/s), not for the
+    ranking's last tie-break (TTFT p50): at equal goodput that is noise not worth a round."""
+    current = min(done, key=lambda lay: _key(done[lay][0]))
     for n in range(1, rounds + 1):
-        current = min(done, key=lambda lay: _key(done[lay][0]))
-        best_moves: list[Layout] = []
+        improving: list[Layout] = []
         for moves in type_moves(fleet, current).values():
             evaluate(moves, "ascent")
             _note_move(fleet, done, current, moves, "ascent")
-            better = [m for m in moves if _key(done[m][0]) < _key(done[current][0])]
+            better = [m for m in moves if _gain(done[m][0]) > _gain(done[current][0])]
             if better:
-                best_moves.append(min(better, key=lambda lay: _key(done[lay][0])))
-        if len(best_moves) >= 2:
-            together = combine(current, best_moves)
+                improving.append(min(better, key=lambda lay: _key(done[lay][0])))
+        if len(improving) >= 2:
+            together = combine(current, improving)
             if _valid(together):
                 evaluate([together], "combined")
                 _note_move(fleet, done, current, [together], "combined")
-        if min(done, key=lambda lay: _key(done[lay][0])) == current:
+                if _gain(done[together][0]) > _gain(done[current][0]):
+                    improving.append(together)
+        if not improving:
             return n
+        current = min(improving, key=lambda lay: _key(done[lay][0]))
     return rounds
+
+
+def _gain(cand: dict[str, Any]) -> tuple[float, float]:
+    return (
+        cand["goodput_output_tokens_per_s"] or 0.0,
+        cand["completed_output_tokens_per_s"] or 0.0,
+    )
 
 
 def _note_move(

@@ -189,3 +189,23 @@ def test_flow_control_on_by_default_and_off_on_request(tmp_path: Path) -> None:
     wait = _plan_cli(tmp_path, "wait", "--slo-ttft", "10", "--max-queue", "50")
     assert wait["settings"]["flow_control"]["max_wait"] == 8.0
     assert wait["settings"]["flow_control"]["max_queue"] == 50
+
+
+def test_ascent_stops_on_ties() -> None:
+    """Equal goodput everywhere, TTFT differing: no round after the first (a TTFT p50
+    tie-break at equal goodput is not worth more candidates)."""
+    fleet = parse_fleet({"model": "m", "backends": [
+        {"name": "a", "profile": "vendor-a", "port": 0, "count": 2},
+        {"name": "b", "profile": "vendor-b", "port": 0, "count": 4}]})  # fmt: skip
+    done: dict = {}
+
+    def evaluate(layouts: list[tuple[str, ...]], stage: str) -> None:
+        for lay in layouts:
+            if lay not in done:
+                cand = {"stage": stage, "goodput_output_tokens_per_s": 100.0,
+                        "completed_output_tokens_per_s": 100.0,
+                        "ttft_p50_s": 1.0 / (1 + len(done))}  # later: "better"  # fmt: skip
+                done[lay] = (cand, None)
+
+    assert search(fleet, done, evaluate, refine=1, rounds=3) == 1
+    assert not any(c["stage"] == "combined" for c, _ in done.values())

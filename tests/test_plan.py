@@ -10,7 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from lbproxy.bench.plan import count_splits, layouts_by_type, link_info
+from lbproxy.bench.plan import (
+    combine,
+    count_splits,
+    layouts_by_type,
+    link_info,
+    search,
+    type_moves,
+)
 from lbproxy.sim.fleet import parse_fleet
 
 FLEET = """
@@ -44,8 +51,9 @@ def test_plan_on_a_small_fleet(tmp_path: Path) -> None:
 
     plan = json.loads((out / "plan.json").read_text())
     cands = plan["candidates"]
-    # 3^2 - 3 type layouts, the baseline, and count splits of the 2 best (2 cards: k=1).
-    assert 7 <= len(cands) == plan["settings"]["candidates_evaluated"] <= 11
+    # 3^2 - 3 type layouts, the baseline, count splits of the 2 best (2 cards: k=1), and
+    # at most 2 ascent rounds of 3 moves per type and one combination.
+    assert 7 <= len(cands) == plan["settings"]["candidates_evaluated"] <= 11 + 2 * (2 * 3 + 1)
     assert "3^T - 3" in plan["settings"]["search"]
     base = [c for c in cands if c["stage"] == "baseline"]
     assert len(base) == 1 and base[0] == plan["baseline"]
@@ -91,3 +99,113 @@ def test_search_space() -> None:
     cross, links = link_info(fleet, ("prefill",) * 4 + ("decode",) * 16)
     assert cross and {(lk["prefill"], lk["decode"]) for lk in links} == {
         ("vendor-a", "vendor-b"), ("vendor-a", "vendor-c")}  # fmt: skip
+
+
+def _scored(target: tuple[str, ...]):
+    """A `search` evaluate whose goodput is the cards a layout has as `target` has them
+    (no simulation: the search's own logic, checked on a known optimum)."""
+    done: dict = {}
+
+    def evaluate(layouts: list[tuple[str, ...]], stage: str) -> None:
+        for lay in layouts:
+            if lay not in done:
+                hits = sum(a == b for a, b in zip(lay, target, strict=True))
+                cand = {"stage": stage, "goodput_output_tokens_per_s": float(hits),
+                        "completed_output_tokens_per_s": 0.0, "ttft_p50_s": 0.0}  # fmt: skip
+                done[lay] = (cand, None)
+
+    return done, evaluate
+
+
+def test_ascent_changes_several_types_together() -> None:
+    fleet = parse_fleet({"model": "m", "backends": [
+        {"name": "a", "profile": "vendor-a", "port": 0, "count": 2},
+        {"name": "b", "profile": "vendor-b", "port": 0, "count": 4},
+        {"name": "c", "profile": "vendor-c", "port": 0, "count": 4}]})  # fmt: skip
+    # a: 1 prefill + 1 decode, b: 1 prefill + 3 decode, c: 2 + 2, no earlier stage has
+    # it: the count splits change one type of a by-type layout or of the baseline.
+    target = ("prefill", "decode") + ("prefill",) + ("decode",) * 3 + ("prefill",) * 2 + (
+        "decode",) * 2  # fmt: skip
+    done, evaluate = _scored(target)
+    assert search(fleet, done, evaluate, refine=2, rounds=0) == 0
+    assert target not in done
+    before = len(done)
+    assert before <= 1 + 24 + 2 * 3 * 3
+
+    done, evaluate = _scored(target)
+    rounds = search(fleet, done, evaluate, refine=2, rounds=2)
+    assert target in done
+    assert 1 <= rounds <= 2
+    assert len(done) - before <= rounds * (5 * 3 + 1)  # the bound in SEARCH
+    combined = [lay for lay, (c, _) in done.items() if c["stage"] == "combined"]
+    assert combined, "no candidate changed several types at once"
+    for lay in combined:
+        assert len(done[lay][0]["moved_types"]) >= 2, done[lay][0]
+    assert done[target][0]["stage"] in ("ascent", "combined")
+
+
+def test_type_moves_and_combine() -> None:
+    fleet = parse_fleet({"model": "m", "backends": [
+        {"name": "a", "profile": "vendor-a", "port": 0, "count": 2},
+        {"name": "b", "profile": "vendor-b", "port": 0, "count": 4}]})  # fmt: skip
+    base = ("both",) * 6
+    moves = type_moves(fleet, base)
+    # a: prefill, decode, 1+1 split; b: prefill, decode, splits 1+3, 2+2, 3+1
+    assert [len(m) for m in moves.values()] == [3, 5]
+    a_split = ("prefill", "decode") + ("both",) * 4
+    b_decode = ("both", "both") + ("decode",) * 4
+    assert a_split in moves["vendor-a"] and b_decode in moves["vendor-b"]
+    assert combine(base, [a_split, b_decode]) == ("prefill", "decode") + ("decode",) * 4
+
+
+def _plan_cli(tmp_path: Path, name: str, *extra: str) -> dict:
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(FLEET)
+    out = tmp_path / name
+    # 30 req/s overloads the 4 cards, so flow control has something to refuse.
+    cmd = [sys.executable, "-m", "lbproxy", "plan", "--fleet", str(fleet), "--workload",
+           "shared-prefix", "--output-len", "64", "--system-prompt-len", "2000",
+           "--question-len", "600", "--rate", "30", "--duration", "15", "--warmup", "5",
+           "--drain", "30", "--refine", "0", "--rounds", "0", "--no-plots", "--quiet",
+           "--out", str(out), *extra]  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=120, cwd=Path(__file__).parent.parent)
+    return json.loads((out / "plan.json").read_text())
+
+
+def test_flow_control_on_by_default_and_off_on_request(tmp_path: Path) -> None:
+    on = _plan_cli(tmp_path, "on")
+    flow = on["settings"]["flow_control"]
+    assert flow["enabled"] is True
+    assert flow["max_wait"] == 4.0  # 0.8 x the 5 s SLO TTFT
+    assert flow["max_queue"] == 1000  # lbproxy's default
+    assert any(c["rejected"] > 0 for c in on["candidates"])  # the simulated proxy sheds
+    assert "flow control on (max_wait 4 s" in (tmp_path / "on" / "plan.md").read_text()
+
+    off = _plan_cli(tmp_path, "off", "--flow-control", "off")
+    assert off["settings"]["flow_control"] == {"enabled": False}
+    assert all(c["rejected"] == 0 for c in off["candidates"])  # routing alone: no shedding
+    assert "flow control off" in (tmp_path / "off" / "plan.md").read_text()
+
+    wait = _plan_cli(tmp_path, "wait", "--slo-ttft", "10", "--max-queue", "50")
+    assert wait["settings"]["flow_control"]["max_wait"] == 8.0
+    assert wait["settings"]["flow_control"]["max_queue"] == 50
+
+
+def test_ascent_stops_on_ties() -> None:
+    """Equal goodput everywhere, TTFT differing: no round after the first (a TTFT p50
+    tie-break at equal goodput is not worth more candidates)."""
+    fleet = parse_fleet({"model": "m", "backends": [
+        {"name": "a", "profile": "vendor-a", "port": 0, "count": 2},
+        {"name": "b", "profile": "vendor-b", "port": 0, "count": 4}]})  # fmt: skip
+    done: dict = {}
+
+    def evaluate(layouts: list[tuple[str, ...]], stage: str) -> None:
+        for lay in layouts:
+            if lay not in done:
+                cand = {"stage": stage, "goodput_output_tokens_per_s": 100.0,
+                        "completed_output_tokens_per_s": 100.0,
+                        "ttft_p50_s": 1.0 / (1 + len(done))}  # later: "better"  # fmt: skip
+                done[lay] = (cand, None)
+
+    assert search(fleet, done, evaluate, refine=1, rounds=3) == 1
+    assert not any(c["stage"] == "combined" for c, _ in done.values())

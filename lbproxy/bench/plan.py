@@ -12,10 +12,20 @@ Candidates (a layout gives each backend a role: prefill, decode or both):
 - count splits within a type: the `refine` best layouts so far (the baseline included)
   again, with the cards of one type of N >= 2 split into k prefill + N-k decode for k =
   N/4, N/2, 3N/4 (rounded, distinct, 1..N-1), one type at a time (at most
-  refine x T x 3 more: 18 for abc-20).
+  refine x T x 3 more: 18 for abc-20);
+- ascent (several types changed together): from the best layout so far, every move of
+  one card type to another of its options (all prefill, all decode, all both, or the k =
+  N/4, N/2, 3N/4 splits: at most 5 moves a type), and, when two or more types have a
+  move with more goodput (or as much and more completed tokens/s) than the start, those
+  types' best moves applied together (one more candidate); the best improving one starts
+  the next round, for at most `rounds` rounds (default 2), ending early when a round
+  improves nothing. At most rounds x (5T + 1)
+  more (32 for abc-20); layouts already run are not run again, so when the best is a
+  by-type layout or a `refine` seed its first round is mostly free.
 
 That is a coordinate search, not the 3^N of every per-card assignment: a layout better
-than all of these that only a mix of per-card choices reaches is not found. Each
+than all of these that only a mix of per-card choices reaches, or that no chain of
+improving type moves leads to, is not found. Each
 candidate runs once on a fresh fleet at the rate (Poisson arrivals, the same seed, so
 every candidate sees the same requests) and is ranked by goodput (output tokens/s of
 requests within the SLO), then completed output tokens/s.
@@ -43,7 +53,17 @@ from lbproxy.config import Disaggregation, FlowControl
 from lbproxy.sim.fleet import ROLES, FleetSpec
 from lbproxy.tokenization.tokenizer import Tokenizer
 
-__all__ = ["PlanOptions", "card_types", "layouts_by_type", "plan", "write_plan"]
+__all__ = [
+    "PlanOptions",
+    "card_types",
+    "combine",
+    "count_splits",
+    "layouts_by_type",
+    "plan",
+    "search",
+    "type_moves",
+    "write_plan",
+]
 
 PLAN_JSON = "plan.json"
 PLAN_MD = "plan.md"
@@ -51,11 +71,16 @@ SPLIT_STEPS = (0.25, 0.5, 0.75)
 SEARCH = (
     "baseline (all both, aggregated); every prefill/decode/both assignment per card type "
     "(3^T - 3, T card types); then, for the {refine} best so far, each type of N >= 2 "
-    "cards split into k prefill + N-k decode, k = N/4, N/2, 3N/4"
+    "cards split into k prefill + N-k decode, k = N/4, N/2, 3N/4; then up to {rounds} "
+    "rounds of ascent from the best so far: every move of one card type to all prefill, "
+    "all decode, all both or one of those splits, plus the best improving moves of two or "
+    "more types applied together (at most {rounds} x (5T + 1))"
 )
 _PLOTTED = 8  # candidates in the plots (the baseline and the best others)
 
 Layout = tuple[str, ...]  # a role per backend, in the fleet's order
+Done = dict[Layout, tuple[dict[str, Any], Any]]  # layout -> (its candidate, its run)
+Evaluate = Callable[[list[Layout], str], None]  # runs the layouts not in `done` yet
 
 
 @dataclass(slots=True)
@@ -66,10 +91,11 @@ class PlanOptions:
     warmup: float = 20.0
     profile: str = "cache-aware"
     min_prompt_tokens: int | None = None  # None: the fleet's `disaggregation:`, else 512
-    flow: FlowControl | None = None  # None: flow control off
+    flow: FlowControl | None = None  # None (or enabled false): flow control off
     slo_ttft: float = 5.0
     slo_itl: float = 0.1
     refine: int = 2
+    rounds: int = 2  # ascent rounds (several types changed together); 0: none
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +105,8 @@ class PlanOptions:
             raise ValueError(f"warmup must be within [0, duration), got {self.warmup}")
         if self.refine < 0:
             raise ValueError(f"refine must be >= 0, got {self.refine}")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
 
 
 def card_types(fleet: FleetSpec) -> dict[str, list[int]]:
@@ -114,17 +142,48 @@ def count_splits(fleet: FleetSpec, seed: Layout) -> list[Layout]:
     """`seed` with one card type's cards split k prefill + rest decode (see the module)."""
     out: list[Layout] = []
     for idx in card_types(fleet).values():
-        n = len(idx)
-        if n < 2:
-            continue
-        ks = sorted({min(n - 1, max(1, round(n * f))) for f in SPLIT_STEPS})
-        for k in ks:
+        for k in _split_ks(len(idx)):
             layout = list(seed)
             for j, i in enumerate(idx):
                 layout[i] = "prefill" if j < k else "decode"
             if _valid(tuple(layout)):
                 out.append(tuple(layout))
     return out
+
+
+def _split_ks(n: int) -> list[int]:
+    return sorted({min(n - 1, max(1, round(n * f))) for f in SPLIT_STEPS}) if n >= 2 else []
+
+
+def type_moves(fleet: FleetSpec, layout: Layout) -> dict[str, list[Layout]]:
+    """By card type: `layout` with that type's cards all prefill, all decode, all both or
+    split k prefill + rest decode (`SPLIT_STEPS`), the others kept; the valid ones that
+    differ from `layout` (at most 5 a type)."""
+    out: dict[str, list[Layout]] = {}
+    for name, idx in card_types(fleet).items():
+        options = [[r] * len(idx) for r in ROLES]
+        options += [["prefill"] * k + ["decode"] * (len(idx) - k) for k in _split_ks(len(idx))]
+        moves: list[Layout] = []
+        for roles in options:
+            moved = list(layout)
+            for i, r in zip(idx, roles, strict=True):
+                moved[i] = r
+            lay = tuple(moved)
+            if lay != layout and _valid(lay) and lay not in moves:
+                moves.append(lay)
+        out[name] = moves
+    return out
+
+
+def combine(base: Layout, moves: list[Layout]) -> Layout:
+    """`base` with every card that one of `moves` changed set as that move has it (moves of
+    different card types, so they touch different cards)."""
+    out = list(base)
+    for move in moves:
+        for i, (b, m) in enumerate(zip(base, move, strict=True)):
+            if m != b:
+                out[i] = m
+    return tuple(out)
 
 
 def describe(fleet: FleetSpec, layout: Layout) -> tuple[dict[str, str], str]:
@@ -197,7 +256,7 @@ def plan(
     """Search and evaluate (see the module); returns (plan.json's content, the runs of
     the candidates in the same order, for the plots)."""
     started = time.perf_counter()
-    done: dict[Layout, tuple[dict[str, Any], report.RunResult]] = {}
+    done: Done = {}
 
     def evaluate(layouts: list[Layout], stage: str) -> None:
         for layout in layouts:
@@ -247,11 +306,7 @@ def plan(
             done[layout] = (cand, run)
 
     baseline: Layout = ("both",) * len(fleet.backends)
-    evaluate([baseline], "baseline")
-    evaluate(layouts_by_type(fleet), "by-type")
-    seeds = sorted(done, key=lambda lay: _key(done[lay][0]))[: opts.refine]
-    for seed in seeds:
-        evaluate(count_splits(fleet, seed), "count-split")
+    rounds = search(fleet, done, evaluate, opts.refine, opts.rounds)
 
     base = done[baseline][0]
     order = sorted(done, key=lambda lay: _key(done[lay][0]))
@@ -280,11 +335,14 @@ def plan(
             "seed": opts.seed,
             "routing": opts.profile,
             "disaggregation": _disaggregation(fleet, opts).model_dump(mode="json"),
-            "flow_control": opts.flow.model_dump(mode="json") if opts.flow else None,
+            "flow_control": (
+                opts.flow.model_dump(mode="json") if opts.flow else {"enabled": False}
+            ),
             "slo_ttft_s": opts.slo_ttft,
             "slo_itl_s": opts.slo_itl,
             "links": links,
-            "search": SEARCH.format(refine=opts.refine),
+            "search": SEARCH.format(refine=opts.refine, rounds=opts.rounds),
+            "ascent_rounds_run": rounds,
             "candidates_evaluated": len(done),
             "wall_time_s": round(time.perf_counter() - started, 2),
         },
@@ -293,6 +351,65 @@ def plan(
         "candidates": candidates,
     }
     return result, [done[lay][1] for lay in order]
+
+
+def search(fleet: FleetSpec, done: Done, evaluate: Evaluate, refine: int, rounds: int) -> int:
+    """The stages of the module's docstring, in order, each ranking what `done` holds so
+    far; returns the ascent rounds run."""
+    evaluate([("both",) * len(fleet.backends)], "baseline")
+    evaluate(layouts_by_type(fleet), "by-type")
+    for seed in sorted(done, key=lambda lay: _key(done[lay][0]))[:refine]:
+        evaluate(count_splits(fleet, seed), "count-split")
+    return _ascend(fleet, done, evaluate, rounds)
+
+
+def _ascend(fleet: FleetSpec, done: Done, evaluate: Evaluate, rounds: int) -> int:
+    """The ascent stage (see the module); returns the rounds run. A move counts as better
+    only for more goodput (or as much and more completed output tokens/s), not for the
+    ranking's last tie-break (TTFT p50): at equal goodput that is noise not worth a round."""
+    current = min(done, key=lambda lay: _key(done[lay][0]))
+    for n in range(1, rounds + 1):
+        improving: list[Layout] = []
+        for moves in type_moves(fleet, current).values():
+            evaluate(moves, "ascent")
+            _note_move(fleet, done, current, moves, "ascent")
+            better = [m for m in moves if _gain(done[m][0]) > _gain(done[current][0])]
+            if better:
+                improving.append(min(better, key=lambda lay: _key(done[lay][0])))
+        if len(improving) >= 2:
+            together = combine(current, improving)
+            if _valid(together):
+                evaluate([together], "combined")
+                _note_move(fleet, done, current, [together], "combined")
+                if _gain(done[together][0]) > _gain(done[current][0]):
+                    improving.append(together)
+        if not improving:
+            return n
+        current = min(improving, key=lambda lay: _key(done[lay][0]))
+    return rounds
+
+
+def _gain(cand: dict[str, Any]) -> tuple[float, float]:
+    return (
+        cand["goodput_output_tokens_per_s"] or 0.0,
+        cand["completed_output_tokens_per_s"] or 0.0,
+    )
+
+
+def _note_move(
+    fleet: FleetSpec, done: Done, start: Layout, moves: list[Layout], stage: str
+) -> None:
+    """Record, in the candidates this stage ran, the layout they moved from and the card
+    types they changed (plan.json: `moved_from`, `moved_types`)."""
+    for lay in moves:
+        cand = done[lay][0]
+        if cand["stage"] == stage and "moved_from" not in cand:
+            cand["moved_from"] = describe(fleet, start)[1]
+            cand["moved_types"] = [
+                name
+                for name, idx in card_types(fleet).items()
+                if any(lay[i] != start[i] for i in idx)
+            ]
 
 
 def _vendor(fleet: FleetSpec, name: str) -> str:
@@ -316,6 +433,12 @@ def _f(v: Any, digits: int = 0) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
+def _flow_text(flow: dict[str, Any] | None) -> str:
+    if not flow or not flow.get("enabled"):
+        return "off"
+    return f"on (max_wait {flow['max_wait']:g} s, max_queue {flow['max_queue']})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     wl = s["workload"]
@@ -324,14 +447,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Simulated {s['duration_s']:g} s of arrivals per candidate ({s['warmup_s']:g} s of "
         f"warm-up not counted, {s['drain_s']:g} s to drain), routing `{s['routing']}`, "
-        f"flow control {'on' if s['flow_control'] else 'off'}; SLO TTFT <= "
+        f"flow control {_flow_text(s['flow_control'])}; SLO TTFT <= "
         f"{s['slo_ttft_s']:g} s, ITL <= {s['slo_itl_s'] * 1000:g} ms. "
         f"{s['candidates_evaluated']} candidates in {s['wall_time_s']:.0f} s. "
         f"Search: {s['search']}.",
         "",
         "| # | layout | goodput tok/s | vs all-aggregated | completed tok/s | SLO met "
-        "| TTFT p50 | ITL p50 | split | cross-vendor KV |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rejected | TTFT p50 | ITL p50 | split | cross-vendor KV |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, c in enumerate(result["candidates"], 1):
         gain = c.get("goodput_vs_baseline")
@@ -348,7 +471,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {i} | {c['layout']}{tag} | {_f(c['goodput_output_tokens_per_s'])} | "
             f"{'-' if gain is None else f'x{gain:.2f}'} | "
             f"{_f(c['completed_output_tokens_per_s'])} | "
-            f"{'-' if slo is None else f'{slo:.0%}'} | {_f(c['ttft_p50_s'], 3)} s | "
+            f"{'-' if slo is None else f'{slo:.0%}'} | {_f(c.get('rejected'))} | "
+            f"{_f(c['ttft_p50_s'], 3)} s | "
             f"{_f(c['itl_p50_s'] and c['itl_p50_s'] * 1000, 1)} ms | "
             f"{'-' if split is None else f'{split:.0%}'} | {cross} |"
         )

@@ -18,11 +18,18 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f} s"
 
 
+def _flow(s: dict) -> str:
+    """Flow control of a plan.json (older ones: null when off)."""
+    flow = s.get("flow_control") or {}
+    return f"on, {flow['max_wait']:g} s" if flow.get("enabled") else "off"
+
+
 def main(paths: list[Path]) -> None:
-    print("| fleet | workload | rate | SLO ITL | all-aggregated goodput | best layout "
-          "| its goodput | gain | TTFT p50 (agg -> best) | best P/D layout | its gain "
-          "| candidates, wall |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| fleet | workload | rate | SLO ITL | flow control, max_wait "
+          "| all-aggregated goodput | best layout | its goodput | gain "
+          "| TTFT p50 (agg -> best) | rejected (agg -> best) | found by "
+          "| best P/D layout | its gain | candidates, wall |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in paths:
         plan = json.loads(p.read_text())
         s = plan["settings"]
@@ -33,11 +40,13 @@ def main(paths: list[Path]) -> None:
         lgain = local.get("goodput_vs_baseline") if local else None
         print(
             f"| {Path(s['fleet']).stem} | {s['workload']['name']} | {s['rate']:g} "
-            f"| {s['slo_itl_s'] * 1000:g} ms | {_g(b)} "
+            f"| {s['slo_itl_s'] * 1000:g} ms | {_flow(s)} | {_g(b)} "
             f"| {best['layout']}{' (cross-vendor KV)' if best['cross_vendor_kv'] else ''} "
             f"| {_g(best['goodput_output_tokens_per_s'])} "
             f"| {'-' if gain is None else f'x{gain:.2f}'} "
             f"| {_s(base['ttft_p50_s'])} -> {_s(best['ttft_p50_s'])} "
+            f"| {base.get('rejected') or 0} -> {best.get('rejected') or 0} "
+            f"| {best['stage']} "
             f"| {local['layout'] if local else '-'}"
             f"{' (cross-vendor KV)' if local and local['cross_vendor_kv'] else ''} "
             f"| {'-' if lgain is None else f'x{lgain:.2f}'} "

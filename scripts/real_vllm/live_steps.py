@@ -17,6 +17,7 @@ and the load generator run on the same two cores.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -32,15 +33,16 @@ def intervals(path: Path) -> list[tuple[str, int, float]]:
     """(server, running at the interval's end, mean ITL in seconds) per interval."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = []
-    for a, b in zip(rows, rows[1:], strict=False):
+    for a, b in itertools.pairwise(rows):
         for url, m in b.items():
             if url == "t" or url not in a:
                 continue
             count = m["vllm:inter_token_latency_seconds_count"]
             dc = count - a[url]["vllm:inter_token_latency_seconds_count"]
-            ds = m["vllm:inter_token_latency_seconds_sum"] - a[url][
-                "vllm:inter_token_latency_seconds_sum"
-            ]
+            ds = (
+                m["vllm:inter_token_latency_seconds_sum"]
+                - a[url]["vllm:inter_token_latency_seconds_sum"]
+            )
             if dc > 0 and m["vllm:num_requests_running"] > 0:
                 out.append((url, int(m["vllm:num_requests_running"]), ds / dc))
     return out
@@ -55,7 +57,8 @@ def model_step(batch: int) -> float:
 
 def table(results: Path) -> str:
     lines = [
-        "| ladder | server | running | intervals | ITL measured (median) | model step | measured / model |",
+        "| ladder | server | running | intervals | ITL measured (median) | model step "
+        "| measured / model |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for phase in ("live-off", "live-on"):

@@ -445,6 +445,22 @@ def run_workers(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def ceiling(results: dict[str, Any]) -> str:
+    """What `--workers 2` could reach on this machine at best: the cores' worth two busy
+    processes get, spent on nothing but lbproxy and the load (wrk and nginx) at the CPU per
+    request each was measured to cost in the `--workers 2` runs."""
+    two, one = results["--workers 2"], results["--workers 1"]
+    per_request_ms = two["lbproxy_cpu_ms_per_request"] + two["load_cpu_ms_per_request"]
+    rps = results["machine"]["cpu_scaling"] * 1000.0 / per_request_ms
+    return (
+        f"ceiling of --workers 2 here: {results['machine']['cpu_scaling']:.2f} cores / "
+        f"({two['lbproxy_cpu_ms_per_request']:.3f} ms lbproxy + "
+        f"{two['load_cpu_ms_per_request']:.3f} ms wrk+nginx per request) = {rps:.0f} req/s, "
+        f"{rps / one['rps']:.2f}x the {one['rps']:.0f} req/s of --workers 1; measured "
+        f"{two['rps']:.0f} req/s ({two['rps_vs_1_worker']:.2f}x)"
+    )
+
+
 def _cpus() -> str:
     return f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
 
@@ -474,7 +490,12 @@ def main() -> int:
     workers.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"))
     for p in (hits, workers):
         p.add_argument("--out", help="write the results as JSON to this file")
+    bound = sub.add_parser("ceiling", help="what --workers 2 could reach here, from a result")
+    bound.add_argument("file", help="a `workers --out` JSON file")
     args = ap.parse_args()
+    if args.what == "ceiling":
+        print(ceiling(json.loads(Path(args.file).read_text())["results"]))
+        return 0
     results = run_hits(args) if args.what == "hits" else run_workers(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -452,12 +452,17 @@ def ceiling(results: dict[str, Any]) -> str:
     two, one = results["--workers 2"], results["--workers 1"]
     per_request_ms = two["lbproxy_cpu_ms_per_request"] + two["load_cpu_ms_per_request"]
     rps = results["machine"]["cpu_scaling"] * 1000.0 / per_request_ms
+    load_for_1_7 = (
+        results["machine"]["cpu_scaling"] * 1000.0 / (1.7 * one["rps"])
+        - two["lbproxy_cpu_ms_per_request"]
+    )
     return (
         f"ceiling of --workers 2 here: {results['machine']['cpu_scaling']:.2f} cores / "
         f"({two['lbproxy_cpu_ms_per_request']:.3f} ms lbproxy + "
         f"{two['load_cpu_ms_per_request']:.3f} ms wrk+nginx per request) = {rps:.0f} req/s, "
         f"{rps / one['rps']:.2f}x the {one['rps']:.0f} req/s of --workers 1; measured "
-        f"{two['rps']:.0f} req/s ({two['rps_vs_1_worker']:.2f}x)"
+        f"{two['rps']:.0f} req/s ({two['rps_vs_1_worker']:.2f}x); 1.7x would need the load "
+        f"at most {load_for_1_7:.3f} ms per request"
     )
 
 

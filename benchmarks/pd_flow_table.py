@@ -185,14 +185,14 @@ AGG_FLEETS = (
 
 def agg_prefill_table(root: Path) -> list[str]:
     """Before and after counting aggregated requests' prefills on `both` backends in the
-    prefill load, seed 0; `aggregated` is how many requests the P/D decision kept
-    aggregated (the only ones the change concerns)."""
+    prefill load, seed 0; `kept aggregated` is how many requests of the step (warm-up
+    included) the P/D decision kept aggregated, the only ones the change concerns."""
     out = [
         "",
         "## Aggregated requests' prefills on `both` backends in the prefill load "
         "(shared-prefix, seed 0)",
         "",
-        "| fleet | rate | flow control | routing | aggregated " + HEAD,
+        "| fleet | rate | flow control | routing | kept aggregated " + HEAD,
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     summary = []
@@ -204,12 +204,13 @@ def agg_prefill_table(root: Path) -> list[str]:
                 steps = {}
                 for v in VERSIONS:
                     steps[v] = s = _step(root, f"{prefix}{v}-{fc}-{r}-s0")
-                    out.append(_cells([fleet, str(r), fc, v, str(s["pd"]["aggregated"])], s))
+                    lead = [fleet, str(r), fc, "before" if v == "before" else "counted"]
+                    out.append(_cells([*lead, str(s["pd"]["aggregated"])], s))
                 names = [root / f"{prefix}{v}-{fc}-{r}-s0" for v in VERSIONS]
                 what = (
                     "identical results but for wall time"
                     if _same_but_wall_time(*names)
-                    else _versus([steps["before"]], [steps["after"]])
+                    else _versus([steps["before"]], [steps["after"]]).replace(" on every seed", "")
                 )
                 summary.append(f"- {fleet}, {r} req/s, flow control {fc}: {what}")
     same = _same_but_wall_time(root / "agg-aggregated-before", root / "agg-aggregated-after")

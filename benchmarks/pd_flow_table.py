@@ -10,7 +10,9 @@ pd-prefill-load (a directory with `before-off-12-s0` and the like): the prefill 
 routing before and after the prefill-load scorer, per workload, rate, flow control and
 seed; then, per rate and flow control, whether after beats before on both seeds; then,
 when it has a `weights/` directory (fleet files `vN.yaml`, runs `vN-on-20-s0`...), the
-prefill profiles that were tried, seed 0, next to `before`.
+prefill profiles that were tried, seed 0, next to `before`; then, when it has
+`agg-before-off-12-s0` and the like, aggregated requests' prefills on `both` backends
+counted in the prefill load or not (seed 0, on abc-20-pd and on `agg-fleet-min4096.yaml`).
 """
 
 from __future__ import annotations
@@ -175,11 +177,58 @@ def weights_table(root: Path) -> list[str]:
     return out
 
 
+AGG_FLEETS = (
+    ("abc-20-pd", "agg-"),
+    ("abc-20-pd, min_prompt_tokens 4096", "agg-min4096-"),
+)
+
+
+def agg_prefill_table(root: Path) -> list[str]:
+    """Before and after counting aggregated requests' prefills on `both` backends in the
+    prefill load, seed 0; `kept aggregated` is how many requests of the step (warm-up
+    included) the P/D decision kept aggregated, the only ones the change concerns."""
+    out = [
+        "",
+        "## Aggregated requests' prefills on `both` backends in the prefill load "
+        "(shared-prefix, seed 0)",
+        "",
+        "| fleet | rate | flow control | routing | kept aggregated " + HEAD,
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    summary = []
+    for fleet, prefix in AGG_FLEETS:
+        if not (root / f"{prefix}before-off-12-s0").is_dir():
+            continue
+        for r in RATES:
+            for fc in FLOWS:
+                steps = {}
+                for v in VERSIONS:
+                    steps[v] = s = _step(root, f"{prefix}{v}-{fc}-{r}-s0")
+                    lead = [fleet, str(r), fc, "before" if v == "before" else "counted"]
+                    out.append(_cells([*lead, str(s["pd"]["aggregated"])], s))
+                names = [root / f"{prefix}{v}-{fc}-{r}-s0" for v in VERSIONS]
+                what = (
+                    "identical results but for wall time"
+                    if _same_but_wall_time(*names)
+                    else _versus([steps["before"]], [steps["after"]]).replace(" on every seed", "")
+                )
+                summary.append(f"- {fleet}, {r} req/s, flow control {fc}: {what}")
+    same = _same_but_wall_time(root / "agg-aggregated-before", root / "agg-aggregated-after")
+    out += ["", "After against before (seed 0):", "", *summary]
+    out.append(
+        f"- aggregated pool (abc-20, cache-aware-plus, 85 req/s): results.json "
+        f"{'unchanged' if same else 'CHANGED'} but for wall time"
+    )
+    return out
+
+
 def main(root: Path) -> None:
     if (root / "before-off-12-s0").is_dir():
         out = prefill_load_table(root)
         if (root / "weights").is_dir():
             out += weights_table(root)
+        if (root / "agg-before-off-12-s0").is_dir():
+            out += agg_prefill_table(root)
         print("\n".join(out))
         return
     out = [

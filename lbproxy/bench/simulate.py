@@ -35,7 +35,8 @@ deliveries, merged with the sorted Poisson arrivals):
   with cache affinity; both slots counted at once, the decode one reserved until its leg
   starts, each freed when its leg ends) and shed as one. Flow control on or off, each
   prefill leg counts its uncached prompt tokens on its backend (`Endpoint.prefill_tokens`,
-  `routing.disagg.prefill_leg_*`) until its answer lands, as the proxy's legs do.
+  `routing.disagg.prefill_leg_*`) until its answer lands, as the proxy's legs do; so
+  does an aggregated request on a `role: both` backend, until its first token.
   Each step's `pd` entry counts the decisions and gives prefill time, decode TTFT and
   transfer time, as the proxy's P/D metrics do.
 
@@ -114,6 +115,9 @@ class _Live:
     pending: int = 0  # tokens not yet sent in a chunk
     itl: list[float] = field(default_factory=list)
     pd: _Split | None = None  # the decode leg of a split request
+    # P/D fleets: an aggregated request's uncached prompt tokens, counted in its `both`
+    # backend's prefill_tokens until its first token.
+    prefill: int = 0
 
 
 @dataclass(slots=True)
@@ -127,7 +131,9 @@ class _Arrival:
     t0: float  # its step's start (records are relative to it)
     split: bool = False  # the P/D decision at arrival: serve it as a pair
     dec: Decision | None = None  # flow control: the decode side of its last ranking
-    plan: DisaggPlan | None = None  # its split plan at arrival, for flow control's first try
+    # Its P/D plan at arrival: a split's, for flow control's first try; an aggregated
+    # one's, for the uncached figure its prefill counts.
+    plan: DisaggPlan | None = None
 
 
 @dataclass(slots=True)
@@ -295,6 +301,9 @@ class FleetSimulator:
                     rec.first_token = rel
                     if st.pd is None:
                         rec.cached_tokens = out.num_cached_tokens
+                        if st.prefill:  # its prefill is done (the proxy's first byte)
+                            prefill_leg_ended(self.endpoints[st.ep], st.prefill)
+                            st.prefill = 0
                     else:
                         self.pd.decode_ttft_s.append(t - st.pd.t_decode)
                 else:
@@ -338,6 +347,7 @@ class FleetSimulator:
                     return
                 a.split, a.plan = True, plan
             else:
+                a.plan = plan
                 candidates = self.serving
         if self.flow is None:
             decision = self.router.route(a.ctx, candidates, t)
@@ -436,7 +446,17 @@ class FleetSimulator:
         self._next_id += 1
         rid = str(self._next_id)
         self.engines[i].add_request(EngineRequest(rid, a.ids, a.max_tokens, arrival_time=t), t)
-        self._live[rid] = _Live(a.rec, i, a.t0, self.fleet.backends[i].stream_interval)
+        st = _Live(a.rec, i, a.t0, self.fleet.backends[i].stream_interval)
+        self._live[rid] = st
+        if self.disagg is not None and ep.role == "both":
+            # It prefills here as a split's prefill leg would: the same count, and the
+            # plan's figure when the decision ranked this backend first (as the proxy).
+            plan = a.plan
+            if plan is not None and plan.prefill is not None and plan.prefill.endpoint is ep:
+                st.prefill = plan.uncached_tokens
+            else:
+                st.prefill = self.disagg.uncached_tokens(a.ctx, ep)
+            prefill_leg_started(ep, st.prefill)
         self._drain_kv(i, t)
         self._reschedule(i)
 
@@ -646,6 +666,9 @@ class FleetSimulator:
                 st.rec.itl = st.itl
                 st.rec.output_tokens -= st.pending  # generated, not yet sent in a chunk
                 self.endpoints[i].in_flight -= 1
+                if st.prefill:  # aborted before its first token
+                    prefill_leg_ended(self.endpoints[i], st.prefill)
+                    st.prefill = 0
                 held = self._holds.pop(rid, None)
                 if held is not None:  # never pulled: the producer's hold ends
                     self.engines[held[0]].release_held(held[1], end)

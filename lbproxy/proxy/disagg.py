@@ -37,7 +37,8 @@ Retries and failovers to other backends count there while they run, as aggregate
 retries do (a prefill failover as a prefill leg). Without flow control each leg counts in
 its backend's `in_flight` while it runs. Each prefill leg, flow control on or off, counts
 its uncached prompt tokens on its backend (`Endpoint.prefill_tokens`, for the
-`prefill-load` scorer) from when it is sent until it ends.
+`prefill-load` scorer) from when it is sent until it ends; so does each attempt of an
+aggregated request on a `role: both` backend, until its first byte (`AggregatedPrefill`).
 """
 
 from __future__ import annotations
@@ -50,21 +51,32 @@ import aiohttp
 import orjson
 
 from lbproxy.proxy.upstream_failure import failure_cause
-from lbproxy.routing.disagg import DisaggPlan, prefill_leg_ended, prefill_leg_started
+from lbproxy.routing.disagg import (
+    DisaggPlan,
+    DisaggRouter,
+    prefill_leg_ended,
+    prefill_leg_started,
+)
 from lbproxy.routing.state import Endpoint, RequestContext
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
 
     from lbproxy.proxy.client_io import ClientRequest
-    from lbproxy.proxy.forward import Forwarder, ForwardSettings
+    from lbproxy.proxy.forward import Forwarder, ForwardSettings, ProgressHooks
     from lbproxy.proxy.pools import PoolRuntime
     from lbproxy.proxy.request_metrics import Exchange
     from lbproxy.proxy.tracing import AttemptSpan, RequestSpan
 
 log = logging.getLogger("lbproxy.proxy.disagg")
 
-__all__ = ["PREFILL_KV_PARAMS", "decode_body", "prefill_body", "serve_disaggregated"]
+__all__ = [
+    "PREFILL_KV_PARAMS",
+    "AggregatedPrefill",
+    "decode_body",
+    "prefill_body",
+    "serve_disaggregated",
+]
 
 # What a prefill request asks of NixlConnector: compute the KV, keep it for a remote decode.
 PREFILL_KV_PARAMS: dict[str, Any] = {
@@ -329,6 +341,53 @@ class _Split:
                 span.done(self.ex)
 
 
+class AggregatedPrefill:
+    """The progress hooks (`forward.ProgressHooks`) of an aggregated request in a P/D
+    pool: each attempt sent to a `role: both` backend counts its uncached prompt tokens in
+    that backend's `prefill_tokens` (it prefills the prompt, as a split's prefill leg
+    does) until the attempt's first byte or its end without one, whichever the forwarder
+    reports (exactly one per attempt); then calls the forwarder's own hooks. Per attempt,
+    never per chunk: the relay reports only an attempt's first byte."""
+
+    __slots__ = ("ctx", "disagg", "ep", "inner", "plan", "tokens")
+
+    def __init__(
+        self, inner: ProgressHooks, disagg: DisaggRouter, ctx: RequestContext, plan: DisaggPlan
+    ) -> None:
+        self.inner, self.disagg, self.ctx, self.plan = inner, disagg, ctx, plan
+        self.ep: Endpoint | None = None  # the attempt counted, until its first byte
+        self.tokens = 0
+
+    def sent(self, ep: Endpoint, t: float) -> None:
+        self._give_back()  # (the previous attempt was reported already: never twice)
+        if ep.role == "both":
+            plan = self.plan
+            pre = plan.prefill
+            # The decision's figure when it ranked this backend first (made before any
+            # leg taught the prefill index this prompt), else the same estimate now.
+            if pre is not None and pre.endpoint is ep:
+                tokens = plan.uncached_tokens
+            else:
+                tokens = self.disagg.uncached_tokens(self.ctx, ep)
+            prefill_leg_started(ep, tokens)
+            self.ep, self.tokens = ep, tokens
+        self.inner.sent(ep, t)
+
+    def first_byte(self, ep: Endpoint, t_sent: float, t: float) -> None:
+        self._give_back()
+        self.inner.first_byte(ep, t_sent, t)
+
+    def unanswered(self, ep: Endpoint, t_sent: float, t: float, abandoned: bool) -> None:
+        self._give_back()
+        self.inner.unanswered(ep, t_sent, t, abandoned)
+
+    def _give_back(self) -> None:
+        ep = self.ep
+        if ep is not None:
+            self.ep = None
+            prefill_leg_ended(ep, self.tokens)
+
+
 def _kv_params(raw: bytes) -> Any:
     """The prefill answer's top-level kv_transfer_params (an object), else None."""
     try:
@@ -350,9 +409,11 @@ async def serve_disaggregated(
     ex: Exchange,
     now: float,
     rs: RequestSpan | None = None,
-) -> Any:
-    """Serve the request split if the pool's P/D decision says so; None: serve it
-    aggregated (a short prompt, no route for a side, or every split route failed)."""
+) -> tuple[Any, AggregatedPrefill | None]:
+    """Serve the request split if the pool's P/D decision says so: (the response, None).
+    (None, hooks): serve it aggregated (a short prompt, no route for a side, or every
+    split route failed), reporting its attempts' progress to `hooks` (None: the client
+    runs its own P/D, its request is not a prefill of ours to count)."""
     disagg = pool.disagg
     assert disagg is not None
     plan = disagg.plan(ctx, pool.endpoints, now)
@@ -362,7 +423,9 @@ async def serve_disaggregated(
         log.debug("pd %s pool=%s %s", ex.request_id, pool.name, ex.pd)
     if not plan.disaggregated:
         obs.pd_request(pool.name, "aggregated", plan.reason)
-        return None
+        if plan.reason == "client_kv_params":
+            return None, None
+        return None, AggregatedPrefill(fwd.progress, disagg, ctx, plan)
     assert plan.prefill is not None and plan.decode is not None
     gate = pool.gate
     split = _Split(fwd, settings, request, client, ctx, headers, pool, ex, now, rs)
@@ -394,7 +457,8 @@ async def serve_disaggregated(
             ex.request_id, ", ".join(ex.causes or []),
         )  # fmt: skip
         ex.pd["fallback"] = True
-    return resp
+        return None, AggregatedPrefill(fwd.progress, disagg, ctx, plan)
+    return resp, None
 
 
 async def _serve(split: _Split, plan: DisaggPlan) -> Any:

@@ -239,12 +239,15 @@ class Forwarder:
         if rt.auth is not None and not rt.auth.forward_client_key:
             headers.popall("Authorization", None)  # the client's key is lbproxy's business
         now = ex.t0
+        progress = self.progress
         if pool.disagg is not None:  # a P/D pool: split, unless the decision says not to
-            pd_resp = await serve_disaggregated(
+            pd_resp, pd_progress = await serve_disaggregated(
                 self, s, request, parsed, ctx, headers, pool, ex, now, rs
             )
             if pd_resp is not None:
                 return pd_resp
+            if pd_progress is not None:  # counts its prefill on a role-both backend
+                progress = pd_progress
         gate = pool.gate
         if gate is None:
             decision = pool.router.route(ctx, pool.serving, now)
@@ -274,7 +277,6 @@ class Forwarder:
         url_tail = request.raw_target
         failures: list[str] = []  # for the log only, never for the client
         timed_out = False
-        progress = self.progress
         clock = asyncio.get_running_loop().time
         # A backend that answered a 5xx: held against it unless the next one agrees.
         suspect: Endpoint | None = None
@@ -363,7 +365,7 @@ class Forwarder:
                         continue
                 # (a 5xx that is never retried, e.g. 501, answers the request: not counted)
                 told = True
-                resp = await self._relay(s, request, upstream, ep, request_id, ex, t_sent)
+                resp = await self._relay(s, request, upstream, ep, request_id, ex, t_sent, progress)
                 ok = ex.ended == "ok" and status < 400
                 return resp
             finally:
@@ -391,7 +393,12 @@ class Forwarder:
         request_id: str,
         ex: Exchange,
         t_sent: float,
+        progress: ProgressHooks | None = None,
     ) -> Any:
+        """Relay `upstream` to the client; `progress` (default the forwarder's) hears of
+        the attempt's first byte, or of its end without one."""
+        if progress is None:
+            progress = self.progress
         extra = {s.request_id_header: request_id}
         if s.expose_backend_header:
             extra["x-lbproxy-backend"] = ep.name
@@ -406,7 +413,7 @@ class Forwarder:
         ex.stream = is_sse
 
         loop = asyncio.get_running_loop()
-        body = _BodyRelay(self.progress, ep, t_sent, loop.time)
+        body = _BodyRelay(progress, ep, t_sent, loop.time)
         ex.ended = "client_disconnect"  # unless the body ends or the backend fails first
         status = upstream.status
         out: ResponseSink | None = None
@@ -475,10 +482,10 @@ class Forwarder:
             ex.status = status
             if not t_first:  # no body byte: an empty body is an answer, a cut one is not
                 if clean:
-                    self.progress.first_byte(ep, t_sent, ex.t_end)
+                    progress.first_byte(ep, t_sent, ex.t_end)
                 else:
                     abandoned = ex.ended == "client_disconnect"
-                    self.progress.unanswered(ep, t_sent, ex.t_end, abandoned)
+                    progress.unanswered(ep, t_sent, ex.t_end, abandoned)
             # A complete body gives the connection back; anything else closes it, which
             # is what makes vLLM abort the request.
             upstream.release()

@@ -56,7 +56,8 @@ def decode_capable(ep: Endpoint) -> bool:
 
 def prefill_leg_started(ep: Endpoint, tokens: int) -> None:
     """A prefill leg of `tokens` uncached prompt tokens was sent to `ep` (the proxy and the
-    simulator call this and `prefill_leg_ended` around every leg, flow control on or off:
+    simulator call this and `prefill_leg_ended` around every leg, flow control on or off,
+    and around each aggregated request on a `role: both` backend until its first byte:
     `Endpoint.prefill_tokens` is what the `prefill-load` scorer reads)."""
     ep.prefill_tokens += tokens
 

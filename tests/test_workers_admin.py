@@ -145,7 +145,9 @@ def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, t
 
 
 def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) -> None:
-    (b0,) = fake_backends(1, stall_before_headers=6.0)
+    # Held long enough for 10 connections to reach the workers and both workers' figures
+    # (rewritten every second) to show them, on a busy machine.
+    (b0,) = fake_backends(1, stall_before_headers=15.0)
     proc = workers(proxy_config([b0], admin=ADMIN))
     statuses: list[int] = []
     threads = [
@@ -161,7 +163,7 @@ def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) ->
             return be0
         return None
 
-    be0 = until(all_held, 5.0)
+    be0 = until(all_held, 12.0)
     assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
     assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
     assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())

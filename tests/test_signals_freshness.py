@@ -1,9 +1,11 @@
 """Signals stay fresh while the proxy's event loop is busy.
 
-Scrapes (timeout 0.2 s) and health checks (timeout 0.2 s) run on the signals thread's loop,
+Scrapes (timeout 0.4 s) and health checks (timeout 0.4 s) run on the signals thread's loop,
 so a proxy loop whose every turn takes 0.5 s must cost neither a scrape timeout nor a
-failed health check, and snapshots must keep landing meanwhile. The backend runs on a loop
-of its own (another thread): only the proxy's loop is busy.
+failed health check (0.4 s, not less: the signals thread needs the GIL the spinning loop
+holds, and on a busy 2-core machine 0.2 s was sometimes not enough), and snapshots must
+keep landing meanwhile. The backend runs on a loop of its own (another thread): only the
+proxy's loop is busy.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def test_scrapes_and_health_checks_do_not_time_out_while_the_loop_is_busy(
 ) -> None:
     cfg = proxy_config(
         [backend_elsewhere],
-        signals={"metrics_interval": 0.1, "metrics_timeout": 0.2},
-        health={"interval": 0.1, "timeout": 0.2},
+        signals={"metrics_interval": 0.1, "metrics_timeout": 0.4},
+        health={"interval": 0.1, "timeout": 0.4},
     )
     proxy = run_proxy(cfg)
     st = proxy.state

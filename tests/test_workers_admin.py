@@ -4,17 +4,22 @@ connection (the kernel spreads connections, not requests, over the workers)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from lbproxy.replicas.workers import RESTART_AFTER
 from tests.conftest import proxy_config
+from tests.fake_backend import FakeBackend
 from tests.ops_helpers import admin_headers, write_config
 from tests.replicas_support import post_fresh, samples, until
 
@@ -144,29 +149,51 @@ def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, t
     assert proc.count(r"config reloaded from") == 2
 
 
-def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) -> None:
-    # Held long enough for 10 connections to reach the workers and both workers' figures
-    # (rewritten every second) to show them, on a busy machine.
-    (b0,) = fake_backends(1, stall_before_headers=15.0)
-    proc = workers(proxy_config([b0], admin=ADMIN))
-    statuses: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: statuses.extend(post_fresh(proc.url, 1))) for _ in range(10)
-    ]
-    for t in threads:
-        t.start()
+@dataclass
+class HeldBackend(FakeBackend):
+    """Holds every POST until `release` is set (30 s at most), then answers it."""
 
-    def all_held() -> dict[str, Any] | None:
-        be0 = _admin(proc.url, "GET", "/admin/backends").json()["data"][0]
-        per = be0.get("workers", {})
-        if be0["in_flight"] == 10 and len(per) == 2 and all(w["in_flight"] for w in per.values()):
-            return be0
-        return None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    be0 = until(all_held, 12.0)
-    assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
-    assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
-    assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.release.wait(), 30)
+        return await super()._answer(request)
+
+
+def test_get_backends_sums_in_flight_over_the_workers(loop_thread, workers) -> None:
+    # Held until both workers' figures (rewritten every second) show all 10 connections,
+    # however long a busy machine takes to get there; then let go at once.
+    b0 = loop_thread.run(HeldBackend(name="b0").start())
+    try:
+        proc = workers(proxy_config([b0], admin=ADMIN))
+        statuses: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: statuses.extend(post_fresh(proc.url, 1)))
+            for _ in range(10)
+        ]
+        for t in threads:
+            t.start()
+
+        def all_held() -> dict[str, Any] | None:
+            be0 = _admin(proc.url, "GET", "/admin/backends").json()["data"][0]
+            per = be0.get("workers", {})
+            if (
+                be0["in_flight"] == 10
+                and len(per) == 2
+                and all(w["in_flight"] for w in per.values())
+            ):
+                return be0
+            return None
+
+        be0 = until(all_held, 12.0)
+        assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
+        assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
+        assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())
+        assert b0.active == 10  # all still held
+    finally:
+        loop_thread.loop.call_soon_threadsafe(b0.release.set)
     for t in threads:
         t.join(30)
     assert statuses == [200] * 10
+    loop_thread.run(b0.close())

@@ -162,6 +162,22 @@ def test_hung_inference_is_ejected_and_recovers(loop_thread, tmp_path: Path) -> 
 # ---- a real backend process, stopped and continued -----------------------------------------
 
 
+async def _until_served_by(url: str, backend: str, body: Any, within: float = 20.0) -> list[Shot]:
+    """One request every 0.2 s until `backend` has answered one (at most `within` s), then
+    ten more: what clients see while it comes back into rotation, and after."""
+    shots: list[Shot] = []
+    give_up = time.monotonic() + within
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < give_up:
+            shots.append(await _shoot(http, url, 30.0, body))
+            if any(s.backend == backend and s.status == 200 for s in shots):
+                break
+            await asyncio.sleep(0.2)
+        for _ in range(10):
+            shots.append(await _shoot(http, url, 30.0, body))
+    return shots
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,7 +220,7 @@ def test_stopped_backend_process_is_ejected_and_returns(loop_thread) -> None:
                 procs[1].send_signal(signal.SIGCONT)
                 t_cont = time.monotonic()
                 during = await stopped
-                after = await _load(proxy.url, 40, 0.2, 30.0, body)
+                after = await _until_served_by(proxy.url, "be1", body)
                 return {"during": during, "after": after, "t_stop": t_stop, "t_cont": t_cont}
             finally:
                 procs[1].send_signal(signal.SIGCONT)

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from lbproxy.replicas.workers import RESTART_AFTER
 from tests.conftest import proxy_config
 from tests.fake_backend import FakeBackend
 from tests.ops_helpers import admin_headers, write_config
-from tests.replicas_support import post_fresh, samples, until
+from tests.replicas_support import Serve, post_fresh, samples, until
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
 ADMIN = {"token": "admin-secret"}
@@ -45,45 +46,6 @@ def _be0_flags(url: str) -> dict[str, bool]:
     data = _admin(url, "GET", "/admin/backends").json()["data"]
     be0 = next(b for b in data if b["name"] == "be0")
     return {w: v["draining"] for w, v in be0.get("workers", {}).items()}
-
-
-def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, workers) -> None:
-    b0, b1 = fake_backends(2)
-    started = time.monotonic()
-    proc = workers(proxy_config([b0, b1], admin=ADMIN))
-    assert post_fresh(proc.url, 10) == [200] * 10
-    assert b0.received, "be0 serves before the drain"
-
-    r = _admin(proc.url, "POST", "/admin/backends/be0/drain")
-    assert r.status_code == 200, r.text
-    assert r.json()["draining"] is True
-    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
-    before = len(b0.received)
-    assert post_fresh(proc.url, 30) == [200] * 30
-    assert len(b0.received) == before, "a worker still sends requests to the drained backend"
-
-    # A worker killed (after RESTART_AFTER, so that the supervisor restarts it) comes back
-    # with the host's drain set in force.
-    time.sleep(max(0.0, started + RESTART_AFTER + 2 - time.monotonic()))
-    old = _worker_pids(proc.url)
-    victim = min(old)
-    os.kill(victim, signal.SIGKILL)
-    proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
-    proc.wait_count(r"lbproxy listening on http://", 3, 60)
-    assert until(lambda: len(_worker_pids(proc.url) - old) == 1)
-    lines = list(proc.lines)  # the new worker applied the drain before it listened
-    third_listen = [i for i, x in enumerate(lines) if "lbproxy listening on http://" in x][2]
-    assert sum("backend be0 (pool main) draining" in x for x in lines[:third_listen]) == 3
-    assert post_fresh(proc.url, 30) == [200] * 30
-    assert len(b0.received) == before, "the restarted worker sends requests to be0"
-    assert until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
-
-    r = _admin(proc.url, "POST", "/admin/backends/be0/undrain")
-    assert r.status_code == 200, r.text
-    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
-    assert until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
-    assert post_fresh(proc.url, 10) == [200] * 10
-    assert len(b0.received) > before  # back in service
 
 
 def test_a_stopped_worker_is_named_within_the_deadline_and_catches_up(
@@ -197,3 +159,67 @@ def test_get_backends_sums_in_flight_over_the_workers(loop_thread, workers) -> N
         t.join(30)
     assert statuses == [200] * 10
     loop_thread.run(b0.close())
+
+
+@dataclass
+class DrainHost:
+    proc: Serve
+    b0: FakeBackend
+    b1: FakeBackend
+    started: float
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drain_host(loop_thread, tmp_path_factory) -> Iterator[DrainHost]:
+    """The host of the drain test (the module's last), started with the module: the
+    supervisor restarts only a worker that has run RESTART_AFTER (10 s), and the module's
+    other tests run meanwhile instead of the drain test sleeping that long."""
+    b0 = loop_thread.run(FakeBackend(name="b0").start())
+    b1 = loop_thread.run(FakeBackend(name="b1").start())
+    started = time.monotonic()
+    path = write_config(tmp_path_factory.mktemp("drain") / "lbproxy.yaml",
+                        proxy_config([b0, b1], admin=ADMIN))  # fmt: skip
+    proc = Serve(path, "--workers", "2", listening=2)
+    try:
+        yield DrainHost(proc, b0, b1, started)
+    finally:
+        proc.stop()
+        loop_thread.run(b0.close())
+        loop_thread.run(b1.close())
+
+
+def test_drain_reaches_every_worker_and_a_restarted_worker(drain_host: DrainHost) -> None:
+    proc, b0, started = drain_host.proc, drain_host.b0, drain_host.started
+    assert post_fresh(proc.url, 10) == [200] * 10
+    assert b0.received, "be0 serves before the drain"
+
+    r = _admin(proc.url, "POST", "/admin/backends/be0/drain")
+    assert r.status_code == 200, r.text
+    assert r.json()["draining"] is True
+    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
+    before = len(b0.received)
+    assert post_fresh(proc.url, 30) == [200] * 30
+    assert len(b0.received) == before, "a worker still sends requests to the drained backend"
+
+    # A worker killed (after RESTART_AFTER, so that the supervisor restarts it) comes back
+    # with the host's drain set in force.
+    time.sleep(max(0.0, started + RESTART_AFTER + 2 - time.monotonic()))
+    old = _worker_pids(proc.url)
+    victim = min(old)
+    os.kill(victim, signal.SIGKILL)
+    proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
+    proc.wait_count(r"lbproxy listening on http://", 3, 60)
+    assert until(lambda: len(_worker_pids(proc.url) - old) == 1)
+    lines = list(proc.lines)  # the new worker applied the drain before it listened
+    third_listen = [i for i, x in enumerate(lines) if "lbproxy listening on http://" in x][2]
+    assert sum("backend be0 (pool main) draining" in x for x in lines[:third_listen]) == 3
+    assert post_fresh(proc.url, 30) == [200] * 30
+    assert len(b0.received) == before, "the restarted worker sends requests to be0"
+    assert until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
+
+    r = _admin(proc.url, "POST", "/admin/backends/be0/undrain")
+    assert r.status_code == 200, r.text
+    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
+    assert until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
+    assert post_fresh(proc.url, 10) == [200] * 10
+    assert len(b0.received) > before  # back in service

@@ -217,8 +217,8 @@ def test_stopped_backend_process_is_ejected_and_returns(loop_thread) -> None:
                 assert all(s.status == 200 for s in warm)
                 procs[1].send_signal(signal.SIGSTOP)
                 t_stop = time.monotonic()
-                stopped = asyncio.create_task(_load(proxy.url, 50, 0.2, 30.0, body))
-                await asyncio.sleep(10.0)
+                stopped = asyncio.create_task(_load(proxy.url, 40, 0.2, 30.0, body))
+                await asyncio.sleep(8.0)
                 procs[1].send_signal(signal.SIGCONT)
                 t_cont = time.monotonic()
                 during = await stopped
@@ -239,10 +239,12 @@ def test_stopped_backend_process_is_ejected_and_returns(loop_thread) -> None:
     during: list[Shot] = r["during"]
     assert all(s.status == 200 for s in during)  # held, never lost
     window = [s for s in during if r["t_stop"] + 3.5 <= s.started <= r["t_cont"]]
-    assert len(window) >= 15
+    assert len(window) >= 15  # ~22
     # Held (on the stopped process, or waiting to connect to it): only a half-open probe,
-    # one per open_seconds + stall time, may be; not every other request.
-    held = [s for s in window if s.ended - s.started > 3.0]
+    # one per open_seconds + stall time, may be; not every other request. (Without the
+    # ejection, be1's share of those sent from 3.5 s to 6 s, before its concurrency limit
+    # is full, would wait until SIGCONT: over 2 s. An answer takes ~20 ms.)
+    held = [s for s in window if s.ended - s.started > 2.0]
     assert len(held) <= 2, [(round(s.started - r["t_stop"], 2), s.backend) for s in held]
     after: list[Shot] = r["after"]
     assert all(s.status == 200 for s in after)

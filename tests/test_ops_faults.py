@@ -139,9 +139,9 @@ def test_metrics_hanging_or_garbage_leaves_routing_alone(loop_thread, fault, rou
         front = await FaultFront(sims[2].url, metrics=fault).start()
         proxy = await _proxy([sims[0].url, sims[1].url, front.url], routing=routing)
         try:
-            await asyncio.sleep(1.0)  # a few scrape rounds
+            await asyncio.sleep(0.5)  # two scrape rounds (every 0.25 s)
             load = Load(proxy.url, max_tokens=20)
-            await load.run(workers=6, seconds=2.0)
+            await load.run(workers=6, seconds=1.5)  # ~60 requests, six more rounds
             scraper = proxy.state.scraper
             assert scraper is not None
             ep = proxy.state.pools.pools[0].endpoints
@@ -161,7 +161,7 @@ def test_metrics_hanging_or_garbage_leaves_routing_alone(loop_thread, fault, rou
 
     r = loop_thread.run(scenario(), timeout=120)
     outcomes = r["outcomes"]
-    assert len(outcomes) > 20 and all(o.done for o in outcomes)
+    assert len(outcomes) > 20 and all(o.done for o in outcomes), len(outcomes)
     assert r["healthy"] == [True, True, True]  # unknown metrics do not eject
     if routing == "round-robin":  # a routing that ignores metrics: its share, as ever
         assert abs(r["forwarded"] - len(outcomes) / 3) <= 6
@@ -208,7 +208,15 @@ def test_backend_answering_503_for_a_while(loop_thread) -> None:
             until = time.monotonic() + 2.0
             front.unavailable_until = until
             load = Load(proxy.url, max_tokens=20)
-            await load.run(workers=6, seconds=5.0)
+
+            async def back_in_service() -> None:  # at most 10 s, then the asserts say so
+                give_up = time.monotonic() + 10
+                while time.monotonic() < give_up and not any(
+                    o.backend == "s2" and o.started > until and o.done for o in load.outcomes
+                ):
+                    await asyncio.sleep(0.1)
+
+            await load.run(workers=6, seconds=0.5, during=back_in_service())
             return load.outcomes, front, until
         finally:
             await proxy.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -68,10 +69,12 @@ def test_killed_backend_is_ejected_at_the_next_check(fake_backends, run_proxy, l
 
 async def test_a_timeout_ejects_only_after_unhealthy_after_checks() -> None:
     slow = asyncio.Event()
+    let_go = asyncio.Event()  # set at the end: the runner's cleanup waits for its handlers
 
     async def health(request: web.Request) -> web.Response:
         if slow.is_set():
-            await asyncio.sleep(5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(let_go.wait(), 5)
         return web.Response()
 
     app = web.Application()
@@ -91,6 +94,7 @@ async def test_a_timeout_ejects_only_after_unhealthy_after_checks() -> None:
         slow.clear()
         assert await hc.check(ep) and ep.healthy  # healthy_after=1
         await hc.stop()
+    let_go.set()
     await runner.cleanup()
 
 

@@ -158,16 +158,21 @@ def test_type_moves_and_combine() -> None:
     assert combine(base, [a_split, b_decode]) == ("prefill", "decode") + ("decode",) * 4
 
 
-def _plan_cli(tmp_path: Path, name: str, *extra: str) -> dict:
+# 30 req/s overloads the 4 cards, so flow control has something to refuse: each
+# candidate but the all-aggregated ones refuses dozens in 6 virtual seconds.
+OVERLOAD = ("--rate", "30", "--duration", "6", "--warmup", "2", "--drain", "10")
+# A run whose figures are not looked at (only its settings): as little work as it takes.
+TOKEN = ("--rate", "1", "--duration", "1", "--warmup", "0", "--drain", "1")
+
+
+def _plan_cli(tmp_path: Path, name: str, *extra: str, load: tuple[str, ...] = OVERLOAD) -> dict:
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(FLEET)
     out = tmp_path / name
-    # 30 req/s overloads the 4 cards, so flow control has something to refuse.
     cmd = [sys.executable, "-m", "lbproxy", "plan", "--fleet", str(fleet), "--workload",
            "shared-prefix", "--output-len", "64", "--system-prompt-len", "2000",
-           "--question-len", "600", "--rate", "30", "--duration", "15", "--warmup", "5",
-           "--drain", "30", "--refine", "0", "--rounds", "0", "--no-plots", "--quiet",
-           "--out", str(out), *extra]  # fmt: skip
+           "--question-len", "600", *load, "--refine", "0", "--rounds", "0", "--no-plots",
+           "--quiet", "--out", str(out), *extra]  # fmt: skip
     subprocess.run(cmd, check=True, timeout=120, cwd=Path(__file__).parent.parent)
     return json.loads((out / "plan.json").read_text())
 
@@ -186,7 +191,7 @@ def test_flow_control_on_by_default_and_off_on_request(tmp_path: Path) -> None:
     assert all(c["rejected"] == 0 for c in off["candidates"])  # routing alone: no shedding
     assert "flow control off" in (tmp_path / "off" / "plan.md").read_text()
 
-    wait = _plan_cli(tmp_path, "wait", "--slo-ttft", "10", "--max-queue", "50")
+    wait = _plan_cli(tmp_path, "wait", "--slo-ttft", "10", "--max-queue", "50", load=TOKEN)
     assert wait["settings"]["flow_control"]["max_wait"] == 8.0
     assert wait["settings"]["flow_control"]["max_queue"] == 50
 

@@ -4,19 +4,25 @@ connection (the kernel spreads connections, not requests, over the workers)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from lbproxy.replicas.workers import RESTART_AFTER
 from tests.conftest import proxy_config
+from tests.fake_backend import FakeBackend
 from tests.ops_helpers import admin_headers, write_config
-from tests.replicas_support import post_fresh, samples, until
+from tests.replicas_support import Serve, post_fresh, samples, until
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
 ADMIN = {"token": "admin-secret"}
@@ -40,45 +46,6 @@ def _be0_flags(url: str) -> dict[str, bool]:
     data = _admin(url, "GET", "/admin/backends").json()["data"]
     be0 = next(b for b in data if b["name"] == "be0")
     return {w: v["draining"] for w, v in be0.get("workers", {}).items()}
-
-
-def test_drain_reaches_every_worker_and_a_restarted_worker(fake_backends, workers) -> None:
-    b0, b1 = fake_backends(2)
-    started = time.monotonic()
-    proc = workers(proxy_config([b0, b1], admin=ADMIN))
-    assert post_fresh(proc.url, 10) == [200] * 10
-    assert b0.received, "be0 serves before the drain"
-
-    r = _admin(proc.url, "POST", "/admin/backends/be0/drain")
-    assert r.status_code == 200, r.text
-    assert r.json()["draining"] is True
-    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
-    before = len(b0.received)
-    assert post_fresh(proc.url, 30) == [200] * 30
-    assert len(b0.received) == before, "a worker still sends requests to the drained backend"
-
-    # A worker killed (after RESTART_AFTER, so that the supervisor restarts it) comes back
-    # with the host's drain set in force.
-    time.sleep(max(0.0, started + RESTART_AFTER + 2 - time.monotonic()))
-    old = _worker_pids(proc.url)
-    victim = min(old)
-    os.kill(victim, signal.SIGKILL)
-    proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
-    proc.wait_count(r"lbproxy listening on http://", 3, 60)
-    assert until(lambda: len(_worker_pids(proc.url) - old) == 1)
-    lines = list(proc.lines)  # the new worker applied the drain before it listened
-    third_listen = [i for i, x in enumerate(lines) if "lbproxy listening on http://" in x][2]
-    assert sum("backend be0 (pool main) draining" in x for x in lines[:third_listen]) == 3
-    assert post_fresh(proc.url, 30) == [200] * 30
-    assert len(b0.received) == before, "the restarted worker sends requests to be0"
-    assert until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
-
-    r = _admin(proc.url, "POST", "/admin/backends/be0/undrain")
-    assert r.status_code == 200, r.text
-    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
-    assert until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
-    assert post_fresh(proc.url, 10) == [200] * 10
-    assert len(b0.received) > before  # back in service
 
 
 def test_a_stopped_worker_is_named_within_the_deadline_and_catches_up(
@@ -144,29 +111,115 @@ def test_reload_via_the_admin_api_reloads_every_worker(fake_backends, workers, t
     assert proc.count(r"config reloaded from") == 2
 
 
-def test_get_backends_sums_in_flight_over_the_workers(fake_backends, workers) -> None:
-    # Held long enough for 10 connections to reach the workers and both workers' figures
-    # (rewritten every second) to show them, on a busy machine.
-    (b0,) = fake_backends(1, stall_before_headers=15.0)
-    proc = workers(proxy_config([b0], admin=ADMIN))
-    statuses: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: statuses.extend(post_fresh(proc.url, 1))) for _ in range(10)
-    ]
-    for t in threads:
-        t.start()
+@dataclass
+class HeldBackend(FakeBackend):
+    """Holds every POST until `release` is set (30 s at most), then answers it."""
 
-    def all_held() -> dict[str, Any] | None:
-        be0 = _admin(proc.url, "GET", "/admin/backends").json()["data"][0]
-        per = be0.get("workers", {})
-        if be0["in_flight"] == 10 and len(per) == 2 and all(w["in_flight"] for w in per.values()):
-            return be0
-        return None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    be0 = until(all_held, 12.0)
-    assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
-    assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
-    assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.release.wait(), 30)
+        return await super()._answer(request)
+
+
+def test_get_backends_sums_in_flight_over_the_workers(loop_thread, workers) -> None:
+    # Held until both workers' figures (rewritten every second) show all 10 connections,
+    # however long a busy machine takes to get there; then let go at once.
+    b0 = loop_thread.run(HeldBackend(name="b0").start())
+    try:
+        proc = workers(proxy_config([b0], admin=ADMIN))
+        statuses: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: statuses.extend(post_fresh(proc.url, 1)))
+            for _ in range(10)
+        ]
+        for t in threads:
+            t.start()
+
+        def all_held() -> dict[str, Any] | None:
+            be0 = _admin(proc.url, "GET", "/admin/backends").json()["data"][0]
+            per = be0.get("workers", {})
+            if (
+                be0["in_flight"] == 10
+                and len(per) == 2
+                and all(w["in_flight"] for w in per.values())
+            ):
+                return be0
+            return None
+
+        be0 = until(all_held, 12.0)
+        assert be0 is not None, _admin(proc.url, "GET", "/admin/backends").text
+        assert sum(w["in_flight"] for w in be0["workers"].values()) == 10
+        assert all(w["age_s"] < 5 and w["draining"] is False for w in be0["workers"].values())
+        assert b0.active == 10  # all still held
+    finally:
+        loop_thread.loop.call_soon_threadsafe(b0.release.set)
     for t in threads:
         t.join(30)
     assert statuses == [200] * 10
+    loop_thread.run(b0.close())
+
+
+@dataclass
+class DrainHost:
+    proc: Serve
+    b0: FakeBackend
+    b1: FakeBackend
+    started: float
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drain_host(loop_thread, tmp_path_factory) -> Iterator[DrainHost]:
+    """The host of the drain test (the module's last), started with the module: the
+    supervisor restarts only a worker that has run RESTART_AFTER (10 s), and the module's
+    other tests run meanwhile instead of the drain test sleeping that long."""
+    b0 = loop_thread.run(FakeBackend(name="b0").start())
+    b1 = loop_thread.run(FakeBackend(name="b1").start())
+    started = time.monotonic()
+    path = write_config(tmp_path_factory.mktemp("drain") / "lbproxy.yaml",
+                        proxy_config([b0, b1], admin=ADMIN))  # fmt: skip
+    proc = Serve(path, "--workers", "2", listening=2)
+    try:
+        yield DrainHost(proc, b0, b1, started)
+    finally:
+        proc.stop()
+        loop_thread.run(b0.close())
+        loop_thread.run(b1.close())
+
+
+def test_drain_reaches_every_worker_and_a_restarted_worker(drain_host: DrainHost) -> None:
+    proc, b0, started = drain_host.proc, drain_host.b0, drain_host.started
+    assert post_fresh(proc.url, 10) == [200] * 10
+    assert b0.received, "be0 serves before the drain"
+
+    r = _admin(proc.url, "POST", "/admin/backends/be0/drain")
+    assert r.status_code == 200, r.text
+    assert r.json()["draining"] is True
+    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
+    before = len(b0.received)
+    assert post_fresh(proc.url, 30) == [200] * 30
+    assert len(b0.received) == before, "a worker still sends requests to the drained backend"
+
+    # A worker killed (after RESTART_AFTER, so that the supervisor restarts it) comes back
+    # with the host's drain set in force.
+    time.sleep(max(0.0, started + RESTART_AFTER + 2 - time.monotonic()))
+    old = _worker_pids(proc.url)
+    victim = min(old)
+    os.kill(victim, signal.SIGKILL)
+    proc.wait_for(rf"worker \d \(pid {victim}\) exited with -9; restarting it", 15)
+    proc.wait_count(r"lbproxy listening on http://", 3, 60)
+    assert until(lambda: len(_worker_pids(proc.url) - old) == 1)
+    lines = list(proc.lines)  # the new worker applied the drain before it listened
+    third_listen = [i for i, x in enumerate(lines) if "lbproxy listening on http://" in x][2]
+    assert sum("backend be0 (pool main) draining" in x for x in lines[:third_listen]) == 3
+    assert post_fresh(proc.url, 30) == [200] * 30
+    assert len(b0.received) == before, "the restarted worker sends requests to be0"
+    assert until(lambda: _be0_flags(proc.url) == {"0": True, "1": True})
+
+    r = _admin(proc.url, "POST", "/admin/backends/be0/undrain")
+    assert r.status_code == 200, r.text
+    assert _statuses(r.json()) == {0: "confirmed", 1: "confirmed"}
+    assert until(lambda: _be0_flags(proc.url) == {"0": False, "1": False})
+    assert post_fresh(proc.url, 10) == [200] * 10
+    assert len(b0.received) > before  # back in service

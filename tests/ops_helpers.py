@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -98,15 +99,19 @@ class FaultFront:
 class RawServer:
     """A TCP server on 127.0.0.1 that speaks whatever `_serve` writes (not aiohttp).
 
-    Every connection is closed when its `_serve` ends, however it ends, and those still
-    open when the server closes: one left to the garbage collector is reported as an
-    unclosed transport in whatever test runs then (seen: a connection accepted in one
-    test of test_ops_backend_faults failed the next one)."""
+    It accepts on a socket of its own rather than through `asyncio.Server`: in Python 3.11
+    a connection accepted in the loop turn in which an `asyncio.Server` closes gets a
+    half-built transport (`Server._attach` asserts), whose socket is left to the garbage
+    collector and reported as an unclosed transport in whatever test runs then (seen: a
+    scrape reaching a server of test_ops_backend_faults as it closed failed the next test).
+    Every connection is closed when its `_serve` ends, however it ends, and every one still
+    open when the server closes."""
 
     def __init__(self) -> None:
         self.connections = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._transports: set[asyncio.BaseTransport] = set()
         self.port = 0
 
     @property
@@ -117,24 +122,64 @@ class RawServer:
         raise NotImplementedError
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
         try:
             await self._serve(reader, writer)
         finally:
             writer.close()
-            self._writers.discard(writer)
+
+    def _protocol(self) -> asyncio.Protocol:
+        return _TrackedStream(self._transports, self._connection)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            try:
+                await loop.connect_accepted_socket(self._protocol, conn)
+            except BaseException:
+                conn.close()
+                raise
 
     async def start(self) -> Self:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         return self
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in list(self._writers):
-            w.close()
-        self._writers.clear()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
+        for t in list(self._transports):
+            t.close()
+        self._transports.clear()
+
+
+class _TrackedStream(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol (what `asyncio.start_server` uses), its transport kept in
+    `transports` from the moment it is accepted until it is lost."""
+
+    def __init__(self, transports: set[asyncio.BaseTransport], handler: Any) -> None:
+        self._held_reader = asyncio.StreamReader()  # the base class holds it only weakly
+        super().__init__(self._held_reader, handler)
+        self._transports = transports
+        self._own: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._own = transport
+        self._transports.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._own is not None:
+            self._transports.discard(self._own)
+        super().connection_lost(exc)
 
 
 class GarbageServer(RawServer):

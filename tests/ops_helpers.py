@@ -17,6 +17,7 @@ from aiohttp import web
 
 from lbproxy.config import load_config
 from lbproxy.proxy.app import RunningProxy, start_proxy
+from tests.fake_backend import stop_accepting
 
 
 class FaultFront:
@@ -196,6 +197,7 @@ class GarbageServer(RawServer):
 
 async def kill_server(runner: web.AppRunner) -> None:
     """As if the process died: stop listening and drop every open connection."""
+    await stop_accepting(runner)
     for site in list(runner.sites):
         await site.stop()
     server = runner.server

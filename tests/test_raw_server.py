@@ -1,7 +1,7 @@
-"""The raw test server (tests/ops_helpers.RawServer) leaves no connection to the garbage
-collector, even one accepted in the loop turn in which it closes: with `asyncio.Server`
-(Python 3.11) that one got a half-built transport, reported later as an unclosed
-transport in whichever test was running (a flaky failure in CI)."""
+"""The test servers (tests/ops_helpers.RawServer, tests/fake_backend.FakeBackend) leave no
+connection to the garbage collector, even one accepted in the loop turn in which they
+close: with `asyncio.Server` (Python 3.11) that one got a half-built transport, reported
+later as an unclosed transport in whichever test was running (a flaky failure in CI)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import gc
 import socket
 import warnings
 
+import pytest
+
+from tests.fake_backend import FakeBackend
 from tests.ops_helpers import RawServer
 
 
@@ -20,8 +23,8 @@ class Hello(RawServer):
         await reader.read()  # until the client leaves (or the server closes)
 
 
-async def _close_while_accepting(turns: int) -> None:
-    server = await Hello().start()
+async def _close_while_accepting(turns: int, server: RawServer | FakeBackend) -> None:
+    await server.start()
     client = socket.create_connection(("127.0.0.1", server.port))
     for _ in range(turns):  # one of these lands the close in the accept's loop turn
         await asyncio.sleep(0)
@@ -30,11 +33,13 @@ async def _close_while_accepting(turns: int) -> None:
     client.close()
 
 
-def test_a_connection_accepted_as_the_server_closes_is_closed_not_collected() -> None:
+@pytest.mark.parametrize("kind", ["raw", "fake_backend"])
+def test_a_connection_accepted_as_the_server_closes_is_closed_not_collected(kind: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for turns in range(6):
-            asyncio.run(_close_while_accepting(turns))
+            server = Hello() if kind == "raw" else FakeBackend("b")
+            asyncio.run(_close_while_accepting(turns, server))
             gc.collect()
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaks == []

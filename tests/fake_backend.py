@@ -202,20 +202,23 @@ class FakeBackend:
 
     async def close(self) -> None:
         if self.runner is not None:
-            await stop_accepting(self.runner)
+            await stop_accepting(*site_servers(self.runner))
             await self.runner.cleanup()
 
 
-async def stop_accepting(runner: web.BaseRunner) -> None:
-    """Stop taking connections and let those already accepted be set up, before the runner's
-    listeners close: in Python 3.11 a connection accepted in the loop turn in which an
-    asyncio.Server closes gets a half-built transport, left to the garbage collector and
-    reported as an unclosed transport in whichever test runs then (tests/test_raw_server.py).
-    """
+async def stop_accepting(*servers: asyncio.AbstractServer | None) -> None:
+    """Stop taking connections and let those already accepted be set up, before the servers
+    close: in Python 3.11 a connection accepted in the loop turn in which an asyncio.Server
+    closes gets a half-built transport, left to the garbage collector and reported as an
+    unclosed transport in whichever test runs then (tests/test_raw_server.py)."""
     loop = asyncio.get_running_loop()
-    for site in runner.sites:
-        server = getattr(site, "_server", None)  # aiohttp keeps the asyncio.Server private
+    for server in servers:
         for sock in getattr(server, "sockets", None) or ():
             loop.remove_reader(sock.fileno())
     for _ in range(3):  # accepted -> transport built -> connection_made
         await asyncio.sleep(0)
+
+
+def site_servers(runner: web.BaseRunner) -> list[asyncio.AbstractServer | None]:
+    """The asyncio servers behind an aiohttp runner's sites (aiohttp keeps them private)."""
+    return [getattr(site, "_server", None) for site in runner.sites]

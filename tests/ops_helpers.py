@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from lbproxy.config import load_config
 from lbproxy.proxy.app import RunningProxy, start_proxy
-from tests.fake_backend import stop_accepting
+from tests.fake_backend import site_servers, stop_accepting
 
 
 class FaultFront:
@@ -100,18 +99,15 @@ class FaultFront:
 class RawServer:
     """A TCP server on 127.0.0.1 that speaks whatever `_serve` writes (not aiohttp).
 
-    It accepts on a socket of its own rather than through `asyncio.Server`: in Python 3.11
-    a connection accepted in the loop turn in which an `asyncio.Server` closes gets a
-    half-built transport (`Server._attach` asserts), whose socket is left to the garbage
-    collector and reported as an unclosed transport in whatever test runs then (seen: a
-    scrape reaching a server of test_ops_backend_faults as it closed failed the next test).
     Every connection is closed when its `_serve` ends, however it ends, and every one still
-    open when the server closes."""
+    open when the server closes, tracked from the moment it is accepted; and the server
+    stops accepting before it closes (`stop_accepting`: a connection accepted in the turn an
+    asyncio.Server closes is left half-built to the garbage collector in Python 3.11, and
+    reported as an unclosed transport in whatever test runs then)."""
 
     def __init__(self) -> None:
         self.connections = 0
-        self._listener: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
         self._transports: set[asyncio.BaseTransport] = set()
         self.port = 0
 
@@ -131,32 +127,16 @@ class RawServer:
     def _protocol(self) -> asyncio.Protocol:
         return _TrackedStream(self._transports, self._connection)
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(listener)
-            try:
-                await loop.connect_accepted_socket(self._protocol, conn)
-            except BaseException:
-                conn.close()
-                raise
-
     async def start(self) -> Self:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-        listener.setblocking(False)
-        self._listener, self.port = listener, listener.getsockname()[1]
-        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
-        if self._listener is not None:
-            self._listener.close()
+        if self._server is not None:
+            await stop_accepting(self._server)
+            self._server.close()
         for t in list(self._transports):
             t.close()
         self._transports.clear()
@@ -197,7 +177,7 @@ class GarbageServer(RawServer):
 
 async def kill_server(runner: web.AppRunner) -> None:
     """As if the process died: stop listening and drop every open connection."""
-    await stop_accepting(runner)
+    await stop_accepting(*site_servers(runner))
     for site in list(runner.sites):
         await site.stop()
     server = runner.server

@@ -369,6 +369,17 @@ def test_a_limit_left_unused_is_forgotten_and_then_regrown_paced() -> None:
     regrown = _fill(lim, 30, ramp=80.0, start=60.0)  # after the 60 s lull
     assert regrown[2] < 40 and regrown[-1] >= 60
 
+    # Unused while requests wait (ramp given: held back by the KV or queue checks, say) is
+    # no lull: the limit is forgotten as well, and so is the peak.
+    held = ConcurrencyLimiter(ConcurrencyLimit(initial=8, target_itl=0.08))
+    held.limit = held.peak = held.remembered = 70.0  # remembered from an earlier lull
+    t, generated = 0.0, 0.0
+    for _ in range(240):
+        t += 0.25
+        generated += 0.25 * 10 / _engine_itl(10)
+        held.on_metrics(_snap(t, generated, 10.0), in_flight=10, ramp=80.0, idle_tau=20.0)
+    assert held.value() <= 30 and held.remembered <= held.limit
+
 
 def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
     fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))

@@ -153,7 +153,7 @@ class ConcurrencyLimiter:
         if m.num_preemptions is not None:
             self.preemptions = m.num_preemptions
         if self.adaptive and idle_tau and dt > 0 and self.unused(in_flight):
-            self._forget(in_flight, dt, idle_tau)
+            self._forget(in_flight, dt, idle_tau, lull=ramp is None)
         old = self.limit
         if self.adaptive and preempted:
             # The engine ran out of KV blocks and evicted running requests (to recompute
@@ -198,10 +198,16 @@ class ConcurrencyLimiter:
         """Fewer than half of its limit in flight, the limit above what it forgets to."""
         return in_flight < 0.5 * self.limit and self.limit > max(self.initial, 2.0 * in_flight)
 
-    def _forget(self, in_flight: int, dt: float, tau: float) -> None:
+    def _forget(self, in_flight: int, dt: float, tau: float, lull: bool) -> None:
+        """`lull`: nobody waits for a backend (the controller's queue is empty)."""
         floor = max(self.initial, 2.0 * in_flight)
-        self.remembered = max(self.remembered, self.peak)
         self.limit = floor + (self.limit - floor) * math.exp(-dt / tau)
+        # The peak is worth remembering only when the limit went unused for lack of
+        # requests; unused while requests wait (held back by the KV or queue checks, or
+        # waiting for other backends), it is not evidence of what the backend sustains.
+        self.remembered = (
+            max(self.remembered, self.peak) if lull else min(self.remembered, self.limit)
+        )
         self.peak = min(self.peak, self.limit)
 
     def on_done(self, ok: bool, overloaded: bool, in_flight: int) -> bool:

@@ -46,9 +46,6 @@ where itl = target_itl from either side.
   after a lull (load falling off, or a benchmark's drain), the next surge would find every
   backend empty under its old limit, refill it at once and, requests being of similar
   lengths, form the cohorts that pacing prevents; a forgotten limit is regrown, paced.
-  Up to the peak it had before (remembered, as TCP remembers ssthresh) the pace is four
-  times faster, over a quarter of the ramp: that peak was sustained, and a whole lifetime
-  of half-empty backends would cost a short surge most of its goodput.
 - In a P/D pool (`flow.prefill_load`) the limit counts what decodes on the backend, not
   the prefill legs a `role: both` backend runs for others: those are taken out of its
   running and waiting counts, and a latency over the target while it ran any does not cut
@@ -75,10 +72,6 @@ _RATE_TAU = 0.5
 # Requests an engine may hold waiting (those sent since its last step, about to be
 # admitted); more, and it is not admitting them.
 _ENGINE_QUEUE = 2
-# Share of the ramp over which a forgotten limit regrows to the peak it had (slow start's
-# ssthresh, in TCP's terms): a quarter spreads the refill enough to keep requests from
-# ending together, and fills a fleet well within a minute's surge.
-_REGROW = 0.25
 
 
 class ConcurrencyLimiter:
@@ -94,7 +87,6 @@ class ConcurrencyLimiter:
         "metered",
         "peak",
         "preemptions",
-        "remembered",
         "sent_tokens",
         "smoothing",
         "t_snapshot",
@@ -116,7 +108,6 @@ class ConcurrencyLimiter:
         self.sent_tokens = 0  # prompt tokens dispatched since its last fresh snapshot
         self.t_snapshot: float | None = None  # time of the last snapshot folded in
         self.peak = self.limit  # the highest limit it has had (growth up to it is not paced)
-        self.remembered = 0.0  # the peak it had before a lull made it forget it
 
     def value(self) -> int:
         return int(self.limit)
@@ -153,7 +144,7 @@ class ConcurrencyLimiter:
         if m.num_preemptions is not None:
             self.preemptions = m.num_preemptions
         if self.adaptive and idle_tau and dt > 0 and self.unused(in_flight):
-            self._forget(in_flight, dt, idle_tau, lull=ramp is None)
+            self._forget(in_flight, dt, idle_tau)
         old = self.limit
         if self.adaptive and preempted:
             # The engine ran out of KV blocks and evicted running requests (to recompute
@@ -186,8 +177,7 @@ class ConcurrencyLimiter:
         elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * (old - reserved):
             new = old + self.smoothing * (min(estimate, old * self.max_growth) - old)
             if ramp:  # paced only above the highest limit it has had
-                pace = ramp * _REGROW if old < self.remembered else ramp
-                new = min(new, max(self.peak, old + estimate * dt / pace))
+                new = min(new, max(self.peak, old + estimate * dt / ramp))
         else:
             return False
         self.limit = min(max(new, self.lo), self.hi)
@@ -198,16 +188,9 @@ class ConcurrencyLimiter:
         """Fewer than half of its limit in flight, the limit above what it forgets to."""
         return in_flight < 0.5 * self.limit and self.limit > max(self.initial, 2.0 * in_flight)
 
-    def _forget(self, in_flight: int, dt: float, tau: float, lull: bool) -> None:
-        """`lull`: nobody waits for a backend (the controller's queue is empty)."""
+    def _forget(self, in_flight: int, dt: float, tau: float) -> None:
         floor = max(self.initial, 2.0 * in_flight)
         self.limit = floor + (self.limit - floor) * math.exp(-dt / tau)
-        # The peak is worth remembering only when the limit went unused for lack of
-        # requests; unused while requests wait (held back by the KV or queue checks, or
-        # waiting for other backends), it is not evidence of what the backend sustains.
-        self.remembered = (
-            max(self.remembered, self.peak) if lull else min(self.remembered, self.limit)
-        )
         self.peak = min(self.peak, self.limit)
 
     def on_done(self, ok: bool, overloaded: bool, in_flight: int) -> bool:

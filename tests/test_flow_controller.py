@@ -263,6 +263,21 @@ def test_gradient_limit_shrinks_when_latency_climbs_and_grows_only_when_used() -
     assert lim.value() == low  # an unused limit says nothing about more load
 
 
+@pytest.mark.parametrize("start", [2.6, 2.9, 3.9])
+def test_a_small_fractional_limit_still_grows(start: float) -> None:
+    """A limit of 2.6 lets 2 in flight: growth must not wait for 0.8 x 2.6 running. (A
+    slow card cut to such a limit by a long prompt's prefill stayed there.)"""
+    lim = ConcurrencyLimiter(ConcurrencyLimit(initial=16, target_itl=0.09))
+    lim.limit = start
+    t, generated = 0.0, 0.0
+    for _ in range(80):
+        running = float(lim.value())  # the backend runs as many as it is allowed
+        t += 0.25
+        generated += 0.25 * running / (0.028 + 0.0015 * running)
+        lim.on_metrics(_snap(t, generated, running), in_flight=lim.value())
+    assert lim.value() >= 16
+
+
 def _fill(lim: ConcurrencyLimiter, seconds: float, ramp: float | None) -> list[int]:
     """A backend that always has as many requests as allowed; its limit each second."""
     t, generated, limits = 0.0, 0.0, []

@@ -174,7 +174,13 @@ class ConcurrencyLimiter:
                 # would not bring the latency down, only leave the backend idle.
                 return False
             new = old + self.smoothing * (estimate - old)
-        elif estimate > old and in_flight >= 0.5 * old and running >= 0.8 * (old - reserved):
+        elif (
+            estimate > old
+            and in_flight >= 0.5 * old
+            # Against the cap lbproxy enforces (the integer part): a limit of 2.6 lets 2
+            # in flight, and 0.8 x 2.6 running would never be seen, so it could not grow.
+            and running >= 0.8 * (int(old) - reserved)
+        ):
             new = old + self.smoothing * (min(estimate, old * self.max_growth) - old)
             if ramp:  # paced only above the highest limit it has had
                 new = min(new, max(self.peak, old + estimate * dt / ramp))

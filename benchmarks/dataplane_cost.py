@@ -24,10 +24,16 @@ Cases (the issue 15 table):
     python benchmarks/dataplane_cost.py --base ../base-checkout   # this code and a base, in turns
     python benchmarks/dataplane_cost.py --asgi --only small,paced500   # also under uvicorn
     python benchmarks/dataplane_cost.py --only small,unique7k --rate 250   # paced, 250 req/s
+    python benchmarks/dataplane_cost.py --nginx --only paced500,burst500   # nginx beside it
 
 With --asgi, each lbproxy also runs as an ASGI application (`uvicorn lbproxy.asgi:app`,
 uvloop and httptools, no access log), measured in turns with the native server; its
 "CPU vs base" is against the native server of the same checkout.
+With --nginx, nginx (the system's, one process, `master_process off`) runs as a reverse
+proxy over the same two backends (round-robin, pooled keep-alive upstream connections,
+`proxy_buffering off` so that each chunk goes on as it comes, no access log), measured in
+turns with lbproxy; without --base, "CPU vs base" is then lbproxy's CPU against nginx's in
+the same repeat: the peer's cost on this machine, at this moment, as the baseline.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -264,6 +271,45 @@ async def load(
     }
 
 
+# nginx as the reverse proxy a user might otherwise pick, from a config in a temp dir.
+NGINX_PROXY_CONF = """\
+worker_processes 1;
+master_process off;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  keepalive_requests 100000000;
+  upstream backends {{
+    {servers}
+    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def start_nginx(port: int) -> tuple[subprocess.Popen, str]:
+    """nginx proxying `port` to the backends; (its process, its temp dir)."""
+    d = tempfile.mkdtemp(prefix="dataplane-nginx-")
+    servers = " ".join(f"server 127.0.0.1:{p};" for p in BACKEND_PORTS)
+    conf = Path(d, "nginx.conf")
+    conf.write_text(NGINX_PROXY_CONF.format(dir=d, port=port, servers=servers))
+    return subprocess.Popen(["nginx", "-p", d, "-c", str(conf)]), d
+
+
 def write_config(port: int, profile: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
         backends = "".join(f"      - {{url: 'http://127.0.0.1:{p}'}}\n" for p in BACKEND_PORTS)
@@ -330,6 +376,9 @@ def main() -> int:
     ap.add_argument(
         "--asgi", action="store_true", help="also run this checkout under uvicorn (lbproxy.asgi)"
     )
+    ap.add_argument(
+        "--nginx", action="store_true", help="also run nginx as a reverse proxy (the baseline)"
+    )
     args = ap.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
@@ -340,6 +389,8 @@ def main() -> int:
         base = args.base_label if args.base_label in labels else None
         if base is None and "asgi" in labels:  # the ASGI face against the native server
             base = args.label if args.label in labels else None
+        if base is None and "nginx" in labels:  # lbproxy against nginx
+            base = "nginx"
         print_table(saved["results"], args, base)
         return 0
 
@@ -354,6 +405,7 @@ def main() -> int:
     ]
     procs: list[subprocess.Popen] = []
     configs: list[str] = []
+    tmpdirs: list[str] = []
     proxies: dict[tuple[str, str], tuple[int, int]] = {}
     port = FIRST_PROXY_PORT
     try:
@@ -377,6 +429,13 @@ def main() -> int:
                     procs.append(p)
                     proxies[("asgi", profile)] = (port, p.pid)
                     port += 1
+        if args.nginx:  # one nginx for every case (it does not route by profile)
+            p, d = start_nginx(port)
+            procs.append(p)
+            tmpdirs.append(d)
+            for profile in sorted({c.profile for c in CASES}):
+                proxies[("nginx", profile)] = (port, p.pid)
+            port += 1
         for p in BACKEND_PORTS:
             asyncio.run(wait_up(f"http://127.0.0.1:{p}/health"))
         for port, _ in proxies.values():
@@ -389,12 +448,16 @@ def main() -> int:
             p.wait(10)
         for c in configs:
             os.unlink(c)
+        for d in tmpdirs:
+            shutil.rmtree(d, ignore_errors=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
             json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
         )
     base = args.base_label if args.base else (args.label if args.asgi else None)
+    if base is None and args.nginx:
+        base = "nginx"
     print_table(results, args, base)
     return 0
 
@@ -410,6 +473,8 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
         "| CPU vs base |"
     )
     print("|---|---|---|---|---|---|---|")
+    if any(k.endswith(" | nginx") for k in results):
+        print("(in the nginx rows, the CPU columns are nginx's)")
     for key, r in results.items():
         case, via = key.split(" | ")
         cpu = f"{r['cpu_ms_per_request']:.3f}" if "cpu_ms_per_request" in r else ""

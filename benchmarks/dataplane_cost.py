@@ -58,7 +58,7 @@ import httptools
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import BACKEND_CODE, MODEL, cpu_seconds, pct, wait_up
+from overhead import BACKEND_CODE, MODEL, cpu_split, pct, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND_PORTS = (18911, 18912)
@@ -341,10 +341,13 @@ async def measure(
             rows.setdefault(f"{key} | direct", []).append(direct)
             for label in labels:
                 port, pid = proxies[(label, case.profile)]
-                cpu0 = cpu_seconds(pid)
+                user0, sys0 = cpu_split(pid)
                 r = await load(case, [port], n, args.concurrency, args.seconds, args.rate)
-                cpu = cpu_seconds(pid) - cpu0
+                user1, sys1 = cpu_split(pid)
+                cpu = user1 - user0 + sys1 - sys0
                 r["cpu_ms_per_request"] = cpu / max(r["done"], 1) * 1e3
+                # In user space (the proxy's own code) rather than in the kernel's sockets.
+                r["cpu_user_share"] = (user1 - user0) / cpu if cpu > 0 else 0.0
                 if case.stream:
                     r["cpu_us_per_chunk"] = cpu / max(r["done"] * (case.chunks + 1), 1) * 1e6
                 rows.setdefault(f"{key} | {label}", []).append(r)
@@ -470,9 +473,9 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
     print(f"\nlbproxy data-path cost, {args.concurrency} connections{rate}, median of {repeats}")
     print(
         "| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk "
-        "| CPU vs base |"
+        "| CPU vs base | of it in user space |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     if any(k.endswith(" | nginx") for k in results):
         print("(in the nginx rows, the CPU columns are nginx's)")
     for key, r in results.items():
@@ -484,8 +487,10 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
             pairs = zip(r["runs"], results[f"{case} | {base}"]["runs"], strict=True)
             ratios = [a["cpu_ms_per_request"] / b["cpu_ms_per_request"] for a, b in pairs]
             ratio = f"{statistics.median(ratios):.2f}x"
+        user = f"{r['cpu_user_share']:.0%}" if "cpu_user_share" in r else ""
         print(
-            f"| {case} | {via} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {cpu} | {chunk} | {ratio} |"
+            f"| {case} | {via} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {cpu} | {chunk} | {ratio} "
+            f"| {user} |"
         )
 
 

@@ -80,10 +80,10 @@ def test_a_prefill_backends_limit_ignores_its_decode_latency() -> None:
     ctl = FlowController(FlowControl())
     pre = Endpoint(name="p", url="http://p", role="prefill")
     both = Endpoint(name="b", url="http://b")
-    for t, generated in ((0.0, 0.0), (1.0, 4.0), (2.0, 8.0), (3.0, 12.0)):
-        for ep in (pre, both):  # 16 running, ~4 tokens/s: 4 s per token each
-            ep.in_flight = 16
-            ep.metrics = MetricsSnapshot(time=t, num_running=16, num_waiting=0,
+    for t, generated in ((0.0, 0.0), (1.0, 2.0), (2.0, 4.0), (3.0, 6.0)):
+        for ep in (pre, both):  # 8 running, ~2 tokens/s: 4 s per token each
+            ep.in_flight = 8
+            ep.metrics = MetricsSnapshot(time=t, num_running=8, num_waiting=0,
                                          generation_tokens=generated)  # fmt: skip
             ctl.limiter(ep).sent_tokens = 100
             ctl.on_metrics(ep)

@@ -14,10 +14,7 @@ batch. Decode steps cost a fixed part (weights) plus a part per sequence (KV rea
 latency grows less than in proportion and iterating the estimate converges to the batch
 where itl = target_itl from either side.
 
-- Over the target: the limit moves toward the estimate (a share `smoothing` of the way),
-  but not below `initial` while fewer than `initial` run: so few decodes are not what
-  makes a step slow; a long prompt's prefill is, and it passes (a cold slow card cut to 2
-  by its first two 7,200-token prompts then had to regrow, request by request).
+- Over the target: the limit moves toward the estimate (a share `smoothing` of the way).
 - Under it, and the backend is using at least half its limit: the limit moves toward the
   estimate, by at most a factor `max_growth` per scrape, and only once the requests
   dispatched under the previous limit show in the backend's running count (the latency
@@ -177,10 +174,6 @@ class ConcurrencyLimiter:
                 # would not bring the latency down, only leave the backend idle.
                 return False
             new = old + self.smoothing * (estimate - old)
-            if running < self.initial:
-                # So few decodes are not what makes its steps slow (a long prompt's
-                # prefill is, and passes): no cut below `initial` on their evidence.
-                new = max(new, min(old, self.initial))
         elif (
             estimate > old
             and in_flight >= 0.5 * old

@@ -473,7 +473,7 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
     print(f"\nlbproxy data-path cost, {args.concurrency} connections{rate}, median of {repeats}")
     print(
         "| case | via | req/s | p50 ms | lbproxy CPU ms/request | lbproxy CPU us/chunk "
-        "| CPU vs base | of it in user space |"
+        "| CPU vs base | of it in user space (per chunk: user + system) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     if any(k.endswith(" | nginx") for k in results):
@@ -488,6 +488,9 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
             ratios = [a["cpu_ms_per_request"] / b["cpu_ms_per_request"] for a, b in pairs]
             ratio = f"{statistics.median(ratios):.2f}x"
         user = f"{r['cpu_user_share']:.0%}" if "cpu_user_share" in r else ""
+        if user and "cpu_us_per_chunk" in r:  # and per chunk: user + system microseconds
+            u = r["cpu_us_per_chunk"] * r["cpu_user_share"]
+            user += f" ({u:.1f} + {r['cpu_us_per_chunk'] - u:.1f} us)"
         print(
             f"| {case} | {via} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {cpu} | {chunk} | {ratio} "
             f"| {user} |"

@@ -58,6 +58,7 @@ import httptools
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nginx_conf import NGINX_HEAD
 from overhead import BACKEND_CODE, MODEL, cpu_split, pct, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,18 +273,12 @@ async def load(
 
 
 # nginx as the reverse proxy a user might otherwise pick, from a config in a temp dir.
-NGINX_PROXY_CONF = """\
-worker_processes 1;
-master_process off;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
+# One process (no master), so that its CPU is the pid's.
+NGINX_PROXY_CONF = (
+    "master_process off;\n"
+    + NGINX_HEAD
+    + """\
   proxy_temp_path {dir}/proxy;
-  keepalive_requests 100000000;
   upstream backends {{
     {servers}
     keepalive 64;
@@ -299,6 +294,7 @@ http {{
   }}
 }}
 """
+)
 
 
 def start_nginx(port: int) -> tuple[subprocess.Popen, str]:

@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's lbproxy, in-process as in the workers
 import overhead  # noqa: E402  (benchmarks/overhead.py: MODEL, wait_up, cpu_seconds)
+from nginx_conf import NGINX_HEAD  # noqa: E402
 
 from tests.replicas_support import RedisServer as Redis  # noqa: E402  (one way to run it)
 from tests.replicas_support import Serve, free_port  # noqa: E402
@@ -189,16 +190,9 @@ def run_hits(args: argparse.Namespace) -> dict[str, Any]:
 # nginx answers every completion with one fixed body (overhead.py's mock backend's), from
 # its own config in a temp dir: one worker process, no logs. `return` answers a POST too,
 # discarding the body, and keeps the connection alive.
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  keepalive_requests 100000000;
+NGINX_CONF = (
+    NGINX_HEAD
+    + """\
   server {{
     listen 127.0.0.1:{port};
     location = /health {{ return 200; }}
@@ -207,6 +201,7 @@ http {{
   }}
 }}
 """
+)
 COMPLETION = json.dumps(
     {"id": "c", "object": "text_completion", "created": 1, "model": overhead.MODEL,
      "choices": [{"index": 0, "text": " tok" * 16, "finish_reason": "length"}],

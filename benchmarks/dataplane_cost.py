@@ -393,6 +393,8 @@ def main() -> int:
         print_table(saved["results"], args, base)
         return 0
 
+    if args.nginx and shutil.which("nginx") is None:
+        ap.error("--nginx: no nginx on the PATH (Debian: apt-get install nginx-light)")
     if args.only:
         global CASES
         CASES = tuple(c for c in CASES if c.name in args.only.split(","))

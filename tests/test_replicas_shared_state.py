@@ -171,3 +171,29 @@ def test_a_restarted_replica_rejoins_with_the_shared_index(
         assert _served_by(backends) == before
     finally:
         loop_thread.run(fresh.close())
+
+
+def test_a_shared_decision_carries_the_requests_footprint() -> None:
+    """What one replica routed is charged to the other's index as to its own: the hashed
+    blocks and the rest of the request's KV (its prompt past the span, its max_tokens)."""
+    from types import SimpleNamespace
+
+    from lbproxy.replicas.shared_state import _RouterShare
+    from lbproxy.routing.plugins.prefix_hash import Params, PrefixHashScorer
+    from lbproxy.routing.state import Endpoint, RequestContext
+
+    published: list[dict[bytes, bytes]] = []
+    owner = SimpleNamespace(publish=published.append)
+    mine, theirs = PrefixHashScorer(Params()), PrefixHashScorer(Params())
+    eps = [Endpoint(name="a", url="http://127.0.0.1:1")]
+    share = _RouterShare(owner, b"k", SimpleNamespace(scorers=[SimpleNamespace(scorer=mine)]), eps)  # type: ignore[arg-type]
+    other = _RouterShare(
+        owner, b"k", SimpleNamespace(scorers=[SimpleNamespace(scorer=theirs)]), eps
+    )  # type: ignore[arg-type]
+    ctx = RequestContext(model="m", raw_prompt=b"shared system prompt " * 1_400, max_tokens=500)
+    mine.score(ctx, eps, 0.0)
+    mine.on_routed(ctx, eps[0], 0.0)
+    share.on_routed(ctx, eps[0], 0.0)
+    assert other.apply(published[0], 0.0)
+    assert theirs.index.size("a") == mine.index.size("a") > mine._units[-1]
+    assert theirs.score(RequestContext(model="m", raw_prompt=ctx.raw_prompt), eps, 0.0) == [1.0]

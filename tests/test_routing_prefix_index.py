@@ -314,3 +314,33 @@ def test_weighted_eviction_keeps_the_head_of_a_chain_too_big_to_hold() -> None:
         "hashes": 1,
         "approx_bytes": 5 * 200,
     }
+
+
+def test_a_footprint_is_charged_and_evicted_before_its_chain() -> None:
+    index = PrefixIndex()
+    index.insert("a", chain(4, tag=1), capacity=20, tail=6)
+    assert index.size("a") == 10
+    assert index.match(chain(4, tag=1)) == {"a": 4}  # a footprint is never matched
+    index.insert("a", chain(4, tag=2), capacity=20, tail=6)  # 20 units: full
+    index.insert("a", chain(2, tag=3), capacity=20)  # 2 more: the oldest footprint goes
+    assert index.size("a") == 16
+    assert index.matched("a", chain(4, tag=1)) == 4
+    index.insert("a", chain(9, tag=4), capacity=20)  # 5 over: tag 1's chain, tag 2's footprint
+    assert index.matched("a", chain(4, tag=1)) == 0
+    assert index.match(chain(4, tag=1)) == {}
+    assert index.matched("a", chain(4, tag=2)) == 4
+    assert index.size("a") == 15
+
+
+def test_a_busy_endpoint_forgets_prefixes_its_cache_could_not_keep() -> None:
+    """Short hashed spans of long requests: counting the spans only, an endpoint seems to
+    hold every prefix ever sent; counting each request's whole footprint it keeps the
+    recent ones, as the engine's cache does."""
+    with_tail, spans_only = PrefixIndex(), PrefixIndex()
+    for g in range(30):  # 30 groups of 4-unit spans, each request 40 units in all
+        with_tail.insert("a", chain(4, tag=g), capacity=200, tail=36)
+        spans_only.insert("a", chain(4, tag=g), capacity=200)
+    assert spans_only.matched("a", chain(4, tag=0)) == 4  # 120 units of spans: all "held"
+    assert with_tail.matched("a", chain(4, tag=0)) == 0  # 1,200 units sent to 200 of cache
+    assert with_tail.matched("a", chain(4, tag=29)) == 4
+    assert sum(with_tail.matched("a", chain(4, tag=g)) == 4 for g in range(30)) == 5

@@ -288,7 +288,7 @@ def test_prefix_hash_capacity_from_the_metrics_snapshot() -> None:
 
 
 def test_prefix_hash_memory_follows_lru_capacity() -> None:
-    scorer = build("scorer", "prefix-hash", lru_capacity=50, max_blocks=8)
+    scorer = build("scorer", "prefix-hash", lru_capacity=50, max_blocks=8, footprint=False)
     a = ep("a")
     for i in range(40):
         scorer.on_routed(ctx(i.to_bytes(2, "big") * 400), a, NOW)
@@ -591,3 +591,24 @@ class Removed:
 
 
 Removed.__name__ = "BlockRemoved"
+
+
+def test_prefix_hash_charges_each_request_its_whole_footprint() -> None:
+    """A request's KV is its prompt and its output, not just the hashed span: a backend
+    sent long requests forgets the old prefixes its cache could not have kept."""
+    on = build("scorer", "prefix-hash", lru_capacity=2_000)
+    off = build("scorer", "prefix-hash", lru_capacity=2_000, footprint=False)
+    a = ep("a")
+    first = _long(b"group 0 " * 2_000, 0)  # 28 KB (~7,000 tokens): 16 KB hashed
+    for s in (on, off):
+        s.on_routed(ctx(first, max_tokens=1_000), a, NOW)
+    # one request: 7,000 + 1,000 tokens = 500 units of the 2,000
+    assert on.index.size("a") == (len(first) // 4 + 1_000) // 16
+    assert off.index.size("a") == on._units[-1]
+    for g in range(1, 7):
+        prompt = _long(b"group %d " % g * 2_000, g)
+        for s in (on, off):
+            s.on_routed(ctx(prompt, max_tokens=1_000), a, NOW)
+    assert on.index.size("a") <= 2_000
+    assert on.score(ctx(first), [a], NOW) == [0.0]  # 7 x 500 units sent: evicted
+    assert off.score(ctx(first), [a], NOW) == [1.0]  # 7 x 256 hashed units: "held"

@@ -88,6 +88,9 @@ class _RouterShare:
             hashes = scorer.hashes(ctx)  # computed by its score(): cached, no work
             if hashes:
                 fields[b"h%d" % i] = struct.pack(f"<{len(hashes)}Q", *hashes)
+                tail = scorer.tail(ctx, len(hashes))
+                if tail:
+                    fields[b"t%d" % i] = b"%d" % tail
         if self.sessions and ctx.session_key is not None:
             fields[b"s"] = ctx.session_key.encode()
         if len(fields) > 2:
@@ -106,7 +109,8 @@ class _RouterShare:
             weights = self.weights[i]
             if weights is not None and len(hashes) > len(weights):
                 continue  # another geometry (the key should have said so)
-            scorer.learn(ep, hashes, weights)
+            tail = fields.get(b"t%d" % i)
+            scorer.learn(ep, hashes, weights, int(tail) if tail and tail.isdigit() else 0)
         session = fields.get(b"s")
         if session is not None:
             ctx = RequestContext(model="", session_key=session.decode())

@@ -20,6 +20,11 @@ dict operations, not four on a shared table too), and whoever holds the first bl
 searched in its own LRU. Memory is bounded: at most `max_endpoints` endpoints (the least
 recently routed is forgotten beyond that), each with at most its capacity of hashes.
 
+Footprints. `insert(..., tail=u)` also charges `u` units for the rest of the request's KV
+(what lies past the hashed blocks): one entry under a key of its own (negative, never a
+hash), older than the chain, so it is evicted before the chain's blocks. It is never
+matched; it only takes room, as the request's other blocks take room in vLLM's cache.
+
 Invariant: each endpoint's holdings are prefix-closed (if hash i is held, so is hash i-1).
 `insert` refreshes a request's hashes from the last block to the first, so a parent is
 always more recent than its child and the LRU evicts a chain from its tail, as vLLM frees
@@ -287,7 +292,7 @@ class PrefixIndex:
     an endpoint's weights, which its capacity bounds.
     """
 
-    __slots__ = ("_bits", "_lrus", "_roots", "_used", "max_endpoints")
+    __slots__ = ("_bits", "_lrus", "_roots", "_tails", "_used", "max_endpoints")
 
     def __init__(self, max_endpoints: int = 1024) -> None:
         self.max_endpoints = max_endpoints
@@ -297,6 +302,7 @@ class PrefixIndex:
         # Endpoint LRUs, themselves in least-recently-routed order (for max_endpoints).
         self._lrus: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
         self._used: dict[str, int] = {}
+        self._tails = counter(-1, -1)  # keys of footprint entries: never a hash (>= 0)
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Consecutive blocks from the start each endpoint holds; endpoints with 0 omitted."""
@@ -326,6 +332,7 @@ class PrefixIndex:
         hashes: Sequence[int],
         capacity: int,
         weights: Sequence[int] | None = None,
+        tail: int = 0,
     ) -> None:
         """Record that `name` now holds `hashes` (a chain from the start), LRU-bounded.
 
@@ -343,6 +350,12 @@ class PrefixIndex:
             lrus.move_to_end(name)
         if not hashes:
             return
+        if tail > 0:
+            # The rest of the request's KV (prompt past the hashed span, its output): an
+            # entry of its own, older than the chain, so the LRU fills as the engine's
+            # cache does and evicts it first (vLLM frees a request's blocks tail first).
+            lru[next(self._tails)] = tail
+            self._used[name] += tail
         bit = self._bits.bit(name)
         roots = self._roots
         n = len(hashes)

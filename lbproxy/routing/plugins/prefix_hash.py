@@ -22,8 +22,14 @@ Learning: `on_routed` records that the chosen endpoint now holds all the request
 Each endpoint's LRU holds `ep.num_gpu_blocks` units when known (converted from the
 endpoint's block size to ours), else `lru_capacity`; never more than `max_lru_capacity`.
 A block weighs its size in units, and eviction drops least recently used blocks until
-the endpoint holds at most its capacity. At most `max_endpoints` endpoints are tracked.
-Memory is therefore bounded by max_endpoints x max_lru_capacity entries (~200 B each).
+the endpoint holds at most its capacity. With `footprint` (the default), the rest of the
+request's KV is charged too, as one entry older than its blocks: the prompt past the
+hashed span and the `max_tokens` it asks for. vLLM's cache holds every request's blocks,
+running ones pinned, finished ones until evicted; counting only the hashed span (16 KB of
+an 8,200-token request) made the index believe a busy backend held several times the
+prefixes its cache kept, so it kept sending requests to holders that had evicted them.
+At most `max_endpoints` endpoints are tracked. Memory is therefore bounded by
+max_endpoints x max_lru_capacity entries (~200 B each).
 
 Block size: one per index, the `block_size` parameter (default 16, vLLM's GPU default),
 not each endpoint's: endpoints' geometry arrives late (from a scrape) and may differ
@@ -78,6 +84,7 @@ class Params(BaseModel):
     block_growth: int = Field(8, ge=0)  # blocks grow to 1/g of their offset; 0: fixed
     lru_capacity: int = Field(31_250, ge=1)  # blocks per endpoint when num_gpu_blocks unknown
     max_lru_capacity: int = Field(262_144, ge=1)
+    footprint: bool = True  # charge each request's whole KV (prompt + max_tokens) to the LRU
     max_endpoints: int = Field(1024, ge=1)
     hotspot_margin: float = Field(32.0, ge=0)
     hotspot_factor: float = Field(2.0, ge=1)
@@ -103,6 +110,7 @@ class PrefixHashScorer:
         self.block_size = params.block_size
         self.lru_capacity = params.lru_capacity
         self.max_lru_capacity = params.max_lru_capacity
+        self.footprint = params.footprint
         self.model = model
         self.index = PrefixIndex(params.max_endpoints)
         bb = params.block_size * BYTES_PER_TOKEN
@@ -194,8 +202,18 @@ class PrefixHashScorer:
                 c = memo.counts.get(name, 0)
                 self.hit_blocks[name] = self.hit_blocks.get(name, 0) + (units[c - 1] if c else 0)
             cap = self.capacity(endpoint)
-            self.index.insert(name, hashes, cap, self._weights)
+            self.index.insert(name, hashes, cap, self._weights, self.tail(ctx, len(hashes)))
             self._free[name] = cap - self.index.size(name)
+
+    def tail(self, ctx: RequestContext, n: int) -> int:
+        """Units of a request's KV past its `n` hashed blocks (the rest of its prompt, and
+        the output it asks for), charged to the LRU with them; 0 without `footprint`."""
+        if not self.footprint:
+            return 0
+        tokens = (ctx.prompt_token_estimate or len(ctx.prompt_bytes()) // BYTES_PER_TOKEN) + (
+            ctx.max_tokens or 0
+        )
+        return max(0, tokens // self.block_size - self._units[n - 1])
 
     def capacity(self, ep: Endpoint) -> int:
         """The endpoint's KV capacity in our blocks, bounded by max_lru_capacity."""
@@ -207,10 +225,17 @@ class PrefixHashScorer:
         cap = blocks * (size or bs) // bs if blocks else self.lru_capacity
         return max(1, min(cap, self.max_lru_capacity))
 
-    def learn(self, ep: Endpoint, hashes: list[int], weights: Sequence[int] | None = None) -> None:
-        """Record that `ep` holds this block chain, learnt elsewhere (another replica's
-        decision); its free room is recomputed when next needed."""
-        self.index.insert(ep.name, hashes, self.capacity(ep), weights)
+    def learn(
+        self,
+        ep: Endpoint,
+        hashes: list[int],
+        weights: Sequence[int] | None = None,
+        tail: int = 0,
+    ) -> None:
+        """Record that `ep` holds this block chain (and `tail` units of that request's KV
+        past it), learnt elsewhere (another replica's decision); its free room is
+        recomputed when next needed."""
+        self.index.insert(ep.name, hashes, self.capacity(ep), weights, tail)
         self._free.pop(ep.name, None)
 
     def forget(self, endpoint_name: str) -> None:

@@ -13,6 +13,7 @@ simulator in virtual time with the ladder's settings (BENCHMARKS.md, "The ladder
         --out benchmarks/results/flow/placement/footprint.json
 
 `--profile` takes what `lbproxy simulate --profiles` takes (a built-in name or a YAML file).
+`--table A.json B.json ...` prints the files' steps side by side (BENCHMARKS.md's table).
 """
 
 from __future__ import annotations
@@ -127,14 +128,41 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return steps
 
 
+def table(paths: list[str]) -> str:
+    """One row per file and step: what the step completed and where its dispatches went."""
+    rows = [
+        "| run | rate | completed tok/s | prefix hits | dispatched | cold | of them predicted"
+        " hits | of them spilled | backends per group |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        name = Path(path).stem
+        for s in json.loads(Path(path).read_text())["steps"]:
+            spilled = sum(
+                n for k, n in s["paths"].items() if k.startswith("spill") and k.endswith("cold")
+            )
+            rows.append(
+                f"| {name} | {s['rate']:g} | {s['completed_output_tokens_per_s']:,.0f} | "
+                f"{s['prefix_cache_hit_rate']:.0%} | {s['dispatched']} | {s['cold']} | "
+                f"{s['false_hits']} | {spilled} | {s['backends_per_group']:.2f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="cache-aware-plus")
-    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], required=True)
+    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--duration", type=float, default=300.0)
     ap.add_argument("--warmup", type=float, default=120.0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--table", nargs="+", metavar="RESULT", help="print these results' table")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if not args.rates or not args.out:
+        ap.error("--rates and --out are required (or --table)")
     steps = run(args)
     out = {"command": " ".join(sys.argv), "fleet": "configs/fleets/abc-20.yaml", "steps": steps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

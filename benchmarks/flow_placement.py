@@ -22,13 +22,15 @@ import argparse
 import json
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lbproxy.bench.cli import load_profile_arg
 from lbproxy.bench.simulate import FleetSimulator, SimOptions
 from lbproxy.bench.stats import poisson_arrivals, summarize_step
-from lbproxy.bench.workloads import make_workload
+from lbproxy.bench.workloads import Workload, make_workload
 from lbproxy.config import FlowControl
 from lbproxy.flow.controller import FlowController
 from lbproxy.routing.state import Decision
@@ -39,8 +41,10 @@ FLEET = Path(__file__).resolve().parent.parent / "configs" / "fleets" / "abc-20.
 COLD_BELOW = 4_000  # cached tokens: under this the 6,000-token system prompt was not cached
 
 
-def _instrument(sim: FleetSimulator, tags: dict[int, tuple[str, bool]]) -> None:
-    """Tag each dispatch with its path and the index's prediction (no change to what runs)."""
+@contextmanager
+def _instrumented(sim: FleetSimulator, tags: dict[int, tuple[str, bool]]) -> Iterator[None]:
+    """Tag each dispatch with its path and the index's prediction (no change to what runs);
+    the classes' methods are restored on exit."""
     choose_fc = FlowController._choose
 
     def _choose(self: FlowController, *a: Any, **k: Any) -> Any:
@@ -68,6 +72,11 @@ def _instrument(sim: FleetSimulator, tags: dict[int, tuple[str, bool]]) -> None:
     FlowController._choose = _choose  # type: ignore[method-assign]
     Decision.choose = decision_choose  # type: ignore[method-assign]
     sim.bind = sim_bind  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FlowController._choose = choose_fc  # type: ignore[method-assign]
+        Decision.choose = choose  # type: ignore[method-assign]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -79,11 +88,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         load_fleet(FLEET), spec, tokenizer=tok, options=opts, flow=FlowControl(max_wait=4)
     )
     tags: dict[int, tuple[str, bool]] = {}
-    _instrument(sim, tags)
+    with _instrumented(sim, tags):
+        return _steps(args, sim, wl, tags)
+
+
+def _steps(
+    args: argparse.Namespace,
+    sim: FleetSimulator,
+    wl: Workload,
+    tags: dict[int, tuple[str, bool]],
+) -> list[dict[str, Any]]:
     steps = []
     index = 0
     for k, rate in enumerate(args.rates):
-        arrivals = poisson_arrivals(rate, args.duration, opts.seed + k)  # as simulate_run
+        arrivals = poisson_arrivals(rate, args.duration, sim.options.seed + k)  # as simulate_run
         tags.clear()
         records = sim.run_step(wl, arrivals, first_index=index, deadline=args.duration + 120)
         step = summarize_step(records, rate=rate, duration=args.duration, warmup=args.warmup)

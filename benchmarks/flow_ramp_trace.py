@@ -60,15 +60,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
 
     FlowController.on_metrics = sample  # type: ignore[method-assign]
-    index = 0
-    for k, rate in enumerate(args.rates):
-        arrivals = poisson_arrivals(rate, args.duration, opts.seed + k)  # as simulate_run
-        state["t0"], state["next"] = sim.now, 0.0
-        steps.append({"rate": rate, "samples": []})
-        sim.run_step(wl, arrivals, first_index=index, deadline=args.duration + 120)
-        index += len(arrivals)
-        first = steps[-1]["samples"][:3]
-        print(f"{rate:g} req/s: ramp {[s['ramp_s'] for s in first]} ...", flush=True)
+    try:
+        index = 0
+        for k, rate in enumerate(args.rates):
+            arrivals = poisson_arrivals(rate, args.duration, opts.seed + k)  # as simulate_run
+            state["t0"], state["next"] = sim.now, 0.0
+            steps.append({"rate": rate, "samples": []})
+            sim.run_step(wl, arrivals, first_index=index, deadline=args.duration + 120)
+            index += len(arrivals)
+            first = steps[-1]["samples"][:3]
+            print(f"{rate:g} req/s: ramp {[s['ramp_s'] for s in first]} ...", flush=True)
+    finally:
+        FlowController.on_metrics = on_metrics  # type: ignore[method-assign]
     return steps
 
 

@@ -79,14 +79,25 @@ def _instrumented(sim: FleetSimulator, tags: dict[int, tuple[str, bool]]) -> Ite
         Decision.choose = choose  # type: ignore[method-assign]
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def ladder_sim(profile: str) -> tuple[FleetSimulator, Workload]:
+    """The ladder's fleet simulator and workload (abc-20, shared-prefix, `max_wait` 4 s) for
+    a `--profiles` item (a built-in name or a YAML file)."""
     tok = default_tokenizer()
-    wl = make_workload("shared-prefix", tok)
-    opts = SimOptions()
-    _, spec = load_profile_arg(args.profile)
-    sim = FleetSimulator(
-        load_fleet(FLEET), spec, tokenizer=tok, options=opts, flow=FlowControl(max_wait=4)
-    )
+    _, spec = load_profile_arg(profile)
+    flow = FlowControl(max_wait=4)
+    sim = FleetSimulator(load_fleet(FLEET), spec, tokenizer=tok, options=SimOptions(), flow=flow)
+    return sim, make_workload("shared-prefix", tok)
+
+
+def write_result(path: str, steps: list[dict[str, Any]]) -> None:
+    """The steps, with the command that made them, as a JSON result file."""
+    out = {"command": " ".join(sys.argv), "fleet": "configs/fleets/abc-20.yaml", "steps": steps}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sim, wl = ladder_sim(args.profile)
     tags: dict[int, tuple[str, bool]] = {}
     with _instrumented(sim, tags):
         return _steps(args, sim, wl, tags)
@@ -181,10 +192,7 @@ def main() -> None:
         return
     if not args.rates or not args.out:
         ap.error("--rates and --out are required (or --table)")
-    steps = run(args)
-    out = {"command": " ".join(sys.argv), "fleet": "configs/fleets/abc-20.yaml", "steps": steps}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_result(args.out, run(args))
 
 
 if __name__ == "__main__":

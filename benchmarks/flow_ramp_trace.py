@@ -14,31 +14,19 @@ fleet simulator with the ladder's settings (BENCHMARKS.md, "The ladder"):
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
-from lbproxy.bench.simulate import FleetSimulator, SimOptions
-from lbproxy.bench.stats import poisson_arrivals
-from lbproxy.bench.workloads import make_workload
-from lbproxy.config import FlowControl
-from lbproxy.flow.controller import FlowController
-from lbproxy.sim.fleet import load_fleet
-from lbproxy.tokenization.tokenizer import default_tokenizer
+from flow_placement import ladder_sim, write_result  # this folder's: same fleet and settings
 
-FLEET = Path(__file__).resolve().parent.parent / "configs" / "fleets" / "abc-20.yaml"
+from lbproxy.bench.stats import poisson_arrivals
+from lbproxy.flow.controller import FlowController
+
 SAMPLE = 2.5  # seconds between samples
 WATCHED = "b-0"  # the backend whose limit is sampled
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    tok = default_tokenizer()
-    wl = make_workload("shared-prefix", tok)
-    opts = SimOptions()
-    sim = FleetSimulator(
-        load_fleet(FLEET), args.profile, tokenizer=tok, options=opts, flow=FlowControl(max_wait=4)
-    )
+    sim, wl = ladder_sim(args.profile)
     watched = next(ep for ep in sim.endpoints if ep.name == WATCHED)
     steps: list[dict[str, Any]] = []
     state = {"t0": 0.0, "next": 0.0}
@@ -63,7 +51,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         index = 0
         for k, rate in enumerate(args.rates):
-            arrivals = poisson_arrivals(rate, args.duration, opts.seed + k)  # as simulate_run
+            arrivals = poisson_arrivals(
+                rate, args.duration, sim.options.seed + k
+            )  # as simulate_run
             state["t0"], state["next"] = sim.now, 0.0
             steps.append({"rate": rate, "samples": []})
             sim.run_step(wl, arrivals, first_index=index, deadline=args.duration + 120)
@@ -83,10 +73,7 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=60.0, help="seconds sampled per step")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    steps = run(args)
-    out = {"command": " ".join(sys.argv), "fleet": "configs/fleets/abc-20.yaml", "steps": steps}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_result(args.out, run(args))
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ class FlowGate:
         waited. `tokens`: an estimate of its prompt tokens. Raises Overloaded (shed) or
         NoBackend."""
         held = _Held(ctx)
-        w = Waiter(priority, flow, now, now, held, tokens, _asked_tokens(ctx.body))
+        w = Waiter(priority, flow, now, now, held, tokens, ctx.max_tokens or 0)
         if not self._admit(held, w):  # below capacity it was dispatched: no await
             await self._queued(held, w)
         assert held.decision is not None
@@ -173,8 +173,7 @@ class FlowGate:
         reservation ends with `decode_started`."""
         held = _Held(ctx, plan)
         tokens = plan.prompt_tokens
-        asked = _asked_tokens(ctx.body)
-        w = Waiter(priority, flow, now, now, held, tokens, asked, pair=True)
+        w = Waiter(priority, flow, now, now, held, tokens, ctx.max_tokens or 0, pair=True)
         await self._wait(held, w)
         assert held.decision is not None and held.prefill is not None
         return held.prefill, held.decision, held.waited, held.uncached
@@ -403,12 +402,3 @@ class FlowGate:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._timer_at = None
-
-
-def _asked_tokens(body: Mapping[str, object]) -> int:
-    """The output tokens a request asks for at most (0: not said), for flow control's ramp."""
-    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        v = body.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return 0

@@ -60,6 +60,7 @@ from lbproxy.proxy.request_id import client_request_id
 from lbproxy.proxy.request_metrics import Exchange, ProxyMetrics
 from lbproxy.proxy.upstream import UpstreamClient, UpstreamResponse
 from lbproxy.proxy.upstream_failure import failure_cause as _failure_cause
+from lbproxy.routing.prompt import asked_output_tokens
 from lbproxy.routing.state import Endpoint, RequestContext
 
 if TYPE_CHECKING:  # imported only when tracing is on (it loads OpenTelemetry)
@@ -232,6 +233,8 @@ class Forwarder:
             route=request.path,
             session_key=request.headers.get(s.session_header),
             request_id=request_id,
+            # flow control's ramp and prefix-hash's footprint read it
+            max_tokens=asked_output_tokens(parsed) or None,
         )
         if pool.routing_tokenizer is not None:  # precise-prefix: token ids, off the loop
             await prepare_token_ids(pool.routing_tokenizer, ctx)

@@ -32,6 +32,16 @@ def _content_bytes(content: Any) -> bytes:
     return orjson.dumps(content)
 
 
+def asked_output_tokens(body: dict[str, Any]) -> int:
+    """The output tokens a request asks for at most (`max_tokens`, chat's
+    `max_completion_tokens`, responses' `max_output_tokens`); 0 when it does not say."""
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return 0
+
+
 def prompt_bytes_from_body(body: dict[str, Any]) -> bytes:
     """Completions: the prompt; chat: rendered messages; responses: the input."""
     messages = body.get("messages")

@@ -378,22 +378,46 @@ def test_a_limit_left_unused_is_forgotten_and_then_regrown_paced() -> None:
     assert _fill(lim, 10, ramp=80.0)[-1] < 25
 
 
+def _asking(fc: FlowController, eps: list[Endpoint], n: int, tokens: int) -> None:
+    d = Driver()
+    for i in range(n):
+        w = _w(tag=str(i))
+        w.max_tokens = tokens
+        fc.admit(w, eps, 0.0, d, d.on_shed)
+
+
 def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
     fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
     eps = [_ep("x")]
-    d = Driver()
-    for i in range(10):  # they ask for 2,000 tokens: 100 s
-        w = _w(tag=str(i))
-        w.max_tokens = 2000
-        fc.admit(w, eps, 0.0, d, d.on_shed)
+    _asking(fc, eps, 10, 2000)  # they ask for 2,000 tokens: 100 s
     assert fc.ramp_time() == pytest.approx(100.0)
-    # ...but 10 in flight end at 1 a second: they live ~10 s (Little's law).
+    # ...but each lives ~10 s from dispatch to end.
     for k in range(60):
         eps[0].in_flight -= 1
-        fc.on_done(eps[0], ok=True, now=float(k))
+        fc.on_done(eps[0], ok=True, now=float(k), started=k - 10.0)
         eps[0].in_flight += 1
+    assert fc.ramp_time() == pytest.approx(10.0)
+    # Ends without a dispatch time (a slot given back unused) measure nothing.
+    for k in range(60, 120):
+        fc.on_done(eps[0], ok=True, now=float(k))
+    assert fc.ramp_time() == pytest.approx(10.0)
+
+
+def test_the_ramp_holds_through_a_drain_and_the_lull_after_it() -> None:
+    # 300 requests in flight, each living 40 s, end as a drain: in flight falls to
+    # nothing, and nothing ends for a minute after. A surge then must still be ramped
+    # over the 40 s they lived (the floor of 5 s would let an empty backend fill at once).
+    fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
+    eps = [_ep("x")]
+    _asking(fc, eps, 10, 2000)
+    eps[0].in_flight = 300
+    for k in range(300):
+        t = 100.0 + k * 0.2
+        eps[0].in_flight -= 1
+        fc.on_done(eps[0], ok=True, now=t, started=t - 40.0)
+    assert eps[0].in_flight == 0
     ramp = fc.ramp_time()
-    assert ramp is not None and 8.0 <= ramp <= 13.0
+    assert ramp is not None and ramp == pytest.approx(40.0)
 
 
 def test_limit_without_metrics_ramps_by_completions_and_backs_off_on_429() -> None:

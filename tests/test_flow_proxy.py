@@ -332,6 +332,35 @@ def test_a_light_tenant_goes_past_a_heavy_tenants_backlog(
     assert fb.max_active == 5  # the limit of 4 and one slot of headroom
 
 
+def test_the_ramp_takes_the_lifetime_of_requests_that_ended_through_the_proxy(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    # 24 requests that ask for 1,000 tokens (a 90 s ramp at the default target_itl) and
+    # each take ~6 s: once all ended, in flight is 0, and the ramp is still the ~6 s
+    # they lived (measured from when each was sent), not the 5 s floor.
+    (fb,) = fake_backends(1, stall_before_headers=6.0)
+    proxy = run_proxy(_flow_cfg([fb], limit=32))
+
+    async def one(s: aiohttp.ClientSession, i: int) -> int:
+        body = {"model": "fake-model", "prompt": f"r{i}", "max_tokens": 1000}
+        async with s.post(proxy.url + "/v1/completions", json=body) as r:
+            await r.read()
+            return r.status
+
+    async def go() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(one(s, i) for i in range(24)))
+
+    assert loop_thread.run(go()) == [200] * 24
+    gate = proxy.state.pools.pools[0].gate
+    assert gate is not None
+    assert all(ep.in_flight == 0 for ep in proxy.state.pools.pools[0].endpoints)
+    ramp = gate.controller.ramp_time()
+    assert ramp is not None and 5.9 <= ramp <= 20.0, ramp
+
+
 def test_flow_control_is_observable_in_metrics_admin_dashboard_and_access_log(
     fake_backends: Callable[..., list[FakeBackend]],
     run_proxy: Callable[[dict[str, Any]], RunningProxy],

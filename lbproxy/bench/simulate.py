@@ -118,6 +118,7 @@ class _Live:
     # P/D fleets: an aggregated request's uncached prompt tokens, counted in its `both`
     # backend's prefill_tokens until its first token.
     prefill: int = 0
+    started: float = 0.0  # when it was sent to the engine (flow control's lifetimes)
 
 
 @dataclass(slots=True)
@@ -316,7 +317,7 @@ class FleetSimulator:
                 ep = self.endpoints[st.ep]
                 ep.in_flight -= 1
                 if self.flow is not None:
-                    self.flow.on_done(ep, True, now=t)
+                    self.flow.on_done(ep, True, now=t, started=st.started)
                 ended = True
                 self.finished += 1
                 del live[out.request_id]
@@ -407,7 +408,7 @@ class FleetSimulator:
         p_ep.in_flight -= 1
         prefill_leg_ended(p_ep, pd.uncached)
         if self.flow is not None:
-            self.flow.on_done(p_ep, True, now=t, prefill=pd.uncached)
+            self.flow.on_done(p_ep, True, now=t, prefill=pd.uncached, started=pd.t_sent)
             self.flow.decode_started(pd.d)  # its reserved slot now decodes
         a, d_ep = pd.a, pd.d
         a.rec.cached_tokens = cached  # what the prefill reused of its prefix cache
@@ -425,7 +426,9 @@ class FleetSimulator:
         pd.t_decode = t
         self._holds[rid] = (pd.p, pd.prefill_id)
         req = EngineRequest(rid, a.ids, a.max_tokens, arrival_time=t, remote_kv_gbps=gbps)
-        self._live[rid] = _Live(a.rec, j, a.t0, self.fleet.backends[j].stream_interval, pd=pd)
+        self._live[rid] = _Live(
+            a.rec, j, a.t0, self.fleet.backends[j].stream_interval, pd=pd, started=t
+        )
         self.engines[j].add_request(req, t)
         self._drain_kv(j, t)
         self._reschedule(j)
@@ -446,7 +449,7 @@ class FleetSimulator:
         self._next_id += 1
         rid = str(self._next_id)
         self.engines[i].add_request(EngineRequest(rid, a.ids, a.max_tokens, arrival_time=t), t)
-        st = _Live(a.rec, i, a.t0, self.fleet.backends[i].stream_interval)
+        st = _Live(a.rec, i, a.t0, self.fleet.backends[i].stream_interval, started=t)
         self._live[rid] = st
         if self.disagg is not None and ep.role == "both":
             # It prefills here as a split's prefill leg would: the same count, and the

@@ -47,8 +47,11 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
 - Ramp: while requests wait, a backend's limit grows above the highest it has had no
   faster than over one expected request lifetime (`flow.limiter`), the lifetime taken as the
   output tokens requests ask for (`max_tokens`, averaged over recent dispatches) x the
-  limiter's `target_itl`, within [5 s, 120 s], or the lifetime seen (requests in flight /
-  requests ending per second, over the last ~30 s) when shorter. Requests that say nothing
+  limiter's `target_itl`, within [5 s, 120 s], or the lifetime seen when shorter: the
+  mean time from dispatch to end of the requests that ended over the last ~30 s (the
+  driver passes each one's dispatch time to `on_done`). Measured so, it holds through a
+  drain and the lull after it (no request ends then, and those that ended lived as long
+  as ever). Requests that say nothing
   leave growth unpaced, and so does an empty queue (new room then fills only as fast as
   requests arrive).
   A limit a backend no longer uses is forgotten over a quarter of that lifetime
@@ -104,11 +107,11 @@ _RATE_MIN_COUNT = 5.0
 # backends, 64 find one 96% of the time; 16 only 56%, and the rest then go cold).
 _SCAN = 64
 
-# Bounds of the ramp (see `_ramp_time`): seconds over which an empty backend fills.
+# Bounds of the ramp (see `ramp_time`): seconds over which an empty backend fills.
 _RAMP_MIN = 5.0
 _RAMP_MAX = 120.0
 _RAMP_WEIGHT = 0.02  # weight of each dispatched request in the average asked length
-_ENDED_TAU = 30.0  # seconds the rate of requests ending is averaged over
+_ENDED_TAU = 30.0  # seconds the lifetimes of requests that ended are averaged over
 _ENDED_MIN_TIME = 5.0
 _ENDED_MIN_COUNT = 20.0
 
@@ -172,7 +175,8 @@ class FlowController:
         self._backlog_time = 0.0  # decayed seconds of backlog
         self._asked_tokens: float | None = None  # average max_tokens of recent dispatches
         self._t_ended = 0.0
-        self._ended_count = 0.0  # decayed requests ended (with a time), for the ramp
+        self._ended_count = 0.0  # decayed requests ended (with a dispatch time), for the ramp
+        self._ended_life = 0.0  # decayed sum of their lifetimes (end - dispatch)
         self._ended_time = 0.0  # decayed seconds they were counted over
         # This process's share of each backend's limit (several replicas or workers
         # sending to the same backends each keep their share: `lbproxy.replicas`).
@@ -373,14 +377,13 @@ class FlowController:
 
     def ramp_time(self) -> float | None:
         """Seconds over which an empty backend may fill: one expected request lifetime,
-        from what requests ask for, or shorter when they are seen to end sooner (by
-        Little's law: requests in flight / requests ending per second)."""
+        from what requests ask for, or shorter when they are seen to end sooner (the
+        mean lifetime of those that ended lately)."""
         if self._asked_tokens is None:
             return None
         t = self._asked_tokens * self._limit_params.target_itl
         if self._ended_time >= _ENDED_MIN_TIME and self._ended_count >= _ENDED_MIN_COUNT:
-            in_flight = sum(ep.in_flight for ep in self.limiters)
-            t = min(t, in_flight * self._ended_time / self._ended_count)
+            t = min(t, self._ended_life / self._ended_count)
         return min(max(t, _RAMP_MIN), _RAMP_MAX)
 
     def on_done(
@@ -390,23 +393,26 @@ class FlowController:
         overloaded: bool = False,
         now: float | None = None,
         prefill: int | None = None,
+        started: float | None = None,
     ) -> None:
         """A request on `ep` ended (its in_flight already decremented; then `drain`).
-        `now`, when given, measures how fast requests end (for the ramp). `prefill`: it
-        was a prefill leg counted by `bind_pair` or `prefill_started`, with these
-        uncached tokens."""
+        `now` and `started` (when it was dispatched), when given, measure how long
+        requests live (for the ramp). `prefill`: it was a prefill leg counted by
+        `bind_pair` or `prefill_started`, with these uncached tokens."""
         if prefill is not None:
             self.pd_load(ep).ended(prefill, now, ok)
             if ep.role == "prefill":  # its limit is not used (`can_prefill` judges it)
                 return
-        if now is not None:
+        if now is not None and started is not None:
             dt = now - self._t_ended
             if dt > 0:
                 self._t_ended = now
                 d = math.exp(-dt / _ENDED_TAU)
                 self._ended_count *= d
+                self._ended_life *= d
                 self._ended_time = self._ended_time * d + _ENDED_TAU * (1.0 - d)
             self._ended_count += 1.0
+            self._ended_life += max(0.0, now - started)
         load = self.pd_loads.get(ep) if self.pd_loads else None
         in_flight = ep.in_flight - load.legs if load is not None else ep.in_flight
         self.limiter(ep).on_done(ok, overloaded, in_flight)

@@ -206,12 +206,17 @@ class _Split:
         log.info("request %s: P/D leg on %s failed: %s", self.ex.request_id, ep.name, detail)
 
     def _leg_done(
-        self, ep: Endpoint, ok: bool, overloaded: bool = False, prefill: int | None = None
+        self,
+        ep: Endpoint,
+        ok: bool,
+        overloaded: bool = False,
+        prefill: int | None = None,
+        started: float | None = None,
     ) -> None:
         ep.in_flight -= 1
         gate = self.pool.gate
         if gate is not None:
-            gate.release(ep, ok, overloaded, prefill)
+            gate.release(ep, ok, overloaded, prefill, started)
 
     # ------------------------------------------------------------------------ prefill
     async def prefill(self, candidates: list[Endpoint]) -> tuple[Endpoint, Any] | None:
@@ -276,7 +281,7 @@ class _Split:
                 self._failed(ep, f"prefill_{cause}", retried, f"{type(e).__name__}: {e}")
             finally:
                 prefill_leg_ended(ep, leg_tokens)
-                self._leg_done(ep, ok, overloaded, uncached)
+                self._leg_done(ep, ok, overloaded, uncached, t_sent)
                 if span is not None:
                     span.done(self.ex, 200 if ok else 0)
         return None
@@ -336,7 +341,7 @@ class _Split:
         finally:
             if not told:
                 fwd.progress.unanswered(ep, t_sent, self.clock(), False)
-            self._leg_done(ep, ok, overloaded)
+            self._leg_done(ep, ok, overloaded, started=t_sent)
             if span is not None:
                 span.done(self.ex)
 

@@ -232,11 +232,17 @@ class FlowGate:
         self.waited.observe(held.waited)
 
     def release(
-        self, ep: Endpoint, ok: bool, overloaded: bool = False, prefill: int | None = None
+        self,
+        ep: Endpoint,
+        ok: bool,
+        overloaded: bool = False,
+        prefill: int | None = None,
+        started: float | None = None,
     ) -> None:
         """A request on `ep` ended (its in_flight already decremented); `prefill`: it was
-        a prefill leg counted with these uncached tokens."""
-        self.controller.on_done(ep, ok, overloaded, self._now(), prefill)
+        a prefill leg counted with these uncached tokens; `started`: when it was sent (on
+        this loop's clock), for the lifetime flow control's ramp measures."""
+        self.controller.on_done(ep, ok, overloaded, self._now(), prefill, started)
         if self.controller.queue.size:
             self.wake()
 

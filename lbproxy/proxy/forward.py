@@ -378,7 +378,7 @@ class Forwarder:
                 if span is not None:
                     span.done(ex)
                 if gate is not None:
-                    gate.release(ep, ok, overloaded)
+                    gate.release(ep, ok, overloaded, started=t_sent)
 
         if suspect is not None:
             self.record_outcome(suspect, False)

@@ -185,8 +185,10 @@ def test_priority_bands_then_fair_turns_between_flows_then_arrival_order(
     run_proxy: Callable[[dict[str, Any]], RunningProxy],
     loop_thread: LoopThread,
 ) -> None:
-    (fb,) = fake_backends(1, stall_before_headers=0.25)
+    (fb,) = fake_backends(1, stall_before_headers=1.5)
     proxy = run_proxy(_flow_cfg([fb], limit=1, flow_header="x-tenant", headroom=0))
+    gate = proxy.state.pools.pools[0].gate
+    assert gate is not None
     sends = [
         ("a1", {"x-tenant": "a"}),
         ("a2", {"x-tenant": "a"}),
@@ -196,16 +198,23 @@ def test_priority_bands_then_fair_turns_between_flows_then_arrival_order(
         ("b2", {"x-tenant": "b"}),
     ]
 
-    async def go() -> list[int]:
+    async def go() -> tuple[list[int], int]:
         async with aiohttp.ClientSession() as s:
             tasks = [asyncio.create_task(_post(s, proxy.url, "blocker"))]
-            await asyncio.sleep(0.1)
-            for tag, headers in sends:
+            while not fb.received:
+                await asyncio.sleep(0.01)
+            fb.stall_before_headers = 0.05  # the blocker holds the slot for 1.5 s, the rest not
+            for k, (tag, headers) in enumerate(sends, 1):
                 tasks.append(asyncio.create_task(_post(s, proxy.url, tag, headers)))
-                await asyncio.sleep(0.03)  # arrival order
-            return [r[0] for r in await asyncio.gather(*tasks)]
+                for _ in range(200):  # arrival order: each waits before the next is sent
+                    if gate.controller.queue.size >= k:
+                        break
+                    await asyncio.sleep(0.005)
+            queued = gate.controller.queue.size  # all six wait behind the blocker
+            return [r[0] for r in await asyncio.gather(*tasks)], queued
 
-    assert loop_thread.run(go()) == [200] * 7
+    statuses, queued = loop_thread.run(go())
+    assert statuses == [200] * 7 and queued == 6
     assert _served_tags(fb) == ["blocker", "h1", "a1", "b1", "a2", "b2", "a3"]
 
 

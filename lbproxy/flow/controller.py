@@ -47,13 +47,15 @@ Stale metrics leave only the limit, which does not grow without fresh evidence.
 - Ramp: while requests wait, a backend's limit grows above the highest it has had no
   faster than over one expected request lifetime (`flow.limiter`), the lifetime taken as the
   output tokens requests ask for (`max_tokens`, averaged over recent dispatches) x the
-  limiter's `target_itl`, within [5 s, 120 s], or the lifetime seen when shorter: the
-  mean time from dispatch to end of the requests that ended over the last ~30 s (the
-  driver passes each one's dispatch time to `on_done`). Measured so, it holds through a
-  drain and the lull after it (no request ends then, and those that ended lived as long
-  as ever). Requests that say nothing
-  leave growth unpaced, and so does an empty queue (new room then fills only as fast as
-  requests arrive).
+  limiter's `target_itl`, within [5 s, 120 s], or the lifetime seen when shorter. That
+  is the longer of two measures over the last ~30 s, each of which runs short in one
+  transient: the mean time from dispatch to end of the requests that ended (the driver
+  passes each one's dispatch time to `on_done`), short while the fleet fills, since
+  those requests ran on emptier engines, faster than the ones now dispatched will; and
+  Little's law, requests in flight / requests ending per second, short in a drain and
+  the lull after it (in flight falls to nothing, while the rate is still the drain's).
+  Requests that say nothing leave growth unpaced, and so does an empty queue (new room
+  then fills only as fast as requests arrive).
   A limit a backend no longer uses is forgotten over a quarter of that lifetime
   (`flow.limiter`), so a surge after a lull is ramped too.
 
@@ -377,13 +379,17 @@ class FlowController:
 
     def ramp_time(self) -> float | None:
         """Seconds over which an empty backend may fill: one expected request lifetime,
-        from what requests ask for, or shorter when they are seen to end sooner (the
-        mean lifetime of those that ended lately)."""
+        from what requests ask for, or shorter when they are seen to end sooner."""
         if self._asked_tokens is None:
             return None
         t = self._asked_tokens * self._limit_params.target_itl
         if self._ended_time >= _ENDED_MIN_TIME and self._ended_count >= _ENDED_MIN_COUNT:
-            t = min(t, self._ended_life / self._ended_count)
+            # Two measures, each short in its own transient (see the module doc): the
+            # longer of them is the lifetime seen.
+            lived = self._ended_life / self._ended_count
+            in_flight = sum(ep.in_flight for ep in self.limiters)
+            little = in_flight * self._ended_time / self._ended_count
+            t = min(t, max(lived, little))
         return min(max(t, _RAMP_MIN), _RAMP_MAX)
 
     def on_done(

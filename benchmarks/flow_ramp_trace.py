@@ -2,8 +2,9 @@
 
 The ramp (README "Flow control", **Ramp**) paces a backend's growth above its highest limit
 over one expected request lifetime: what requests ask for x `target_itl`, or, when shorter,
-the lifetime seen by Little's law (requests in flight / requests ending per second over
-~30 s). This samples, every 2.5 s of a step's first `--window` seconds, the ramp time, the
+the lifetime seen (the longer of the mean dispatch-to-end time of the requests that ended
+and Little's law, requests in flight / requests ending per second, both over ~30 s). This
+samples, every 2.5 s of a step's first `--window` seconds, the ramp time, the
 requests in flight and waiting, and one vendor-b backend's limit, in `lbproxy simulate`'s
 fleet simulator with the ladder's settings (BENCHMARKS.md, "The ladder"):
 

@@ -404,19 +404,28 @@ def test_the_ramp_shortens_when_requests_end_sooner_than_they_ask() -> None:
     assert fc.ramp_time() == ramp
 
 
+def _ending(
+    in_flight: int, ended: int, t0: float, gap: float, lived: float
+) -> tuple[FlowController, Endpoint]:
+    """A backend with `in_flight` requests that asked for 2,000 tokens (100 s at a 50 ms
+    target_itl), of which `ended` end from `t0`, `gap` s apart, each having lived `lived` s."""
+    fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
+    ep = _ep("x")
+    _asking(fc, [ep], 10, 2000)
+    ep.in_flight = in_flight
+    for k in range(ended):
+        t = t0 + k * gap
+        ep.in_flight -= 1
+        fc.on_done(ep, ok=True, now=t, started=t - lived)
+    return fc, ep
+
+
 def test_the_ramp_holds_through_a_drain_and_the_lull_after_it() -> None:
     # 300 requests in flight, each living 40 s, end as a drain: in flight falls to
     # nothing, and nothing ends for a minute after. A surge then must still be ramped
     # over the 40 s they lived (the floor of 5 s would let an empty backend fill at once).
-    fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
-    eps = [_ep("x")]
-    _asking(fc, eps, 10, 2000)
-    eps[0].in_flight = 300
-    for k in range(300):
-        t = 100.0 + k * 0.2
-        eps[0].in_flight -= 1
-        fc.on_done(eps[0], ok=True, now=t, started=t - 40.0)
-    assert eps[0].in_flight == 0
+    fc, ep = _ending(in_flight=300, ended=300, t0=100.0, gap=0.2, lived=40.0)
+    assert ep.in_flight == 0
     ramp = fc.ramp_time()
     assert ramp is not None and ramp == pytest.approx(40.0)
 
@@ -425,14 +434,7 @@ def test_the_ramp_holds_while_the_fleet_fills_though_the_first_requests_end_soon
     # From empty, 1,500 requests go out over 30 s, and the first 40 of them end after
     # ~15 s each (they ran alone on empty engines). The requests dispatched now will
     # share full engines and live the 100 s they ask for at target_itl: the ramp stays.
-    fc = FlowController(FlowControl(limit=ConcurrencyLimit(initial=64, target_itl=0.05)))
-    eps = [_ep("x")]
-    _asking(fc, eps, 10, 2000)
-    eps[0].in_flight = 1500
-    for k in range(40):
-        t = 15.0 + k * 0.25
-        eps[0].in_flight -= 1
-        fc.on_done(eps[0], ok=True, now=t, started=t - 15.0)
+    fc, _ = _ending(in_flight=1500, ended=40, t0=15.0, gap=0.25, lived=15.0)
     assert fc.ramp_time() == pytest.approx(100.0)
 
 

@@ -113,7 +113,7 @@ _SCAN = 64
 _RAMP_MIN = 5.0
 _RAMP_MAX = 120.0
 _RAMP_WEIGHT = 0.02  # weight of each dispatched request in the average asked length
-_ENDED_TAU = 30.0  # seconds the lifetimes of requests that ended are averaged over
+_ENDED_TAU = 30.0  # seconds over which requests ending (their rate, their lifetimes) are averaged
 _ENDED_MIN_TIME = 5.0
 _ENDED_MIN_COUNT = 20.0
 

@@ -25,6 +25,7 @@ Cases (the issue 15 table):
     python benchmarks/dataplane_cost.py --asgi --only small,paced500   # also under uvicorn
     python benchmarks/dataplane_cost.py --only small,unique7k --rate 250   # paced, 250 req/s
     python benchmarks/dataplane_cost.py --nginx --only paced500,burst500   # nginx beside it
+    python benchmarks/dataplane_cost.py --nginx --bare --only paced500   # and a bare pipe
 
 With --asgi, each lbproxy also runs as an ASGI application (`uvicorn lbproxy.asgi:app`,
 uvloop and httptools, no access log), measured in turns with the native server; its
@@ -34,6 +35,8 @@ proxy over the same two backends (round-robin, pooled keep-alive upstream connec
 `proxy_buffering off` so that each chunk goes on as it comes, no access log), measured in
 turns with lbproxy; without --base, "CPU vs base" is then lbproxy's CPU against nginx's in
 the same repeat: the peer's cost on this machine, at this moment, as the baseline.
+With --bare, bare_relay.py (a TCP pipe on uvloop that parses nothing: one read and one write
+per piece) is measured in turns too: the least any Python relay on uvloop costs here.
 """
 
 from __future__ import annotations
@@ -365,6 +368,9 @@ def main() -> int:
     ap.add_argument("--base-label", default="base")
     ap.add_argument("--out", help="write the raw results as JSON to this file")
     ap.add_argument("--table", help="print the table of a results file, run nothing")
+    ap.add_argument(
+        "--spread", action="store_true", help="with CPU vs base, also its range over the repeats"
+    )
     ap.add_argument("--only", help="run only the cases of these names (comma-separated)")
     ap.add_argument(
         "--rate",
@@ -377,6 +383,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--nginx", action="store_true", help="also run nginx as a reverse proxy (the baseline)"
+    )
+    ap.add_argument(
+        "--bare",
+        action="store_true",
+        help="also run bare_relay.py, a TCP pipe on uvloop (the floor of a Python relay)",
     )
     args = ap.parse_args()
     if args.table:
@@ -437,6 +448,13 @@ def main() -> int:
             for profile in sorted({c.profile for c in CASES}):
                 proxies[("nginx", profile)] = (port, p.pid)
             port += 1
+        if args.bare:  # one pipe for every case (it parses nothing, so routes nothing)
+            bare = [sys.executable, str(ROOT / "benchmarks" / "bare_relay.py"), str(port)]
+            p = subprocess.Popen([*bare, *map(str, BACKEND_PORTS)])
+            procs.append(p)
+            for profile in sorted({c.profile for c in CASES}):
+                proxies[("bare", profile)] = (port, p.pid)
+            port += 1
         for p in BACKEND_PORTS:
             asyncio.run(wait_up(f"http://127.0.0.1:{p}/health"))
         for port, _ in proxies.values():
@@ -476,6 +494,8 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
     print("|---|---|---|---|---|---|---|---|")
     if any(k.endswith(" | nginx") for k in results):
         print("(in the nginx rows, the CPU columns are nginx's)")
+    if any(k.endswith(" | bare") for k in results):
+        print("(in the bare rows, the CPU columns are bare_relay.py's: a TCP pipe on uvloop)")
     for key, r in results.items():
         case, via = key.split(" | ")
         cpu = f"{r['cpu_ms_per_request']:.3f}" if "cpu_ms_per_request" in r else ""
@@ -485,6 +505,8 @@ def print_table(results: dict, args: argparse.Namespace, base: str | None) -> No
             pairs = zip(r["runs"], results[f"{case} | {base}"]["runs"], strict=True)
             ratios = [a["cpu_ms_per_request"] / b["cpu_ms_per_request"] for a, b in pairs]
             ratio = f"{statistics.median(ratios):.2f}x"
+            if args.spread:  # and the lowest and highest of the repeats
+                ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
         user = f"{r['cpu_user_share']:.0%}" if "cpu_user_share" in r else ""
         if user and "cpu_us_per_chunk" in r:  # and per chunk: user + system microseconds
             u = r["cpu_us_per_chunk"] * r["cpu_user_share"]

@@ -11,6 +11,8 @@ import hashlib
 import importlib
 import json
 import random
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from types import ModuleType
 import pytest
 
 from tests.fake_backend import FakeBackend
+from tests.replicas_support import free_port
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -80,3 +83,56 @@ def test_rate_paces_the_requests_of_a_real_load(
     assert len(backend.received) == 21
     assert elapsed >= 1.0  # never early (an unpaced run takes a few ms)
     assert elapsed < 6.0  # and not stuck (margin for a busy machine)
+
+
+def _exchange(port: int, raw: bytes) -> bytes:
+    """Send one request on a new connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_the_bare_relay_baseline_passes_bytes_both_ways_unchanged(
+    dc: ModuleType, fake_backends: Callable[..., list[FakeBackend]]
+) -> None:
+    # dataplane_cost.py --bare sets lbproxy's per-chunk CPU against this pipe: it must relay
+    # whole answers (a stream included), or its lower cost would mean nothing.
+    (backend,) = fake_backends(1, chunk_delay=0.002)
+    port = free_port()
+    pipe = subprocess.Popen(
+        [sys.executable, str(BENCH / "bare_relay.py"), str(port), str(backend.port)]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "bare_relay.py did not start listening"
+                time.sleep(0.05)
+        body = b'{"model": "fake-model", "prompt": "hi", "max_tokens": 20, "stream": true}'
+        raw = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+
+        def without_date(answer: bytes) -> bytes:
+            return b"\r\n".join(
+                x for x in answer.split(b"\r\n") if not x.lower().startswith(b"date:")
+            )
+
+        direct, piped = _exchange(backend.port, raw), _exchange(port, raw)
+        assert direct.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in direct
+        assert without_date(piped) == without_date(direct)
+        # And the benchmark's own load (keep-alive, a stream per request) runs through it.
+        case = next(c for c in dc.CASES if c.name == "stream8")
+        r = asyncio.run(dc.load(case, [port], 12, 3, 30.0))
+        assert r["done"] == 12 and r["failed"] == 0
+        assert len(backend.received) == 2 + 12
+    finally:
+        pipe.terminate()
+        pipe.wait(10)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from lbproxy.config import parse_config
@@ -44,8 +47,6 @@ async def _post(
 
 
 def _served_tags(fb: FakeBackend) -> list[str]:
-    import orjson
-
     return [orjson.loads(r.body)["prompt"] for r in fb.received]
 
 
@@ -424,3 +425,104 @@ def test_flow_control_is_observable_in_metrics_admin_dashboard_and_access_log(
     waits = sorted(x["queue_wait_s"] for x in lines if x["route"] == "/v1/completions")
     assert waits[0] == 0.0 and waits[-1] >= 0.3 and len(waits) == 4
     assert [x["outcome"] for x in lines].count("queue_full") == 1
+
+
+def test_a_mixed_storm_leaves_nothing_in_flight_or_waiting(
+    fake_backends: Callable[..., list[FakeBackend]],
+    run_proxy: Callable[[dict[str, Any]], RunningProxy],
+    loop_thread: LoopThread,
+) -> None:
+    # Each fault has its own test; this one mixes them while requests wait, so that an
+    # in-flight count or a queue slot leaked by one path under another shows: a backend
+    # that dies mid-stream, one that answers 503 (retried elsewhere), clients leaving while
+    # queued and mid-stream, bad input, and a reload halfway.
+    (good,) = fake_backends(1, chunk_delay=0.02)
+    (dying,) = fake_backends(1, chunk_delay=0.02, die_after_chunks=3)
+    (failing,) = fake_backends(1, fail_status=503, health_status=200)  # healthy, answers 503
+    proxy = run_proxy(_flow_cfg([good, dying, failing], limit=2, max_queue=12, max_wait=1.5))
+    admin = proxy.state.admin
+    assert admin is not None
+    rng = random.Random(7)
+    seen: Counter[str] = Counter()
+    wrong: list[str] = []
+
+    def check_error(kind: str, status: int, text: bytes, headers: Any) -> None:
+        try:
+            err = orjson.loads(text)["error"]
+            assert err["message"] and err["type"]
+        except (ValueError, KeyError, TypeError, AssertionError):
+            wrong.append(f"{kind}: {status} not OpenAI-shaped: {text[:200]!r}")
+        if status == 429 and "Retry-After" not in headers:
+            wrong.append(f"{kind}: 429 without Retry-After")
+
+    async def one(s: aiohttp.ClientSession, i: int) -> None:
+        kind = rng.choice(["stream", "stream", "plain", "leave_queued", "leave_mid", "bad"])
+        body: dict[str, Any] = {
+            "model": "fake-model",
+            "prompt": f"r{i}",
+            "max_tokens": rng.randint(10, 30),
+            "stream": kind in ("stream", "leave_queued", "leave_mid"),
+        }
+        data = orjson.dumps(body) if kind != "bad" else b'{"model": "fake-model", "prompt": '
+        headers = {"content-type": "application/json"}
+        post = s.post(proxy.url + "/v1/completions", data=data, headers=headers)
+        if kind == "leave_queued":  # gone within 0.3 s, answered or not
+            try:
+                async with asyncio.timeout(rng.uniform(0.05, 0.3)):
+                    async with post as r:
+                        await r.read()
+                seen["leave_queued answered"] += 1
+            except TimeoutError:
+                seen["leave_queued left"] += 1
+            return
+        async with post as r:
+            if kind == "leave_mid" and r.status == 200:
+                await r.content.readany()
+                seen["leave_mid left"] += 1
+                return
+            text = await r.read()
+            seen[f"{kind} {r.status}"] += 1
+            if (kind == "bad") != (r.status == 400) or r.status in (500, 502, 504):
+                wrong.append(f"{kind}: status {r.status}")
+            if r.status >= 400:
+                check_error(kind, r.status, text, r.headers)
+            elif body["stream"]:
+                if b'"error"' in text:
+                    seen["stream error event"] += 1  # the dying backend, after the first byte
+                elif text.rstrip().endswith(b"data: [DONE]"):
+                    seen["stream done"] += 1
+                else:
+                    wrong.append(
+                        f"{kind}: a stream that neither ended nor said why: {text[-200:]!r}"
+                    )
+
+    async def go() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            tasks = []
+            for i in range(160):
+                tasks.append(asyncio.create_task(one(s, i)))
+                await asyncio.sleep(rng.expovariate(100))
+                if i == 70:  # the same backends, a longer max_wait, while requests wait
+                    cfg = _flow_cfg([good, dying, failing], limit=2, max_queue=12, max_wait=2.0)
+                    await admin.apply(parse_config(cfg, "reload"))
+            await asyncio.gather(*tasks)
+            pool = proxy.state.pools.pools[0]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                gate = pool.gate
+                waiting = gate.controller.queue.size if gate is not None else -1
+                if waiting == 0 and all(ep.in_flight == 0 for ep in pool.endpoints):
+                    return
+                await asyncio.sleep(0.05)
+
+    loop_thread.run(go(), timeout=90)
+    pool = proxy.state.pools.pools[0]
+    assert wrong == []
+    assert pool.gate is not None and pool.gate.controller.queue.size == 0
+    assert [ep.in_flight for ep in pool.endpoints] == [0, 0, 0]
+    # The storm did what it was for: requests waited and were refused, streams broke
+    # mid-way and others completed, clients left while waiting.
+    assert seen["stream 429"] + seen["plain 429"] > 0, seen
+    assert seen["stream error event"] > 0 and seen["stream done"] > 0, seen
+    assert seen["leave_queued left"] > 0 and seen["leave_mid left"] > 0, seen
+    assert len(failing.received) > 0

@@ -239,12 +239,29 @@ def main(root: Path) -> None:
         "| SLO | TTFT p50 | TTFT p90 | prefix hits |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    steps = {(r, n): _step(root, f"{n}-{r}") for r in RATES for n, _ in RUNS}
+    # Re-runs of later code, flow control off and on: `off-<commit>-R`, `on-<commit>-R`.
+    later = sorted(
+        d.name.removeprefix("on-").removesuffix("-12")
+        for d in root.glob("on-*-12")
+        if d.name not in ("on-before-12", "on-after-12") and (root / f"off-{d.name[3:]}").is_dir()
+    )
+    runs = [*RUNS]
+    for c in later:
+        runs += [(f"off-{c}", f"off, at {c}"), (f"on-{c}", f"on, at {c}")]
+    steps = {(r, n): _step(root, f"{n}-{r}") for r in RATES for n, _ in runs}
     for r in RATES:
-        out += [_row(r, label, steps[(r, n)]) for n, label in RUNS]
-    off20, on20 = steps[(20, "off")], steps[(20, "on-after")]
-    off12, on12 = steps[(12, "off")], steps[(12, "on-after")]
-    off35, on35 = steps[(35, "off")], steps[(35, "on-after")]
+        out += [_row(r, label, steps[(r, n)]) for n, label in runs]
+    out += _checks(root, steps, "off", "on-after", "after the change")
+    for c in later:
+        out += _checks(root, steps, f"off-{c}", f"on-{c}", f"at {c}")
+    print("\n".join(out))
+
+
+def _checks(root: Path, steps: dict, off: str, on: str, when: str) -> list[str]:
+    """The issue's targets for one pair of runs, flow control off and on."""
+    off20, on20 = steps[(20, off)], steps[(20, on)]
+    off12, on12 = steps[(12, off)], steps[(12, on)]
+    off35, on35 = steps[(35, off)], steps[(35, on)]
     tok = "completed_output_tokens_per_s"
     good = "goodput_output_tokens_per_s"
     checks = [
@@ -267,9 +284,11 @@ def main(root: Path) -> None:
             _same_but_wall_time(root / "aggregated-before", root / "aggregated-after"),
         ),
     ]
-    out += ["", "Targets (after the change):", ""]
+    if on != "on-after":  # the aggregated check is of the change only
+        checks = checks[:-1]
+    out = ["", f"Targets ({when}):", ""]
     out += [f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in checks]
-    print("\n".join(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ asyncio protocol on uvloop, httptools parser) keeps 32 keep-alive connections bu
 a bounded number of requests (and a time bound per run). For each case and repeat, the
 load runs direct (to the backends, half the connections each), then through each lbproxy
 in turn (interleaved), and lbproxy's CPU time (user + system from /proc) is divided by the
-completed requests, and for streams by the chunks relayed. Medians of the repeats.
+completed requests, and for streams by the chunks relayed. Medians of the repeats; each
+repeat starts its turn at the next proxy (rotating), so none is always measured first or last.
 With --rate, requests are sent at that rate (each no earlier than its slot) instead of as
 fast as the connections are answered: lbproxy's CPU per request depends on the rate (at a
 few hundred requests/s it wakes for each one alone), so compare cases at the same rate.
@@ -338,7 +339,10 @@ async def measure(
                 case, list(BACKEND_PORTS), n, args.concurrency, args.seconds, args.rate
             )
             rows.setdefault(f"{key} | direct", []).append(direct)
-            for label in labels:
+            # Each repeat starts at another proxy, so none is always measured in the same
+            # place of the turn (right after the direct run, or last).
+            k = rep % len(labels)
+            for label in labels[k:] + labels[:k]:
                 port, pid = proxies[(label, case.profile)]
                 user0, sys0 = cpu_split(pid)
                 r = await load(case, [port], n, args.concurrency, args.seconds, args.rate)

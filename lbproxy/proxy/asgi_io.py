@@ -150,6 +150,9 @@ class AsgiSink:
     def sender(self) -> Callable[[bytes], None] | None:
         return None  # write_first is the one way in
 
+    def chunk_transport(self) -> None:
+        return None  # the ASGI server frames the body
+
     async def drain(self) -> None:
         if self.queued > _LOW and not self.closed:
             self._drained = asyncio.get_running_loop().create_future()

@@ -40,6 +40,12 @@ class ResponseSink(Protocol):
         """After `write_first`: a cheaper function for the next pieces, or None (keep
         calling `write_first`)."""
 
+    def chunk_transport(self) -> asyncio.Transport | None:
+        """After `write_first`: the transport to which the caller may write the next
+        pieces itself, each framed as an HTTP/1.1 chunk, while the sink's `eof` (which a
+        sink that returns one has) stays false and the transport is open: the cheapest way
+        on, no call per piece. None: use `sender`."""
+
     async def drain(self) -> None:
         """Return once the client's write buffer is below its low-water mark."""
 
@@ -111,6 +117,9 @@ class AiohttpSink:
     def sender(self) -> Callable[[bytes], None] | None:
         assert self.writer is not None
         return chunk_sender(self.writer, self.transport)
+
+    def chunk_transport(self) -> None:
+        return None  # aiohttp's writer frames and counts what it sends
 
     async def drain(self) -> None:
         assert self.writer is not None

@@ -504,6 +504,7 @@ class _BodyRelay:
         "client_left",
         "clock",
         "ep",
+        "framed",
         "high",
         "last",
         "out",
@@ -529,24 +530,44 @@ class _BodyRelay:
     def start(self, upstream: UpstreamResponse, out: ResponseSink, transport: Any) -> None:
         self.upstream, self.out, self.transport = upstream, out, transport
         self.high = transport.get_write_buffer_limits()[1]
-        self.send: Callable[[bytes], None] | None = None  # once the head is out, if chunked
+        # Once the head is out: the client's transport when the relay frames each piece
+        # itself (lbproxy's own server, chunked: one frame per piece less, measured), else
+        # the sink's sender if it has one.
+        self.framed: asyncio.Transport | None = None
+        self.send: Callable[[bytes], None] | None = None
         upstream.relay_to(self)
 
     def __call__(self, chunk: bytes) -> None:
-        if not self.t_first:
-            self.t_first = self.clock()
-            self.progress.first_byte(self.ep, self.t_sent, self.t_first)
         self.chunks += 1
         self.prev, self.last = self.last, chunk
-        try:
-            if self.send is not None:
-                self.send(chunk)
-            else:
-                self.out.write_first(chunk)  # the first piece takes the head along
-                self.send = self.out.sender()
-        except ConnectionError:  # the client is gone: so is the upstream request
-            self.client_left = True
-            self.upstream.close()
-            return
+        t = self.framed
+        if t is not None:  # the hot case, every piece after the first: no call per piece
+            if self.out.eof or t.is_closing():
+                self._client_gone()
+                return
+            t.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            try:
+                if self.send is not None:
+                    self.send(chunk)
+                elif not self.t_first:
+                    self._first(chunk)
+                else:
+                    self.out.write_first(chunk)  # a sink with neither: its one way in
+            except ConnectionError:
+                self._client_gone()
+                return
         if self.transport.get_write_buffer_size() > self.high:
             self.upstream.pause()
+
+    def _first(self, chunk: bytes) -> None:
+        self.t_first = self.clock()
+        self.progress.first_byte(self.ep, self.t_sent, self.t_first)
+        self.out.write_first(chunk)  # the first piece takes the head along
+        self.framed = self.out.chunk_transport()
+        if self.framed is None:
+            self.send = self.out.sender()
+
+    def _client_gone(self) -> None:  # so is the upstream request
+        self.client_left = True
+        self.upstream.close()

@@ -151,18 +151,11 @@ class NativeSink:
             data, self.head = self.head + data, None
         t.write(data)
 
-    def sender(self) -> Callable[[bytes], None] | None:
-        t = self.transport
-        assert t is not None
-        if not self.chunked:
-            return None  # write_first is as cheap
+    def sender(self) -> None:
+        return None  # chunked: chunk_transport; else write_first is as cheap
 
-        def send(chunk: bytes) -> None:
-            if self.eof or t.is_closing():
-                raise ConnectionResetError("the response has ended or its client left")
-            t.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-
-        return send
+    def chunk_transport(self) -> asyncio.Transport | None:
+        return self.transport if self.chunked else None
 
     async def drain(self) -> None:
         await self.conn.drain()

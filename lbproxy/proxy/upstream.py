@@ -166,9 +166,13 @@ class UpstreamConnection(asyncio.Protocol):
             r.fail(BadUpstreamResponse(f"the backend's answer is not HTTP/1.1: {e}"))
         finally:
             # The body pieces of one read go on as one write (a burst of small chunks
-            # is one write to the client, not one each).
-            if r.buffered and r.sink is not None:
-                r.flush()
+            # is one write to the client, not one each): `flush`, inline, as this runs
+            # for every read of a stream.
+            b = r.buffered
+            if b and r.sink is not None:
+                piece = b[0] if len(b) == 1 else b"".join(b)
+                b.clear()
+                r.sink(piece)
 
     def eof_received(self) -> bool:
         return False  # close our end too
@@ -426,11 +430,12 @@ class UpstreamResponse:
         if self.buffered:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # as at the end of UpstreamConnection.data_received
         b = self.buffered
-        self.buffered = []
         assert self.sink is not None
-        self.sink(b[0] if len(b) == 1 else b"".join(b))
+        piece = b[0] if len(b) == 1 else b"".join(b)
+        b.clear()
+        self.sink(piece)
 
     def pause(self) -> None:
         """The sink's other side is full: stop reading from the backend."""

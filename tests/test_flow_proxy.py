@@ -19,6 +19,7 @@ from lbproxy.proxy.app import RunningProxy
 from lbproxy.proxy.observability import OBS
 from tests.conftest import LoopThread, proxy_config
 from tests.fake_backend import FakeBackend
+from tests.leaving_clients import send_as
 
 # Client-facing: flow control answers alike on lbproxy's own server and its ASGI face.
 PROXY_FACES = ("native", "asgi")
@@ -466,35 +467,22 @@ def test_a_mixed_storm_leaves_nothing_in_flight_or_waiting(
         data = orjson.dumps(body) if kind != "bad" else b'{"model": "fake-model", "prompt": '
         headers = {"content-type": "application/json"}
         post = s.post(proxy.url + "/v1/completions", data=data, headers=headers)
-        if kind == "leave_queued":  # gone within 0.3 s, answered or not
-            try:
-                async with asyncio.timeout(rng.uniform(0.05, 0.3)):
-                    async with post as r:
-                        await r.read()
-                seen["leave_queued answered"] += 1
-            except TimeoutError:
-                seen["leave_queued left"] += 1
+        answer = await send_as(post, kind, seen, rng.uniform(0.05, 0.3))
+        if answer is None:
             return
-        async with post as r:
-            if kind == "leave_mid" and r.status == 200:
-                await r.content.readany()
-                seen["leave_mid left"] += 1
-                return
-            text = await r.read()
-            seen[f"{kind} {r.status}"] += 1
-            if (kind == "bad") != (r.status == 400) or r.status in (500, 502, 504):
-                wrong.append(f"{kind}: status {r.status}")
-            if r.status >= 400:
-                check_error(kind, r.status, text, r.headers)
-            elif body["stream"]:
-                if b'"error"' in text:
-                    seen["stream error event"] += 1  # the dying backend, after the first byte
-                elif text.rstrip().endswith(b"data: [DONE]"):
-                    seen["stream done"] += 1
-                else:
-                    wrong.append(
-                        f"{kind}: a stream that neither ended nor said why: {text[-200:]!r}"
-                    )
+        status, got_headers, text = answer
+        seen[f"{kind} {status}"] += 1
+        if (kind == "bad") != (status == 400) or status in (500, 502, 504):
+            wrong.append(f"{kind}: status {status}")
+        if status >= 400:
+            check_error(kind, status, text, got_headers)
+        elif body["stream"]:
+            if b'"error"' in text:
+                seen["stream error event"] += 1  # the dying backend, after the first byte
+            elif text.rstrip().endswith(b"data: [DONE]"):
+                seen["stream done"] += 1
+            else:
+                wrong.append(f"{kind}: a stream that neither ended nor said why: {text[-200:]!r}")
 
     async def go() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:

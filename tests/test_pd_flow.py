@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.leaving_clients import send_as
 from tests.test_pd_routing import LONG, MODEL, Capture, metric, metrics_text, pd_config
 from tests.test_pd_routing import sims as sims
 
@@ -241,28 +242,17 @@ def test_a_mixed_storm_on_a_pd_pool_gives_every_slot_and_leg_back(
         body = {"model": MODEL, "prompt": prompt, "max_tokens": rng.randint(5, 40),
                 "stream": stream}  # fmt: skip
         post = s.post(proxy.url + "/v1/completions", json=body)
-        if kind == "leave_queued":
-            try:
-                async with asyncio.timeout(rng.uniform(0.01, 0.2)):
-                    async with post as r:
-                        await r.read()
-                seen["leave_queued answered"] += 1
-            except TimeoutError:
-                seen["leave_queued left"] += 1
+        answer = await send_as(post, kind, seen, rng.uniform(0.01, 0.2))
+        if answer is None:
             return
-        async with post as r:
-            if kind == "leave_mid" and r.status == 200:
-                await r.content.readany()
-                seen["leave_mid left"] += 1
-                return
-            text = await r.read()
-            seen[f"{r.status}"] += 1
-            if r.status not in (200, 429):
-                wrong.append(f"{kind}: status {r.status}: {text[:200]!r}")
-            elif r.status == 429 and "Retry-After" not in r.headers:
-                wrong.append(f"{kind}: 429 without Retry-After")
-            elif r.status == 200 and stream and not text.rstrip().endswith(b"data: [DONE]"):
-                wrong.append(f"{kind}: a stream cut short: {text[-200:]!r}")
+        status, headers, text = answer
+        seen[f"{status}"] += 1
+        if status not in (200, 429):
+            wrong.append(f"{kind}: status {status}: {text[:200]!r}")
+        elif status == 429 and "Retry-After" not in headers:
+            wrong.append(f"{kind}: 429 without Retry-After")
+        elif status == 200 and stream and not text.rstrip().endswith(b"data: [DONE]"):
+            wrong.append(f"{kind}: a stream cut short: {text[-200:]!r}")
 
     async def go() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
